@@ -1,0 +1,198 @@
+//! The client table (paper 004's `V_req` plus cached replies): exactly-once execution.
+//!
+//! Part of the replicated state: it is included in checkpoints and state transfer, and every
+//! correct replica holds the same table after the same sequence number. Its size is bounded;
+//! when full, the client served longest ago is evicted — deterministically, since it depends only
+//! on the agreed execution order.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use tessera_types::{ClientId, Digest, SeqNum, View};
+
+/// What the table remembers about one client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientEntry {
+    /// Highest request number executed.
+    pub request_number: u64,
+    /// Its result (resent if the client asks again).
+    pub result: Vec<u8>,
+    /// The view it was executed in.
+    pub view: View,
+    /// The sequence number it was executed at (orders eviction).
+    pub seq: SeqNum,
+}
+
+/// How a request relates to what the table knows.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Freshness<'a> {
+    /// Never executed: execute it.
+    New,
+    /// The latest executed request of this client: resend the cached reply.
+    Latest(&'a ClientEntry),
+    /// Older than the latest executed: drop it.
+    Stale,
+}
+
+/// Bounded map from client to its latest executed request.
+#[derive(Clone, Debug, Default)]
+pub struct ClientTable {
+    entries: BTreeMap<ClientId, ClientEntry>,
+    by_age: BTreeSet<(SeqNum, ClientId)>,
+    capacity: usize,
+}
+
+impl ClientTable {
+    /// An empty table holding at most `capacity` clients.
+    pub fn new(capacity: usize) -> ClientTable {
+        assert!(
+            capacity > 0,
+            "the client table needs room for at least one client"
+        );
+        ClientTable {
+            entries: BTreeMap::new(),
+            by_age: BTreeSet::new(),
+            capacity,
+        }
+    }
+
+    /// Classifies a request.
+    pub fn freshness(&self, client: ClientId, request_number: u64) -> Freshness<'_> {
+        match self.entries.get(&client) {
+            None => Freshness::New,
+            Some(entry) if request_number > entry.request_number => Freshness::New,
+            Some(entry) if request_number == entry.request_number => Freshness::Latest(entry),
+            Some(_) => Freshness::Stale,
+        }
+    }
+
+    /// Records an executed request, evicting the oldest client if the table is full.
+    pub fn record(&mut self, client: ClientId, entry: ClientEntry) {
+        if let Some(previous) = self.entries.remove(&client) {
+            self.by_age.remove(&(previous.seq, client));
+        } else if self.entries.len() >= self.capacity {
+            let oldest = *self
+                .by_age
+                .iter()
+                .next()
+                .expect("a full table is not empty");
+            self.by_age.remove(&oldest);
+            self.entries.remove(&oldest.1);
+        }
+        self.by_age.insert((entry.seq, client));
+        self.entries.insert(client, entry);
+        debug_assert_eq!(self.entries.len(), self.by_age.len());
+    }
+
+    /// Number of clients remembered.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True if no client is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Canonical entries in client order (for snapshots).
+    pub fn to_entries(&self) -> Vec<(ClientId, ClientEntry)> {
+        self.entries
+            .iter()
+            .map(|(client, entry)| (*client, entry.clone()))
+            .collect()
+    }
+
+    /// Rebuilds a table from snapshot entries; refuses duplicates, disorder or overflow.
+    pub fn from_entries(
+        entries: Vec<(ClientId, ClientEntry)>,
+        capacity: usize,
+    ) -> Result<ClientTable, String> {
+        if entries.len() > capacity {
+            return Err(format!(
+                "{} clients exceed the table capacity {capacity}",
+                entries.len()
+            ));
+        }
+        let mut table = ClientTable::new(capacity);
+        let mut previous: Option<ClientId> = None;
+        for (client, entry) in entries {
+            if previous.is_some_and(|previous| previous >= client) {
+                return Err("client entries are not strictly ordered".into());
+            }
+            previous = Some(client);
+            table.record(client, entry);
+        }
+        Ok(table)
+    }
+
+    /// Digest of the table's canonical content.
+    pub fn digest(&self) -> Digest {
+        let mut builder = tessera_crypto::DigestBuilder::new("tessera.client-table.v1");
+        builder.u64(self.entries.len() as u64);
+        for (client, entry) in &self.entries {
+            builder
+                .u64(client.0)
+                .u64(entry.request_number)
+                .bytes(&entry.result)
+                .u64(entry.view.0)
+                .u64(entry.seq.0);
+        }
+        builder.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(request_number: u64, seq: u64) -> ClientEntry {
+        ClientEntry {
+            request_number,
+            result: vec![request_number as u8],
+            view: View(0),
+            seq: SeqNum(seq),
+        }
+    }
+
+    #[test]
+    fn classifies_new_latest_and_stale() {
+        let mut table = ClientTable::new(4);
+        assert_eq!(table.freshness(ClientId(1), 5), Freshness::New);
+        table.record(ClientId(1), entry(5, 1));
+        assert!(matches!(
+            table.freshness(ClientId(1), 5),
+            Freshness::Latest(_)
+        ));
+        assert_eq!(table.freshness(ClientId(1), 4), Freshness::Stale);
+        assert_eq!(table.freshness(ClientId(1), 6), Freshness::New);
+    }
+
+    #[test]
+    fn evicts_the_client_served_longest_ago() {
+        let mut table = ClientTable::new(2);
+        table.record(ClientId(1), entry(1, 1));
+        table.record(ClientId(2), entry(1, 2));
+        table.record(ClientId(1), entry(2, 3));
+        table.record(ClientId(3), entry(1, 4));
+        assert_eq!(table.len(), 2);
+        assert_eq!(
+            table.freshness(ClientId(2), 1),
+            Freshness::New,
+            "client 2 was evicted"
+        );
+        assert!(matches!(
+            table.freshness(ClientId(1), 2),
+            Freshness::Latest(_)
+        ));
+    }
+
+    #[test]
+    fn round_trips_through_entries_with_equal_digest() {
+        let mut table = ClientTable::new(8);
+        table.record(ClientId(3), entry(1, 1));
+        table.record(ClientId(1), entry(7, 2));
+        let rebuilt = ClientTable::from_entries(table.to_entries(), 8).unwrap();
+        assert_eq!(rebuilt.digest(), table.digest());
+        assert!(ClientTable::from_entries(table.to_entries(), 1).is_err());
+    }
+}

@@ -1,0 +1,1806 @@
+//! The MinBFT replica (paper 004 §4), sans IO.
+//!
+//! # What it owns
+//! Ordering, execution and checkpointing of client requests, the view change, retransmission
+//! and state transfer for one replica. It owns the replica's [`StateMachine`] and uses the USIG
+//! and the request authenticator through narrow traits.
+//!
+//! # What it must never do
+//! Read the clock, touch sockets or files, draw randomness, or panic on anything that arrived
+//! from outside. Time comes in as `now_ms`; everything it wants done leaves as an [`Action`].
+//!
+//! # How it is driven
+//! 1. Build with [`Replica::new`], then call [`Replica::start`] once.
+//! 2. Feed inputs: [`Replica::handle_request`] (client requests), [`Replica::handle_message`]
+//!    (replica messages, with the id of the authenticated channel they came on) and
+//!    [`Replica::handle_timer`] (a timer armed by a `SetTimer` action expired).
+//! 3. After each input, carry out [`Replica::take_actions`] in order.
+//!
+//! # The stream discipline
+//! Every USIG-certified message a replica sends carries the next value of its USIG counter.
+//! Receivers process each sender's certified messages strictly in counter order (paper 004's
+//! `V_acc`), buffering messages that arrive early and fetching the ones missing. Every decision
+//! about a sender's message therefore depends only on the sender's own history and on this
+//! replica's state, and a faulty sender cannot show different histories to different replicas.
+//! See `docs/PROTOCOL.md` for the rules and the safety argument.
+
+mod clients;
+mod view_change;
+
+pub use clients::{ClientEntry, ClientTable, Freshness};
+pub use view_change::{Memo, NewViewPlan, Verifier};
+
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
+use std::sync::Arc;
+
+use tessera_crypto::{Digest, DigestBuilder};
+use tessera_types::wire::ReplicaStatus;
+use tessera_types::{
+    batch_digest, checkpoint_certified_digest, commit_certified_digest, new_view_certified_digest,
+    prepare_certified_digest, view_change_certified_digest, Checkpoint, CheckpointCertificate,
+    ClientId, Commit, ConfigError, Fetch, Heartbeat, LogEntry, NewView, Prepare, PrepareHeader,
+    ProtocolConfig, ReplicaId, ReplicaMessage, Reply, ReqViewChange, Request, SeqNum, StateMachine,
+    StateReply, StateRequest, Ui, View, ViewChange,
+};
+use tessera_usig::Usig;
+
+use crate::auth::RequestAuthenticator;
+
+/// The closed set of timers a replica arms. At most one of each kind is armed at a time;
+/// `SetTimer` replaces an armed timer of the same kind.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
+pub enum Timer {
+    /// A known request has waited too long for execution: suspect the primary.
+    Request,
+    /// No NEW-VIEW arrived in time: move on to the next view.
+    ViewChange,
+    /// Time to send a heartbeat (and to check whether this replica lags).
+    Heartbeat,
+}
+
+/// What the driver must do, in the order given.
+#[derive(Clone, Debug)]
+pub enum Action {
+    /// Send to one replica.
+    Send {
+        /// Destination.
+        to: ReplicaId,
+        /// Message.
+        message: ReplicaMessage,
+    },
+    /// Send to every other replica.
+    Broadcast {
+        /// Message.
+        message: ReplicaMessage,
+    },
+    /// Send a reply to its client.
+    Reply(Reply),
+    /// Arm (or re-arm) a timer to fire at `deadline_ms` logical time.
+    SetTimer {
+        /// Which timer.
+        timer: Timer,
+        /// When, in logical milliseconds.
+        deadline_ms: u64,
+    },
+    /// Disarm a timer.
+    CancelTimer(Timer),
+}
+
+/// How many messages from one sender may wait for their predecessors.
+const STREAM_BUFFER_MAX: u64 = 4096;
+/// How many messages one Fetch may ask for.
+const FETCH_MESSAGES_MAX: u64 = 1024;
+
+/// A certified message on its way through its sender's stream.
+#[derive(Clone, Debug)]
+enum Certified {
+    Prepare(Prepare),
+    Commit(Commit),
+    Checkpoint(Checkpoint),
+    ViewChange(Arc<ViewChange>),
+    NewView(Arc<NewView>),
+}
+
+impl Certified {
+    fn from_message(message: ReplicaMessage) -> Option<Certified> {
+        Some(match message {
+            ReplicaMessage::Prepare(prepare) => Certified::Prepare(prepare),
+            ReplicaMessage::Commit(commit) => Certified::Commit(commit),
+            ReplicaMessage::Checkpoint(checkpoint) => Certified::Checkpoint(checkpoint),
+            ReplicaMessage::ViewChange(view_change) => Certified::ViewChange(view_change),
+            ReplicaMessage::NewView(new_view) => Certified::NewView(new_view),
+            _ => return None,
+        })
+    }
+
+    fn to_message(&self) -> ReplicaMessage {
+        match self {
+            Certified::Prepare(prepare) => ReplicaMessage::Prepare(prepare.clone()),
+            Certified::Commit(commit) => ReplicaMessage::Commit(commit.clone()),
+            Certified::Checkpoint(checkpoint) => ReplicaMessage::Checkpoint(checkpoint.clone()),
+            Certified::ViewChange(view_change) => ReplicaMessage::ViewChange(view_change.clone()),
+            Certified::NewView(new_view) => ReplicaMessage::NewView(new_view.clone()),
+        }
+    }
+
+    fn sender(&self) -> ReplicaId {
+        match self {
+            Certified::Prepare(prepare) => prepare.header.primary,
+            Certified::Commit(commit) => commit.replica,
+            Certified::Checkpoint(checkpoint) => checkpoint.replica,
+            Certified::ViewChange(view_change) => view_change.replica,
+            Certified::NewView(new_view) => new_view.primary,
+        }
+    }
+
+    fn ui(&self) -> &Ui {
+        match self {
+            Certified::Prepare(prepare) => &prepare.header.ui,
+            Certified::Commit(commit) => &commit.ui,
+            Certified::Checkpoint(checkpoint) => &checkpoint.ui,
+            Certified::ViewChange(view_change) => &view_change.ui,
+            Certified::NewView(new_view) => &new_view.ui,
+        }
+    }
+
+    fn certified_digest(&self) -> Digest {
+        match self {
+            Certified::Prepare(prepare) => prepare.header.certified_digest(),
+            Certified::Commit(commit) => commit.certified_digest(),
+            Certified::Checkpoint(checkpoint) => checkpoint.certified_digest(),
+            Certified::ViewChange(view_change) => view_change.to_ref().certified_digest(),
+            Certified::NewView(new_view) => new_view.to_ref().certified_digest(),
+        }
+    }
+}
+
+/// Whether a certified message could be processed now.
+enum Outcome {
+    /// Processed (acted on, or found obsolete or invalid): the stream moves on.
+    Done,
+    /// Valid so far but this replica is not ready (e.g. beyond its checkpoint barrier): the
+    /// stream waits here and the message is retried after the next state change.
+    Blocked,
+}
+
+/// What this replica knows of one peer's certified message stream.
+#[derive(Debug, Default)]
+struct PeerStream {
+    /// The counter value the next processed message must carry.
+    next_counter: u64,
+    /// Messages that arrived before their predecessors (bounded by `STREAM_BUFFER_MAX`).
+    waiting: BTreeMap<u64, Certified>,
+    /// Highest view the peer has shown it is in; its messages for older views are obsolete.
+    view: View,
+    /// The view of the peer's last VIEW-CHANGE (each must be for a higher view).
+    last_view_change: View,
+    /// The view of the peer's last NEW-VIEW (a second NEW-VIEW for one view is a fault).
+    last_new_view: View,
+    /// Sequence number of the peer's last CHECKPOINT; it may not speak beyond one interval past it.
+    last_checkpoint: SeqNum,
+    /// The latest CHECKPOINT processed from the peer (offered as a resume point in state transfer).
+    latest_checkpoint_message: Option<Checkpoint>,
+    /// When this replica last asked for the peer's missing messages.
+    last_fetch_ms: Option<u64>,
+}
+
+/// A sequence number being agreed in the current view.
+#[derive(Debug)]
+struct Slot {
+    header: PrepareHeader,
+    batch: Arc<Vec<Request>>,
+    /// Identifies this exact PREPARE (header and primary UI); votes must match it.
+    key: Digest,
+    /// Replicas whose COMMIT (or, for the primary, PREPARE) matches `key`.
+    voters: BTreeSet<ReplicaId>,
+}
+
+fn prepare_key(header: &PrepareHeader) -> Digest {
+    let mut builder = DigestBuilder::new("tessera.prepare-key.v1");
+    builder
+        .digest(&header.certified_digest())
+        .u64(header.ui.counter);
+    builder.finish()
+}
+
+/// Snapshot format of the replicated state: the application's snapshot and the client table.
+type StateSnapshot = (Vec<u8>, Vec<(ClientId, ClientEntry)>);
+
+/// A MinBFT replica.
+pub struct Replica<S: StateMachine> {
+    id: ReplicaId,
+    config: ProtocolConfig,
+    quorum: usize,
+    usig: Box<dyn Usig>,
+    authenticator: Box<dyn RequestAuthenticator>,
+    state_machine: S,
+    actions: Vec<Action>,
+    now_ms: u64,
+    rejections: BTreeMap<&'static str, u64>,
+
+    // --- view ---
+    view: View,
+    /// False between sending VIEW-CHANGE for `view` and accepting its NEW-VIEW.
+    view_active: bool,
+    view_change_attempts: u32,
+    /// Per replica, the highest view it asked to move to.
+    suspicions: Vec<View>,
+    /// Valid VIEW-CHANGE messages by target view and sender.
+    view_change_pool: BTreeMap<View, BTreeMap<ReplicaId, Arc<ViewChange>>>,
+    /// NEW-VIEW messages this replica accepted or sent, kept while its log refers to their view.
+    new_views: BTreeMap<View, Arc<NewView>>,
+    /// The plan of the current view's NEW-VIEW: PREPAREs up to its end must re-propose it.
+    view_plan: Option<Arc<NewViewPlan>>,
+    /// Counter of the current view's NEW-VIEW (0 in view 0).
+    view_start_counter: u64,
+    /// Next sequence number the primary assigns (primary) or must send (backups).
+    next_prepare_seq: SeqNum,
+    /// The primary broke a rule in this view: accept nothing more from it in this view.
+    primary_faulty: bool,
+
+    // --- agreement ---
+    slots: BTreeMap<SeqNum, Slot>,
+    /// COMMIT votes that arrived before their PREPARE: (view, seq) → voter → prepare key.
+    early_votes: BTreeMap<(View, SeqNum), BTreeMap<ReplicaId, Digest>>,
+
+    // --- execution ---
+    last_executed: SeqNum,
+    executed_digests: BTreeMap<SeqNum, Digest>,
+    clients: ClientTable,
+    requests_executed: u64,
+    last_progress_ms: u64,
+
+    // --- checkpoints ---
+    genesis_digest: Digest,
+    stable: CheckpointCertificate,
+    stable_snapshot: Arc<Vec<u8>>,
+    own_checkpoints: BTreeMap<SeqNum, (Digest, Arc<Vec<u8>>)>,
+    checkpoint_votes: BTreeMap<SeqNum, BTreeMap<ReplicaId, Checkpoint>>,
+
+    // --- own stream ---
+    /// Own certified messages from the anchor on, as quoted in VIEW-CHANGE logs.
+    own_log: VecDeque<LogEntry>,
+    /// The same messages in sendable form, for retransmission.
+    own_sent: VecDeque<ReplicaMessage>,
+    /// Highest sequence number any own PREPARE or COMMIT referred to.
+    own_max_seq: SeqNum,
+
+    // --- peers ---
+    streams: Vec<PeerStream>,
+    /// Peers' certified messages kept for retransmission to others.
+    store: BTreeMap<(ReplicaId, u64), ReplicaMessage>,
+    state_request_ms: Option<u64>,
+    highest_stable_seen: SeqNum,
+
+    // --- requests ---
+    /// Primary: requests waiting for a sequence number.
+    pending: VecDeque<Request>,
+    /// Requests in `pending` or proposed and not yet executed.
+    pending_keys: HashSet<(ClientId, u64)>,
+    /// Requests this replica knows of and waits to see executed (the request timer).
+    waiting: BTreeMap<ClientId, (u64, u64)>,
+}
+
+impl<S: StateMachine> Replica<S> {
+    /// Builds a replica; refuses an invalid configuration.
+    pub fn new(
+        id: ReplicaId,
+        config: ProtocolConfig,
+        usig: Box<dyn Usig>,
+        authenticator: Box<dyn RequestAuthenticator>,
+        state_machine: S,
+    ) -> Result<Replica<S>, ConfigError> {
+        config.validate()?;
+        if id.0 >= config.n {
+            return Err(ConfigError {
+                field: "replica id",
+                problem: format!("is {} but the cluster has n = {} replicas", id.0, config.n),
+                fix: "use an id between 0 and n-1".into(),
+            });
+        }
+        let clients = ClientTable::new(config.client_table_max);
+        let genesis_digest = state_digest(&state_machine, &clients);
+        let stable_snapshot = Arc::new(snapshot_bytes(&state_machine, &clients));
+        let streams = (0..config.n)
+            .map(|_| PeerStream {
+                next_counter: 1,
+                ..PeerStream::default()
+            })
+            .collect();
+        Ok(Replica {
+            id,
+            quorum: config.quorum(),
+            suspicions: vec![View(0); config.n as usize],
+            clients,
+            config,
+            usig,
+            authenticator,
+            state_machine,
+            actions: Vec::new(),
+            now_ms: 0,
+            rejections: BTreeMap::new(),
+            view: View(0),
+            view_active: true,
+            view_change_attempts: 0,
+            view_change_pool: BTreeMap::new(),
+            new_views: BTreeMap::new(),
+            view_plan: None,
+            view_start_counter: 0,
+            next_prepare_seq: SeqNum(1),
+            primary_faulty: false,
+            slots: BTreeMap::new(),
+            early_votes: BTreeMap::new(),
+            last_executed: SeqNum(0),
+            executed_digests: BTreeMap::new(),
+            requests_executed: 0,
+            last_progress_ms: 0,
+            genesis_digest,
+            stable: CheckpointCertificate {
+                seq: SeqNum(0),
+                state_digest: genesis_digest,
+                checkpoints: Vec::new(),
+            },
+            stable_snapshot,
+            own_checkpoints: BTreeMap::new(),
+            checkpoint_votes: BTreeMap::new(),
+            own_log: VecDeque::new(),
+            own_sent: VecDeque::new(),
+            own_max_seq: SeqNum(0),
+            streams,
+            store: BTreeMap::new(),
+            state_request_ms: None,
+            highest_stable_seen: SeqNum(0),
+            pending: VecDeque::new(),
+            pending_keys: HashSet::new(),
+            waiting: BTreeMap::new(),
+        })
+    }
+
+    // ------------------------------------------------------------------ getters
+
+    /// This replica's id.
+    pub fn id(&self) -> ReplicaId {
+        self.id
+    }
+
+    /// The protocol configuration.
+    pub fn config(&self) -> &ProtocolConfig {
+        &self.config
+    }
+
+    /// The replicated service.
+    pub fn state_machine(&self) -> &S {
+        &self.state_machine
+    }
+
+    /// Current view (the target view while a view change is in progress).
+    pub fn view(&self) -> View {
+        self.view
+    }
+
+    /// True while no NEW-VIEW has been accepted for the current view.
+    pub fn is_view_changing(&self) -> bool {
+        !self.view_active
+    }
+
+    /// Last executed sequence number.
+    pub fn last_executed(&self) -> SeqNum {
+        self.last_executed
+    }
+
+    /// The latest stable checkpoint.
+    pub fn stable_checkpoint(&self) -> &CheckpointCertificate {
+        &self.stable
+    }
+
+    /// Digest of the replicated state (application and client table) right now.
+    pub fn state_digest(&self) -> Digest {
+        state_digest(&self.state_machine, &self.clients)
+    }
+
+    /// A summary for `tessera status` and metrics.
+    pub fn status(&self) -> ReplicaStatus {
+        ReplicaStatus {
+            replica: self.id,
+            view: self.view,
+            primary: self.view.primary(self.config.n),
+            view_changing: !self.view_active,
+            last_executed: self.last_executed,
+            stable_checkpoint: self.stable.seq,
+            usig_counter: self.head_counter(),
+            pending_requests: self.pending.len() as u64,
+            requests_executed: self.requests_executed,
+            stable_state_digest: self.stable.state_digest.to_hex(),
+        }
+    }
+
+    /// Messages rejected so far, by reason (for metrics and tests).
+    pub fn rejections(&self) -> &BTreeMap<&'static str, u64> {
+        &self.rejections
+    }
+
+    // ------------------------------------------------------------------ inputs
+
+    /// Arms the initial timers. Call once before any other input.
+    pub fn start(&mut self, now_ms: u64) {
+        self.now_ms = now_ms;
+        self.last_progress_ms = now_ms;
+        self.set_timer(Timer::Heartbeat, now_ms + self.config.heartbeat_interval_ms);
+    }
+
+    /// A request straight from a client.
+    pub fn handle_request(&mut self, now_ms: u64, request: Request) {
+        self.advance_clock(now_ms);
+        self.on_request(request, true);
+        self.settle();
+    }
+
+    /// A message from replica `from` (the authenticated channel it arrived on).
+    pub fn handle_message(&mut self, now_ms: u64, from: ReplicaId, message: ReplicaMessage) {
+        self.advance_clock(now_ms);
+        if from.0 >= self.config.n || from == self.id {
+            self.reject("unknown-channel");
+            return;
+        }
+        match message {
+            ReplicaMessage::Request(request) => self.on_request(request, false),
+            ReplicaMessage::ReqViewChange(request) => self.on_req_view_change(from, request),
+            ReplicaMessage::Fetch(fetch) => self.on_fetch(from, fetch),
+            ReplicaMessage::Heartbeat(heartbeat) => self.on_heartbeat(from, heartbeat),
+            ReplicaMessage::StateRequest(request) => self.on_state_request(from, request),
+            ReplicaMessage::StateReply(reply) => self.on_state_reply(from, reply),
+            ReplicaMessage::FetchNewView { replica, view } => {
+                self.on_fetch_new_view(from, replica, view)
+            }
+            certified => {
+                let certified =
+                    Certified::from_message(certified).expect("all other kinds are certified");
+                self.on_certified(certified);
+            }
+        }
+        self.settle();
+    }
+
+    /// A timer fired. Late or spurious firings are harmless: every handler re-checks its condition.
+    pub fn handle_timer(&mut self, now_ms: u64, timer: Timer) {
+        self.advance_clock(now_ms);
+        match timer {
+            Timer::Request => self.on_request_timer(),
+            Timer::ViewChange => self.on_view_change_timer(),
+            Timer::Heartbeat => self.on_heartbeat_timer(),
+        }
+        self.settle();
+    }
+
+    /// Takes the actions produced so far, in order.
+    pub fn take_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.actions)
+    }
+
+    // ------------------------------------------------------------------ helpers
+
+    fn advance_clock(&mut self, now_ms: u64) {
+        // Logical time never goes backwards; a driver that passes an older time is ignored.
+        self.now_ms = self.now_ms.max(now_ms);
+    }
+
+    fn reject(&mut self, reason: &'static str) {
+        tracing::debug!(replica = self.id.0, reason, "rejected");
+        *self.rejections.entry(reason).or_insert(0) += 1;
+    }
+
+    fn set_timer(&mut self, timer: Timer, deadline_ms: u64) {
+        self.actions.push(Action::SetTimer { timer, deadline_ms });
+    }
+
+    fn broadcast(&mut self, message: ReplicaMessage) {
+        if self.config.n > 1 {
+            self.actions.push(Action::Broadcast { message });
+        }
+    }
+
+    fn is_primary(&self) -> bool {
+        self.view.primary(self.config.n) == self.id
+    }
+
+    fn head_counter(&self) -> u64 {
+        self.own_log
+            .back()
+            .map(|entry| entry.ui().counter)
+            .unwrap_or(0)
+    }
+
+    fn cp(&self) -> u64 {
+        self.config.checkpoint_interval
+    }
+
+    /// (rule) A replica never sends a message about a sequence number more than one checkpoint
+    /// interval past its last CHECKPOINT, so its checkpoints anchor its VIEW-CHANGE logs.
+    fn barrier(&self) -> SeqNum {
+        SeqNum(self.last_executed.0 / self.cp() * self.cp() + self.cp())
+    }
+
+    fn high_water_mark(&self) -> SeqNum {
+        SeqNum(self.stable.seq.0 + self.config.log_size)
+    }
+
+    /// Creates a UI for `digest` and records the message in the own log. Panics only if the USIG
+    /// itself fails, which leaves the replica unable to speak safely at all.
+    fn certify(&mut self, digest: &Digest) -> Ui {
+        let ui = self
+            .usig
+            .create_ui(digest)
+            .expect("the USIG must be able to certify messages (see docs/OPERATIONS.md)");
+        assert_eq!(
+            ui.counter,
+            self.head_counter() + 1,
+            "USIG counters are sequential"
+        );
+        ui
+    }
+
+    fn append_own(&mut self, entry: LogEntry, message: ReplicaMessage) {
+        debug_assert_eq!(entry.ui().counter, self.head_counter() + 1);
+        self.own_log.push_back(entry);
+        self.own_sent.push_back(message);
+    }
+
+    /// After every input: retry blocked streams, propose, execute, re-arm the request timer.
+    fn settle(&mut self) {
+        for _ in 0..64 {
+            let before = (
+                self.last_executed,
+                self.total_next_counters(),
+                self.view,
+                self.view_active,
+            );
+            self.drain_all_streams();
+            self.try_propose();
+            self.try_execute();
+            if before
+                == (
+                    self.last_executed,
+                    self.total_next_counters(),
+                    self.view,
+                    self.view_active,
+                )
+            {
+                break;
+            }
+        }
+        self.arm_request_timer();
+    }
+
+    fn total_next_counters(&self) -> u64 {
+        self.streams.iter().map(|stream| stream.next_counter).sum()
+    }
+
+    fn verifier(&self) -> Verifier<'_> {
+        Verifier {
+            n: self.config.n,
+            f: self.config.f,
+            quorum: self.quorum,
+            usig: self.usig.as_ref(),
+            authenticator: self.authenticator.as_ref(),
+            genesis_digest: self.genesis_digest,
+            batch_requests_max: self.config.batch_requests_max,
+        }
+    }
+
+    // ------------------------------------------------------------------ requests
+
+    fn on_request(&mut self, request: Request, from_client: bool) {
+        if request.check_shape().is_err() {
+            self.reject("request-shape");
+            return;
+        }
+        match self
+            .clients
+            .freshness(request.client, request.request_number)
+        {
+            Freshness::Stale => {
+                self.reject("request-stale");
+                return;
+            }
+            Freshness::Latest(entry) => {
+                let reply = Reply {
+                    replica: self.id,
+                    client: request.client,
+                    request_number: entry.request_number,
+                    view: entry.view,
+                    result: entry.result.clone(),
+                };
+                self.actions.push(Action::Reply(reply));
+                return;
+            }
+            Freshness::New => {}
+        }
+        let key = (request.client, request.request_number);
+        if self.pending_keys.contains(&key) {
+            return;
+        }
+        if !self.authenticator.verify_signature(&request) {
+            self.reject("request-signature");
+            return;
+        }
+        if self.is_primary() && self.view_active {
+            if self.pending.len() >= self.config.pending_requests_max {
+                self.reject("request-overload");
+                return;
+            }
+            self.pending_keys.insert(key);
+            self.pending.push_back(request);
+            return;
+        }
+        // Backup: remember it for the request timer and make sure the primary has it.
+        let newer = self
+            .waiting
+            .get(&request.client)
+            .is_none_or(|(number, _)| *number < request.request_number);
+        if newer && self.waiting.len() < self.config.pending_requests_max {
+            self.waiting
+                .insert(request.client, (request.request_number, self.now_ms));
+        }
+        if from_client && self.view_active {
+            let primary = self.view.primary(self.config.n);
+            self.actions.push(Action::Send {
+                to: primary,
+                message: ReplicaMessage::Request(request),
+            });
+        }
+    }
+
+    fn arm_request_timer(&mut self) {
+        let oldest = self.waiting.values().map(|(_, since)| *since).min();
+        match oldest {
+            Some(since) if self.view_active => {
+                let deadline = since.max(self.last_progress_ms) + self.config.request_timeout_ms;
+                self.set_timer(Timer::Request, deadline);
+            }
+            _ => self.actions.push(Action::CancelTimer(Timer::Request)),
+        }
+    }
+
+    fn on_request_timer(&mut self) {
+        let Some(oldest) = self.waiting.values().map(|(_, since)| *since).min() else {
+            return;
+        };
+        let deadline = oldest.max(self.last_progress_ms) + self.config.request_timeout_ms;
+        if self.view_active && self.now_ms >= deadline {
+            tracing::info!(
+                replica = self.id.0,
+                view = self.view.0,
+                "request timed out; suspecting the primary"
+            );
+            self.request_view_change(self.view.next());
+        }
+    }
+
+    // ------------------------------------------------------------------ proposing (primary)
+
+    fn try_propose(&mut self) {
+        if !self.is_primary() || !self.view_active || self.primary_faulty {
+            return;
+        }
+        loop {
+            let seq = self.next_prepare_seq;
+            let in_flight = seq.0.saturating_sub(self.last_executed.0 + 1);
+            if seq > self.barrier()
+                || seq > self.high_water_mark()
+                || in_flight >= self.config.window
+            {
+                return;
+            }
+            let batch = match self
+                .view_plan
+                .as_ref()
+                .filter(|plan| seq <= plan.last_seq())
+            {
+                Some(plan) => {
+                    let index = (seq.0 - plan.checkpoint.seq.0 - 1) as usize;
+                    plan.entries[index].2.clone()
+                }
+                None => match self.next_batch() {
+                    Some(batch) => Arc::new(batch),
+                    None => return,
+                },
+            };
+            self.propose(seq, batch);
+        }
+    }
+
+    fn next_batch(&mut self) -> Option<Vec<Request>> {
+        let mut batch = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(request) = self.pending.front() {
+            if batch.len() >= self.config.batch_requests_max
+                || (bytes + request.operation.len() > self.config.batch_bytes_max
+                    && !batch.is_empty())
+            {
+                break;
+            }
+            let request = self.pending.pop_front().expect("front exists");
+            if !matches!(
+                self.clients
+                    .freshness(request.client, request.request_number),
+                Freshness::New
+            ) {
+                self.pending_keys
+                    .remove(&(request.client, request.request_number));
+                continue;
+            }
+            bytes += request.operation.len();
+            batch.push(request);
+        }
+        (!batch.is_empty()).then_some(batch)
+    }
+
+    fn propose(&mut self, seq: SeqNum, batch: Arc<Vec<Request>>) {
+        let digest = batch_digest(&batch);
+        let ui = self.certify(&prepare_certified_digest(self.id, self.view, seq, &digest));
+        let header = PrepareHeader {
+            primary: self.id,
+            view: self.view,
+            seq,
+            batch_digest: digest,
+            ui,
+        };
+        let prepare = Prepare { header, batch };
+        self.append_own(
+            LogEntry::Prepare(prepare.clone()),
+            ReplicaMessage::Prepare(prepare.clone()),
+        );
+        self.own_max_seq = self.own_max_seq.max(seq);
+        self.next_prepare_seq = seq.next();
+        self.broadcast(ReplicaMessage::Prepare(prepare.clone()));
+        self.add_slot(&prepare);
+    }
+
+    /// Records a PREPARE this replica accepted, counting the primary's vote and early COMMITs.
+    fn add_slot(&mut self, prepare: &Prepare) {
+        let header = &prepare.header;
+        let key = prepare_key(header);
+        let mut voters = BTreeSet::from([header.primary]);
+        if let Some(votes) = self.early_votes.remove(&(header.view, header.seq)) {
+            voters.extend(
+                votes
+                    .into_iter()
+                    .filter(|(_, vote)| *vote == key)
+                    .map(|(voter, _)| voter),
+            );
+        }
+        if let Some(executed) = self.executed_digests.get(&header.seq) {
+            if *executed != header.batch_digest {
+                // Agreement would be broken: this can only happen with more than f faults.
+                tracing::error!(
+                    replica = self.id.0,
+                    seq = header.seq.0,
+                    "PREPARE contradicts an executed batch"
+                );
+                self.reject("divergence");
+                return;
+            }
+        }
+        self.slots.insert(
+            header.seq,
+            Slot {
+                header: header.clone(),
+                batch: prepare.batch.clone(),
+                key,
+                voters,
+            },
+        );
+    }
+
+    // ------------------------------------------------------------------ the certified streams
+
+    fn on_certified(&mut self, message: Certified) {
+        let sender = message.sender();
+        if sender.0 >= self.config.n || sender == self.id {
+            self.reject("certified-bad-sender");
+            return;
+        }
+        let counter = message.ui().counter;
+        let stream = &self.streams[sender.0 as usize];
+        if counter < stream.next_counter || stream.waiting.contains_key(&counter) {
+            return; // already processed or already waiting: a duplicate or a replay
+        }
+        if counter - stream.next_counter >= STREAM_BUFFER_MAX {
+            self.reject("counter-too-far-ahead");
+            return;
+        }
+        if message.ui().certificate.len() > tessera_types::limits::MAX_UI_CERTIFICATE_BYTES
+            || self
+                .usig
+                .verify_ui(sender, &message.certified_digest(), message.ui())
+                .is_err()
+        {
+            self.reject("invalid-ui");
+            return;
+        }
+        let next = stream.next_counter;
+        self.streams[sender.0 as usize]
+            .waiting
+            .insert(counter, message);
+        if counter > next {
+            self.fetch(sender, next, counter - 1);
+        }
+        self.drain_stream(sender);
+    }
+
+    fn drain_all_streams(&mut self) {
+        for index in 0..self.config.n {
+            if index != self.id.0 {
+                self.drain_stream(ReplicaId(index));
+            }
+        }
+    }
+
+    fn drain_stream(&mut self, sender: ReplicaId) {
+        loop {
+            let stream = &mut self.streams[sender.0 as usize];
+            let next = stream.next_counter;
+            let Some(message) = stream.waiting.remove(&next) else {
+                return;
+            };
+            match self.process_certified(&message) {
+                Outcome::Done => {
+                    self.streams[sender.0 as usize].next_counter = next + 1;
+                    self.store.insert((sender, next), message.to_message());
+                }
+                Outcome::Blocked => {
+                    self.streams[sender.0 as usize]
+                        .waiting
+                        .insert(next, message);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn process_certified(&mut self, message: &Certified) -> Outcome {
+        match message {
+            Certified::Prepare(prepare) => self.on_prepare(prepare),
+            Certified::Commit(commit) => {
+                self.on_commit(commit);
+                Outcome::Done
+            }
+            Certified::Checkpoint(checkpoint) => {
+                self.on_checkpoint(checkpoint);
+                Outcome::Done
+            }
+            Certified::ViewChange(view_change) => {
+                self.on_view_change(view_change.clone());
+                Outcome::Done
+            }
+            Certified::NewView(new_view) => {
+                self.on_new_view(new_view.clone());
+                Outcome::Done
+            }
+        }
+    }
+
+    /// Checks shared by PREPARE and COMMIT about the sender's own history.
+    fn check_sender_history(&mut self, sender: ReplicaId, header: &PrepareHeader) -> bool {
+        let stream = &self.streams[sender.0 as usize];
+        if header.view < stream.view {
+            // (rule) After a VIEW-CHANGE for v', nothing a replica says about an older view counts.
+            self.reject("message-for-view-sender-left");
+            return false;
+        }
+        if header.seq.0 > stream.last_checkpoint.0 + self.cp() {
+            self.reject("message-beyond-sender-checkpoint");
+            return false;
+        }
+        self.streams[sender.0 as usize].view = header.view;
+        true
+    }
+
+    fn on_prepare(&mut self, prepare: &Prepare) -> Outcome {
+        let header = &prepare.header;
+        if header.primary != header.view.primary(self.config.n) {
+            self.reject("prepare-not-from-primary");
+            return Outcome::Done;
+        }
+        if !self.check_sender_history(header.primary, header) {
+            return Outcome::Done;
+        }
+        if header.view != self.view || !self.view_active || self.primary_faulty {
+            self.reject("prepare-not-for-active-view");
+            return Outcome::Done;
+        }
+        if header.seq != self.next_prepare_seq || header.ui.counter <= self.view_start_counter {
+            self.reject("prepare-out-of-sequence");
+            self.suspect_primary();
+            return Outcome::Done;
+        }
+        if let Some(expected) = self
+            .view_plan
+            .as_ref()
+            .and_then(|plan| plan.digest_at(header.seq))
+        {
+            if expected != header.batch_digest {
+                self.reject("prepare-contradicts-new-view");
+                self.suspect_primary();
+                return Outcome::Done;
+            }
+        }
+        if prepare.batch.len() > self.config.batch_requests_max
+            || batch_digest(&prepare.batch) != header.batch_digest
+        {
+            self.reject("prepare-batch-mismatch");
+            self.suspect_primary();
+            return Outcome::Done;
+        }
+        if header.seq > self.barrier() || header.seq > self.high_water_mark() {
+            return Outcome::Blocked;
+        }
+        let authentic = prepare.batch.iter().all(|request| {
+            request.check_shape().is_ok() && self.authenticator.verify_signature(request)
+        });
+        if !authentic {
+            // No correct replica commits a forged request; the primary is faulty.
+            self.reject("prepare-forged-request");
+            self.suspect_primary();
+            return Outcome::Done;
+        }
+        self.next_prepare_seq = header.seq.next();
+        self.add_slot(prepare);
+        self.send_commit(prepare);
+        Outcome::Done
+    }
+
+    fn send_commit(&mut self, prepare: &Prepare) {
+        let digest = commit_certified_digest(self.id, &prepare.header);
+        let ui = self.certify(&digest);
+        let commit = Commit {
+            replica: self.id,
+            prepare: prepare.header.clone(),
+            ui,
+        };
+        self.append_own(
+            LogEntry::Commit {
+                commit: commit.clone(),
+                batch: prepare.batch.clone(),
+            },
+            ReplicaMessage::Commit(commit.clone()),
+        );
+        self.own_max_seq = self.own_max_seq.max(prepare.header.seq);
+        if let Some(slot) = self.slots.get_mut(&prepare.header.seq) {
+            slot.voters.insert(self.id);
+        }
+        self.broadcast(ReplicaMessage::Commit(commit));
+    }
+
+    fn on_commit(&mut self, commit: &Commit) {
+        let header = &commit.prepare;
+        if header.primary != header.view.primary(self.config.n) {
+            self.reject("commit-for-non-primary-prepare");
+            return;
+        }
+        if self
+            .usig
+            .verify_ui(header.primary, &header.certified_digest(), &header.ui)
+            .is_err()
+        {
+            self.reject("commit-invalid-prepare-ui");
+            return;
+        }
+        if !self.check_sender_history(commit.replica, header) {
+            return;
+        }
+        if header.view < self.view || header.seq <= self.stable.seq {
+            return; // obsolete
+        }
+        let key = prepare_key(header);
+        if header.view == self.view {
+            if let Some(slot) = self.slots.get_mut(&header.seq) {
+                if slot.key == key {
+                    slot.voters.insert(commit.replica);
+                } else {
+                    self.reject("commit-mismatch");
+                }
+                return;
+            }
+        }
+        if header.seq.0 > self.stable.seq.0 + 2 * self.config.log_size {
+            self.reject("commit-too-far-ahead");
+            return;
+        }
+        self.early_votes
+            .entry((header.view, header.seq))
+            .or_default()
+            .insert(commit.replica, key);
+        // The COMMIT proves the primary sent this PREPARE; fetch it if it has not arrived.
+        let primary_stream = &self.streams[header.primary.0 as usize];
+        if header.view == self.view
+            && header.primary != self.id
+            && primary_stream.next_counter <= header.ui.counter
+        {
+            let from = primary_stream.next_counter;
+            self.fetch(header.primary, from, header.ui.counter);
+        }
+    }
+
+    // ------------------------------------------------------------------ execution
+
+    fn try_execute(&mut self) {
+        let mut progressed = false;
+        loop {
+            let seq = self.last_executed.next();
+            let Some(slot) = self.slots.get(&seq) else {
+                break;
+            };
+            if slot.voters.len() < self.quorum {
+                break;
+            }
+            let batch = slot.batch.clone();
+            let digest = slot.header.batch_digest;
+            self.execute_batch(seq, &batch, digest);
+            progressed = true;
+        }
+        if progressed {
+            self.last_progress_ms = self.now_ms;
+        }
+    }
+
+    fn execute_batch(&mut self, seq: SeqNum, batch: &[Request], digest: Digest) {
+        assert_eq!(
+            seq,
+            self.last_executed.next(),
+            "batches execute in sequence order"
+        );
+        for request in batch {
+            self.pending_keys
+                .remove(&(request.client, request.request_number));
+            if self
+                .waiting
+                .get(&request.client)
+                .is_some_and(|(number, _)| *number <= request.request_number)
+            {
+                self.waiting.remove(&request.client);
+            }
+            if !matches!(
+                self.clients
+                    .freshness(request.client, request.request_number),
+                Freshness::New
+            ) {
+                continue; // a faulty primary ordered it twice: execute once (paper 004 §4)
+            }
+            let result = self.state_machine.execute(&request.operation);
+            self.clients.record(
+                request.client,
+                ClientEntry {
+                    request_number: request.request_number,
+                    result: result.clone(),
+                    view: self.view,
+                    seq,
+                },
+            );
+            self.requests_executed += 1;
+            self.actions.push(Action::Reply(Reply {
+                replica: self.id,
+                client: request.client,
+                request_number: request.request_number,
+                view: self.view,
+                result,
+            }));
+        }
+        self.last_executed = seq;
+        self.executed_digests.insert(seq, digest);
+        if seq.0.is_multiple_of(self.cp()) {
+            self.take_checkpoint(seq);
+        }
+    }
+
+    fn take_checkpoint(&mut self, seq: SeqNum) {
+        let snapshot = Arc::new(snapshot_bytes(&self.state_machine, &self.clients));
+        let digest = state_digest(&self.state_machine, &self.clients);
+        self.own_checkpoints.insert(seq, (digest, snapshot));
+        self.send_checkpoint(seq, digest);
+    }
+
+    fn send_checkpoint(&mut self, seq: SeqNum, state_digest: Digest) {
+        let ui = self.certify(&checkpoint_certified_digest(
+            self.id,
+            seq,
+            &state_digest,
+            self.view,
+        ));
+        let checkpoint = Checkpoint {
+            replica: self.id,
+            seq,
+            state_digest,
+            view: self.view,
+            ui,
+        };
+        self.append_own(
+            LogEntry::Checkpoint(checkpoint.clone()),
+            ReplicaMessage::Checkpoint(checkpoint.clone()),
+        );
+        self.broadcast(ReplicaMessage::Checkpoint(checkpoint.clone()));
+        self.record_checkpoint_vote(checkpoint);
+    }
+
+    // ------------------------------------------------------------------ checkpoints
+
+    fn on_checkpoint(&mut self, checkpoint: &Checkpoint) {
+        let stream = &mut self.streams[checkpoint.replica.0 as usize];
+        if checkpoint.seq <= stream.last_checkpoint
+            || !checkpoint.seq.0.is_multiple_of(self.config.checkpoint_interval)
+        {
+            self.reject("checkpoint-out-of-order");
+            return;
+        }
+        stream.last_checkpoint = checkpoint.seq;
+        stream.view = stream.view.max(checkpoint.view);
+        stream.latest_checkpoint_message = Some(checkpoint.clone());
+        if checkpoint.seq <= self.stable.seq {
+            return;
+        }
+        if checkpoint.seq.0 > self.stable.seq.0 + 4 * self.config.log_size {
+            // Far ahead of anything this replica can reach by retransmission: state transfer
+            // (triggered from heartbeats) is the way forward, so do not hold the vote.
+            self.highest_stable_seen = self.highest_stable_seen.max(checkpoint.seq);
+            return;
+        }
+        self.record_checkpoint_vote(checkpoint.clone());
+    }
+
+    fn record_checkpoint_vote(&mut self, checkpoint: Checkpoint) {
+        let seq = checkpoint.seq;
+        self.checkpoint_votes
+            .entry(seq)
+            .or_default()
+            .insert(checkpoint.replica, checkpoint);
+        self.check_stable(seq);
+    }
+
+    fn check_stable(&mut self, seq: SeqNum) {
+        if seq <= self.stable.seq {
+            return;
+        }
+        let Some(votes) = self.checkpoint_votes.get(&seq) else {
+            return;
+        };
+        let mut by_digest: BTreeMap<Digest, Vec<Checkpoint>> = BTreeMap::new();
+        for checkpoint in votes.values() {
+            by_digest
+                .entry(checkpoint.state_digest)
+                .or_default()
+                .push(checkpoint.clone());
+        }
+        let weak = self.config.weak_quorum();
+        let Some((digest, matching)) = by_digest
+            .into_iter()
+            .find(|(_, matching)| matching.len() >= weak)
+        else {
+            return;
+        };
+        let certificate = CheckpointCertificate {
+            seq,
+            state_digest: digest,
+            checkpoints: matching.into_iter().take(weak).collect(),
+        };
+        self.adopt_stable(certificate);
+    }
+
+    /// Makes `certificate` the stable checkpoint and collects garbage below it.
+    fn adopt_stable(&mut self, certificate: CheckpointCertificate) {
+        let seq = certificate.seq;
+        assert!(
+            seq > self.stable.seq,
+            "stable checkpoints only move forward"
+        );
+        self.highest_stable_seen = self.highest_stable_seen.max(seq);
+        match self.own_checkpoints.get(&seq) {
+            Some((digest, snapshot)) if *digest == certificate.state_digest => {
+                self.stable_snapshot = snapshot.clone();
+            }
+            Some(_) => {
+                tracing::error!(
+                    replica = self.id.0,
+                    seq = seq.0,
+                    "local state differs from the stable checkpoint; fetching state"
+                );
+                self.reject("local-state-diverged");
+                self.request_state(seq);
+            }
+            None => {} // behind: retransmission or state transfer will bring this replica here
+        }
+        tracing::debug!(replica = self.id.0, seq = seq.0, "checkpoint stable");
+        self.stable = certificate;
+        self.collect_garbage();
+    }
+
+    fn collect_garbage(&mut self) {
+        let stable = self.stable.seq;
+        let executed_and_stable = stable.min(self.last_executed);
+        self.slots.retain(|seq, _| *seq > executed_and_stable);
+        self.early_votes.retain(|(_, seq), _| *seq > stable);
+        self.executed_digests.retain(|seq, _| *seq > stable);
+        self.own_checkpoints.retain(|seq, _| *seq >= stable);
+        self.checkpoint_votes.retain(|seq, _| *seq > stable);
+        // Peers' messages are kept one interval longer than needed, so a slightly slower peer
+        // can still catch up by retransmission instead of state transfer.
+        let keep_after = stable.0.saturating_sub(self.cp());
+        let view = self.view;
+        self.store.retain(|_, message| match message {
+            ReplicaMessage::Prepare(prepare) => prepare.header.seq.0 > keep_after,
+            ReplicaMessage::Commit(commit) => commit.prepare.seq.0 > keep_after,
+            ReplicaMessage::Checkpoint(checkpoint) => checkpoint.seq.0 >= keep_after,
+            ReplicaMessage::ViewChange(view_change) => view_change.to_view >= view,
+            ReplicaMessage::NewView(new_view) => new_view.view >= view,
+            _ => false,
+        });
+        // The own log restarts at the newest own CHECKPOINT at or below the stable one.
+        let anchor = self.own_log.iter().rposition(
+            |entry| matches!(entry, LogEntry::Checkpoint(checkpoint) if checkpoint.seq <= stable),
+        );
+        if let Some(anchor) = anchor {
+            self.own_log.drain(..anchor);
+            self.own_sent.drain(..anchor);
+        }
+        let oldest_view = self
+            .own_log
+            .iter()
+            .filter_map(|entry| match entry {
+                LogEntry::Prepare(prepare) => Some(prepare.header.view),
+                LogEntry::Commit { commit, .. } => Some(commit.prepare.view),
+                _ => None,
+            })
+            .min()
+            .unwrap_or(self.view);
+        let current = self.view;
+        self.new_views
+            .retain(|view, _| *view >= oldest_view || *view == current);
+    }
+
+    // ------------------------------------------------------------------ view change
+
+    fn suspect_primary(&mut self) {
+        self.primary_faulty = true;
+        self.request_view_change(self.view.next());
+    }
+
+    fn request_view_change(&mut self, to_view: View) {
+        let own = &mut self.suspicions[self.id.0 as usize];
+        if *own >= to_view {
+            return;
+        }
+        *own = to_view;
+        self.broadcast(ReplicaMessage::ReqViewChange(ReqViewChange {
+            replica: self.id,
+            from_view: self.view,
+            to_view,
+        }));
+        self.evaluate_suspicions();
+    }
+
+    fn on_req_view_change(&mut self, from: ReplicaId, request: ReqViewChange) {
+        if request.replica != from {
+            self.reject("req-view-change-wrong-channel");
+            return;
+        }
+        let suspicion = &mut self.suspicions[from.0 as usize];
+        *suspicion = (*suspicion).max(request.to_view);
+        self.evaluate_suspicions();
+    }
+
+    /// Moves to the highest view that at least f+1 replicas asked for (paper 004: f+1
+    /// REQ-VIEW-CHANGE messages), so one faulty replica cannot force a view change.
+    fn evaluate_suspicions(&mut self) {
+        let mut views = self.suspicions.clone();
+        views.sort_unstable_by(|a, b| b.cmp(a));
+        let target = views[self.config.f as usize];
+        if target > self.view {
+            self.start_view_change(target);
+        }
+    }
+
+    fn start_view_change(&mut self, to_view: View) {
+        tracing::info!(
+            replica = self.id.0,
+            from = self.view.0,
+            to = to_view.0,
+            "starting view change"
+        );
+        self.view = to_view;
+        self.view_active = false;
+        self.primary_faulty = false;
+        self.view_plan = None;
+        self.slots.retain(|seq, _| *seq <= self.last_executed);
+        let suspicion = &mut self.suspicions[self.id.0 as usize];
+        *suspicion = (*suspicion).max(to_view);
+        let log: Vec<LogEntry> = self.own_log.iter().cloned().collect();
+        let justified_from = log
+            .iter()
+            .filter_map(|entry| match entry {
+                LogEntry::Prepare(prepare) => Some(prepare.header.view),
+                LogEntry::Commit { commit, .. } => Some(commit.prepare.view),
+                _ => None,
+            })
+            .min()
+            .unwrap_or(to_view);
+        let new_views = self
+            .new_views
+            .range(justified_from..to_view)
+            .map(|(_, new_view)| new_view.clone())
+            .collect();
+        let checkpoint = self.stable.clone();
+        let payload = tessera_types::view_change_payload_digest(&checkpoint, &log);
+        let ui = self.certify(&view_change_certified_digest(self.id, to_view, &payload));
+        let view_change = Arc::new(ViewChange {
+            replica: self.id,
+            to_view,
+            checkpoint,
+            log,
+            new_views,
+            ui,
+        });
+        self.append_own(
+            LogEntry::ViewChange(view_change.to_ref()),
+            ReplicaMessage::ViewChange(view_change.clone()),
+        );
+        self.broadcast(ReplicaMessage::ViewChange(view_change.clone()));
+        self.view_change_pool
+            .entry(to_view)
+            .or_default()
+            .insert(self.id, view_change);
+        let shift = self.view_change_attempts.min(10);
+        self.view_change_attempts += 1;
+        self.set_timer(
+            Timer::ViewChange,
+            self.now_ms + (self.config.view_change_timeout_ms << shift),
+        );
+        self.actions.push(Action::CancelTimer(Timer::Request));
+        self.try_send_new_view();
+    }
+
+    fn on_view_change_timer(&mut self) {
+        if !self.view_active {
+            tracing::info!(
+                replica = self.id.0,
+                view = self.view.0,
+                "no NEW-VIEW in time; moving on"
+            );
+            self.request_view_change(self.view.next());
+        }
+    }
+
+    fn on_view_change(&mut self, view_change: Arc<ViewChange>) {
+        let sender = view_change.replica;
+        if view_change.to_view <= self.streams[sender.0 as usize].last_view_change {
+            self.reject("view-change-not-increasing");
+            return;
+        }
+        if let Err(reason) = self
+            .verifier()
+            .check_view_change(&view_change, &mut Memo::default())
+        {
+            self.reject(reason);
+            return;
+        }
+        let stream = &mut self.streams[sender.0 as usize];
+        stream.last_view_change = view_change.to_view;
+        stream.view = stream.view.max(view_change.to_view);
+        let suspicion = &mut self.suspicions[sender.0 as usize];
+        *suspicion = (*suspicion).max(view_change.to_view);
+        if view_change.to_view >= self.view {
+            let pool = self
+                .view_change_pool
+                .entry(view_change.to_view)
+                .or_default();
+            pool.insert(sender, view_change);
+            // Bound the pool: only views that can still matter, at most n per view.
+            let current = self.view;
+            self.view_change_pool.retain(|view, _| *view >= current);
+            while self.view_change_pool.len() > self.config.n as usize * 2 {
+                self.view_change_pool.pop_last();
+            }
+        }
+        self.evaluate_suspicions();
+        self.try_send_new_view();
+    }
+
+    fn try_send_new_view(&mut self) {
+        if self.view_active || !self.is_primary() {
+            return;
+        }
+        let Some(pool) = self.view_change_pool.get(&self.view) else {
+            return;
+        };
+        if pool.len() < self.quorum || !pool.contains_key(&self.id) {
+            return;
+        }
+        // Own VIEW-CHANGE plus the lowest-numbered others: deterministic and always includes
+        // this replica's own history.
+        let mut chosen: Vec<Arc<ViewChange>> = vec![pool[&self.id].clone()];
+        chosen.extend(
+            pool.iter()
+                .filter(|(sender, _)| **sender != self.id)
+                .map(|(_, view_change)| view_change.clone())
+                .take(self.quorum - 1),
+        );
+        chosen.sort_by_key(|view_change| view_change.replica);
+        let payload = tessera_types::new_view_payload_digest(&chosen);
+        let ui = self.certify(&new_view_certified_digest(self.id, self.view, &payload));
+        let new_view = Arc::new(NewView {
+            primary: self.id,
+            view: self.view,
+            view_changes: chosen,
+            ui,
+        });
+        let refs: Vec<&ViewChange> = new_view.view_changes.iter().map(|vc| vc.as_ref()).collect();
+        let plan = Arc::new(self.verifier().compute_plan(&refs));
+        self.append_own(
+            LogEntry::NewView(new_view.to_ref()),
+            ReplicaMessage::NewView(new_view.clone()),
+        );
+        self.broadcast(ReplicaMessage::NewView(new_view.clone()));
+        tracing::info!(
+            replica = self.id.0,
+            view = self.view.0,
+            reproposals = plan.entries.len(),
+            "sent NEW-VIEW"
+        );
+        self.enter_view(new_view, plan);
+    }
+
+    fn on_new_view(&mut self, new_view: Arc<NewView>) {
+        let primary = new_view.primary;
+        let stream = &mut self.streams[primary.0 as usize];
+        if new_view.view <= stream.last_new_view {
+            // A second NEW-VIEW for one view: the primary is faulty in that view.
+            self.reject("new-view-repeated");
+            if new_view.view == self.view {
+                self.suspect_primary();
+            }
+            return;
+        }
+        stream.last_new_view = new_view.view;
+        stream.view = stream.view.max(new_view.view);
+        if new_view.view < self.view || (new_view.view == self.view && self.view_active) {
+            return; // obsolete
+        }
+        match self
+            .verifier()
+            .check_new_view(&new_view, &mut Memo::default())
+        {
+            Ok(plan) => self.enter_view(new_view, plan),
+            Err(reason) => {
+                self.reject(reason);
+                if new_view.view == self.view {
+                    self.suspect_primary();
+                }
+            }
+        }
+    }
+
+    fn enter_view(&mut self, new_view: Arc<NewView>, plan: Arc<NewViewPlan>) {
+        let view = new_view.view;
+        tracing::info!(
+            replica = self.id.0,
+            view = view.0,
+            checkpoint = plan.checkpoint.seq.0,
+            last = plan.last_seq().0,
+            "entering view"
+        );
+        self.view = view;
+        self.view_active = true;
+        self.view_change_attempts = 0;
+        self.primary_faulty = false;
+        self.view_start_counter = new_view.ui.counter;
+        self.new_views.insert(view, new_view);
+        self.actions.push(Action::CancelTimer(Timer::ViewChange));
+        self.slots.retain(|seq, _| *seq <= self.last_executed);
+        self.early_votes
+            .retain(|(vote_view, _), _| *vote_view >= view);
+        self.view_change_pool
+            .retain(|pool_view, _| *pool_view > view);
+        if plan.checkpoint.seq > self.stable.seq {
+            if self.last_executed >= plan.checkpoint.seq {
+                self.adopt_stable(plan.checkpoint.clone());
+            } else {
+                self.request_state(plan.checkpoint.seq);
+            }
+        }
+        self.next_prepare_seq = plan.checkpoint.seq.next();
+        self.view_plan = Some(plan);
+        // Requests that were proposed in the old view but are not in the plan must be proposed
+        // again; clients retransmit them to everyone, so the new primary hears of them.
+        self.pending_keys.retain(|key| {
+            self.pending
+                .iter()
+                .any(|r| (r.client, r.request_number) == *key)
+        });
+        self.last_progress_ms = self.now_ms;
+        self.waiting
+            .values_mut()
+            .for_each(|(_, since)| *since = (*since).max(self.now_ms));
+    }
+
+    // ------------------------------------------------------------------ retransmission
+
+    fn fetch(&mut self, stream: ReplicaId, from_counter: u64, to_counter: u64) {
+        let interval = self.config.heartbeat_interval_ms;
+        let peer = &mut self.streams[stream.0 as usize];
+        if peer
+            .last_fetch_ms
+            .is_some_and(|last| self.now_ms < last + interval)
+        {
+            return;
+        }
+        peer.last_fetch_ms = Some(self.now_ms);
+        let to_counter = to_counter.min(from_counter + FETCH_MESSAGES_MAX - 1);
+        self.broadcast(ReplicaMessage::Fetch(Fetch {
+            replica: self.id,
+            stream,
+            from_counter,
+            to_counter,
+        }));
+    }
+
+    fn on_fetch(&mut self, from: ReplicaId, fetch: Fetch) {
+        if fetch.replica != from
+            || fetch.stream.0 >= self.config.n
+            || fetch.to_counter < fetch.from_counter
+        {
+            self.reject("fetch-malformed");
+            return;
+        }
+        let to_counter = fetch
+            .to_counter
+            .min(fetch.from_counter.saturating_add(FETCH_MESSAGES_MAX - 1));
+        let messages: Vec<ReplicaMessage> = if fetch.stream == self.id {
+            let first = self
+                .own_log
+                .front()
+                .map(|entry| entry.ui().counter)
+                .unwrap_or(1);
+            self.own_sent
+                .iter()
+                .enumerate()
+                .map(|(index, message)| (first + index as u64, message))
+                .filter(|(counter, _)| (fetch.from_counter..=to_counter).contains(counter))
+                .map(|(_, message)| message.clone())
+                .collect()
+        } else {
+            self.store
+                .range((fetch.stream, fetch.from_counter)..=(fetch.stream, to_counter))
+                .map(|(_, message)| message.clone())
+                .collect()
+        };
+        for message in messages {
+            self.actions.push(Action::Send { to: from, message });
+        }
+    }
+
+    fn on_fetch_new_view(&mut self, from: ReplicaId, replica: ReplicaId, view: View) {
+        if replica != from {
+            self.reject("fetch-new-view-wrong-channel");
+            return;
+        }
+        if let Some(new_view) = self.new_views.get(&view) {
+            let message = ReplicaMessage::NewView(new_view.clone());
+            self.actions.push(Action::Send { to: from, message });
+        }
+    }
+
+    fn on_heartbeat_timer(&mut self) {
+        self.set_timer(
+            Timer::Heartbeat,
+            self.now_ms + self.config.heartbeat_interval_ms,
+        );
+        self.broadcast(ReplicaMessage::Heartbeat(Heartbeat {
+            replica: self.id,
+            view: self.view,
+            head_counter: self.head_counter(),
+            last_executed: self.last_executed,
+            stable_checkpoint: self.stable.seq,
+        }));
+        // Far behind the group: the messages needed to catch up are garbage-collected.
+        if self.highest_stable_seen.0 > self.last_executed.0 + self.cp()
+            && self.highest_stable_seen > self.stable.seq
+        {
+            self.request_state(self.highest_stable_seen);
+        } else if self.stable.seq > self.last_executed
+            && self.now_ms > self.last_progress_ms + 2 * self.config.heartbeat_interval_ms
+        {
+            self.request_state(self.stable.seq);
+        }
+    }
+
+    fn on_heartbeat(&mut self, from: ReplicaId, heartbeat: Heartbeat) {
+        if heartbeat.replica != from {
+            self.reject("heartbeat-wrong-channel");
+            return;
+        }
+        let stream = &self.streams[from.0 as usize];
+        if heartbeat.head_counter >= stream.next_counter {
+            let next = stream.next_counter;
+            self.fetch(from, next, heartbeat.head_counter);
+        }
+        if heartbeat.view > self.view && heartbeat.view.primary(self.config.n) == from {
+            // Its NEW-VIEW is in its stream; the fetch above brings it.
+        } else if heartbeat.view > self.view && self.view_active {
+            let primary = heartbeat.view.primary(self.config.n);
+            if primary != self.id {
+                self.actions.push(Action::Send {
+                    to: primary,
+                    message: ReplicaMessage::FetchNewView {
+                        replica: self.id,
+                        view: heartbeat.view,
+                    },
+                });
+            }
+        }
+        if heartbeat.stable_checkpoint > self.highest_stable_seen
+            && heartbeat.stable_checkpoint.0 > self.last_executed.0 + self.config.log_size
+        {
+            // One replica's claim only triggers a request; the reply is checked against f+1 CHECKPOINTs.
+            self.highest_stable_seen = heartbeat.stable_checkpoint;
+        }
+    }
+
+    // ------------------------------------------------------------------ state transfer
+
+    fn request_state(&mut self, min_seq: SeqNum) {
+        if self
+            .state_request_ms
+            .is_some_and(|last| self.now_ms < last + self.config.heartbeat_interval_ms * 5)
+        {
+            return;
+        }
+        self.state_request_ms = Some(self.now_ms);
+        tracing::info!(
+            replica = self.id.0,
+            min_seq = min_seq.0,
+            "requesting state transfer"
+        );
+        self.broadcast(ReplicaMessage::StateRequest(StateRequest {
+            replica: self.id,
+            min_seq,
+        }));
+    }
+
+    fn on_state_request(&mut self, from: ReplicaId, request: StateRequest) {
+        if request.replica != from {
+            self.reject("state-request-wrong-channel");
+            return;
+        }
+        if self.stable.seq == SeqNum(0)
+            || self.stable.seq < request.min_seq
+            || self.last_executed < self.stable.seq
+        {
+            return;
+        }
+        let mut anchors: Vec<Checkpoint> = self
+            .streams
+            .iter()
+            .filter_map(|stream| stream.latest_checkpoint_message.clone())
+            .collect();
+        if let Some(LogEntry::Checkpoint(own)) = self
+            .own_log
+            .iter()
+            .rev()
+            .find(|entry| matches!(entry, LogEntry::Checkpoint(_)))
+        {
+            anchors.push(own.clone());
+        }
+        self.actions.push(Action::Send {
+            to: from,
+            message: ReplicaMessage::StateReply(StateReply {
+                replica: self.id,
+                certificate: self.stable.clone(),
+                snapshot: self.stable_snapshot.clone(),
+                anchors,
+            }),
+        });
+    }
+
+    fn on_state_reply(&mut self, from: ReplicaId, reply: StateReply) {
+        if reply.replica != from {
+            self.reject("state-reply-wrong-channel");
+            return;
+        }
+        let certificate = reply.certificate;
+        if certificate.seq <= self.last_executed {
+            return;
+        }
+        if let Err(reason) = self.verifier().check_checkpoint_certificate(&certificate) {
+            self.reject(reason);
+            return;
+        }
+        let Ok((application, client_entries)) = tessera_types::decode::<StateSnapshot>(
+            &reply.snapshot,
+            tessera_types::limits::MAX_SNAPSHOT_BYTES,
+        ) else {
+            self.reject("state-snapshot-malformed");
+            return;
+        };
+        let Ok(clients) = ClientTable::from_entries(client_entries, self.config.client_table_max)
+        else {
+            self.reject("state-snapshot-clients");
+            return;
+        };
+        let previous = self.state_machine.snapshot();
+        if self.state_machine.restore(&application).is_err() {
+            self.reject("state-snapshot-application");
+            return;
+        }
+        if state_digest(&self.state_machine, &clients) != certificate.state_digest {
+            self.state_machine
+                .restore(&previous)
+                .expect("restoring this replica's own snapshot cannot fail");
+            self.reject("state-snapshot-digest");
+            return;
+        }
+        tracing::info!(
+            replica = self.id.0,
+            seq = certificate.seq.0,
+            "state transfer complete"
+        );
+        let seq = certificate.seq;
+        self.clients = clients;
+        self.last_executed = seq;
+        self.last_progress_ms = self.now_ms;
+        self.executed_digests.clear();
+        self.stable_snapshot = reply.snapshot.clone();
+        self.own_checkpoints
+            .insert(seq, (certificate.state_digest, reply.snapshot));
+        self.resume_streams(&reply.anchors, seq);
+        if seq > self.stable.seq {
+            self.adopt_stable(certificate.clone());
+        }
+        // Anchor the own log at the new state, unless this replica already spoke about later
+        // sequence numbers (then an older anchor stays valid).
+        if self.own_max_seq <= seq {
+            self.send_checkpoint(seq, certificate.state_digest);
+        }
+    }
+
+    /// Resumes peers' streams at CHECKPOINT messages at or after the transferred state: what a
+    /// peer sent before its checkpoint concerns sequence numbers this state already covers, and
+    /// the checkpoint's view tells which views the peer had already left.
+    fn resume_streams(&mut self, anchors: &[Checkpoint], seq: SeqNum) {
+        for anchor in anchors {
+            let sender = anchor.replica;
+            if sender.0 >= self.config.n || sender == self.id || anchor.seq > seq {
+                continue;
+            }
+            let digest =
+                checkpoint_certified_digest(sender, anchor.seq, &anchor.state_digest, anchor.view);
+            if self.usig.verify_ui(sender, &digest, &anchor.ui).is_err() {
+                self.reject("state-anchor-ui");
+                continue;
+            }
+            let stream = &mut self.streams[sender.0 as usize];
+            if stream.next_counter <= anchor.ui.counter {
+                stream.next_counter = anchor.ui.counter + 1;
+                stream
+                    .waiting
+                    .retain(|counter, _| *counter > anchor.ui.counter);
+                stream.last_checkpoint = stream.last_checkpoint.max(anchor.seq);
+                stream.view = stream.view.max(anchor.view);
+            }
+        }
+    }
+}
+
+/// Digest of the replicated state: application state and client table.
+fn state_digest<S: StateMachine>(state_machine: &S, clients: &ClientTable) -> Digest {
+    let mut builder = DigestBuilder::new("tessera.replica-state.v1");
+    builder
+        .digest(&state_machine.digest())
+        .digest(&clients.digest());
+    builder.finish()
+}
+
+fn snapshot_bytes<S: StateMachine>(state_machine: &S, clients: &ClientTable) -> Vec<u8> {
+    let snapshot: StateSnapshot = (state_machine.snapshot(), clients.to_entries());
+    tessera_types::encode(&snapshot)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,371 @@
+//! Checking VIEW-CHANGE and NEW-VIEW messages and computing the new-view set `S`.
+//!
+//! Everything here is a pure function of the message contents, the USIG verifier and the request
+//! authenticator, so the new primary and every backup compute exactly the same `S` (paper 004 §4:
+//! "all replicas also verify if S was computed properly doing the same computation as the
+//! primary"). The argument for why this `S` preserves every accepted batch is in
+//! `docs/PROTOCOL.md` ("View change"); the rules it relies on are marked *(rule)* below.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use tessera_types::{
+    batch_digest, checkpoint_certified_digest, new_view_certified_digest,
+    view_change_certified_digest, CheckpointCertificate, Digest, LogEntry, NewView, PrepareHeader,
+    Request, SeqNum, View, ViewChange,
+};
+use tessera_usig::Usig;
+
+use crate::auth::RequestAuthenticator;
+
+/// The outcome of a view change: the checkpoint the new view starts from and, for every sequence
+/// number after it up to the highest candidate, the batch the new primary must re-propose
+/// (an empty batch where no candidate exists).
+#[derive(Clone, Debug)]
+pub struct NewViewPlan {
+    /// The most recent valid checkpoint certificate among the VIEW-CHANGE messages.
+    pub checkpoint: CheckpointCertificate,
+    /// `(seq, batch digest, batch)` for `checkpoint.seq + 1 ..= last`, in order, without gaps.
+    pub entries: Vec<(SeqNum, Digest, Arc<Vec<Request>>)>,
+}
+
+impl NewViewPlan {
+    /// The last sequence number the plan covers (the checkpoint's if the plan is empty).
+    pub fn last_seq(&self) -> SeqNum {
+        self.entries
+            .last()
+            .map(|(seq, _, _)| *seq)
+            .unwrap_or(self.checkpoint.seq)
+    }
+
+    /// The batch digest the plan fixes for `seq`, if `seq` is in the plan.
+    pub fn digest_at(&self, seq: SeqNum) -> Option<Digest> {
+        let first = self.checkpoint.seq.0 + 1;
+        if seq.0 < first {
+            return None;
+        }
+        self.entries
+            .get((seq.0 - first) as usize)
+            .map(|(entry_seq, digest, _)| {
+                debug_assert_eq!(*entry_seq, seq);
+                *digest
+            })
+    }
+}
+
+/// Why a VIEW-CHANGE or NEW-VIEW was refused.
+pub type Reject = &'static str;
+
+/// Borrowed context for checking view-change messages.
+pub struct Verifier<'a> {
+    /// Cluster size.
+    pub n: u32,
+    /// Faults tolerated.
+    pub f: u32,
+    /// Agreement quorum.
+    pub quorum: usize,
+    /// USIG (for `verify_ui` only).
+    pub usig: &'a dyn Usig,
+    /// Client signature checks.
+    pub authenticator: &'a dyn RequestAuthenticator,
+    /// Digest of the initial state (the genesis checkpoint).
+    pub genesis_digest: Digest,
+    /// Largest batch allowed.
+    pub batch_requests_max: usize,
+}
+
+/// Memoized NEW-VIEW checks within one top-level check (a NEW-VIEW may justify many entries).
+#[derive(Default)]
+pub struct Memo {
+    new_views: HashMap<(View, u64, Digest), Result<Arc<NewViewPlan>, Reject>>,
+}
+
+/// A PREPARE candidate for a sequence number, from some replica's log.
+struct Candidate {
+    view: View,
+    primary_counter: u64,
+    digest: Digest,
+    batch: Arc<Vec<Request>>,
+}
+
+impl<'a> Verifier<'a> {
+    /// A checkpoint certificate is the genesis certificate or f+1 matching, validly certified
+    /// CHECKPOINT messages from distinct replicas.
+    pub fn check_checkpoint_certificate(
+        &self,
+        certificate: &CheckpointCertificate,
+    ) -> Result<(), Reject> {
+        if certificate.seq == SeqNum(0) {
+            if certificate.state_digest != self.genesis_digest
+                || !certificate.checkpoints.is_empty()
+            {
+                return Err("bad-genesis-certificate");
+            }
+            return Ok(());
+        }
+        let mut signers = BTreeSet::new();
+        for checkpoint in &certificate.checkpoints {
+            if checkpoint.seq != certificate.seq
+                || checkpoint.state_digest != certificate.state_digest
+            {
+                return Err("checkpoint-certificate-mismatch");
+            }
+            if checkpoint.replica.0 >= self.n || !signers.insert(checkpoint.replica) {
+                return Err("checkpoint-certificate-signer");
+            }
+            let digest = checkpoint_certified_digest(
+                checkpoint.replica,
+                checkpoint.seq,
+                &checkpoint.state_digest,
+                checkpoint.view,
+            );
+            self.usig
+                .verify_ui(checkpoint.replica, &digest, &checkpoint.ui)
+                .map_err(|_| "checkpoint-certificate-ui")?;
+        }
+        if signers.len() < self.f as usize + 1 {
+            return Err("checkpoint-certificate-too-small");
+        }
+        Ok(())
+    }
+
+    fn check_prepare_header(&self, header: &PrepareHeader, to_view: View) -> Result<(), Reject> {
+        if header.view >= to_view {
+            // (rule) A VIEW-CHANGE for v' can only report what happened in views before v'.
+            return Err("log-entry-from-future-view");
+        }
+        if header.primary != header.view.primary(self.n) {
+            return Err("log-prepare-not-from-primary");
+        }
+        self.usig
+            .verify_ui(header.primary, &header.certified_digest(), &header.ui)
+            .map_err(|_| "log-prepare-ui")
+    }
+
+    fn check_batch(&self, header: &PrepareHeader, batch: &[Request]) -> Result<(), Reject> {
+        if batch.len() > self.batch_requests_max || batch_digest(batch) != header.batch_digest {
+            return Err("log-batch-mismatch");
+        }
+        Ok(())
+    }
+
+    /// Checks a VIEW-CHANGE completely: its UI, its checkpoint certificate, that its log is the
+    /// sender's complete, contiguous history from a valid anchor, and that every PREPARE it
+    /// reports from a view after the first is justified by a valid NEW-VIEW of that view.
+    pub fn check_view_change(
+        &self,
+        view_change: &ViewChange,
+        memo: &mut Memo,
+    ) -> Result<(), Reject> {
+        let sender = view_change.replica;
+        if sender.0 >= self.n {
+            return Err("view-change-unknown-sender");
+        }
+        let payload = view_change.payload_digest();
+        let certified = view_change_certified_digest(sender, view_change.to_view, &payload);
+        self.usig
+            .verify_ui(sender, &certified, &view_change.ui)
+            .map_err(|_| "view-change-ui")?;
+        self.check_checkpoint_certificate(&view_change.checkpoint)?;
+        self.check_log_shape(view_change)?;
+        for entry in &view_change.log {
+            let (header, batch) = match entry {
+                LogEntry::Prepare(prepare) => (&prepare.header, &prepare.batch),
+                LogEntry::Commit { commit, batch } => (&commit.prepare, batch),
+                _ => continue,
+            };
+            self.check_prepare_header(header, view_change.to_view)?;
+            self.check_batch(header, batch)?;
+            if header.seq <= view_change.checkpoint.seq || header.view == View(0) {
+                continue;
+            }
+            self.check_justified(header, &view_change.new_views, memo)?;
+        }
+        Ok(())
+    }
+
+    /// (rule) The log `O` starts at an anchor (the sender's very first message, or one of its
+    /// CHECKPOINTs at or below the certificate) and runs without a gap up to the VIEW-CHANGE.
+    /// Because a replica never sends a message about a sequence number beyond its last
+    /// checkpoint plus one interval, nothing that matters above the certificate precedes the
+    /// anchor, so the USIG makes the log complete: the sender cannot leave out a COMMIT.
+    fn check_log_shape(&self, view_change: &ViewChange) -> Result<(), Reject> {
+        let sender = view_change.replica;
+        let Some(first) = view_change.log.first() else {
+            return if view_change.ui.counter == 1 {
+                Ok(())
+            } else {
+                Err("view-change-log-missing")
+            };
+        };
+        let anchored = match first {
+            _ if first.ui().counter == 1 => true,
+            LogEntry::Checkpoint(checkpoint) => checkpoint.seq <= view_change.checkpoint.seq,
+            _ => false,
+        };
+        if !anchored {
+            return Err("view-change-log-anchor");
+        }
+        let mut expected = first.ui().counter;
+        for entry in &view_change.log {
+            if entry.sender() != sender {
+                return Err("view-change-log-foreign-entry");
+            }
+            if entry.ui().counter != expected {
+                return Err("view-change-log-gap");
+            }
+            self.usig
+                .verify_ui(sender, &entry.certified_digest(), entry.ui())
+                .map_err(|_| "view-change-log-ui")?;
+            expected = expected.checked_add(1).ok_or("view-change-log-counter")?;
+        }
+        if view_change.ui.counter != expected {
+            return Err("view-change-counter-not-next");
+        }
+        Ok(())
+    }
+
+    /// (rule) A PREPARE of view `w > 0` above the checkpoint counts only if the NEW-VIEW that
+    /// started `w` is supplied and valid, the PREPARE comes after it in the primary's stream, and
+    /// it re-proposes exactly what that NEW-VIEW's `S` fixes for its sequence number. A Byzantine
+    /// primary's PREPARE that correct replicas refused therefore never becomes a candidate.
+    fn check_justified(
+        &self,
+        header: &PrepareHeader,
+        new_views: &[Arc<NewView>],
+        memo: &mut Memo,
+    ) -> Result<(), Reject> {
+        let justification = new_views
+            .iter()
+            .filter(|new_view| {
+                new_view.view == header.view && new_view.ui.counter < header.ui.counter
+            })
+            .max_by_key(|new_view| new_view.ui.counter)
+            .ok_or("log-entry-unjustified")?;
+        let plan = self.check_new_view(justification, memo)?;
+        match plan.digest_at(header.seq) {
+            Some(digest) if digest != header.batch_digest => Err("log-entry-contradicts-new-view"),
+            _ if header.seq <= plan.checkpoint.seq => Err("log-entry-below-new-view-checkpoint"),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks a NEW-VIEW completely (recursively through its VIEW-CHANGE messages) and returns
+    /// the plan `S` it implies.
+    pub fn check_new_view(
+        &self,
+        new_view: &NewView,
+        memo: &mut Memo,
+    ) -> Result<Arc<NewViewPlan>, Reject> {
+        let key = (
+            new_view.view,
+            new_view.ui.counter,
+            new_view.payload_digest(),
+        );
+        if let Some(result) = memo.new_views.get(&key) {
+            return result.clone();
+        }
+        let result = self
+            .check_new_view_uncached(new_view, &key.2, memo)
+            .map(Arc::new);
+        memo.new_views.insert(key, result.clone());
+        result
+    }
+
+    fn check_new_view_uncached(
+        &self,
+        new_view: &NewView,
+        payload: &Digest,
+        memo: &mut Memo,
+    ) -> Result<NewViewPlan, Reject> {
+        if new_view.view == View(0) || new_view.primary != new_view.view.primary(self.n) {
+            return Err("new-view-not-from-primary");
+        }
+        let certified = new_view_certified_digest(new_view.primary, new_view.view, payload);
+        self.usig
+            .verify_ui(new_view.primary, &certified, &new_view.ui)
+            .map_err(|_| "new-view-ui")?;
+        let mut senders = BTreeSet::new();
+        for view_change in &new_view.view_changes {
+            if view_change.to_view != new_view.view || !senders.insert(view_change.replica) {
+                return Err("new-view-certificate-mismatch");
+            }
+            self.check_view_change(view_change, memo)?;
+        }
+        if senders.len() < self.quorum {
+            return Err("new-view-certificate-too-small");
+        }
+        let view_changes: Vec<&ViewChange> =
+            new_view.view_changes.iter().map(|vc| vc.as_ref()).collect();
+        Ok(self.compute_plan(&view_changes))
+    }
+
+    /// Computes `S` from a quorum of already-checked VIEW-CHANGE messages: start from the most
+    /// recent checkpoint; for every later sequence number take the candidate from the highest
+    /// view, and within one view the one with the lowest primary counter (correct replicas accept
+    /// the first PREPARE for a sequence number in the primary's stream and stop at the first
+    /// invalid one, so a later one for the same number was never accepted). Candidates whose
+    /// requests are not all validly signed are dropped: no correct replica commits them.
+    pub fn compute_plan(&self, view_changes: &[&ViewChange]) -> NewViewPlan {
+        assert!(
+            !view_changes.is_empty(),
+            "a plan needs at least one VIEW-CHANGE"
+        );
+        let checkpoint = view_changes
+            .iter()
+            .map(|view_change| &view_change.checkpoint)
+            .max_by_key(|certificate| certificate.seq)
+            .expect("non-empty")
+            .clone();
+        let mut best: BTreeMap<SeqNum, Candidate> = BTreeMap::new();
+        for view_change in view_changes {
+            for entry in &view_change.log {
+                let (header, batch) = match entry {
+                    LogEntry::Prepare(prepare) => (&prepare.header, &prepare.batch),
+                    LogEntry::Commit { commit, batch } => (&commit.prepare, batch),
+                    _ => continue,
+                };
+                if header.seq <= checkpoint.seq {
+                    continue;
+                }
+                let better = match best.get(&header.seq) {
+                    None => true,
+                    Some(current) => {
+                        (header.view, std::cmp::Reverse(header.ui.counter))
+                            > (current.view, std::cmp::Reverse(current.primary_counter))
+                    }
+                };
+                if better && self.batch_is_authentic(batch) {
+                    best.insert(
+                        header.seq,
+                        Candidate {
+                            view: header.view,
+                            primary_counter: header.ui.counter,
+                            digest: header.batch_digest,
+                            batch: batch.clone(),
+                        },
+                    );
+                }
+            }
+        }
+        let last = best.keys().next_back().copied().unwrap_or(checkpoint.seq);
+        let empty: Arc<Vec<Request>> = Arc::new(Vec::new());
+        let empty_digest = batch_digest(&empty);
+        let entries = (checkpoint.seq.0 + 1..=last.0)
+            .map(|seq| match best.remove(&SeqNum(seq)) {
+                Some(candidate) => (SeqNum(seq), candidate.digest, candidate.batch),
+                None => (SeqNum(seq), empty_digest, empty.clone()),
+            })
+            .collect();
+        NewViewPlan {
+            checkpoint,
+            entries,
+        }
+    }
+
+    fn batch_is_authentic(&self, batch: &[Request]) -> bool {
+        batch.iter().all(|request| {
+            request.check_shape().is_ok() && self.authenticator.verify_signature(request)
+        })
+    }
+}

@@ -1,0 +1,297 @@
+//! A small deterministic cluster harness for scripted scenarios: n replicas on a message queue,
+//! logical time, clients that sign requests and synthesize replies. Links can be cut and messages
+//! dropped or rewritten by a filter, so tests can script faults exactly.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, VecDeque};
+
+use tessera_core::{Action, Replica, ReplyCollector, ReplyOutcome, RequestAuthenticator, Timer};
+use tessera_crypto::sign::{SigningKey, VerifyingKey};
+use tessera_kv::{Command, KvStore, Response};
+use tessera_types::{ClientId, ProtocolConfig, ReplicaId, ReplicaMessage, Reply, Request, View};
+use tessera_usig::hmac::HmacUsig;
+use tessera_usig::UsigIdentity;
+
+/// Checks Ed25519 signatures against one test client key.
+pub struct TestAuthenticator {
+    pub key: VerifyingKey,
+}
+
+impl RequestAuthenticator for TestAuthenticator {
+    fn verify_signature(&self, request: &Request) -> bool {
+        self.key.verify(&request.digest(), &request.signature)
+    }
+    fn verify_mac(&self, _request: &Request) -> bool {
+        true
+    }
+}
+
+pub fn client_key() -> SigningKey {
+    SigningKey::from_seed(&[7u8; 32])
+}
+
+pub fn sign_request(client: ClientId, request_number: u64, operation: Vec<u8>) -> Request {
+    let mut request = Request {
+        client,
+        request_number,
+        operation,
+        signature: vec![0; 64],
+        macs: Vec::new(),
+    };
+    request.signature = client_key().sign(&request.digest()).to_vec();
+    request
+}
+
+/// What the network does with one message: deliver, drop, or deliver something else.
+pub enum Fate {
+    Deliver,
+    Drop,
+    Replace(ReplicaMessage),
+}
+
+pub type Filter = Box<dyn FnMut(ReplicaId, ReplicaId, &ReplicaMessage) -> Fate>;
+
+pub struct Cluster {
+    pub config: ProtocolConfig,
+    pub replicas: Vec<Replica<KvStore>>,
+    pub crashed: Vec<bool>,
+    pub now_ms: u64,
+    queue: VecDeque<(ReplicaId, ReplicaId, ReplicaMessage)>,
+    timers: Vec<BTreeMap<Timer, u64>>,
+    pub replies: Vec<Reply>,
+    pub filter: Option<Filter>,
+    pub delivered: u64,
+}
+
+pub fn config(n: u32, f: u32) -> ProtocolConfig {
+    ProtocolConfig {
+        n,
+        f,
+        checkpoint_interval: 8,
+        log_size: 16,
+        window: 4,
+        batch_requests_max: 16,
+        request_timeout_ms: 500,
+        view_change_timeout_ms: 500,
+        heartbeat_interval_ms: 100,
+        ..ProtocolConfig::default()
+    }
+}
+
+impl Cluster {
+    pub fn new(config: ProtocolConfig) -> Cluster {
+        let n = config.n;
+        let keys: Vec<[u8; 32]> = (0..n).map(|index| [index as u8 + 1; 32]).collect();
+        let replicas = (0..n)
+            .map(|index| {
+                let usig = HmacUsig::new(
+                    UsigIdentity {
+                        replica: ReplicaId(index),
+                        epoch: 0,
+                    },
+                    keys.clone(),
+                );
+                let authenticator = TestAuthenticator {
+                    key: client_key().verifying_key(),
+                };
+                Replica::new(
+                    ReplicaId(index),
+                    config.clone(),
+                    Box::new(usig),
+                    Box::new(authenticator),
+                    KvStore::default(),
+                )
+                .expect("valid config")
+            })
+            .collect();
+        let mut cluster = Cluster {
+            config,
+            replicas,
+            crashed: vec![false; n as usize],
+            now_ms: 0,
+            queue: VecDeque::new(),
+            timers: vec![BTreeMap::new(); n as usize],
+            replies: Vec::new(),
+            filter: None,
+            delivered: 0,
+        };
+        for index in 0..n as usize {
+            cluster.replicas[index].start(0);
+            cluster.collect(index);
+        }
+        cluster
+    }
+
+    fn collect(&mut self, index: usize) {
+        let from = ReplicaId(index as u32);
+        for action in self.replicas[index].take_actions() {
+            if self.crashed[index] {
+                continue;
+            }
+            match action {
+                Action::Send { to, message } => self.queue.push_back((from, to, message)),
+                Action::Broadcast { message } => {
+                    for to in 0..self.config.n {
+                        if to != from.0 {
+                            self.queue.push_back((from, ReplicaId(to), message.clone()));
+                        }
+                    }
+                }
+                Action::Reply(reply) => self.replies.push(reply),
+                Action::SetTimer { timer, deadline_ms } => {
+                    self.timers[index].insert(timer, deadline_ms);
+                }
+                Action::CancelTimer(timer) => {
+                    self.timers[index].remove(&timer);
+                }
+            }
+        }
+    }
+
+    /// Sends a client request to the given replicas.
+    pub fn submit(&mut self, request: &Request, to: &[u32]) {
+        for &index in to {
+            if self.crashed[index as usize] {
+                continue;
+            }
+            self.replicas[index as usize].handle_request(self.now_ms, request.clone());
+            self.collect(index as usize);
+        }
+    }
+
+    /// Delivers queued messages until the queue is empty (or `limit` deliveries).
+    pub fn deliver_all(&mut self, limit: usize) {
+        for _ in 0..limit {
+            let Some((from, to, message)) = self.queue.pop_front() else {
+                return;
+            };
+            if self.crashed[to.0 as usize] || self.crashed[from.0 as usize] {
+                continue;
+            }
+            let message = match self
+                .filter
+                .as_mut()
+                .map(|filter| filter(from, to, &message))
+            {
+                Some(Fate::Drop) => continue,
+                Some(Fate::Replace(other)) => other,
+                _ => message,
+            };
+            self.delivered += 1;
+            self.replicas[to.0 as usize].handle_message(self.now_ms, from, message);
+            self.collect(to.0 as usize);
+        }
+    }
+
+    /// Injects a message as if `from` had sent it to `to`.
+    pub fn inject(&mut self, from: u32, to: u32, message: ReplicaMessage) {
+        self.replicas[to as usize].handle_message(self.now_ms, ReplicaId(from), message);
+        self.collect(to as usize);
+    }
+
+    /// Advances logical time by `step_ms`, firing due timers, then delivers everything.
+    pub fn tick(&mut self, step_ms: u64) {
+        self.now_ms += step_ms;
+        for index in 0..self.replicas.len() {
+            if self.crashed[index] {
+                continue;
+            }
+            let due: Vec<Timer> = self.timers[index]
+                .iter()
+                .filter(|(_, deadline)| **deadline <= self.now_ms)
+                .map(|(timer, _)| *timer)
+                .collect();
+            for timer in due {
+                self.timers[index].remove(&timer);
+                self.replicas[index].handle_timer(self.now_ms, timer);
+                self.collect(index);
+            }
+        }
+        self.deliver_all(1_000_000);
+    }
+
+    pub fn crash(&mut self, index: u32) {
+        self.crashed[index as usize] = true;
+    }
+
+    pub fn live(&self) -> impl Iterator<Item = &Replica<KvStore>> {
+        self.replicas
+            .iter()
+            .zip(&self.crashed)
+            .filter(|(_, crashed)| !**crashed)
+            .map(|(replica, _)| replica)
+    }
+
+    /// Runs one request to completion (f+1 matching replies), retransmitting to all replicas
+    /// every `retransmit_ms` like a client would. Returns the result or None after `deadline_ms`.
+    pub fn invoke(
+        &mut self,
+        client: ClientId,
+        request_number: u64,
+        command: &Command,
+        deadline_ms: u64,
+    ) -> Option<Response> {
+        let request = sign_request(client, request_number, command.encode());
+        let start = self.now_ms;
+        let primary = self.believed_primary();
+        self.submit(&request, &[primary]);
+        self.deliver_all(1_000_000);
+        let mut collector = ReplyCollector::new(request_number, self.config.f as usize + 1);
+        let mut last_send = self.now_ms;
+        loop {
+            let replies = std::mem::take(&mut self.replies);
+            for reply in replies {
+                if reply.client == client {
+                    if let ReplyOutcome::Complete { result, .. } = collector.add(reply) {
+                        return Some(Response::decode(&result).expect("kv response"));
+                    }
+                } else {
+                    self.replies.push(reply);
+                }
+            }
+            if self.now_ms > start + deadline_ms {
+                return None;
+            }
+            if self.now_ms >= last_send + 300 {
+                let all: Vec<u32> = (0..self.config.n).collect();
+                self.submit(&request, &all);
+                last_send = self.now_ms;
+            }
+            self.tick(10);
+        }
+    }
+
+    fn believed_primary(&self) -> u32 {
+        let view = self
+            .live()
+            .map(|replica| replica.view())
+            .max()
+            .unwrap_or(View(0));
+        view.primary(self.config.n).0
+    }
+
+    /// All live replicas executed the same prefix: equal digests where their progress is equal.
+    pub fn assert_consistent(&self) {
+        let live: Vec<&Replica<KvStore>> = self.live().collect();
+        let top = live
+            .iter()
+            .map(|replica| replica.last_executed())
+            .max()
+            .unwrap();
+        let leaders: Vec<_> = live
+            .iter()
+            .filter(|replica| replica.last_executed() == top)
+            .collect();
+        for pair in leaders.windows(2) {
+            assert_eq!(
+                pair[0].state_digest(),
+                pair[1].state_digest(),
+                "replicas {:?} and {:?} executed up to {:?} but differ",
+                pair[0].id(),
+                pair[1].id(),
+                top
+            );
+        }
+    }
+}

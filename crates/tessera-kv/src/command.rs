@@ -1,0 +1,268 @@
+//! Commands, responses and errors, and their canonical encoding.
+//!
+//! Owns the wire format between clients and the store. Decoding is bounded and never panics;
+//! error texts are produced here, not by the codec, so every replica (whatever its library
+//! versions) returns byte-identical results for the same malformed input.
+
+use serde::{Deserialize, Serialize};
+use tessera_types::limits::{MAX_OPERATION_BYTES, MAX_RESULT_BYTES};
+use tessera_types::DecodeError;
+use thiserror::Error;
+
+/// One operation on the store. Encoded with [`Command::encode`] into a client operation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Reads one key. Answers [`Response::Value`].
+    Get { key: Vec<u8> },
+    /// Writes one key. Answers [`Response::Ok`].
+    Set { key: Vec<u8>, value: Vec<u8> },
+    /// Deletes keys. Answers [`Response::Count`]: how many existed (a repeated key counts once).
+    Del { keys: Vec<Vec<u8>> },
+    /// Answers [`Response::Count`]: how many of `keys` exist (a repeated key counts each time).
+    Exists { keys: Vec<Vec<u8>> },
+    /// Adds `delta` to a value holding a canonical ASCII decimal `i64` (a missing key is 0).
+    /// Answers [`Response::Integer`] with the new value.
+    Incr { key: Vec<u8>, delta: i64 },
+    /// Reads keys. Answers [`Response::Values`], one entry per key in order.
+    MGet { keys: Vec<Vec<u8>> },
+    /// Writes every pair or none (a repeated key takes its last value). Answers [`Response::Ok`].
+    MSet { pairs: Vec<(Vec<u8>, Vec<u8>)> },
+    /// Replaces the value of `key` by `new` if it currently equals `expected`. `None` expected
+    /// means "the key must be absent"; `None` new means "delete the key".
+    /// Answers [`Response::CompareAndSet`].
+    CompareAndSet {
+        key: Vec<u8>,
+        expected: Option<Vec<u8>>,
+        new: Option<Vec<u8>>,
+    },
+}
+
+impl Command {
+    /// The canonical encoding, used as the operation of a client request.
+    pub fn encode(&self) -> Vec<u8> {
+        tessera_types::encode(self)
+    }
+
+    /// Decodes an operation; anything but a canonical encoding is [`KvError::Malformed`].
+    pub fn decode(bytes: &[u8]) -> Result<Command, KvError> {
+        tessera_types::decode(bytes, MAX_OPERATION_BYTES)
+            .map_err(|error| malformed("operation", &error))
+    }
+
+    /// True for commands that never change the store (`Get`, `Exists`, `MGet`), which a
+    /// client may send as read-only requests.
+    pub fn is_read_only(&self) -> bool {
+        matches!(
+            self,
+            Command::Get { .. } | Command::Exists { .. } | Command::MGet { .. }
+        )
+    }
+}
+
+/// The result of one command. Encoded with [`Response::encode`] into the reply result.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// `Get`: the value, or `None` if the key is absent.
+    Value(Option<Vec<u8>>),
+    /// `Set` and `MSet` succeeded.
+    Ok,
+    /// `Del`: keys deleted; `Exists`: keys existing.
+    Count(u64),
+    /// `Incr`: the new value.
+    Integer(i64),
+    /// `MGet`: one entry per requested key, in request order.
+    Values(Vec<Option<Vec<u8>>>),
+    /// `CompareAndSet`: whether the swap happened, and the value of the key after the command.
+    CompareAndSet {
+        swapped: bool,
+        current: Option<Vec<u8>>,
+    },
+    /// The command was refused and changed nothing.
+    Error(KvError),
+}
+
+impl Response {
+    /// The canonical encoding, returned as the result of the operation.
+    pub fn encode(&self) -> Vec<u8> {
+        tessera_types::encode(self)
+    }
+
+    /// Decodes a result; anything but a canonical encoding is [`KvError::Malformed`].
+    pub fn decode(bytes: &[u8]) -> Result<Response, KvError> {
+        tessera_types::decode(bytes, MAX_RESULT_BYTES).map_err(|error| malformed("result", &error))
+    }
+}
+
+/// Why a command was refused. A refused command changes nothing.
+#[derive(Clone, Debug, Error, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KvError {
+    /// The bytes are not an encoded command (or result).
+    #[error("malformed {0}")]
+    Malformed(String),
+    /// A key is longer than `key_bytes_max`.
+    #[error("key of {size} bytes exceeds the limit of {limit} bytes (key_bytes_max)")]
+    KeyTooLarge { size: usize, limit: usize },
+    /// A value is longer than `value_bytes_max`.
+    #[error("value of {size} bytes exceeds the limit of {limit} bytes (value_bytes_max)")]
+    ValueTooLarge { size: usize, limit: usize },
+    /// More keys in one command than `keys_per_command_max`.
+    #[error(
+        "command names {count} keys but at most {limit} are allowed (keys_per_command_max); \
+         split it into several commands"
+    )]
+    TooManyKeys { count: usize, limit: usize },
+    /// `Del`, `Exists`, `MGet` or `MSet` with no key.
+    #[error("command names no keys; give at least one")]
+    EmptyKeyList,
+    /// `Incr` on a value that is not a canonical decimal `i64`.
+    #[error("value is not a decimal integer in the 64-bit signed range")]
+    NotAnInteger,
+    /// `Incr` whose result does not fit in an `i64`.
+    #[error("increment would overflow a 64-bit signed integer")]
+    Overflow,
+    /// The store would hold more than `total_bytes_max` bytes of keys and values.
+    #[error(
+        "store would hold {needed} bytes of keys and values, over the limit of {limit} bytes \
+         (total_bytes_max); delete keys first"
+    )]
+    StoreFull { needed: u64, limit: u64 },
+    /// An `MGet` result would exceed the reply limit (`tessera_types::limits::MAX_RESULT_BYTES`).
+    #[error(
+        "result of {size} bytes exceeds the reply limit of {limit} bytes; read fewer keys at once"
+    )]
+    ResultTooLarge { size: usize, limit: usize },
+}
+
+fn malformed(what: &str, error: &DecodeError) -> KvError {
+    // The codec's own message text is deliberately dropped: it may differ between library
+    // versions, and the error is part of the replicated result.
+    let reason = match error {
+        DecodeError::TooLarge { length, limit } => {
+            format!("{what}: {length} bytes exceed the limit of {limit} bytes")
+        }
+        DecodeError::Malformed(_) => format!("{what}: bytes are not a valid encoding"),
+        DecodeError::TrailingBytes(count) => {
+            format!("{what}: {count} trailing bytes after a complete encoding")
+        }
+    };
+    KvError::Malformed(reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn every_command() -> Vec<Command> {
+        vec![
+            Command::Get { key: b"k".to_vec() },
+            Command::Set {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+            },
+            Command::Del {
+                keys: vec![b"a".to_vec(), b"b".to_vec()],
+            },
+            Command::Exists {
+                keys: vec![b"a".to_vec()],
+            },
+            Command::Incr {
+                key: b"n".to_vec(),
+                delta: -7,
+            },
+            Command::MGet {
+                keys: vec![b"a".to_vec()],
+            },
+            Command::MSet {
+                pairs: vec![(b"a".to_vec(), b"1".to_vec())],
+            },
+            Command::CompareAndSet {
+                key: b"k".to_vec(),
+                expected: None,
+                new: Some(b"v".to_vec()),
+            },
+        ]
+    }
+
+    #[test]
+    fn commands_round_trip() {
+        for command in every_command() {
+            assert_eq!(Command::decode(&command.encode()), Ok(command));
+        }
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        let responses = [
+            Response::Value(Some(b"v".to_vec())),
+            Response::Value(None),
+            Response::Ok,
+            Response::Count(3),
+            Response::Integer(i64::MIN),
+            Response::Values(vec![None, Some(vec![])]),
+            Response::CompareAndSet {
+                swapped: true,
+                current: None,
+            },
+            Response::Error(KvError::StoreFull {
+                needed: 10,
+                limit: 9,
+            }),
+        ];
+        for response in responses {
+            assert_eq!(Response::decode(&response.encode()), Ok(response));
+        }
+    }
+
+    #[test]
+    fn read_only_commands_are_get_exists_mget() {
+        let read_only: Vec<bool> = every_command().iter().map(Command::is_read_only).collect();
+        assert_eq!(
+            read_only,
+            [true, false, false, true, false, true, false, false]
+        );
+    }
+
+    #[test]
+    fn malformed_operations_name_the_problem() {
+        let garbage = Command::decode(&[0xff, 0xff]).unwrap_err();
+        assert_eq!(
+            garbage,
+            KvError::Malformed("operation: bytes are not a valid encoding".into())
+        );
+        let mut trailing = Command::Get { key: vec![] }.encode();
+        trailing.extend_from_slice(&[0, 0]);
+        assert_eq!(
+            Command::decode(&trailing),
+            Err(KvError::Malformed(
+                "operation: 2 trailing bytes after a complete encoding".into()
+            ))
+        );
+        let oversized = vec![0u8; MAX_OPERATION_BYTES + 1];
+        let message = Command::decode(&oversized).unwrap_err().to_string();
+        assert!(message.contains(&format!("exceed the limit of {MAX_OPERATION_BYTES} bytes")));
+    }
+
+    #[test]
+    fn error_messages_name_limit_and_size() {
+        let message = KvError::KeyTooLarge {
+            size: 2000,
+            limit: 1024,
+        }
+        .to_string();
+        assert!(
+            message.contains("2000")
+                && message.contains("1024")
+                && message.contains("key_bytes_max")
+        );
+        let message = KvError::ValueTooLarge { size: 9, limit: 8 }.to_string();
+        assert!(message.contains("value_bytes_max"));
+        let message = KvError::TooManyKeys { count: 5, limit: 4 }.to_string();
+        assert!(message.contains("5 keys") && message.contains("at most 4"));
+        let message = KvError::StoreFull {
+            needed: 11,
+            limit: 10,
+        }
+        .to_string();
+        assert!(message.contains("11 bytes") && message.contains("10 bytes"));
+    }
+}

@@ -1,0 +1,702 @@
+use super::*;
+
+fn key(text: &str) -> Vec<u8> {
+    text.as_bytes().to_vec()
+}
+
+fn small_limits() -> KvLimits {
+    KvLimits {
+        key_bytes_max: 8,
+        value_bytes_max: 32,
+        keys_per_command_max: 3,
+        total_bytes_max: 64,
+    }
+}
+
+/// Applies through `execute`, so every test also covers the encoding, and checks invariants.
+fn run(store: &mut KvStore, command: Command) -> Response {
+    let response = Response::decode(&store.execute(&command.encode())).expect("a valid response");
+    store.check_invariants();
+    response
+}
+
+/// Runs a command that must be refused and checks that it changed nothing.
+fn refused(store: &mut KvStore, command: Command) -> KvError {
+    let before = store.snapshot();
+    let Response::Error(error) = run(store, command) else {
+        panic!("command was not refused")
+    };
+    assert_eq!(store.snapshot(), before);
+    error
+}
+
+fn set(store: &mut KvStore, name: &str, value: &str) {
+    assert_eq!(
+        run(
+            store,
+            Command::Set {
+                key: key(name),
+                value: key(value)
+            }
+        ),
+        Response::Ok
+    );
+}
+
+#[test]
+fn get_returns_value_or_none() {
+    let mut store = KvStore::default();
+    assert_eq!(
+        run(&mut store, Command::Get { key: key("a") }),
+        Response::Value(None)
+    );
+    set(&mut store, "a", "1");
+    assert_eq!(
+        run(&mut store, Command::Get { key: key("a") }),
+        Response::Value(Some(key("1")))
+    );
+    assert_eq!(store.get(b"a"), Some(&b"1"[..]));
+}
+
+#[test]
+fn set_replaces_and_tracks_bytes() {
+    let mut store = KvStore::default();
+    set(&mut store, "key", "value");
+    assert_eq!(store.stored_bytes(), 8);
+    set(&mut store, "key", "v");
+    assert_eq!(store.stored_bytes(), 4);
+    assert_eq!(store.len(), 1);
+    set(&mut store, "", "");
+    assert_eq!(store.len(), 2);
+}
+
+#[test]
+fn del_counts_deleted_keys_once() {
+    let mut store = KvStore::default();
+    set(&mut store, "a", "1");
+    set(&mut store, "b", "2");
+    let command = Command::Del {
+        keys: vec![key("a"), key("a"), key("missing")],
+    };
+    assert_eq!(run(&mut store, command), Response::Count(1));
+    assert_eq!(store.len(), 1);
+    assert_eq!(store.stored_bytes(), 2);
+}
+
+#[test]
+fn exists_counts_every_occurrence() {
+    let mut store = KvStore::default();
+    set(&mut store, "a", "1");
+    let command = Command::Exists {
+        keys: vec![key("a"), key("a"), key("b")],
+    };
+    assert_eq!(run(&mut store, command), Response::Count(2));
+}
+
+#[test]
+fn incr_treats_missing_as_zero_and_stores_decimal() {
+    let mut store = KvStore::default();
+    assert_eq!(
+        run(
+            &mut store,
+            Command::Incr {
+                key: key("n"),
+                delta: 5
+            }
+        ),
+        Response::Integer(5)
+    );
+    assert_eq!(
+        run(
+            &mut store,
+            Command::Incr {
+                key: key("n"),
+                delta: -12
+            }
+        ),
+        Response::Integer(-7)
+    );
+    assert_eq!(store.get(b"n"), Some(&b"-7"[..]));
+    set(&mut store, "max", &i64::MAX.to_string());
+    assert_eq!(
+        run(
+            &mut store,
+            Command::Incr {
+                key: key("max"),
+                delta: 0
+            }
+        ),
+        Response::Integer(i64::MAX)
+    );
+}
+
+#[test]
+fn incr_refuses_non_canonical_integers() {
+    let mut store = KvStore::default();
+    for text in [
+        "",
+        "abc",
+        "+1",
+        "01",
+        "-0",
+        " 1",
+        "1 ",
+        "1.5",
+        "9223372036854775808",
+        "\u{661}",
+    ] {
+        set(&mut store, "n", text);
+        let error = refused(
+            &mut store,
+            Command::Incr {
+                key: key("n"),
+                delta: 1,
+            },
+        );
+        assert_eq!(error, KvError::NotAnInteger, "{text:?}");
+    }
+    store.entries.insert(key("bin"), vec![0xff, 0x31]);
+    store.stored_bytes += 5;
+    assert_eq!(
+        refused(
+            &mut store,
+            Command::Incr {
+                key: key("bin"),
+                delta: 1
+            }
+        ),
+        KvError::NotAnInteger
+    );
+    for text in ["0", "-1", "10", "-9223372036854775808"] {
+        assert_eq!(parse_integer(text.as_bytes()), Some(text.parse().unwrap()));
+    }
+}
+
+#[test]
+fn incr_refuses_overflow() {
+    let mut store = KvStore::default();
+    set(&mut store, "n", &i64::MAX.to_string());
+    assert_eq!(
+        refused(
+            &mut store,
+            Command::Incr {
+                key: key("n"),
+                delta: 1
+            }
+        ),
+        KvError::Overflow
+    );
+    set(&mut store, "n", &i64::MIN.to_string());
+    assert_eq!(
+        refused(
+            &mut store,
+            Command::Incr {
+                key: key("n"),
+                delta: -1
+            }
+        ),
+        KvError::Overflow
+    );
+}
+
+#[test]
+fn mget_answers_in_request_order() {
+    let mut store = KvStore::default();
+    set(&mut store, "a", "1");
+    let command = Command::MGet {
+        keys: vec![key("b"), key("a"), key("a")],
+    };
+    assert_eq!(
+        run(&mut store, command),
+        Response::Values(vec![None, Some(key("1")), Some(key("1"))])
+    );
+}
+
+#[test]
+fn mget_refuses_results_over_the_reply_limit() {
+    let limits = KvLimits {
+        value_bytes_max: 1 << 20,
+        keys_per_command_max: 8,
+        ..KvLimits::default()
+    };
+    let mut store = KvStore::new(limits);
+    store.apply(Command::Set {
+        key: key("big"),
+        value: vec![7; 1 << 20],
+    });
+    let four = Command::MGet {
+        keys: vec![key("big"); 4],
+    };
+    let KvError::ResultTooLarge { size, limit } = refused(&mut store, four) else {
+        panic!()
+    };
+    assert_eq!(limit, MAX_RESULT_BYTES);
+    assert!(size > limit);
+    let three = Command::MGet {
+        keys: vec![key("big"); 3],
+    };
+    assert!(matches!(run(&mut store, three), Response::Values(values) if values.len() == 3));
+}
+
+#[test]
+fn values_response_size_is_exact() {
+    let long = vec![1u8; 300];
+    let short = vec![2u8; 3];
+    let empty = Vec::new();
+    let cases: Vec<Vec<Option<&Vec<u8>>>> = vec![
+        vec![None],
+        vec![Some(&long), None, Some(&short), Some(&empty)],
+        vec![Some(&short); 200],
+    ];
+    for values in cases {
+        let response = Response::Values(values.iter().map(|value| value.cloned()).collect());
+        assert_eq!(values_response_bytes(&values), response.encode().len());
+    }
+    assert_eq!(varint_bytes(0), 1);
+    assert_eq!(varint_bytes(127), 1);
+    assert_eq!(varint_bytes(128), 2);
+}
+
+#[test]
+fn mset_writes_all_and_last_value_wins() {
+    let mut store = KvStore::default();
+    set(&mut store, "a", "old");
+    let pairs = vec![
+        (key("a"), key("1")),
+        (key("b"), key("2")),
+        (key("a"), key("3")),
+    ];
+    assert_eq!(run(&mut store, Command::MSet { pairs }), Response::Ok);
+    assert_eq!(store.get(b"a"), Some(&b"3"[..]));
+    assert_eq!(store.get(b"b"), Some(&b"2"[..]));
+    assert_eq!(store.stored_bytes(), 4);
+}
+
+#[test]
+fn mset_is_all_or_nothing() {
+    let mut store = KvStore::new(small_limits());
+    let pairs = vec![(key("a"), key("1")), (key("toolongkey"), key("2"))];
+    assert_eq!(
+        refused(&mut store, Command::MSet { pairs }),
+        KvError::KeyTooLarge { size: 10, limit: 8 }
+    );
+    let pairs = vec![(key("a"), vec![0; 31]), (key("b"), vec![0; 32])];
+    assert_eq!(
+        refused(&mut store, Command::MSet { pairs }),
+        KvError::StoreFull {
+            needed: 65,
+            limit: 64
+        }
+    );
+    assert!(store.is_empty());
+}
+
+#[test]
+fn mset_checks_the_final_total_not_intermediate_ones() {
+    let mut store = KvStore::new(small_limits());
+    store.apply(Command::Set {
+        key: key("c"),
+        value: vec![0; 31],
+    });
+    // Written in order, the pairs would pass 64 bytes midway; the final state holds 34.
+    let pairs = vec![(key("a"), vec![0; 32]), (key("a"), key("1"))];
+    assert_eq!(run(&mut store, Command::MSet { pairs }), Response::Ok);
+    assert_eq!(store.stored_bytes(), 34);
+}
+
+#[test]
+fn compare_and_set_swaps_only_on_match() {
+    let mut store = KvStore::default();
+    let create = Command::CompareAndSet {
+        key: key("k"),
+        expected: None,
+        new: Some(key("1")),
+    };
+    assert_eq!(
+        run(&mut store, create.clone()),
+        Response::CompareAndSet {
+            swapped: true,
+            current: Some(key("1"))
+        }
+    );
+    assert_eq!(
+        run(&mut store, create),
+        Response::CompareAndSet {
+            swapped: false,
+            current: Some(key("1"))
+        }
+    );
+    let wrong = Command::CompareAndSet {
+        key: key("k"),
+        expected: Some(key("2")),
+        new: Some(key("3")),
+    };
+    assert_eq!(
+        run(&mut store, wrong),
+        Response::CompareAndSet {
+            swapped: false,
+            current: Some(key("1"))
+        }
+    );
+    let update = Command::CompareAndSet {
+        key: key("k"),
+        expected: Some(key("1")),
+        new: Some(key("22")),
+    };
+    assert_eq!(
+        run(&mut store, update),
+        Response::CompareAndSet {
+            swapped: true,
+            current: Some(key("22"))
+        }
+    );
+    assert_eq!(store.stored_bytes(), 3);
+    let delete = Command::CompareAndSet {
+        key: key("k"),
+        expected: Some(key("22")),
+        new: None,
+    };
+    assert_eq!(
+        run(&mut store, delete),
+        Response::CompareAndSet {
+            swapped: true,
+            current: None
+        }
+    );
+    assert!(store.is_empty());
+    let absent = Command::CompareAndSet {
+        key: key("k"),
+        expected: Some(key("22")),
+        new: None,
+    };
+    assert_eq!(
+        run(&mut store, absent),
+        Response::CompareAndSet {
+            swapped: false,
+            current: None
+        }
+    );
+    let delete_absent = Command::CompareAndSet {
+        key: key("k"),
+        expected: None,
+        new: None,
+    };
+    assert_eq!(
+        run(&mut store, delete_absent),
+        Response::CompareAndSet {
+            swapped: true,
+            current: None
+        }
+    );
+}
+
+#[test]
+fn every_key_is_size_checked() {
+    let mut store = KvStore::new(small_limits());
+    let long = key("ninebytes");
+    let expected = KvError::KeyTooLarge { size: 9, limit: 8 };
+    let commands = [
+        Command::Get { key: long.clone() },
+        Command::Set {
+            key: long.clone(),
+            value: key("v"),
+        },
+        Command::Del {
+            keys: vec![key("a"), long.clone()],
+        },
+        Command::Exists {
+            keys: vec![long.clone()],
+        },
+        Command::Incr {
+            key: long.clone(),
+            delta: 1,
+        },
+        Command::MGet {
+            keys: vec![long.clone()],
+        },
+        Command::MSet {
+            pairs: vec![(long.clone(), key("v"))],
+        },
+        Command::CompareAndSet {
+            key: long,
+            expected: None,
+            new: None,
+        },
+    ];
+    for command in commands {
+        assert_eq!(refused(&mut store, command), expected);
+    }
+}
+
+#[test]
+fn every_value_is_size_checked() {
+    let mut store = KvStore::new(small_limits());
+    let long = vec![0; 33];
+    let expected = KvError::ValueTooLarge {
+        size: 33,
+        limit: 32,
+    };
+    let commands = [
+        Command::Set {
+            key: key("k"),
+            value: long.clone(),
+        },
+        Command::MSet {
+            pairs: vec![(key("a"), key("1")), (key("k"), long.clone())],
+        },
+        Command::CompareAndSet {
+            key: key("k"),
+            expected: Some(long.clone()),
+            new: None,
+        },
+        Command::CompareAndSet {
+            key: key("k"),
+            expected: None,
+            new: Some(long),
+        },
+    ];
+    for command in commands {
+        assert_eq!(refused(&mut store, command), expected);
+    }
+}
+
+#[test]
+fn key_lists_must_be_non_empty_and_bounded() {
+    let mut store = KvStore::new(small_limits());
+    let four = vec![key("a"), key("b"), key("c"), key("d")];
+    let commands = |keys: Vec<Vec<u8>>| {
+        let pairs = keys.iter().map(|key| (key.clone(), key.clone())).collect();
+        [
+            Command::Del { keys: keys.clone() },
+            Command::Exists { keys: keys.clone() },
+            Command::MGet { keys },
+            Command::MSet { pairs },
+        ]
+    };
+    for command in commands(Vec::new()) {
+        assert_eq!(refused(&mut store, command), KvError::EmptyKeyList);
+    }
+    for command in commands(four) {
+        assert_eq!(
+            refused(&mut store, command),
+            KvError::TooManyKeys { count: 4, limit: 3 }
+        );
+    }
+}
+
+#[test]
+fn writes_past_the_total_are_refused() {
+    let mut store = KvStore::new(small_limits());
+    store.apply(Command::Set {
+        key: key("a"),
+        value: vec![0; 31],
+    });
+    store.apply(Command::Set {
+        key: key("b"),
+        value: vec![0; 30],
+    });
+    assert_eq!(store.stored_bytes(), 63);
+    let full = KvError::StoreFull {
+        needed: 65,
+        limit: 64,
+    };
+    assert_eq!(
+        refused(
+            &mut store,
+            Command::Set {
+                key: key("c"),
+                value: key("1")
+            }
+        ),
+        full
+    );
+    let grow = Command::CompareAndSet {
+        key: key("b"),
+        expected: Some(vec![0; 30]),
+        new: Some(vec![0; 32]),
+    };
+    assert_eq!(refused(&mut store, grow), full);
+    assert_eq!(
+        refused(
+            &mut store,
+            Command::Incr {
+                key: key("n"),
+                delta: 1
+            }
+        ),
+        KvError::StoreFull {
+            needed: 65,
+            limit: 64
+        }
+    );
+    // Replacing by something no larger always fits.
+    set(&mut store, "b", "");
+    assert_eq!(
+        run(
+            &mut store,
+            Command::Incr {
+                key: key("n"),
+                delta: 1
+            }
+        ),
+        Response::Integer(1)
+    );
+}
+
+#[test]
+fn undecodable_operations_are_malformed_and_change_nothing() {
+    let mut store = KvStore::default();
+    set(&mut store, "a", "1");
+    let before = store.snapshot();
+    for operation in [&[][..], &[0xff][..], &[8, 0][..], &[0, 5, 1][..]] {
+        let response = Response::decode(&store.execute(operation)).unwrap();
+        assert!(
+            matches!(response, Response::Error(KvError::Malformed(_))),
+            "{operation:?}"
+        );
+    }
+    assert_eq!(store.snapshot(), before);
+}
+
+#[test]
+fn snapshot_restores_into_an_equal_store() {
+    let mut store = KvStore::default();
+    for index in 0..100u32 {
+        store.apply(Command::Set {
+            key: index.to_be_bytes().to_vec(),
+            value: vec![index as u8; index as usize],
+        });
+    }
+    let mut restored = KvStore::default();
+    restored.restore(&store.snapshot()).unwrap();
+    restored.check_invariants();
+    assert_eq!(restored.snapshot(), store.snapshot());
+    assert_eq!(restored.digest(), store.digest());
+    assert_eq!(restored.stored_bytes(), store.stored_bytes());
+    assert_ne!(restored.digest(), KvStore::default().digest());
+    restored.restore(&KvStore::default().snapshot()).unwrap();
+    assert!(restored.is_empty());
+    assert_eq!(restored.stored_bytes(), 0);
+}
+
+fn encoded_entries(entries: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let owned: Vec<(Vec<u8>, Vec<u8>)> = entries
+        .iter()
+        .map(|(key, value)| (key.to_vec(), value.to_vec()))
+        .collect();
+    tessera_types::encode(&owned)
+}
+
+#[test]
+fn snapshot_format_is_a_plain_sequence_of_pairs() {
+    let mut store = KvStore::default();
+    set(&mut store, "b", "2");
+    set(&mut store, "a", &"x".repeat(300));
+    let long = "x".repeat(300);
+    assert_eq!(
+        store.snapshot(),
+        encoded_entries(&[(b"a", long.as_bytes()), (b"b", b"2")])
+    );
+}
+
+#[test]
+fn restore_refuses_invalid_snapshots_and_keeps_state() {
+    let mut store = KvStore::new(small_limits());
+    set(&mut store, "keep", "me");
+    let before = store.snapshot();
+    let mut trailing = encoded_entries(&[(b"a", b"1")]);
+    trailing.push(0);
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (vec![0xff, 0xff, 0xff], "not a valid key-value snapshot"),
+        (trailing, "not a valid key-value snapshot"),
+        (
+            encoded_entries(&[(b"b", b"1"), (b"a", b"1")]),
+            "entry 1: keys are not in strictly increasing order",
+        ),
+        (
+            encoded_entries(&[(b"a", b"1"), (b"a", b"2")]),
+            "entry 1: keys are not in strictly increasing order",
+        ),
+        (
+            encoded_entries(&[(b"ninebytes", b"1")]),
+            "entry 0: key of 9 bytes",
+        ),
+        (
+            encoded_entries(&[(b"a", &[0; 33])]),
+            "entry 0: value of 33 bytes",
+        ),
+        (
+            encoded_entries(&[(b"a", &[0; 32]), (b"b", &[0; 31])]),
+            "entry 1: store would hold 65 bytes",
+        ),
+    ];
+    for (snapshot, reason) in cases {
+        let error = store.restore(&snapshot).unwrap_err();
+        assert!(
+            error.0.contains(reason),
+            "{error} does not contain {reason:?}"
+        );
+        assert_eq!(store.snapshot(), before);
+    }
+}
+
+#[test]
+fn restore_keeps_this_stores_limits() {
+    let mut large = KvStore::default();
+    large.apply(Command::Set {
+        key: key("a"),
+        value: vec![0; 100],
+    });
+    let mut small = KvStore::new(small_limits());
+    assert!(small.restore(&large.snapshot()).is_err());
+    let mut other = KvStore::default();
+    other.restore(&large.snapshot()).unwrap();
+    assert_eq!(other.limits(), &KvLimits::default());
+}
+
+#[test]
+#[should_panic(expected = "invalid key-value limit keys_per_command_max")]
+fn new_refuses_invalid_limits() {
+    KvStore::new(KvLimits {
+        keys_per_command_max: 0,
+        ..KvLimits::default()
+    });
+}
+
+#[test]
+fn digest_follows_its_definition() {
+    let mut expected = DigestBuilder::new(STATE_DIGEST_DOMAIN);
+    expected.u64(0).bytes(&[]);
+    assert_eq!(KvStore::default().digest(), expected.finish());
+
+    let mut store = KvStore::default();
+    set(&mut store, "a", "bc");
+    let mut piece = Vec::new();
+    for part in [&b"a"[..], &b"bc"[..]] {
+        piece.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        piece.extend_from_slice(part);
+    }
+    let mut expected = DigestBuilder::new(STATE_DIGEST_DOMAIN);
+    expected.u64(1).bytes(&piece);
+    assert_eq!(store.digest(), expected.finish());
+}
+
+#[test]
+fn digest_spanning_many_pieces_depends_only_on_contents() {
+    let entry = |index: u32| (index.to_be_bytes().to_vec(), vec![index as u8; 100]);
+    let mut forward = KvStore::default();
+    let mut backward = KvStore::default();
+    for index in 0..3000 {
+        let (key, value) = entry(index);
+        forward.apply(Command::Set { key, value });
+        let (key, value) = entry(2999 - index);
+        backward.apply(Command::Set { key, value });
+    }
+    assert!(forward.stored_bytes() > 4 * DIGEST_PIECE_BYTES as u64);
+    assert_eq!(forward.digest(), backward.digest());
+    backward.apply(Command::Set {
+        key: entry(1500).0,
+        value: vec![0; 100],
+    });
+    assert_ne!(forward.digest(), backward.digest());
+}

@@ -1,0 +1,307 @@
+//! The files that describe a cluster: one public `cluster.toml` everyone reads, one secret file per
+//! replica, one secret file per client credential. Parsing is pure (`&str` in, typed value or an
+//! error naming the field out); reading and writing the files is the IO crates' job.
+
+use crate::config::ProtocolConfig;
+use crate::ids::ReplicaId;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Which USIG backend the replicas use.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UsigKind {
+    /// In-process HMAC-SHA256 (test/measurement only: every replica holds every key).
+    #[default]
+    Hmac,
+    /// In-process Ed25519 (test/measurement only: the key lives in the replica process).
+    Ed25519,
+}
+
+/// Public description of the cluster (`cluster.toml`).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Protocol tunables.
+    pub protocol: ProtocolConfig,
+    /// USIG backend.
+    pub usig: UsigKind,
+    /// One entry per replica, in id order.
+    pub replicas: Vec<ReplicaEndpoint>,
+    /// Registered client credentials.
+    pub clients: Vec<ClientPublic>,
+}
+
+/// Where a replica listens and how to check its USIG.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaEndpoint {
+    /// Replica id; must equal its index in `replicas`.
+    pub id: u32,
+    /// `host:port` for replica-to-replica traffic.
+    pub replica_address: String,
+    /// `host:port` for clients.
+    pub client_address: String,
+    /// `host:port` for the Prometheus metrics endpoint (empty: none).
+    #[serde(default)]
+    pub metrics_address: String,
+    /// Hex Ed25519 public key of the replica's USIG (empty for the HMAC backend).
+    #[serde(default)]
+    pub usig_public_key: String,
+}
+
+/// A client credential the replicas accept.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientPublic {
+    /// Credential id (high 32 bits of every `ClientId` using it).
+    pub id: u32,
+    /// Hex Ed25519 public key that verifies its request signatures.
+    pub public_key: String,
+}
+
+/// A replica's secrets (`replica-<id>.secret.toml`); readable only by that replica.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaSecrets {
+    /// Which replica these belong to.
+    pub replica: u32,
+    /// Hex 32-byte USIG secret: HMAC key or Ed25519 seed.
+    pub usig_secret: String,
+    /// HMAC backend only: hex HMAC keys of every replica (index = replica id), to verify UIs.
+    #[serde(default)]
+    pub usig_hmac_keys: Vec<String>,
+    /// Hex 32-byte channel key shared with each replica (index = replica id; own entry unused).
+    pub peer_keys: Vec<String>,
+    /// Hex 32-byte MAC key shared with each client credential (same order as `clients`).
+    pub client_keys: Vec<ClientKey>,
+}
+
+/// A MAC key shared between this replica and one client credential.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientKey {
+    /// Credential id.
+    pub client: u32,
+    /// Hex 32-byte key.
+    pub key: String,
+}
+
+/// A client credential's secrets (`client-<id>.secret.toml`).
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientSecrets {
+    /// Credential id.
+    pub id: u32,
+    /// Hex 32-byte Ed25519 seed.
+    pub signing_key: String,
+    /// Hex 32-byte MAC key shared with each replica (index = replica id).
+    pub replica_keys: Vec<String>,
+}
+
+/// A cluster file that cannot be used, naming the field and the fix.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ClusterFileError {
+    /// Not valid TOML or wrong types.
+    #[error("cannot parse {file}: {message}")]
+    Parse {
+        /// Which file.
+        file: String,
+        /// Parser message (names the field and line).
+        message: String,
+    },
+    /// Parsed but inconsistent.
+    #[error("invalid {file}: `{field}` {problem}; {fix}")]
+    Invalid {
+        /// Which file.
+        file: String,
+        /// The offending field.
+        field: String,
+        /// What is wrong.
+        problem: String,
+        /// What to do.
+        fix: String,
+    },
+}
+
+/// Decodes a hex string of exactly 32 bytes.
+pub fn parse_key(file: &str, field: &str, hex_text: &str) -> Result<[u8; 32], ClusterFileError> {
+    let bytes = hex::decode(hex_text.trim()).map_err(|error| ClusterFileError::Invalid {
+        file: file.into(),
+        field: field.into(),
+        problem: format!("is not hex ({error})"),
+        fix: "regenerate the cluster with `tessera init --force`".into(),
+    })?;
+    bytes
+        .try_into()
+        .map_err(|bytes: Vec<u8>| ClusterFileError::Invalid {
+            file: file.into(),
+            field: field.into(),
+            problem: format!("has {} bytes, expected 32", bytes.len()),
+            fix: "regenerate the cluster with `tessera init --force`".into(),
+        })
+}
+
+fn invalid(file: &str, field: &str, problem: String, fix: &str) -> ClusterFileError {
+    ClusterFileError::Invalid {
+        file: file.into(),
+        field: field.into(),
+        problem,
+        fix: fix.into(),
+    }
+}
+
+impl ClusterConfig {
+    /// Parses and validates `cluster.toml` text.
+    pub fn from_toml(text: &str) -> Result<ClusterConfig, ClusterFileError> {
+        let config: ClusterConfig =
+            toml::from_str(text).map_err(|error| ClusterFileError::Parse {
+                file: "cluster.toml".into(),
+                message: error.to_string(),
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Serializes to TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("cluster config serializes")
+    }
+
+    /// Checks the protocol bounds and that the replica list matches `n`.
+    pub fn validate(&self) -> Result<(), ClusterFileError> {
+        const FILE: &str = "cluster.toml";
+        self.protocol
+            .validate()
+            .map_err(|error| ClusterFileError::Invalid {
+                file: FILE.into(),
+                field: format!("protocol.{}", error.field),
+                problem: error.problem,
+                fix: error.fix,
+            })?;
+        if self.replicas.len() != self.protocol.n as usize {
+            return Err(invalid(
+                FILE,
+                "replicas",
+                format!(
+                    "lists {} replicas but protocol.n is {}",
+                    self.replicas.len(),
+                    self.protocol.n
+                ),
+                "list exactly n [[replicas]] entries",
+            ));
+        }
+        for (index, replica) in self.replicas.iter().enumerate() {
+            if replica.id as usize != index {
+                return Err(invalid(
+                    FILE,
+                    &format!("replicas[{index}].id"),
+                    format!("is {} but must equal its position {index}", replica.id),
+                    "order [[replicas]] by id starting at 0",
+                ));
+            }
+            if self.usig == UsigKind::Ed25519 {
+                parse_key(
+                    FILE,
+                    &format!("replicas[{index}].usig_public_key"),
+                    &replica.usig_public_key,
+                )?;
+            }
+        }
+        for (index, client) in self.clients.iter().enumerate() {
+            parse_key(
+                FILE,
+                &format!("clients[{index}].public_key"),
+                &client.public_key,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The endpoint of a replica.
+    pub fn replica(&self, id: ReplicaId) -> &ReplicaEndpoint {
+        &self.replicas[id.0 as usize]
+    }
+}
+
+impl ReplicaSecrets {
+    /// Parses and checks a replica secret file against the cluster.
+    pub fn from_toml(
+        text: &str,
+        cluster: &ClusterConfig,
+    ) -> Result<ReplicaSecrets, ClusterFileError> {
+        const FILE: &str = "replica secret file";
+        let secrets: ReplicaSecrets =
+            toml::from_str(text).map_err(|error| ClusterFileError::Parse {
+                file: FILE.into(),
+                message: error.to_string(),
+            })?;
+        parse_key(FILE, "usig_secret", &secrets.usig_secret)?;
+        if secrets.peer_keys.len() != cluster.replicas.len() {
+            return Err(invalid(
+                FILE,
+                "peer_keys",
+                format!(
+                    "has {} keys for {} replicas",
+                    secrets.peer_keys.len(),
+                    cluster.replicas.len()
+                ),
+                "regenerate the cluster with `tessera init --force`",
+            ));
+        }
+        if cluster.usig == UsigKind::Hmac && secrets.usig_hmac_keys.len() != cluster.replicas.len()
+        {
+            return Err(invalid(
+                FILE,
+                "usig_hmac_keys",
+                format!(
+                    "has {} keys for {} replicas",
+                    secrets.usig_hmac_keys.len(),
+                    cluster.replicas.len()
+                ),
+                "regenerate the cluster with `tessera init --force`",
+            ));
+        }
+        Ok(secrets)
+    }
+}
+
+impl ClientSecrets {
+    /// Parses and checks a client secret file against the cluster.
+    pub fn from_toml(
+        text: &str,
+        cluster: &ClusterConfig,
+    ) -> Result<ClientSecrets, ClusterFileError> {
+        const FILE: &str = "client secret file";
+        let secrets: ClientSecrets =
+            toml::from_str(text).map_err(|error| ClusterFileError::Parse {
+                file: FILE.into(),
+                message: error.to_string(),
+            })?;
+        parse_key(FILE, "signing_key", &secrets.signing_key)?;
+        if secrets.replica_keys.len() != cluster.replicas.len() {
+            return Err(invalid(
+                FILE,
+                "replica_keys",
+                format!(
+                    "has {} keys for {} replicas",
+                    secrets.replica_keys.len(),
+                    cluster.replicas.len()
+                ),
+                "regenerate the cluster with `tessera init --force`",
+            ));
+        }
+        if !cluster.clients.iter().any(|client| client.id == secrets.id) {
+            return Err(invalid(
+                FILE,
+                "id",
+                format!(
+                    "credential {} is not registered in cluster.toml",
+                    secrets.id
+                ),
+                "use a client file written by `tessera init` for this cluster",
+            ));
+        }
+        Ok(secrets)
+    }
+}

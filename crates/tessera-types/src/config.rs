@@ -1,0 +1,251 @@
+//! Protocol configuration shared by every replica, with validation that names the field and the fix.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Which agreement protocol the cluster runs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// MinBFT (paper 004 §4): 2f+1 replicas with a USIG.
+    #[default]
+    Minbft,
+}
+
+/// Tunables of the agreement protocol. Every field has a default, a unit in its name and a bound
+/// checked by [`ProtocolConfig::validate`].
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProtocolConfig {
+    /// The agreement protocol.
+    pub protocol: Protocol,
+    /// Number of replicas.
+    pub n: u32,
+    /// Number of Byzantine replicas tolerated.
+    pub f: u32,
+    /// A checkpoint is taken every this many sequence numbers (each orders one batch).
+    pub checkpoint_interval: u64,
+    /// Log size `L`: a replica accepts sequence numbers up to `stable checkpoint + L`.
+    pub log_size: u64,
+    /// Maximum number of sequence numbers the primary has in agreement at once.
+    pub window: u64,
+    /// Maximum requests in one batch.
+    pub batch_requests_max: usize,
+    /// Maximum operation bytes in one batch.
+    pub batch_bytes_max: usize,
+    /// Requests waiting for a sequence number, per replica; more are refused.
+    pub pending_requests_max: usize,
+    /// A backup that knows of a request not executed within this time suspects the primary.
+    pub request_timeout_ms: u64,
+    /// Base wait for a NEW-VIEW after sending VIEW-CHANGE; doubles per failed view change.
+    pub view_change_timeout_ms: u64,
+    /// Period of heartbeats (progress beacons that trigger retransmission).
+    pub heartbeat_interval_ms: u64,
+    /// Clients remembered for exactly-once execution; the least recently served is evicted.
+    pub client_table_max: usize,
+}
+
+impl Default for ProtocolConfig {
+    fn default() -> Self {
+        ProtocolConfig {
+            protocol: Protocol::Minbft,
+            n: 3,
+            f: 1,
+            checkpoint_interval: 128,
+            log_size: 256,
+            window: 32,
+            batch_requests_max: 512,
+            batch_bytes_max: 1 << 20,
+            pending_requests_max: 20_000,
+            request_timeout_ms: 2_000,
+            view_change_timeout_ms: 2_000,
+            heartbeat_interval_ms: 200,
+            client_table_max: 100_000,
+        }
+    }
+}
+
+/// A configuration the cluster must refuse, naming the field and the fix.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("invalid protocol config: `{field}` {problem}; {fix}")]
+pub struct ConfigError {
+    /// The offending field.
+    pub field: &'static str,
+    /// What is wrong.
+    pub problem: String,
+    /// What to do.
+    pub fix: String,
+}
+
+fn refuse(field: &'static str, problem: String, fix: String) -> Result<(), ConfigError> {
+    Err(ConfigError {
+        field,
+        problem,
+        fix,
+    })
+}
+
+impl ProtocolConfig {
+    /// The smallest `n` that tolerates `f` Byzantine replicas with this protocol (DESIGN §1:
+    /// MinBFT needs n ≥ 2f+1 because the USIG prevents equivocation; see docs/PROTOCOL.md).
+    pub fn minimum_replicas(protocol: Protocol, f: u32) -> u32 {
+        match protocol {
+            Protocol::Minbft => 2 * f + 1,
+        }
+    }
+
+    /// Size of every agreement quorum: ⌈(n+1)/2⌉, so any two quorums share a replica.
+    pub fn quorum(&self) -> usize {
+        (self.n as usize + 2) / 2
+    }
+
+    /// Matching replies a client needs, and matching CHECKPOINTs for a stable checkpoint: f+1,
+    /// so at least one comes from a correct replica.
+    pub fn weak_quorum(&self) -> usize {
+        self.f as usize + 1
+    }
+
+    /// Checks every bound; the first violation is returned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let minimum = Self::minimum_replicas(self.protocol, self.f);
+        if self.n < minimum {
+            return refuse(
+                "n",
+                format!(
+                    "is {} but {:?} needs n ≥ 2f+1 = {minimum} replicas to tolerate f = {}",
+                    self.n, self.protocol, self.f
+                ),
+                format!("set n to at least {minimum} or lower f"),
+            );
+        }
+        if self.n as usize > crate::limits::MAX_REPLICAS {
+            return refuse(
+                "n",
+                format!(
+                    "is {} but at most {} replicas are supported",
+                    self.n,
+                    crate::limits::MAX_REPLICAS
+                ),
+                "use fewer replicas".into(),
+            );
+        }
+        if self.n - self.f < self.quorum() as u32 {
+            return refuse(
+                "f",
+                format!(
+                    "is {} so n − f = {} correct replicas cannot form a quorum of {}",
+                    self.f,
+                    self.n - self.f,
+                    self.quorum()
+                ),
+                "lower f or add replicas".into(),
+            );
+        }
+        if self.checkpoint_interval == 0 || self.checkpoint_interval > 1 << 20 {
+            return refuse(
+                "checkpoint_interval",
+                format!("is {}", self.checkpoint_interval),
+                "use a value between 1 and 1048576 (default 128)".into(),
+            );
+        }
+        if self.log_size < 2 * self.checkpoint_interval
+            || !self.log_size.is_multiple_of(self.checkpoint_interval)
+        {
+            return refuse(
+                "log_size",
+                format!("is {} with checkpoint_interval {}", self.log_size, self.checkpoint_interval),
+                "use a multiple of checkpoint_interval that is at least twice it, so a new checkpoint can become stable before the log fills".into(),
+            );
+        }
+        if self.window == 0 || self.window > self.checkpoint_interval {
+            return refuse(
+                "window",
+                format!("is {} with checkpoint_interval {}", self.window, self.checkpoint_interval),
+                "use a value between 1 and checkpoint_interval (replicas never run agreement past their next checkpoint)".into(),
+            );
+        }
+        if self.batch_requests_max == 0
+            || self.batch_requests_max > crate::limits::MAX_BATCH_REQUESTS
+        {
+            return refuse(
+                "batch_requests_max",
+                format!("is {}", self.batch_requests_max),
+                format!(
+                    "use a value between 1 and {}",
+                    crate::limits::MAX_BATCH_REQUESTS
+                ),
+            );
+        }
+        // A VIEW-CHANGE carries at most one checkpoint interval of batches (docs/PROTOCOL.md);
+        // it must fit in a frame.
+        let view_change_bytes = (self.checkpoint_interval as u128 + self.window as u128)
+            * (self.batch_bytes_max as u128 + self.batch_requests_max as u128 * 512);
+        if self.batch_bytes_max < crate::limits::MAX_OPERATION_BYTES
+            || view_change_bytes > (crate::limits::MAX_FRAME_BYTES as u128) * 4
+        {
+            return refuse(
+                "batch_bytes_max",
+                format!("is {}", self.batch_bytes_max),
+                format!(
+                    "use at least {} (one maximal operation) and keep checkpoint_interval × batch_bytes_max within a few hundred MiB",
+                    crate::limits::MAX_OPERATION_BYTES
+                ),
+            );
+        }
+        for (field, value) in [
+            ("pending_requests_max", self.pending_requests_max as u64),
+            ("client_table_max", self.client_table_max as u64),
+            ("request_timeout_ms", self.request_timeout_ms),
+            ("view_change_timeout_ms", self.view_change_timeout_ms),
+            ("heartbeat_interval_ms", self.heartbeat_interval_ms),
+        ] {
+            if value == 0 {
+                return refuse(field, "is 0".into(), "use a positive value".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid() {
+        ProtocolConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn refuses_n_below_two_f_plus_one_and_names_the_bound() {
+        let config = ProtocolConfig {
+            n: 4,
+            f: 2,
+            ..ProtocolConfig::default()
+        };
+        let error = config.validate().unwrap_err();
+        assert_eq!(error.field, "n");
+        assert!(error.to_string().contains("2f+1 = 5"), "{error}");
+    }
+
+    #[test]
+    fn quorum_is_majority_and_intersects() {
+        for n in 1..=20u32 {
+            let config = ProtocolConfig {
+                n,
+                f: (n - 1) / 2,
+                ..ProtocolConfig::default()
+            };
+            config.validate().unwrap();
+            let quorum = config.quorum();
+            assert!(
+                2 * quorum > n as usize,
+                "two quorums of {quorum} out of {n} must intersect"
+            );
+            assert!(
+                n as usize - config.f as usize >= quorum,
+                "correct replicas alone form a quorum"
+            );
+        }
+    }
+}

@@ -1,0 +1,568 @@
+//! Protocol messages and the exact bytes each USIG identifier certifies.
+//!
+//! MinBFT (paper 004 §4) certifies PREPARE, COMMIT, CHECKPOINT, VIEW-CHANGE and NEW-VIEW with a
+//! unique identifier (UI) from the sender's USIG. A UI is created over the message's
+//! *certified digest* (`certified_digest()` below), a domain-separated digest of every field that
+//! gives the message its meaning. VIEW-CHANGE and NEW-VIEW certify a digest of their (large)
+//! payload, so a log can quote them compactly (see [`LogEntry`]) and still be checked.
+
+use crate::ids::{ClientId, ReplicaId, SeqNum, View};
+use crate::limits;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use tessera_crypto::{Digest, DigestBuilder};
+
+/// A unique identifier produced by a USIG: a counter value bound to one message.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Debug)]
+pub struct Ui {
+    /// The USIG counter value; strictly sequential per sender (1, 2, 3, ...).
+    pub counter: u64,
+    /// Backend-specific proof that `counter` was bound to the certified digest.
+    pub certificate: Vec<u8>,
+}
+
+/// Length of the per-replica MAC in a client authenticator.
+pub const REQUEST_MAC_LEN: usize = 16;
+
+/// A client request (paper 004: `<REQUEST, c, seq, op>σc`).
+///
+/// Authenticated twice: an Ed25519 signature that every replica *can* check, and one MAC per
+/// replica that each replica checks cheaply for itself. The primary checks the signature before
+/// proposing, so a correct primary never orders a request whose signature is bad; backups check
+/// their MAC and fall back to the signature only if the MAC is wrong (see `docs/PROTOCOL.md`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct Request {
+    /// Who sent it.
+    pub client: ClientId,
+    /// Per-client request number; replicas execute each at most once and in increasing order.
+    pub request_number: u64,
+    /// The operation, opaque to the protocol and interpreted by the state machine.
+    pub operation: Vec<u8>,
+    /// Ed25519 signature over [`Request::digest`].
+    pub signature: Vec<u8>,
+    /// `macs[r]` is the MAC of [`Request::digest`] under the key shared by the client and replica `r`.
+    pub macs: Vec<[u8; REQUEST_MAC_LEN]>,
+}
+
+impl Request {
+    /// The digest clients sign and MAC, and batches are built from.
+    pub fn digest(&self) -> Digest {
+        request_digest(self.client, self.request_number, &self.operation)
+    }
+
+    /// Checks sizes only (no cryptography).
+    pub fn check_shape(&self) -> Result<(), ShapeError> {
+        if self.operation.len() > limits::MAX_OPERATION_BYTES {
+            return Err(ShapeError::OperationTooLarge(self.operation.len()));
+        }
+        if self.signature.len() != 64 {
+            return Err(ShapeError::BadSignatureLength(self.signature.len()));
+        }
+        if self.macs.len() > limits::MAX_REPLICAS {
+            return Err(ShapeError::TooManyMacs(self.macs.len()));
+        }
+        Ok(())
+    }
+}
+
+/// The digest of a request's content: what the client signs.
+pub fn request_digest(client: ClientId, request_number: u64, operation: &[u8]) -> Digest {
+    let mut builder = DigestBuilder::new("tessera.request.v1");
+    builder.u64(client.0).u64(request_number).bytes(operation);
+    builder.finish()
+}
+
+/// The digest of an ordered batch of requests: binds the order and every request.
+pub fn batch_digest(batch: &[Request]) -> Digest {
+    let mut builder = DigestBuilder::new("tessera.batch.v1");
+    builder.u64(batch.len() as u64);
+    for request in batch {
+        builder.digest(&request.digest());
+    }
+    builder.finish()
+}
+
+/// A replica's answer to a client (paper 004: `<REPLY, s, seq, res>`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct Reply {
+    /// The replying replica.
+    pub replica: ReplicaId,
+    /// The client the reply is for.
+    pub client: ClientId,
+    /// The request this answers.
+    pub request_number: u64,
+    /// The view in which the request was executed (tells the client who the primary is).
+    pub view: View,
+    /// The state machine's result.
+    pub result: Vec<u8>,
+}
+
+/// The part of a PREPARE a COMMIT refers to: enough to check the primary's UI without the batch.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Debug)]
+pub struct PrepareHeader {
+    /// The primary that sent the PREPARE.
+    pub primary: ReplicaId,
+    /// The view it was sent in.
+    pub view: View,
+    /// The sequence number it assigns.
+    pub seq: SeqNum,
+    /// Digest of the ordered batch.
+    pub batch_digest: Digest,
+    /// The primary's UI over this header.
+    pub ui: Ui,
+}
+
+impl PrepareHeader {
+    /// What the primary's UI certifies.
+    pub fn certified_digest(&self) -> Digest {
+        prepare_certified_digest(self.primary, self.view, self.seq, &self.batch_digest)
+    }
+}
+
+/// What a PREPARE's UI certifies.
+pub fn prepare_certified_digest(
+    primary: ReplicaId,
+    view: View,
+    seq: SeqNum,
+    batch_digest: &Digest,
+) -> Digest {
+    let mut builder = DigestBuilder::new("tessera.prepare.v1");
+    builder
+        .u64(primary.0 as u64)
+        .u64(view.0)
+        .u64(seq.0)
+        .digest(batch_digest);
+    builder.finish()
+}
+
+/// PREPARE: the primary assigns `seq` to a batch in `view`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct Prepare {
+    /// Header, including the primary's UI.
+    pub header: PrepareHeader,
+    /// The requests, in execution order.
+    pub batch: Arc<Vec<Request>>,
+}
+
+/// COMMIT: replica `replica` vouches for a PREPARE it checked.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct Commit {
+    /// The committing replica.
+    pub replica: ReplicaId,
+    /// The PREPARE it commits to.
+    pub prepare: PrepareHeader,
+    /// The committing replica's UI.
+    pub ui: Ui,
+}
+
+impl Commit {
+    /// What the committing replica's UI certifies (binds the primary's UI too).
+    pub fn certified_digest(&self) -> Digest {
+        commit_certified_digest(self.replica, &self.prepare)
+    }
+}
+
+/// What a COMMIT's UI certifies.
+pub fn commit_certified_digest(replica: ReplicaId, prepare: &PrepareHeader) -> Digest {
+    let mut builder = DigestBuilder::new("tessera.commit.v1");
+    builder
+        .u64(replica.0 as u64)
+        .digest(&prepare.certified_digest())
+        .u64(prepare.ui.counter)
+        .bytes(&prepare.ui.certificate);
+    builder.finish()
+}
+
+/// CHECKPOINT: `replica` executed everything up to `seq` and its state digest is `state_digest`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct Checkpoint {
+    /// The replica that took the checkpoint.
+    pub replica: ReplicaId,
+    /// The last sequence number executed before the checkpoint.
+    pub seq: SeqNum,
+    /// Digest of the replicated state (application state and client table) after `seq`.
+    pub state_digest: Digest,
+    /// The sender's view when it took the checkpoint (lets a peer that resumes the sender's
+    /// stream at this message know which views the sender had already left).
+    pub view: View,
+    /// The replica's UI.
+    pub ui: Ui,
+}
+
+impl Checkpoint {
+    /// What the UI certifies.
+    pub fn certified_digest(&self) -> Digest {
+        checkpoint_certified_digest(self.replica, self.seq, &self.state_digest, self.view)
+    }
+}
+
+/// What a CHECKPOINT's UI certifies.
+pub fn checkpoint_certified_digest(
+    replica: ReplicaId,
+    seq: SeqNum,
+    state_digest: &Digest,
+    view: View,
+) -> Digest {
+    let mut builder = DigestBuilder::new("tessera.checkpoint.v1");
+    builder
+        .u64(replica.0 as u64)
+        .u64(seq.0)
+        .digest(state_digest)
+        .u64(view.0);
+    builder.finish()
+}
+
+/// A checkpoint certificate: f+1 matching CHECKPOINT messages from distinct replicas, or the
+/// genesis certificate (sequence 0, no messages) that every replica starts from.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct CheckpointCertificate {
+    /// The checkpointed sequence number.
+    pub seq: SeqNum,
+    /// The agreed state digest.
+    pub state_digest: Digest,
+    /// The matching CHECKPOINT messages (empty only for genesis).
+    pub checkpoints: Vec<Checkpoint>,
+}
+
+/// One of a replica's own certified messages, as quoted in the log `O` of its VIEW-CHANGE.
+///
+/// PREPAREs and COMMITs carry the batch, because the new primary must re-propose it; earlier
+/// VIEW-CHANGE and NEW-VIEW messages are quoted by their header and payload digest only, which
+/// is what their UI certifies, so logs never nest.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub enum LogEntry {
+    /// A PREPARE the replica sent as primary.
+    Prepare(Prepare),
+    /// A COMMIT the replica sent, with the batch of the PREPARE it committed to.
+    Commit {
+        /// The COMMIT.
+        commit: Commit,
+        /// The batch whose digest the commit's PREPARE header carries.
+        batch: Arc<Vec<Request>>,
+    },
+    /// A CHECKPOINT the replica sent.
+    Checkpoint(Checkpoint),
+    /// A VIEW-CHANGE the replica sent, by reference.
+    ViewChange(ViewChangeRef),
+    /// A NEW-VIEW the replica sent, by reference.
+    NewView(NewViewRef),
+}
+
+impl LogEntry {
+    /// The UI of the quoted message.
+    pub fn ui(&self) -> &Ui {
+        match self {
+            LogEntry::Prepare(prepare) => &prepare.header.ui,
+            LogEntry::Commit { commit, .. } => &commit.ui,
+            LogEntry::Checkpoint(checkpoint) => &checkpoint.ui,
+            LogEntry::ViewChange(reference) => &reference.ui,
+            LogEntry::NewView(reference) => &reference.ui,
+        }
+    }
+
+    /// The replica whose USIG certified the quoted message.
+    pub fn sender(&self) -> ReplicaId {
+        match self {
+            LogEntry::Prepare(prepare) => prepare.header.primary,
+            LogEntry::Commit { commit, .. } => commit.replica,
+            LogEntry::Checkpoint(checkpoint) => checkpoint.replica,
+            LogEntry::ViewChange(reference) => reference.replica,
+            LogEntry::NewView(reference) => reference.primary,
+        }
+    }
+
+    /// What the quoted message's UI certifies.
+    pub fn certified_digest(&self) -> Digest {
+        match self {
+            LogEntry::Prepare(prepare) => prepare.header.certified_digest(),
+            LogEntry::Commit { commit, .. } => commit.certified_digest(),
+            LogEntry::Checkpoint(checkpoint) => checkpoint.certified_digest(),
+            LogEntry::ViewChange(reference) => reference.certified_digest(),
+            LogEntry::NewView(reference) => reference.certified_digest(),
+        }
+    }
+}
+
+/// A VIEW-CHANGE quoted by reference.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct ViewChangeRef {
+    /// Sender.
+    pub replica: ReplicaId,
+    /// The view it asked to move to.
+    pub to_view: View,
+    /// Digest of its checkpoint certificate and log.
+    pub payload_digest: Digest,
+    /// Its UI.
+    pub ui: Ui,
+}
+
+impl ViewChangeRef {
+    /// What the UI certifies.
+    pub fn certified_digest(&self) -> Digest {
+        view_change_certified_digest(self.replica, self.to_view, &self.payload_digest)
+    }
+}
+
+/// A NEW-VIEW quoted by reference.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct NewViewRef {
+    /// Sender (the primary of `view`).
+    pub primary: ReplicaId,
+    /// The view it starts.
+    pub view: View,
+    /// Digest of its VIEW-CHANGE set.
+    pub payload_digest: Digest,
+    /// Its UI.
+    pub ui: Ui,
+}
+
+impl NewViewRef {
+    /// What the UI certifies.
+    pub fn certified_digest(&self) -> Digest {
+        new_view_certified_digest(self.primary, self.view, &self.payload_digest)
+    }
+}
+
+/// What a VIEW-CHANGE's UI certifies.
+pub fn view_change_certified_digest(replica: ReplicaId, to_view: View, payload: &Digest) -> Digest {
+    let mut builder = DigestBuilder::new("tessera.view-change.v1");
+    builder.u64(replica.0 as u64).u64(to_view.0).digest(payload);
+    builder.finish()
+}
+
+/// What a NEW-VIEW's UI certifies.
+pub fn new_view_certified_digest(primary: ReplicaId, view: View, payload: &Digest) -> Digest {
+    let mut builder = DigestBuilder::new("tessera.new-view.v1");
+    builder.u64(primary.0 as u64).u64(view.0).digest(payload);
+    builder.finish()
+}
+
+/// VIEW-CHANGE (paper 004: `<VIEW-CHANGE, s_i, v', C_latest, O, UI_i>`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct ViewChange {
+    /// Sender.
+    pub replica: ReplicaId,
+    /// The view it moves to.
+    pub to_view: View,
+    /// Its latest stable checkpoint certificate (`C_latest`).
+    pub checkpoint: CheckpointCertificate,
+    /// Its own certified messages (`O`), contiguous in counter, from an anchor to this message.
+    pub log: Vec<LogEntry>,
+    /// Justification, not certified by the sender: the NEW-VIEW of every view `w > 0` in which
+    /// `log` has a PREPARE or COMMIT. Each is checked on its own (recursively), so a Byzantine
+    /// primary's PREPARE that correct replicas rejected can never pass as a candidate for `S`.
+    pub new_views: Vec<Arc<NewView>>,
+    /// Its UI; `ui.counter` is one more than the last entry of `log`.
+    pub ui: Ui,
+}
+
+impl ViewChange {
+    /// Digest of the payload (checkpoint and log), which the UI certifies through the header.
+    pub fn payload_digest(&self) -> Digest {
+        view_change_payload_digest(&self.checkpoint, &self.log)
+    }
+
+    /// The compact reference form, as quoted in later logs.
+    pub fn to_ref(&self) -> ViewChangeRef {
+        ViewChangeRef {
+            replica: self.replica,
+            to_view: self.to_view,
+            payload_digest: self.payload_digest(),
+            ui: self.ui.clone(),
+        }
+    }
+}
+
+/// Digest of a VIEW-CHANGE payload.
+pub fn view_change_payload_digest(checkpoint: &CheckpointCertificate, log: &[LogEntry]) -> Digest {
+    let mut builder = DigestBuilder::new("tessera.view-change-payload.v1");
+    builder.bytes(&crate::encoding::encode(checkpoint));
+    builder.u64(log.len() as u64);
+    for entry in log {
+        builder
+            .u64(entry.ui().counter)
+            .digest(&entry.certified_digest());
+    }
+    builder.finish()
+}
+
+/// NEW-VIEW (paper 004: `<NEW-VIEW, s_i, v', V_vc, S, UI_i>`). `S` is not sent: every replica
+/// recomputes it from `view_changes` with the same deterministic function as the primary.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct NewView {
+    /// Sender (the primary of `view`).
+    pub primary: ReplicaId,
+    /// The view it starts.
+    pub view: View,
+    /// The new-view certificate `V_vc`: a quorum of VIEW-CHANGE messages for `view`.
+    pub view_changes: Vec<Arc<ViewChange>>,
+    /// The primary's UI.
+    pub ui: Ui,
+}
+
+impl NewView {
+    /// Digest of the payload.
+    pub fn payload_digest(&self) -> Digest {
+        new_view_payload_digest(&self.view_changes)
+    }
+
+    /// The compact reference form.
+    pub fn to_ref(&self) -> NewViewRef {
+        NewViewRef {
+            primary: self.primary,
+            view: self.view,
+            payload_digest: self.payload_digest(),
+            ui: self.ui.clone(),
+        }
+    }
+}
+
+/// Digest of a NEW-VIEW payload.
+pub fn new_view_payload_digest(view_changes: &[Arc<ViewChange>]) -> Digest {
+    let mut builder = DigestBuilder::new("tessera.new-view-payload.v1");
+    builder.u64(view_changes.len() as u64);
+    for view_change in view_changes {
+        builder
+            .u64(view_change.ui.counter)
+            .digest(&view_change.to_ref().certified_digest());
+    }
+    builder.finish()
+}
+
+/// REQ-VIEW-CHANGE: `replica` suspects the primary of `from_view` and asks to move to `to_view`.
+/// Not USIG-certified (paper 004); authenticated by the channel it arrives on.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct ReqViewChange {
+    /// Sender.
+    pub replica: ReplicaId,
+    /// The view the sender is in.
+    pub from_view: View,
+    /// The view the sender asks for.
+    pub to_view: View,
+}
+
+/// Asks for a replica's certified messages with counters in `from_counter..=to_counter`
+/// (retransmission; any replica that kept them may answer, since they certify themselves).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct Fetch {
+    /// Who asks.
+    pub replica: ReplicaId,
+    /// Whose messages.
+    pub stream: ReplicaId,
+    /// First counter wanted.
+    pub from_counter: u64,
+    /// Last counter wanted.
+    pub to_counter: u64,
+}
+
+/// Periodic liveness and progress beacon; lets peers notice messages they never received.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct Heartbeat {
+    /// Sender.
+    pub replica: ReplicaId,
+    /// Sender's current view.
+    pub view: View,
+    /// Highest USIG counter the sender has used.
+    pub head_counter: u64,
+    /// Last sequence number the sender executed.
+    pub last_executed: SeqNum,
+    /// Sender's latest stable checkpoint.
+    pub stable_checkpoint: SeqNum,
+}
+
+/// Asks for the state at the sender's latest stable checkpoint (at least `min_seq`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct StateRequest {
+    /// Who asks.
+    pub replica: ReplicaId,
+    /// The oldest checkpoint that is of any use to the asker.
+    pub min_seq: SeqNum,
+}
+
+/// A full state snapshot at a stable checkpoint, checked by the receiver against the certificate.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct StateReply {
+    /// Who answers.
+    pub replica: ReplicaId,
+    /// The stable checkpoint the snapshot belongs to.
+    pub certificate: CheckpointCertificate,
+    /// The replicated state at that checkpoint.
+    pub snapshot: Arc<Vec<u8>>,
+    /// The answering replica's own latest CHECKPOINT messages per replica, which let the receiver
+    /// resume every peer's message stream after the checkpoint.
+    pub anchors: Vec<Checkpoint>,
+}
+
+/// Everything a replica sends to another replica.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub enum ReplicaMessage {
+    /// A client request forwarded to the primary.
+    Request(Request),
+    /// PREPARE.
+    Prepare(Prepare),
+    /// COMMIT.
+    Commit(Commit),
+    /// CHECKPOINT.
+    Checkpoint(Checkpoint),
+    /// REQ-VIEW-CHANGE.
+    ReqViewChange(ReqViewChange),
+    /// VIEW-CHANGE.
+    ViewChange(Arc<ViewChange>),
+    /// NEW-VIEW.
+    NewView(Arc<NewView>),
+    /// Retransmission request.
+    Fetch(Fetch),
+    /// Progress beacon.
+    Heartbeat(Heartbeat),
+    /// State transfer request.
+    StateRequest(StateRequest),
+    /// State transfer answer.
+    StateReply(StateReply),
+    /// Asks for the NEW-VIEW that started `view` (a replica that missed it cannot join the view).
+    FetchNewView {
+        /// Who asks.
+        replica: ReplicaId,
+        /// Which view.
+        view: View,
+    },
+}
+
+impl ReplicaMessage {
+    /// Short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ReplicaMessage::Request(_) => "request",
+            ReplicaMessage::Prepare(_) => "prepare",
+            ReplicaMessage::Commit(_) => "commit",
+            ReplicaMessage::Checkpoint(_) => "checkpoint",
+            ReplicaMessage::ReqViewChange(_) => "req-view-change",
+            ReplicaMessage::ViewChange(_) => "view-change",
+            ReplicaMessage::NewView(_) => "new-view",
+            ReplicaMessage::Fetch(_) => "fetch",
+            ReplicaMessage::Heartbeat(_) => "heartbeat",
+            ReplicaMessage::StateRequest(_) => "state-request",
+            ReplicaMessage::StateReply(_) => "state-reply",
+            ReplicaMessage::FetchNewView { .. } => "fetch-new-view",
+        }
+    }
+}
+
+/// A size or shape violation found before any cryptography or protocol logic runs.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ShapeError {
+    /// Operation bytes over [`limits::MAX_OPERATION_BYTES`].
+    #[error("operation of {0} bytes exceeds the limit")]
+    OperationTooLarge(usize),
+    /// A signature that is not 64 bytes.
+    #[error("signature of {0} bytes (Ed25519 signatures are 64)")]
+    BadSignatureLength(usize),
+    /// More MACs than replicas can exist.
+    #[error("authenticator with {0} MACs exceeds the replica limit")]
+    TooManyMacs(usize),
+    /// A UI certificate over [`limits::MAX_UI_CERTIFICATE_BYTES`].
+    #[error("UI certificate of {0} bytes exceeds the limit")]
+    CertificateTooLarge(usize),
+    /// A batch over [`limits::MAX_BATCH_REQUESTS`].
+    #[error("batch of {0} requests exceeds the limit")]
+    BatchTooLarge(usize),
+}
