@@ -17,7 +17,9 @@ pub struct ClientEntry {
     pub request_number: u64,
     /// Its result (resent if the client asks again).
     pub result: Vec<u8>,
-    /// The view it was executed in.
+    /// The view it was executed in. Only a hint for the client (who the primary is): replicas
+    /// may execute one batch in different views (normally, or as a re-proposal after a view
+    /// change), so it is *not* part of the replicated state's digest.
     pub view: View,
     /// The sequence number it was executed at (orders eviction).
     pub seq: SeqNum,
@@ -125,7 +127,7 @@ impl ClientTable {
         Ok(table)
     }
 
-    /// Digest of the table's canonical content.
+    /// Digest of the table's replicated content (everything but the view hint).
     pub fn digest(&self) -> Digest {
         let mut builder = tessera_crypto::DigestBuilder::new("tessera.client-table.v1");
         builder.u64(self.entries.len() as u64);
@@ -134,7 +136,6 @@ impl ClientTable {
                 .u64(client.0)
                 .u64(entry.request_number)
                 .bytes(&entry.result)
-                .u64(entry.view.0)
                 .u64(entry.seq.0);
         }
         builder.finish()
@@ -184,6 +185,24 @@ mod tests {
             table.freshness(ClientId(1), 2),
             Freshness::Latest(_)
         ));
+    }
+
+    #[test]
+    fn digest_ignores_the_view_hint() {
+        let mut executed_in_view_zero = ClientTable::new(4);
+        executed_in_view_zero.record(ClientId(1), entry(1, 1));
+        let mut executed_in_view_one = ClientTable::new(4);
+        executed_in_view_one.record(
+            ClientId(1),
+            ClientEntry {
+                view: View(1),
+                ..entry(1, 1)
+            },
+        );
+        assert_eq!(
+            executed_in_view_zero.digest(),
+            executed_in_view_one.digest()
+        );
     }
 
     #[test]

@@ -909,6 +909,14 @@ impl<S: StateMachine> Replica<S> {
             self.reject("prepare-not-for-active-view");
             return Outcome::Done;
         }
+        if header.seq < self.next_prepare_seq
+            && header.seq <= self.last_executed
+            && header.ui.counter > self.view_start_counter
+        {
+            // Already covered by state this replica installed by state transfer: nothing to do,
+            // and no sign of a faulty primary.
+            return Outcome::Done;
+        }
         if header.seq != self.next_prepare_seq || header.ui.counter <= self.view_start_counter {
             self.reject("prepare-out-of-sequence");
             self.suspect_primary();
@@ -1127,7 +1135,10 @@ impl<S: StateMachine> Replica<S> {
     fn on_checkpoint(&mut self, checkpoint: &Checkpoint) {
         let stream = &mut self.streams[checkpoint.replica.0 as usize];
         if checkpoint.seq <= stream.last_checkpoint
-            || !checkpoint.seq.0.is_multiple_of(self.config.checkpoint_interval)
+            || !checkpoint
+                .seq
+                .0
+                .is_multiple_of(self.config.checkpoint_interval)
         {
             self.reject("checkpoint-out-of-order");
             return;
@@ -1744,6 +1755,8 @@ impl<S: StateMachine> Replica<S> {
         let seq = certificate.seq;
         self.clients = clients;
         self.last_executed = seq;
+        self.next_prepare_seq = self.next_prepare_seq.max(seq.next());
+        self.slots.retain(|slot_seq, _| *slot_seq > seq);
         self.last_progress_ms = self.now_ms;
         self.executed_digests.clear();
         self.stable_snapshot = reply.snapshot.clone();

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use tessera_core::{Action, Replica, ReplyCollector, ReplyOutcome, RequestAuthenticator, Timer};
 use tessera_crypto::sign::{SigningKey, VerifyingKey};
+use tessera_crypto::Digest;
 use tessera_kv::{Command, KvStore, Response};
 use tessera_types::{ClientId, ProtocolConfig, ReplicaId, ReplicaMessage, Reply, Request, View};
 use tessera_usig::hmac::HmacUsig;
@@ -48,6 +49,8 @@ pub enum Fate {
     Deliver,
     Drop,
     Replace(ReplicaMessage),
+    /// Deliver it `delay_ms` of logical time later (bypassing the filter then).
+    Delay(u64),
 }
 
 pub type Filter = Box<dyn FnMut(ReplicaId, ReplicaId, &ReplicaMessage) -> Fate>;
@@ -62,6 +65,13 @@ pub struct Cluster {
     pub replies: Vec<Reply>,
     pub filter: Option<Filter>,
     pub delivered: u64,
+    /// Replicas cut off from every other replica and from clients (a network partition).
+    pub isolated: Vec<bool>,
+    /// Messages held back by `Fate::Delay`: (due time, from, to, message).
+    delayed: Vec<(u64, ReplicaId, ReplicaId, ReplicaMessage)>,
+    /// Per replica: the state digest it had right after executing up to each sequence number
+    /// (recorded whenever its `last_executed` changed), to compare histories across replicas.
+    pub history: Vec<BTreeMap<u64, Digest>>,
 }
 
 pub fn config(n: u32, f: u32) -> ProtocolConfig {
@@ -115,6 +125,9 @@ impl Cluster {
             replies: Vec::new(),
             filter: None,
             delivered: 0,
+            isolated: vec![false; n as usize],
+            delayed: Vec::new(),
+            history: vec![BTreeMap::new(); n as usize],
         };
         for index in 0..n as usize {
             cluster.replicas[index].start(0);
@@ -125,6 +138,7 @@ impl Cluster {
 
     fn collect(&mut self, index: usize) {
         let from = ReplicaId(index as u32);
+        self.record_history(index);
         for action in self.replicas[index].take_actions() {
             if self.crashed[index] {
                 continue;
@@ -149,10 +163,19 @@ impl Cluster {
         }
     }
 
+    fn record_history(&mut self, index: usize) {
+        let replica = &self.replicas[index];
+        let seq = replica.last_executed().0;
+        let known = self.history[index].keys().next_back().copied().unwrap_or(0);
+        if seq != known {
+            self.history[index].insert(seq, replica.state_digest());
+        }
+    }
+
     /// Sends a client request to the given replicas.
     pub fn submit(&mut self, request: &Request, to: &[u32]) {
         for &index in to {
-            if self.crashed[index as usize] {
+            if self.crashed[index as usize] || self.isolated[index as usize] {
                 continue;
             }
             self.replicas[index as usize].handle_request(self.now_ms, request.clone());
@@ -169,6 +192,9 @@ impl Cluster {
             if self.crashed[to.0 as usize] || self.crashed[from.0 as usize] {
                 continue;
             }
+            if self.isolated[to.0 as usize] || self.isolated[from.0 as usize] {
+                continue;
+            }
             let message = match self
                 .filter
                 .as_mut()
@@ -176,11 +202,37 @@ impl Cluster {
             {
                 Some(Fate::Drop) => continue,
                 Some(Fate::Replace(other)) => other,
+                Some(Fate::Delay(delay_ms)) => {
+                    self.delayed
+                        .push((self.now_ms + delay_ms, from, to, message));
+                    continue;
+                }
                 _ => message,
             };
-            self.delivered += 1;
-            self.replicas[to.0 as usize].handle_message(self.now_ms, from, message);
-            self.collect(to.0 as usize);
+            self.deliver_one(from, to, message);
+        }
+    }
+
+    fn deliver_one(&mut self, from: ReplicaId, to: ReplicaId, message: ReplicaMessage) {
+        if self.crashed[to.0 as usize] || self.crashed[from.0 as usize] {
+            return;
+        }
+        if self.isolated[to.0 as usize] || self.isolated[from.0 as usize] {
+            return;
+        }
+        self.delivered += 1;
+        self.replicas[to.0 as usize].handle_message(self.now_ms, from, message);
+        self.collect(to.0 as usize);
+    }
+
+    fn deliver_delayed(&mut self) {
+        let now_ms = self.now_ms;
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.delayed)
+            .into_iter()
+            .partition(|(due_ms, ..)| *due_ms <= now_ms);
+        self.delayed = later;
+        for (_, from, to, message) in due {
+            self.deliver_one(from, to, message);
         }
     }
 
@@ -208,6 +260,7 @@ impl Cluster {
                 self.collect(index);
             }
         }
+        self.deliver_delayed();
         self.deliver_all(1_000_000);
     }
 
@@ -224,7 +277,7 @@ impl Cluster {
     }
 
     /// Runs one request to completion (f+1 matching replies), retransmitting to all replicas
-    /// every `retransmit_ms` like a client would. Returns the result or None after `deadline_ms`.
+    /// every 300 ms like a client would. Returns the result or None after `deadline_ms`.
     pub fn invoke(
         &mut self,
         client: ClientId,
@@ -232,37 +285,119 @@ impl Cluster {
         command: &Command,
         deadline_ms: u64,
     ) -> Option<Response> {
-        let request = sign_request(client, request_number, command.encode());
+        self.invoke_many(&[(client, request_number, command.clone())], deadline_ms)
+            .pop()
+            .expect("one result per request")
+    }
+
+    /// Runs several requests concurrently (all submitted to the believed primary at once, then
+    /// retransmitted to every replica every 300 ms until each has f+1 matching replies).
+    /// Returns one result per request, in order; None for those unfinished after `deadline_ms`.
+    pub fn invoke_many(
+        &mut self,
+        requests: &[(ClientId, u64, Command)],
+        deadline_ms: u64,
+    ) -> Vec<Option<Response>> {
+        let signed: Vec<Request> = requests
+            .iter()
+            .map(|(client, number, command)| sign_request(*client, *number, command.encode()))
+            .collect();
         let start = self.now_ms;
         let primary = self.believed_primary();
-        self.submit(&request, &[primary]);
+        for request in &signed {
+            self.submit(request, &[primary]);
+        }
         self.deliver_all(1_000_000);
-        let mut collector = ReplyCollector::new(request_number, self.config.f as usize + 1);
+        let needed = self.config.f as usize + 1;
+        let mut collectors: Vec<ReplyCollector> = requests
+            .iter()
+            .map(|(_, number, _)| ReplyCollector::new(*number, needed))
+            .collect();
+        let mut results: Vec<Option<Response>> = vec![None; requests.len()];
         let mut last_send = self.now_ms;
         loop {
             let replies = std::mem::take(&mut self.replies);
             for reply in replies {
-                if reply.client == client {
-                    if let ReplyOutcome::Complete { result, .. } = collector.add(reply) {
-                        return Some(Response::decode(&result).expect("kv response"));
-                    }
-                } else {
+                let Some(index) = requests.iter().position(|(client, number, _)| {
+                    *client == reply.client && *number == reply.request_number
+                }) else {
                     self.replies.push(reply);
+                    continue;
+                };
+                if results[index].is_some() {
+                    continue;
+                }
+                if let ReplyOutcome::Complete { result, .. } = collectors[index].add(reply) {
+                    results[index] = Some(Response::decode(&result).expect("kv response"));
                 }
             }
-            if self.now_ms > start + deadline_ms {
-                return None;
+            if results.iter().all(Option::is_some) || self.now_ms > start + deadline_ms {
+                return results;
             }
             if self.now_ms >= last_send + 300 {
                 let all: Vec<u32> = (0..self.config.n).collect();
-                self.submit(&request, &all);
+                for (index, request) in signed.iter().enumerate() {
+                    if results[index].is_none() {
+                        self.submit(request, &all);
+                    }
+                }
                 last_send = self.now_ms;
             }
             self.tick(10);
         }
     }
 
-    fn believed_primary(&self) -> u32 {
+    /// Advances logical time by `duration_ms` in 10 ms steps.
+    pub fn run_for(&mut self, duration_ms: u64) {
+        for _ in 0..duration_ms.div_ceil(10) {
+            self.tick(10);
+        }
+    }
+
+    /// No two replicas ever had different states after executing up to the same sequence number.
+    pub fn assert_histories_agree(&self) {
+        let mut seen: BTreeMap<u64, (usize, Digest)> = BTreeMap::new();
+        for (index, history) in self.history.iter().enumerate() {
+            for (seq, digest) in history {
+                match seen.get(seq) {
+                    Some((other, expected)) => assert_eq!(
+                        expected, digest,
+                        "replicas {other} and {index} had different states after seq {seq}"
+                    ),
+                    None => {
+                        seen.insert(*seq, (index, *digest));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every live replica executed exactly up to the same sequence number with the same state.
+    pub fn assert_all_caught_up(&self) {
+        let live: Vec<&Replica<KvStore>> = self.live().collect();
+        for replica in &live[1..] {
+            assert_eq!(
+                (replica.last_executed(), replica.state_digest()),
+                (live[0].last_executed(), live[0].state_digest()),
+                "replica {:?} differs from replica {:?}: {:?} vs {:?}",
+                replica.id(),
+                live[0].id(),
+                replica.status(),
+                live[0].status()
+            );
+        }
+    }
+
+    /// Total rejections with `reason` at `replica`.
+    pub fn rejections(&self, replica: u32, reason: &str) -> u64 {
+        self.replicas[replica as usize]
+            .rejections()
+            .get(reason)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    pub fn believed_primary(&self) -> u32 {
         let view = self
             .live()
             .map(|replica| replica.view())
@@ -294,4 +429,41 @@ impl Cluster {
             );
         }
     }
+}
+
+/// A USIG holding replica `index`'s key, as a Byzantine replica (or the test playing one) would
+/// use it: it certifies with the same counter sequence the real replica starts from (1, 2, ...).
+pub fn usig_of(index: u32, n: u32) -> HmacUsig {
+    let keys: Vec<[u8; 32]> = (0..n).map(|index| [index as u8 + 1; 32]).collect();
+    HmacUsig::new(
+        UsigIdentity {
+            replica: ReplicaId(index),
+            epoch: 0,
+        },
+        keys,
+    )
+}
+
+pub fn set(key: &str, value: &str) -> Command {
+    Command::Set {
+        key: key.as_bytes().to_vec(),
+        value: value.as_bytes().to_vec(),
+    }
+}
+
+pub fn get(key: &str) -> Command {
+    Command::Get {
+        key: key.as_bytes().to_vec(),
+    }
+}
+
+pub fn incr(key: &str) -> Command {
+    Command::Incr {
+        key: key.as_bytes().to_vec(),
+        delta: 1,
+    }
+}
+
+pub fn value(text: &str) -> Option<Response> {
+    Some(Response::Value(Some(text.as_bytes().to_vec())))
 }

@@ -1,0 +1,433 @@
+//! Byzantine replicas and clients against correct MinBFT replicas. A faulty replica is played by
+//! the test: the real replica is crashed (silenced) and the test injects messages on its
+//! channels, certified with its USIG key where the attack needs valid certificates. With a USIG
+//! the faulty replica can never give two messages the same counter, so that is the one thing
+//! these scripts never do.
+
+mod common;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use common::{
+    client_key, config, get, incr, set, sign_request, usig_of, value, Cluster, Fate,
+    TestAuthenticator,
+};
+use tessera_core::Replica;
+use tessera_crypto::Digest;
+use tessera_kv::{KvStore, Response};
+use tessera_types::{
+    batch_digest, checkpoint_certified_digest, commit_certified_digest, prepare_certified_digest,
+    Checkpoint, ClientId, Commit, Fetch, Heartbeat, Prepare, PrepareHeader, ReplicaId,
+    ReplicaMessage, ReqViewChange, Request, SeqNum, StateRequest, Ui, View, ViewChange,
+};
+use tessera_usig::hmac::HmacUsig;
+use tessera_usig::Usig;
+
+fn client(index: u32) -> ClientId {
+    ClientId::new(0, index)
+}
+
+/// A PREPARE certified by `usig` (the next counter of the replica it belongs to).
+fn forge_prepare(usig: &mut HmacUsig, view: View, seq: SeqNum, batch: Vec<Request>) -> Prepare {
+    let primary = usig.identity().replica;
+    let digest = batch_digest(&batch);
+    let ui = usig
+        .create_ui(&prepare_certified_digest(primary, view, seq, &digest))
+        .expect("test USIG");
+    Prepare {
+        header: PrepareHeader {
+            primary,
+            view,
+            seq,
+            batch_digest: digest,
+            ui,
+        },
+        batch: Arc::new(batch),
+    }
+}
+
+fn broadcast_from(cluster: &mut Cluster, from: u32, message: &ReplicaMessage) {
+    for to in 0..cluster.config.n {
+        if to != from {
+            cluster.inject(from, to, message.clone());
+        }
+    }
+}
+
+/// Replica 2 is Byzantine and sends every kind of garbage it can; replicas 0 and 1 keep
+/// ordering requests with the right results and name each rejection.
+#[test]
+fn garbage_from_a_byzantine_replica_neither_stops_progress_nor_changes_results() {
+    let mut cluster = Cluster::new(config(3, 1));
+    let captured: Rc<RefCell<Vec<ReplicaMessage>>> = Rc::default();
+    let sink = captured.clone();
+    cluster.filter = Some(Box::new(move |_, _, message| {
+        if matches!(
+            message,
+            ReplicaMessage::Prepare(_) | ReplicaMessage::Commit(_)
+        ) {
+            sink.borrow_mut().push(message.clone());
+        }
+        Fate::Deliver
+    }));
+    cluster.crash(2);
+    for number in 1..=2 {
+        assert_eq!(
+            cluster.invoke(client(1), number, &incr("counter"), 5_000),
+            Some(Response::Integer(number as i64))
+        );
+    }
+    cluster.filter = None;
+    let old: Vec<ReplicaMessage> = captured.borrow().clone();
+    let real_header = old
+        .iter()
+        .find_map(|message| match message {
+            ReplicaMessage::Prepare(prepare) => Some(prepare.header.clone()),
+            _ => None,
+        })
+        .expect("a PREPARE was captured");
+    let mut usig = usig_of(2, 3);
+
+    // A COMMIT with a garbage UI certificate, and one with a counter far ahead.
+    let garbage_commit = |counter: u64| {
+        ReplicaMessage::Commit(Commit {
+            replica: ReplicaId(2),
+            prepare: real_header.clone(),
+            ui: Ui {
+                counter,
+                certificate: vec![0xAB; 32],
+            },
+        })
+    };
+    broadcast_from(&mut cluster, 2, &garbage_commit(1));
+    broadcast_from(&mut cluster, 2, &garbage_commit(1_000_000));
+    // Counter 1: a validly certified COMMIT for a PREPARE the primary never certified.
+    let mut fake_header = real_header.clone();
+    fake_header.batch_digest = Digest([9; 32]);
+    let ui = usig
+        .create_ui(&commit_certified_digest(ReplicaId(2), &fake_header))
+        .unwrap();
+    broadcast_from(
+        &mut cluster,
+        2,
+        &ReplicaMessage::Commit(Commit {
+            replica: ReplicaId(2),
+            prepare: fake_header,
+            ui,
+        }),
+    );
+    // Counter 2: a CHECKPOINT for seq 8 with a made-up state digest.
+    let bogus_state = Digest([7; 32]);
+    let ui = usig
+        .create_ui(&checkpoint_certified_digest(
+            ReplicaId(2),
+            SeqNum(8),
+            &bogus_state,
+            View(0),
+        ))
+        .unwrap();
+    broadcast_from(
+        &mut cluster,
+        2,
+        &ReplicaMessage::Checkpoint(Checkpoint {
+            replica: ReplicaId(2),
+            seq: SeqNum(8),
+            state_digest: bogus_state,
+            view: View(0),
+            ui,
+        }),
+    );
+    // Counter 3: a VIEW-CHANGE for view 5 with its log left out.
+    let checkpoint = cluster.replicas[0].stable_checkpoint().clone();
+    let payload = tessera_types::view_change_payload_digest(&checkpoint, &[]);
+    let ui = usig
+        .create_ui(&tessera_types::view_change_certified_digest(
+            ReplicaId(2),
+            View(5),
+            &payload,
+        ))
+        .unwrap();
+    broadcast_from(
+        &mut cluster,
+        2,
+        &ReplicaMessage::ViewChange(Arc::new(ViewChange {
+            replica: ReplicaId(2),
+            to_view: View(5),
+            checkpoint,
+            log: Vec::new(),
+            new_views: Vec::new(),
+            ui,
+        })),
+    );
+    // Replays of everything captured, on the original channels and on replica 2's.
+    for message in &old {
+        let original = match message {
+            ReplicaMessage::Prepare(prepare) => prepare.header.primary.0,
+            ReplicaMessage::Commit(commit) => commit.replica.0,
+            _ => unreachable!(),
+        };
+        broadcast_from(&mut cluster, original, message);
+        broadcast_from(&mut cluster, 2, message);
+    }
+    // REQ-VIEW-CHANGE spam, one claiming to come from replica 1.
+    for to_view in (1..50).chain([u64::MAX - 1]) {
+        let request = ReqViewChange {
+            replica: ReplicaId(2),
+            from_view: View(0),
+            to_view: View(to_view),
+        };
+        broadcast_from(&mut cluster, 2, &ReplicaMessage::ReqViewChange(request));
+    }
+    let spoofed = ReqViewChange {
+        replica: ReplicaId(1),
+        from_view: View(0),
+        to_view: View(1),
+    };
+    cluster.inject(2, 0, ReplicaMessage::ReqViewChange(spoofed));
+    // Fetches for absurd ranges, a bragging heartbeat, and mislabelled requests.
+    let fetches = [
+        (0, 0, u64::MAX),
+        (1, u64::MAX - 1, u64::MAX),
+        (0, 10, 5),
+        (99, 1, 2),
+    ];
+    for (stream, from_counter, to_counter) in fetches {
+        let fetch = Fetch {
+            replica: ReplicaId(2),
+            stream: ReplicaId(stream),
+            from_counter,
+            to_counter,
+        };
+        broadcast_from(&mut cluster, 2, &ReplicaMessage::Fetch(fetch));
+    }
+    let heartbeat = Heartbeat {
+        replica: ReplicaId(2),
+        view: View(0),
+        head_counter: u64::MAX,
+        last_executed: SeqNum(u64::MAX),
+        stable_checkpoint: SeqNum(u64::MAX),
+    };
+    broadcast_from(&mut cluster, 2, &ReplicaMessage::Heartbeat(heartbeat));
+    let state_request = StateRequest {
+        replica: ReplicaId(0),
+        min_seq: SeqNum(0),
+    };
+    cluster.inject(2, 1, ReplicaMessage::StateRequest(state_request));
+    cluster.inject(
+        2,
+        1,
+        ReplicaMessage::FetchNewView {
+            replica: ReplicaId(0),
+            view: View(1),
+        },
+    );
+
+    for number in 3..=12 {
+        assert_eq!(
+            cluster.invoke(client(1), number, &incr("counter"), 5_000),
+            Some(Response::Integer(number as i64)),
+            "request {number} despite the Byzantine replica"
+        );
+    }
+    cluster.run_for(1_000);
+    for replica in cluster.live() {
+        assert_eq!(replica.view(), View(0), "no view change was forced");
+        assert!(!replica.is_view_changing());
+        assert!(
+            replica.stable_checkpoint().seq >= SeqNum(8),
+            "the bogus CHECKPOINT did not block the real one: {:?}",
+            replica.status()
+        );
+    }
+    cluster.assert_all_caught_up();
+    for index in 0..2 {
+        let reasons = cluster.replicas[index as usize].rejections().clone();
+        for reason in [
+            "invalid-ui",
+            "counter-too-far-ahead",
+            "commit-invalid-prepare-ui",
+            "view-change-log-missing",
+            "fetch-malformed",
+        ] {
+            assert!(
+                cluster.rejections(index, reason) >= 1,
+                "replica {index} should reject with `{reason}`: {reasons:?}"
+            );
+        }
+    }
+    assert_eq!(cluster.rejections(0, "req-view-change-wrong-channel"), 1);
+    assert_eq!(cluster.rejections(1, "state-request-wrong-channel"), 1);
+    assert_eq!(cluster.rejections(1, "fetch-new-view-wrong-channel"), 1);
+    assert_eq!(
+        cluster.rejections(0, "fetch-malformed"),
+        2,
+        "an inverted range and an unknown stream are malformed; a huge range is only capped"
+    );
+}
+
+/// The primary (played by the test) sends batch A for seq 1 to backup 1 and batch B for seq 1
+/// to backup 2. The USIG forces different counters, so backup 2 fetches the primary's earlier
+/// message (A), accepts it, and refuses B as out of sequence. Both execute A; the primary is
+/// replaced once requests stall.
+#[test]
+fn equivocating_primary_cannot_make_backups_execute_different_batches() {
+    let mut cluster = Cluster::new(config(3, 1));
+    cluster.crash(0);
+    let mut usig = usig_of(0, 3);
+    let batch_a = vec![sign_request(client(1), 1, set("x", "A").encode())];
+    let batch_b = vec![sign_request(client(2), 1, set("x", "B").encode())];
+    let prepare_a = forge_prepare(&mut usig, View(0), SeqNum(1), batch_a);
+    let prepare_b = forge_prepare(&mut usig, View(0), SeqNum(1), batch_b);
+    cluster.inject(0, 2, ReplicaMessage::Prepare(prepare_b));
+    cluster.inject(0, 1, ReplicaMessage::Prepare(prepare_a));
+    cluster.run_for(500);
+    for index in 1..3 {
+        assert_eq!(cluster.replicas[index].last_executed(), SeqNum(1));
+    }
+    assert_eq!(cluster.rejections(2, "prepare-out-of-sequence"), 1);
+    cluster.assert_histories_agree();
+    assert_eq!(
+        cluster.invoke(client(3), 1, &get("x"), 20_000),
+        value("A"),
+        "batch A is the one executed at seq 1 everywhere"
+    );
+    // Client 2's request was never ordered; it completes in the new view.
+    assert_eq!(
+        cluster.invoke(client(2), 1, &set("x", "B"), 20_000),
+        Some(Response::Ok)
+    );
+    assert_eq!(cluster.invoke(client(3), 2, &get("x"), 20_000), value("B"));
+    for replica in cluster.live() {
+        assert!(replica.view() >= View(1));
+    }
+    cluster.assert_all_caught_up();
+    cluster.assert_histories_agree();
+}
+
+/// A primary that orders a request whose client signature is forged is refused by every correct
+/// backup, which together (f+1) replace it; the forged request never executes.
+#[test]
+fn forged_client_request_in_a_prepare_is_refused_and_replaces_the_primary() {
+    let mut cluster = Cluster::new(config(3, 1));
+    cluster.crash(0);
+    let mut usig = usig_of(0, 3);
+    let mut forged = sign_request(client(1), 1, set("stolen", "yes").encode());
+    forged.signature[0] ^= 0xFF;
+    let prepare = forge_prepare(&mut usig, View(0), SeqNum(1), vec![forged]);
+    broadcast_from(&mut cluster, 0, &ReplicaMessage::Prepare(prepare));
+    cluster.run_for(2_000);
+    for index in 1..3 {
+        assert_eq!(cluster.rejections(index, "prepare-forged-request"), 1);
+        assert_eq!(cluster.replicas[index as usize].last_executed(), SeqNum(0));
+    }
+    for replica in cluster.live() {
+        assert_eq!(replica.view(), View(1));
+        assert!(!replica.is_view_changing());
+    }
+    assert_eq!(
+        cluster.invoke(client(2), 1, &get("stolen"), 10_000),
+        Some(Response::Value(None))
+    );
+    cluster.assert_all_caught_up();
+}
+
+/// A request sent again (after execution, or twice before it) executes once; the client gets
+/// the cached reply, and an older request number is refused as stale.
+#[test]
+fn duplicate_client_requests_execute_once() {
+    let mut cluster = Cluster::new(config(3, 1));
+    assert_eq!(
+        cluster.invoke(client(1), 1, &incr("k"), 5_000),
+        Some(Response::Integer(1))
+    );
+    let executed = |cluster: &Cluster| -> Vec<u64> {
+        cluster
+            .live()
+            .map(|replica| replica.status().requests_executed)
+            .collect()
+    };
+    let before = executed(&cluster);
+    // The same request again, to everyone: cached replies only.
+    assert_eq!(
+        cluster.invoke(client(1), 1, &incr("k"), 5_000),
+        Some(Response::Integer(1))
+    );
+    assert_eq!(executed(&cluster), before);
+    // Request 2 sent three times to the primary and once to each backup before it executes.
+    let second = sign_request(client(1), 2, incr("k").encode());
+    cluster.submit(&second, &[0, 0, 0, 1, 2]);
+    cluster.run_for(200);
+    assert_eq!(
+        cluster.invoke(client(1), 2, &incr("k"), 5_000),
+        Some(Response::Integer(2))
+    );
+    // The old request 1 is now stale.
+    let stale = sign_request(client(1), 1, incr("k").encode());
+    cluster.submit(&stale, &[0, 1, 2]);
+    cluster.run_for(200);
+    for index in 0..3 {
+        assert_eq!(cluster.rejections(index, "request-stale"), 1);
+    }
+    assert_eq!(cluster.invoke(client(2), 1, &get("k"), 5_000), value("2"));
+    cluster.assert_all_caught_up();
+}
+
+/// A faulty primary (played by the test) puts the same request twice in one batch and again in
+/// the next batch: it executes once.
+#[test]
+fn request_ordered_twice_by_a_faulty_primary_executes_once() {
+    let mut cluster = Cluster::new(config(3, 1));
+    cluster.crash(0);
+    let mut usig = usig_of(0, 3);
+    let request = sign_request(client(1), 1, incr("k").encode());
+    let first = forge_prepare(
+        &mut usig,
+        View(0),
+        SeqNum(1),
+        vec![request.clone(), request.clone()],
+    );
+    let second = forge_prepare(&mut usig, View(0), SeqNum(2), vec![request]);
+    broadcast_from(&mut cluster, 0, &ReplicaMessage::Prepare(first));
+    broadcast_from(&mut cluster, 0, &ReplicaMessage::Prepare(second));
+    cluster.run_for(100);
+    for index in 1..3 {
+        assert_eq!(cluster.replicas[index].last_executed(), SeqNum(2));
+        assert_eq!(cluster.replicas[index].status().requests_executed, 1);
+    }
+    assert_eq!(cluster.invoke(client(2), 1, &get("k"), 20_000), value("1"));
+    cluster.assert_all_caught_up();
+    cluster.assert_histories_agree();
+}
+
+#[test]
+fn replica_refuses_fewer_than_two_f_plus_one_replicas() {
+    let bad = config(4, 2);
+    let error = Replica::new(
+        ReplicaId(0),
+        bad,
+        Box::new(usig_of(0, 4)),
+        Box::new(TestAuthenticator {
+            key: client_key().verifying_key(),
+        }),
+        KvStore::default(),
+    )
+    .err()
+    .expect("n = 4 cannot tolerate f = 2");
+    assert_eq!(error.field, "n");
+    let text = error.to_string();
+    assert!(text.contains("is 4"), "names n: {text}");
+    assert!(text.contains("2f+1 = 5"), "names the bound: {text}");
+    // The smallest valid size is accepted.
+    assert!(Replica::new(
+        ReplicaId(0),
+        config(5, 2),
+        Box::new(usig_of(0, 5)),
+        Box::new(TestAuthenticator {
+            key: client_key().verifying_key(),
+        }),
+        KvStore::default(),
+    )
+    .is_ok());
+}
