@@ -1,14 +1,423 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! Tessera's tokio driver: runs a replica (or the unreplicated baseline) on real sockets.
+//!
+//! This crate owns everything with IO and time: replica-to-replica TCP channels with
+//! authenticated frames ([`transport`], [`frame`]), the client port ([`client_port`]), the
+//! thread that owns and drives the sans-IO protocol core with a monotonic clock and a timer
+//! table ([`driver`]), and request authentication with signature checks done in parallel on
+//! connection tasks ([`auth`]). It never makes protocol decisions: what to send, when to time
+//! out and what to execute are the core's; the driver only carries them out.
+//!
+//! Threads: one tokio runtime for the network, plus one dedicated OS thread for the core, so
+//! the core's latency never depends on how busy the network tasks are. Every queue between
+//! them is bounded; overflow is dropped and counted in [`NodeCounters`].
+
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod client_port;
+pub mod counters;
+pub mod driver;
+pub mod frame;
+pub mod keys;
+pub mod routes;
+pub mod setup;
+pub mod transport;
+pub mod unreplicated;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tessera_core::Replica;
+use tessera_kv::KvStore;
+use tessera_types::cluster::{
+    parse_key, ClusterConfig, ClusterFileError, ReplicaSecrets, UsigKind,
+};
+use tessera_types::{ConfigError, ReplicaId};
+use tessera_usig::{Ed25519Usig, HmacUsig, Usig, UsigError, UsigIdentity};
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tracing::{info, warn, Instrument};
+
+pub use auth::{NodeAuthenticator, VerifiedCache};
+pub use counters::{DropReason, NodeCounters};
+pub use keys::ClientKeys;
+
+use client_port::{accept_clients, Admission, ClientPort};
+use driver::{core_inbox, spawn_core_thread, CoreEvent, CoreInbox, CoreOutputs};
+use routes::{ReplyRoutes, StatusBoard};
+use transport::{accept_peers, spawn_peer_writers, PeerInboundContext, PeerMesh};
+
+/// How often new drops are logged.
+const DROP_REPORT_PERIOD: Duration = Duration::from_secs(10);
+/// How long peer writers may flush after the core stops.
+const SHUTDOWN_FLUSH: Duration = Duration::from_millis(500);
+
+/// Why a node could not start or stopped abnormally.
+#[derive(Debug, Error)]
+pub enum NodeError {
+    /// A cluster or secret file is unusable.
+    #[error(transparent)]
+    ClusterFile(#[from] ClusterFileError),
+    /// An inconsistency between the files, with the fix.
+    #[error("{0}")]
+    Config(String),
+    /// The protocol configuration is invalid.
+    #[error(transparent)]
+    Protocol(#[from] ConfigError),
+    /// The USIG could not be set up.
+    #[error("cannot set up the USIG: {0}")]
+    Usig(#[from] UsigError),
+    /// A listening socket could not be opened.
+    #[error(
+        "cannot listen on {address} for {purpose}: {source} (is another process using the port?)"
+    )]
+    Listen {
+        /// The configured address.
+        address: String,
+        /// What the socket is for.
+        purpose: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The executor thread could not be started.
+    #[error("cannot start the executor thread: {0}")]
+    Thread(std::io::Error),
+    /// The executor thread panicked.
+    #[error("the executor thread stopped unexpectedly (panic); see the log above")]
+    ExecutorPanicked,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Runs replica `secrets.replica` of `cluster` until `shutdown` completes.
+///
+/// On shutdown it stops accepting connections, stops the core thread, and gives the peer
+/// writers a moment to flush what the core queued last.
+pub async fn run_replica(
+    cluster: ClusterConfig,
+    secrets: ReplicaSecrets,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NodeError> {
+    cluster.validate()?;
+    let me = ReplicaId(secrets.replica);
+    if me.0 as usize >= cluster.replicas.len() {
+        return Err(NodeError::Config(format!(
+            "the secret file is for replica {me} but cluster.toml lists only {} replicas; use a secret file of this cluster",
+            cluster.replicas.len()
+        )));
+    }
+    let span = tracing::info_span!("replica", replica = %me);
+    async move {
+        let counters = Arc::new(NodeCounters::default());
+        let clients = Arc::new(ClientKeys::load(&cluster, &secrets)?);
+        let cache = Arc::new(VerifiedCache::new(auth::VERIFIED_CACHE_ENTRIES_DEFAULT));
+        let usig = build_usig(&cluster, &secrets, me)?;
+        let authenticator = NodeAuthenticator::new(me, clients.clone(), cache.clone());
+        let replica = Replica::new(
+            me,
+            cluster.protocol.clone(),
+            usig,
+            Box::new(authenticator),
+            KvStore::default(),
+        )?;
+        let endpoint = cluster.replica(me);
+        let peer_listener = bind(&endpoint.replica_address, "replica traffic").await?;
+        let client_listener = bind(&endpoint.client_address, "clients").await?;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+        let (inbox, inbox_receiver) =
+            core_inbox(driver::CORE_INBOX_EVENTS_DEFAULT, counters.clone());
+        let routes = Arc::new(ReplyRoutes::new(
+            routes::ROUTES_MAX_DEFAULT,
+            counters.clone(),
+        ));
+        let status = Arc::new(StatusBoard::new(me));
+        let mesh = PeerMesh {
+            me,
+            addresses: cluster
+                .replicas
+                .iter()
+                .map(|replica| replica.replica_address.clone())
+                .collect(),
+            pairwise_keys: Arc::new(keys::peer_keys(&secrets)?),
+        };
+        let mut writers = JoinSet::new();
+        let peers = spawn_peer_writers(
+            &mesh,
+            transport::PEER_QUEUE_FRAMES_DEFAULT,
+            counters.clone(),
+            &mut writers,
+        );
+        let outputs = CoreOutputs {
+            peers,
+            replies: routes.clone(),
+            status: status.clone(),
+        };
+        let core =
+            spawn_core_thread(replica, inbox_receiver, outputs).map_err(NodeError::Thread)?;
+
+        let mut servers = JoinSet::new();
+        servers.spawn(report_drops(counters.clone()).in_current_span());
+        servers.spawn(
+            accept_peers(
+                peer_listener,
+                PeerInboundContext {
+                    mesh,
+                    inbox: inbox.clone(),
+                    counters: counters.clone(),
+                    clients: clients.clone(),
+                    cache: cache.clone(),
+                },
+            )
+            .in_current_span(),
+        );
+        servers.spawn(
+            accept_clients(
+                client_listener,
+                Arc::new(ClientPort {
+                    replica: me,
+                    admission: Admission::Replicated { cache },
+                    clients,
+                    routes,
+                    status,
+                    inbox: inbox.clone(),
+                    counters: counters.clone(),
+                }),
+            )
+            .in_current_span(),
+        );
+        info!(
+            replica_address = %endpoint.replica_address,
+            client_address = %endpoint.client_address,
+            usig = usig_name(cluster.usig),
+            n = cluster.protocol.n,
+            f = cluster.protocol.f,
+            "replica running"
+        );
+
+        let result = serve_until(shutdown, core, servers, inbox).await;
+        // The core thread owned the peer queues' senders: its exit closes them, so writers
+        // drain what is queued and return. Writers still reconnecting are cut off.
+        let flushed = tokio::time::timeout(SHUTDOWN_FLUSH, async {
+            while writers.join_next().await.is_some() {}
+        })
+        .await;
+        if flushed.is_err() {
+            writers.abort_all();
+        }
+        log_counters(&counters);
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+/// Runs the unreplicated baseline on replica 0's client address until `shutdown` completes.
+/// `secrets` must be replica 0's: the baseline answers as replica 0.
+pub async fn run_unreplicated(
+    cluster: ClusterConfig,
+    secrets: ReplicaSecrets,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NodeError> {
+    cluster.validate()?;
+    if secrets.replica != 0 {
+        return Err(NodeError::Config(format!(
+            "the unreplicated baseline answers as replica 0 but was given replica {}'s secrets; pass replica-0.secret.toml",
+            secrets.replica
+        )));
+    }
+    let span = tracing::info_span!("unreplicated");
+    async move {
+        let me = ReplicaId(0);
+        let counters = Arc::new(NodeCounters::default());
+        let clients = Arc::new(ClientKeys::load(&cluster, &secrets)?);
+        let endpoint = cluster.replica(me);
+        let client_listener = bind(&endpoint.client_address, "clients").await?;
+        let (inbox, inbox_receiver) =
+            core_inbox(driver::CORE_INBOX_EVENTS_DEFAULT, counters.clone());
+        let routes = Arc::new(ReplyRoutes::new(
+            routes::ROUTES_MAX_DEFAULT,
+            counters.clone(),
+        ));
+        let status = Arc::new(StatusBoard::new(me));
+        let executor = unreplicated::spawn_unreplicated_executor(
+            KvStore::default(),
+            inbox_receiver,
+            routes.clone(),
+            status.clone(),
+            cluster.protocol.client_table_max,
+        )
+        .map_err(NodeError::Thread)?;
+        let mut servers = JoinSet::new();
+        servers.spawn(report_drops(counters.clone()).in_current_span());
+        servers.spawn(
+            accept_clients(
+                client_listener,
+                Arc::new(ClientPort {
+                    replica: me,
+                    admission: Admission::Unreplicated,
+                    clients,
+                    routes,
+                    status,
+                    inbox: inbox.clone(),
+                    counters: counters.clone(),
+                }),
+            )
+            .in_current_span(),
+        );
+        info!(client_address = %endpoint.client_address, "unreplicated baseline running");
+        let result = serve_until(shutdown, executor, servers, inbox).await;
+        log_counters(&counters);
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+/// Waits for `shutdown` (or the executor thread's unexpected end), then stops the servers and
+/// the executor thread.
+async fn serve_until(
+    shutdown: impl Future<Output = ()>,
+    executor: std::thread::JoinHandle<()>,
+    mut servers: JoinSet<()>,
+    inbox: CoreInbox,
+) -> Result<(), NodeError> {
+    let mut executor = tokio::task::spawn_blocking(move || executor.join());
+    tokio::pin!(shutdown);
+    let result = tokio::select! {
+        () = &mut shutdown => {
+            info!("shutting down");
+            servers.abort_all();
+            // The executor drains the events queued before `Stop`, then exits.
+            let _ = inbox.submit(CoreEvent::Stop).await;
+            drop(inbox);
+            match (&mut executor).await {
+                Ok(Ok(())) => Ok(()),
+                _ => Err(NodeError::ExecutorPanicked),
+            }
+        }
+        joined = &mut executor => {
+            servers.abort_all();
+            match joined {
+                Ok(Ok(())) => Ok(()),
+                _ => Err(NodeError::ExecutorPanicked),
+            }
+        }
+    };
+    // Connection tasks live inside the accept tasks' sets, so aborting the accept tasks ends
+    // them too; wait for that to finish.
+    while servers.join_next().await.is_some() {}
+    result
+}
+
+async fn bind(address: &str, purpose: &'static str) -> Result<TcpListener, NodeError> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| NodeError::Listen {
+            address: address.to_string(),
+            purpose,
+            source,
+        })
+}
+
+/// Builds the USIG the cluster configures, from this replica's secrets.
+pub fn build_usig(
+    cluster: &ClusterConfig,
+    secrets: &ReplicaSecrets,
+    me: ReplicaId,
+) -> Result<Box<dyn Usig>, NodeError> {
+    const FILE: &str = "replica secret file";
+    // Every instance starts at epoch 0; a fresh epoch per restart comes with proactive
+    // recovery, which hands replicas new USIG keys.
+    let identity = UsigIdentity {
+        replica: me,
+        epoch: 0,
+    };
+    let secret = parse_key(FILE, "usig_secret", &secrets.usig_secret)?;
+    match cluster.usig {
+        UsigKind::Hmac => {
+            let keys = secrets
+                .usig_hmac_keys
+                .iter()
+                .enumerate()
+                .map(|(index, text)| parse_key(FILE, &format!("usig_hmac_keys[{index}]"), text))
+                .collect::<Result<Vec<_>, _>>()?;
+            if keys.get(me.0 as usize) != Some(&secret) {
+                return Err(NodeError::Config(format!(
+                    "{FILE}: `usig_secret` differs from `usig_hmac_keys[{me}]`; regenerate with `tessera init --force`"
+                )));
+            }
+            Ok(Box::new(HmacUsig::try_new(identity, keys)?))
+        }
+        UsigKind::Ed25519 => {
+            let public_keys = cluster
+                .replicas
+                .iter()
+                .enumerate()
+                .map(|(index, replica)| {
+                    parse_key(
+                        "cluster.toml",
+                        &format!("replicas[{index}].usig_public_key"),
+                        &replica.usig_public_key,
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Box::new(Ed25519Usig::new(identity, secret, public_keys)?))
+        }
+    }
+}
+
+/// The name `cluster.toml` uses for a USIG backend.
+pub fn usig_name(kind: UsigKind) -> &'static str {
+    match kind {
+        UsigKind::Hmac => "hmac",
+        UsigKind::Ed25519 => "ed25519",
+    }
+}
+
+/// Logs, every [`DROP_REPORT_PERIOD`], what was dropped since the previous report (if anything),
+/// so overload and attacks show up in the log while they happen.
+async fn report_drops(counters: Arc<NodeCounters>) {
+    let mut previous = counters.drop_snapshot();
+    let mut ticker = tokio::time::interval(DROP_REPORT_PERIOD);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let current = counters.drop_snapshot();
+        let increases: Vec<String> = current
+            .iter()
+            .zip(&previous)
+            .filter(|((_, now), (_, before))| now > before)
+            .map(|((name, now), (_, before))| format!("{name}=+{}", now - before))
+            .collect();
+        if !increases.is_empty() {
+            warn!(drops = %increases.join(" "), "dropped in the last {DROP_REPORT_PERIOD:?}");
+        }
+        previous = current;
+    }
+}
+
+fn log_counters(counters: &NodeCounters) {
+    let drops: Vec<String> = counters
+        .drop_snapshot()
+        .into_iter()
+        .filter(|(_, count)| *count > 0)
+        .map(|(name, count)| format!("{name}={count}"))
+        .collect();
+    if drops.is_empty() {
+        info!(
+            peer_frames_received = counters.peer_frames_received_total(),
+            peer_frames_sent = counters.peer_frames_sent_total(),
+            client_requests = counters.client_requests_received_total(),
+            replies = counters.replies_sent_total(),
+            "stopped; nothing was dropped"
+        );
+    } else {
+        warn!(
+            peer_frames_received = counters.peer_frames_received_total(),
+            peer_frames_sent = counters.peer_frames_sent_total(),
+            client_requests = counters.client_requests_received_total(),
+            replies = counters.replies_sent_total(),
+            drops = %drops.join(" "),
+            "stopped"
+        );
     }
 }

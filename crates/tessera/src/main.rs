@@ -1,3 +1,716 @@
-fn main() {
-    println!("Hello, world!");
+//! The `tessera` command: write a cluster, run replicas, run a local cluster, inspect it, and
+//! talk to it (`kv`, `bench`).
+
+mod bench;
+mod kv;
+mod local;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use rand::rngs::OsRng;
+use std::fs::{OpenOptions, Permissions};
+use std::io::{IsTerminal, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+use tessera_node::setup::{generate_cluster, ClusterFiles, ClusterSpec};
+use tessera_types::cluster::{
+    ClientSecrets, ClusterConfig, ReplicaEndpoint, ReplicaSecrets, UsigKind,
+};
+use tessera_types::wire::{ClientToReplica, ReplicaStatus, ReplicaToClient};
+use tessera_types::{ProtocolConfig, ReplicaId};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use local::LocalCluster;
+
+/// How long `tessera up` waits for every client port.
+const UP_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Timeout of one status query.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(1);
+/// Largest status answer accepted.
+const STATUS_FRAME_BYTES_MAX: usize = 1 << 20;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tessera",
+    version,
+    about = "Tessera: intrusion-tolerant replicated services (MinBFT with a trusted USIG counter)",
+    long_about = "Tessera: intrusion-tolerant replicated services (MinBFT with a trusted USIG counter).\n\n\
+                  Quick start:\n  tessera up                      # writes .tessera/ and starts 3 replicas\n  \
+                  tessera kv set hello world      # in another terminal\n  tessera status"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Write a new cluster: cluster.toml plus fresh secret files for every replica and client.
+    Init(InitArgs),
+    /// Run one replica of a cluster until Ctrl-C or SIGTERM.
+    Replica(ReplicaArgs),
+    /// Run the unreplicated baseline (same client port and store, no agreement) on replica 0's
+    /// client address, until Ctrl-C or SIGTERM.
+    Unreplicated(DirArgs),
+    /// Start every replica of a local cluster as child processes (creating the cluster first if
+    /// needed) and keep them running until Ctrl-C.
+    Up(UpArgs),
+    /// Show each replica's view, progress and health.
+    Status(StatusArgs),
+    /// Run one key-value command against the cluster.
+    Kv(kv::KvArgs),
+    /// Benchmark the cluster against the unreplicated baseline.
+    Bench(bench::BenchArgs),
+}
+
+/// USIG backends `tessera init` can configure.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum UsigChoice {
+    /// In-process HMAC-SHA256 (every replica holds every USIG key: testing and measurement).
+    Hmac,
+    /// In-process Ed25519 (public-key certificates; the key lives in the replica process).
+    Ed25519,
+}
+
+impl From<UsigChoice> for UsigKind {
+    fn from(choice: UsigChoice) -> UsigKind {
+        match choice {
+            UsigChoice::Hmac => UsigKind::Hmac,
+            UsigChoice::Ed25519 => UsigKind::Ed25519,
+        }
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct InitArgs {
+    /// Directory to write the cluster into (created if missing).
+    #[arg(long, default_value = ".tessera")]
+    dir: PathBuf,
+    /// Number of replicas.
+    #[arg(long, default_value_t = 3)]
+    n: u32,
+    /// Number of Byzantine replicas to tolerate (MinBFT needs n ≥ 2f+1).
+    #[arg(long, default_value_t = 1)]
+    f: u32,
+    /// USIG backend.
+    #[arg(long, value_enum, default_value_t = UsigChoice::Hmac)]
+    usig: UsigChoice,
+    /// Replica i listens for replicas on 127.0.0.1:BASE+i and for clients on 127.0.0.1:BASE+100+i.
+    #[arg(long, default_value_t = 7000)]
+    base_port: u16,
+    /// Number of client credentials to create (client-<id>.secret.toml, ids from 0).
+    #[arg(long, default_value_t = 4)]
+    clients: u32,
+    /// Replace an existing cluster in --dir (its keys are lost).
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct ReplicaArgs {
+    /// Cluster directory written by `tessera init`.
+    #[arg(long, default_value = ".tessera")]
+    dir: PathBuf,
+    /// Which replica to run (reads replica-<ID>.secret.toml).
+    #[arg(long)]
+    id: u32,
+}
+
+#[derive(clap::Args, Debug)]
+struct DirArgs {
+    /// Cluster directory written by `tessera init`.
+    #[arg(long, default_value = ".tessera")]
+    dir: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+struct UpArgs {
+    /// Cluster directory; a new cluster is written there if it has no cluster.toml.
+    #[arg(long, default_value = ".tessera")]
+    dir: PathBuf,
+    /// Number of replicas (only when creating the cluster).
+    #[arg(long)]
+    n: Option<u32>,
+    /// Byzantine replicas tolerated (only when creating the cluster).
+    #[arg(long)]
+    f: Option<u32>,
+    /// USIG backend (only when creating the cluster).
+    #[arg(long, value_enum)]
+    usig: Option<UsigChoice>,
+    /// First port (only when creating the cluster; see `tessera init --help`).
+    #[arg(long)]
+    base_port: Option<u16>,
+}
+
+#[derive(clap::Args, Debug)]
+struct StatusArgs {
+    /// Cluster directory written by `tessera init`.
+    #[arg(long, default_value = ".tessera")]
+    dir: PathBuf,
+    /// Refresh every second until Ctrl-C.
+    #[arg(long)]
+    watch: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_log_level = match cli.command {
+        Command::Replica(_) | Command::Unreplicated(_) | Command::Up(_) => "info",
+        _ => "warn",
+    };
+    init_logging(default_log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Init(args) => {
+            init(&args)?;
+            println!("Start it with: tessera up --dir {}", args.dir.display());
+            Ok(())
+        }
+        Command::Replica(args) => run_replica(args).await,
+        Command::Unreplicated(args) => run_unreplicated(args).await,
+        Command::Up(args) => up(args).await,
+        Command::Status(args) => status(args).await,
+        Command::Kv(args) => kv::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
+    }
+}
+
+/// Completes on Ctrl-C (SIGINT) or SIGTERM.
+async fn shutdown_signal() {
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(stream) => Some(stream),
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops this process");
+                None
+            }
+        };
+    let sigterm = async {
+        match terminate.as_mut() {
+            Some(stream) => {
+                stream.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = sigterm => {}
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// init
+
+fn replica_secret_path(dir: &Path, id: u32) -> PathBuf {
+    dir.join(format!("replica-{id}.secret.toml"))
+}
+
+fn client_secret_path(dir: &Path, id: u32) -> PathBuf {
+    dir.join(format!("client-{id}.secret.toml"))
+}
+
+/// Writes `contents` to `path` with permissions `mode`, set before any byte is written.
+fn write_file(path: &Path, contents: &str, mode: u32) -> anyhow::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    // `mode` applies only to a new file; an overwritten one keeps its old permissions otherwise.
+    file.set_permissions(Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set permissions of {}", path.display()))?;
+    file.write_all(contents.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn to_toml<T: serde::Serialize>(value: &T) -> anyhow::Result<String> {
+    toml::to_string_pretty(value).context("cannot serialize a cluster file")
+}
+
+/// `tessera init`: writes a cluster and checks it by reading it back.
+fn init(args: &InitArgs) -> anyhow::Result<ClusterConfig> {
+    let cluster_path = args.dir.join("cluster.toml");
+    if cluster_path.exists() && !args.force {
+        bail!(
+            "{} already exists: refusing to overwrite a cluster. Pass --force to replace it \
+             (its keys are lost), or choose another --dir",
+            cluster_path.display()
+        );
+    }
+    let spec = ClusterSpec {
+        protocol: ProtocolConfig {
+            n: args.n,
+            f: args.f,
+            ..ProtocolConfig::default()
+        },
+        usig: args.usig.into(),
+        host: "127.0.0.1".into(),
+        base_port: args.base_port,
+        clients: args.clients,
+    };
+    let files = generate_cluster(&spec, &mut OsRng).context("cannot create this cluster")?;
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("cannot create {}", args.dir.display()))?;
+    if args.force {
+        remove_old_secret_files(&args.dir)?;
+    }
+    write_file(&cluster_path, &files.cluster.to_toml(), 0o644)?;
+    for secrets in &files.replicas {
+        write_file(
+            &replica_secret_path(&args.dir, secrets.replica),
+            &to_toml(secrets)?,
+            0o600,
+        )?;
+    }
+    for secrets in &files.clients {
+        write_file(
+            &client_secret_path(&args.dir, secrets.id),
+            &to_toml(secrets)?,
+            0o600,
+        )?;
+    }
+    let cluster = verify_written(&args.dir, &files)?;
+    println!(
+        "Wrote a cluster of {} replicas (f = {}, {} USIG) and {} client credentials to {}",
+        args.n,
+        args.f,
+        tessera_node::usig_name(cluster.usig),
+        args.clients,
+        args.dir.display()
+    );
+    Ok(cluster)
+}
+
+/// Removes the secret files of a cluster being replaced, so none of its keys linger.
+fn remove_old_secret_files(dir: &Path) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let is_secret = name.ends_with(".secret.toml")
+            && (name.starts_with("replica-") || name.starts_with("client-"));
+        if is_secret {
+            std::fs::remove_file(entry.path())
+                .with_context(|| format!("cannot remove {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads the written files back through the same parsers the replicas and clients use.
+fn verify_written(dir: &Path, files: &ClusterFiles) -> anyhow::Result<ClusterConfig> {
+    let cluster = local::read_cluster(dir)?;
+    if cluster != files.cluster {
+        bail!("cluster.toml does not read back as written");
+    }
+    for id in 0..cluster.replicas.len() as u32 {
+        let secrets = read_replica_secrets(dir, id, &cluster)?;
+        tessera_node::ClientKeys::load(&cluster, &secrets)
+            .context("replica secrets do not match cluster.toml")?;
+        tessera_node::build_usig(&cluster, &secrets, ReplicaId(id))
+            .context("USIG keys do not match cluster.toml")?;
+    }
+    for secrets in &files.clients {
+        let path = client_secret_path(dir, secrets.id);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let parsed = ClientSecrets::from_toml(&text, &cluster)
+            .with_context(|| format!("invalid {}", path.display()))?;
+        if &parsed != secrets {
+            bail!("{} does not read back as written", path.display());
+        }
+    }
+    Ok(cluster)
+}
+
+fn read_replica_secrets(
+    dir: &Path,
+    id: u32,
+    cluster: &ClusterConfig,
+) -> anyhow::Result<ReplicaSecrets> {
+    let path = replica_secret_path(dir, id);
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot read {} (is --id right? the cluster has {} replicas)",
+            path.display(),
+            cluster.replicas.len()
+        )
+    })?;
+    let secrets = ReplicaSecrets::from_toml(&text, cluster)
+        .with_context(|| format!("invalid {}", path.display()))?;
+    if secrets.replica != id {
+        bail!(
+            "{} belongs to replica {}, not {id}",
+            path.display(),
+            secrets.replica
+        );
+    }
+    Ok(secrets)
+}
+
+// ---------------------------------------------------------------------------------------------
+// replica, unreplicated
+
+async fn run_replica(args: ReplicaArgs) -> anyhow::Result<()> {
+    let cluster = local::read_cluster(&args.dir)?;
+    if args.id as usize >= cluster.replicas.len() {
+        bail!(
+            "--id {} is not a replica of this cluster (ids 0..{})",
+            args.id,
+            cluster.replicas.len()
+        );
+    }
+    let secrets = read_replica_secrets(&args.dir, args.id, &cluster)?;
+    tessera_node::run_replica(cluster, secrets, shutdown_signal())
+        .await
+        .with_context(|| format!("replica {} failed", args.id))
+}
+
+async fn run_unreplicated(args: DirArgs) -> anyhow::Result<()> {
+    let cluster = local::read_cluster(&args.dir)?;
+    let secrets = read_replica_secrets(&args.dir, 0, &cluster)?;
+    tessera_node::run_unreplicated(cluster, secrets, shutdown_signal())
+        .await
+        .context("the unreplicated server failed")
+}
+
+// ---------------------------------------------------------------------------------------------
+// up
+
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let cluster_path = args.dir.join("cluster.toml");
+    if cluster_path.exists() {
+        let cluster = local::read_cluster(&args.dir)?;
+        let mismatched = args.n.is_some_and(|n| n != cluster.protocol.n)
+            || args.f.is_some_and(|f| f != cluster.protocol.f)
+            || args
+                .usig
+                .is_some_and(|usig| UsigKind::from(usig) != cluster.usig)
+            || args.base_port.is_some();
+        if mismatched {
+            eprintln!(
+                "note: {} already exists, so --n/--f/--usig/--base-port are ignored; \
+                 run `tessera init --force --dir {}` with them to replace the cluster",
+                cluster_path.display(),
+                args.dir.display()
+            );
+        }
+    } else {
+        let defaults = InitArgs {
+            dir: args.dir.clone(),
+            n: args.n.unwrap_or(3),
+            f: args.f.unwrap_or(1),
+            usig: args.usig.unwrap_or(UsigChoice::Hmac),
+            base_port: args.base_port.unwrap_or(7000),
+            clients: 4,
+            force: false,
+        };
+        init(&defaults)?;
+    }
+    let binary = std::env::current_exe().context("cannot find the tessera executable")?;
+    let mut cluster = LocalCluster::start(&args.dir, &binary)?;
+    if let Err(error) = cluster.wait_ready(UP_READY_TIMEOUT) {
+        let _ = cluster.stop();
+        return Err(error);
+    }
+    print_endpoints(&cluster);
+
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut ticker = tokio::time::interval(Duration::from_millis(250));
+    let mut running = cluster.cluster().replicas.len();
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = ticker.tick() => {
+                for (id, status) in cluster.poll_exits() {
+                    running -= 1;
+                    eprintln!(
+                        "replica {id} exited unexpectedly ({status}); the others keep running. Log: {}",
+                        cluster.log_path(id).display()
+                    );
+                }
+                if running == 0 {
+                    bail!("every replica has exited; see the logs in {}", args.dir.join("logs").display());
+                }
+            }
+        }
+    }
+    println!("Stopping the replicas...");
+    cluster.stop()?;
+    println!("Stopped.");
+    Ok(())
+}
+
+fn print_endpoints(local: &LocalCluster) {
+    let cluster = local.cluster();
+    let dir = local.dir();
+    println!(
+        "Tessera is running: {} replicas, f = {}, MinBFT with the {} USIG",
+        cluster.replicas.len(),
+        cluster.protocol.f,
+        tessera_node::usig_name(cluster.usig)
+    );
+    for replica in &cluster.replicas {
+        println!(
+            "  replica {}  clients {}  replicas {}  pid {}  log {}",
+            replica.id,
+            replica.client_address,
+            replica.replica_address,
+            local
+                .pid(replica.id)
+                .map_or_else(|| "-".into(), |pid| pid.to_string()),
+            local.log_path(replica.id).display()
+        );
+    }
+    let shown_dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    println!("Cluster directory: {}", shown_dir.display());
+    println!("Try:   tessera kv --dir {} set hello world", dir.display());
+    println!("       tessera kv --dir {} get hello", dir.display());
+    println!("       tessera status --dir {}", dir.display());
+    println!("Press Ctrl-C to stop.");
+}
+
+// ---------------------------------------------------------------------------------------------
+// status
+
+/// Asks one replica for its status.
+async fn query_status(address: &str) -> anyhow::Result<ReplicaStatus> {
+    let exchange = async {
+        let stream = TcpStream::connect(address)
+            .await
+            .context("cannot connect")?;
+        let (read_half, mut write_half) = stream.into_split();
+        let request = tessera_types::encode(&ClientToReplica::Status);
+        tessera_node::frame::write_client_frame(&mut write_half, &request).await?;
+        write_half.flush().await?;
+        let mut reader = BufReader::new(read_half);
+        let answer =
+            tessera_node::frame::read_client_frame(&mut reader, STATUS_FRAME_BYTES_MAX).await?;
+        match tessera_types::decode::<ReplicaToClient>(&answer, STATUS_FRAME_BYTES_MAX)? {
+            ReplicaToClient::Status(status) => Ok(status),
+            ReplicaToClient::Error(message) => bail!("replica refused: {message}"),
+            ReplicaToClient::Reply { .. } => bail!("unexpected reply to a status query"),
+        }
+    };
+    tokio::time::timeout(STATUS_TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|_| bail!("no answer within {STATUS_TIMEOUT:?}"))
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let cluster = local::read_cluster(&args.dir)?;
+    if !args.watch {
+        print!("{}", status_table(&cluster).await);
+        return Ok(());
+    }
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            _ = ticker.tick() => {
+                let table = status_table(&cluster).await;
+                // Clear the screen and home the cursor, then redraw.
+                println!("\x1b[2J\x1b[H{table}(refreshing every second; Ctrl-C to stop)");
+                std::io::stdout().flush()?;
+            }
+        }
+    }
+}
+
+async fn status_table(cluster: &ClusterConfig) -> String {
+    let queries = cluster.replicas.iter().map(|replica| {
+        let address = replica.client_address.clone();
+        tokio::spawn(async move { query_status(&address).await })
+    });
+    let mut rows = Vec::new();
+    for (replica, query) in cluster.replicas.iter().zip(queries.collect::<Vec<_>>()) {
+        let answer = match query.await {
+            Ok(answer) => answer,
+            Err(error) => Err(anyhow::anyhow!("status query failed: {error}")),
+        };
+        rows.push((replica, answer));
+    }
+    format_status_table(&rows)
+}
+
+fn format_status_table(rows: &[(&ReplicaEndpoint, anyhow::Result<ReplicaStatus>)]) -> String {
+    let mut table = format!(
+        "{:<7} {:<21} {:<5} {:>5} {:>7} {:>8} {:>13} {:>10} {:>10} {:>8} {:>10}\n",
+        "replica",
+        "address",
+        "state",
+        "view",
+        "primary",
+        "changing",
+        "last executed",
+        "stable",
+        "usig",
+        "pending",
+        "executed"
+    );
+    for (endpoint, answer) in rows {
+        match answer {
+            Ok(status) => table.push_str(&format!(
+                "{:<7} {:<21} {:<5} {:>5} {:>7} {:>8} {:>13} {:>10} {:>10} {:>8} {:>10}\n",
+                endpoint.id,
+                endpoint.client_address,
+                "alive",
+                status.view.0,
+                status.primary.0,
+                if status.view_changing { "yes" } else { "no" },
+                status.last_executed.0,
+                status.stable_checkpoint.0,
+                status.usig_counter,
+                status.pending_requests,
+                status.requests_executed
+            )),
+            Err(error) => table.push_str(&format!(
+                "{:<7} {:<21} {:<5} ({error:#})\n",
+                endpoint.id, endpoint.client_address, "down"
+            )),
+        }
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn init_args(dir: &Path) -> InitArgs {
+        InitArgs {
+            dir: dir.to_path_buf(),
+            n: 3,
+            f: 1,
+            usig: UsigChoice::Hmac,
+            base_port: 7000,
+            clients: 2,
+            force: false,
+        }
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn init_writes_a_cluster_that_reads_back_with_private_secrets() {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().join("cluster");
+        for usig in [UsigChoice::Hmac, UsigChoice::Ed25519] {
+            let args = InitArgs {
+                usig,
+                force: true,
+                ..init_args(&dir)
+            };
+            let cluster = init(&args).unwrap();
+            assert_eq!(cluster.usig, UsigKind::from(usig));
+            assert_eq!(cluster.replicas[2].client_address, "127.0.0.1:7102");
+            for path in [replica_secret_path(&dir, 0), client_secret_path(&dir, 1)] {
+                let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+                assert_eq!(mode, 0o600, "{}", path.display());
+            }
+        }
+        // Keys shared by two parties are equal in both files.
+        let cluster = local::read_cluster(&dir).unwrap();
+        let replica_1 = read_replica_secrets(&dir, 1, &cluster).unwrap();
+        let replica_2 = read_replica_secrets(&dir, 2, &cluster).unwrap();
+        assert_eq!(replica_1.peer_keys[2], replica_2.peer_keys[1]);
+        assert_ne!(replica_1.peer_keys[2], replica_1.peer_keys[0]);
+        let client_text = std::fs::read_to_string(client_secret_path(&dir, 1)).unwrap();
+        let client = ClientSecrets::from_toml(&client_text, &cluster).unwrap();
+        assert_eq!(client.replica_keys[2], replica_2.client_keys[1].key);
+    }
+
+    #[test]
+    fn init_refuses_to_overwrite_without_force() {
+        let temp = tempfile::tempdir().unwrap();
+        init(&init_args(temp.path())).unwrap();
+        let error = init(&init_args(temp.path())).unwrap_err().to_string();
+        assert!(error.contains("--force"), "{error}");
+        let stale = client_secret_path(temp.path(), 1);
+        let args = InitArgs {
+            clients: 1,
+            force: true,
+            ..init_args(temp.path())
+        };
+        init(&args).unwrap();
+        assert!(
+            !stale.exists(),
+            "secrets of the replaced cluster are removed"
+        );
+    }
+
+    #[test]
+    fn init_refuses_too_few_replicas_and_names_the_bound() {
+        let temp = tempfile::tempdir().unwrap();
+        let args = InitArgs {
+            n: 2,
+            ..init_args(temp.path())
+        };
+        let error = format!("{:#}", init(&args).unwrap_err());
+        assert!(error.contains("2f+1"), "{error}");
+        assert!(!temp.path().join("cluster.toml").exists());
+    }
+
+    #[test]
+    fn status_table_shows_down_replicas() {
+        let endpoint = ReplicaEndpoint {
+            id: 0,
+            replica_address: "127.0.0.1:1".into(),
+            client_address: "127.0.0.1:2".into(),
+            metrics_address: String::new(),
+            usig_public_key: String::new(),
+        };
+        let rows = vec![
+            (&endpoint, Ok(ReplicaStatus::default())),
+            (&endpoint, Err(anyhow::anyhow!("connection refused"))),
+        ];
+        let table = format_status_table(&rows);
+        assert!(table.contains("alive"));
+        assert!(
+            table.contains("down") && table.contains("connection refused"),
+            "{table}"
+        );
+    }
 }

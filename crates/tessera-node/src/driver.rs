@@ -1,0 +1,248 @@
+//! The core thread: one dedicated OS thread owns the [`Replica`] and drives it.
+//!
+//! It takes events from a bounded inbox, feeds them to the core with the time in milliseconds
+//! since the node started (a monotonic clock), keeps the timer table (one deadline per
+//! [`Timer`] kind) and carries out the core's actions: each replica message is encoded once and
+//! the same bytes are queued for every destination; replies go to [`ReplyRoutes`]. It never
+//! waits on a socket or a full queue: whatever cannot be queued is dropped and counted, and the
+//! protocol's retransmission recovers it. Signature checks happen before events get here.
+
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tessera_core::{Action, Replica, Timer};
+use tessera_types::{ReplicaId, ReplicaMessage, Request, StateMachine};
+use tracing::{debug, info};
+
+use crate::counters::{DropReason, NodeCounters};
+use crate::routes::{ReplyRoutes, StatusBoard};
+use crate::transport::PeerSender;
+
+/// Default capacity of the core's inbox, in events.
+pub const CORE_INBOX_EVENTS_DEFAULT: usize = 65_536;
+/// Most events handled before the core's actions are carried out.
+const EVENTS_PER_TURN_MAX: usize = 1024;
+/// How often the core publishes its status.
+const STATUS_PERIOD: Duration = Duration::from_millis(100);
+/// How long an event source waits before retrying a full inbox.
+const INBOX_RETRY: Duration = Duration::from_millis(1);
+
+/// An input for the core thread.
+#[derive(Debug)]
+pub enum CoreEvent {
+    /// A request straight from a client (shape already checked).
+    Request(Request),
+    /// A message from a replica, authenticated by its channel.
+    Message {
+        /// The sender.
+        from: ReplicaId,
+        /// The message.
+        message: ReplicaMessage,
+    },
+    /// Stop the thread.
+    Stop,
+}
+
+/// Why an event was not accepted.
+#[derive(Debug, PartialEq, Eq)]
+pub enum InboxError {
+    /// The inbox is full (counted as a drop).
+    Full,
+    /// The core thread has stopped.
+    Closed,
+}
+
+/// The sending side of the core's bounded inbox.
+#[derive(Clone)]
+pub struct CoreInbox {
+    sender: SyncSender<CoreEvent>,
+    counters: Arc<NodeCounters>,
+}
+
+/// Creates the core's inbox.
+pub fn core_inbox(
+    capacity: usize,
+    counters: Arc<NodeCounters>,
+) -> (CoreInbox, Receiver<CoreEvent>) {
+    let (sender, receiver) = std::sync::mpsc::sync_channel(capacity.max(1));
+    (CoreInbox { sender, counters }, receiver)
+}
+
+impl CoreInbox {
+    /// Queues an event if there is room; a full inbox drops and counts it.
+    pub fn try_submit(&self, event: CoreEvent) -> Result<(), InboxError> {
+        match self.sender.try_send(event) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => {
+                self.counters.dropped(DropReason::CoreQueueFull);
+                Err(InboxError::Full)
+            }
+            Err(TrySendError::Disconnected(_)) => Err(InboxError::Closed),
+        }
+    }
+
+    /// Queues an event, waiting while the inbox is full. Used for replica traffic, where
+    /// waiting pushes back on the sender through TCP instead of losing protocol messages.
+    pub async fn submit(&self, mut event: CoreEvent) -> Result<(), InboxError> {
+        loop {
+            match self.sender.try_send(event) {
+                Ok(()) => return Ok(()),
+                Err(TrySendError::Full(returned)) => {
+                    event = returned;
+                    tokio::time::sleep(INBOX_RETRY).await;
+                }
+                Err(TrySendError::Disconnected(_)) => return Err(InboxError::Closed),
+            }
+        }
+    }
+}
+
+/// Where the core thread's outputs go.
+pub struct CoreOutputs {
+    /// Outgoing peer queues.
+    pub peers: PeerSender,
+    /// Reply routing.
+    pub replies: Arc<ReplyRoutes>,
+    /// Status snapshot for the client port.
+    pub status: Arc<StatusBoard>,
+}
+
+/// Starts the core thread. It runs until it receives [`CoreEvent::Stop`] or every inbox
+/// sender is gone.
+pub fn spawn_core_thread<S: StateMachine>(
+    replica: Replica<S>,
+    inbox: Receiver<CoreEvent>,
+    outputs: CoreOutputs,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let id = replica.id();
+    std::thread::Builder::new()
+        .name(format!("tessera-core-{id}"))
+        .spawn(move || {
+            let span = tracing::info_span!("core", replica = %id);
+            let _entered = span.enter();
+            CoreLoop {
+                replica,
+                outputs,
+                clock: Instant::now(),
+                timers: BTreeMap::new(),
+            }
+            .run(inbox);
+        })
+}
+
+struct CoreLoop<S: StateMachine> {
+    replica: Replica<S>,
+    outputs: CoreOutputs,
+    clock: Instant,
+    timers: BTreeMap<Timer, u64>,
+}
+
+impl<S: StateMachine> CoreLoop<S> {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn run(mut self, inbox: Receiver<CoreEvent>) {
+        info!("core thread started");
+        self.replica.start(self.now_ms());
+        self.execute_actions();
+        let mut next_status = Instant::now();
+        loop {
+            self.fire_due_timers();
+            if Instant::now() >= next_status {
+                self.outputs.status.publish(self.replica.status());
+                next_status = Instant::now() + STATUS_PERIOD;
+            }
+            let wait = self.time_until_next_deadline().min(STATUS_PERIOD);
+            let first = match inbox.recv_timeout(wait) {
+                Ok(event) => event,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            if !self.handle(first) {
+                break;
+            }
+            // Drain what is already there, then act once for the whole turn.
+            let mut handled = 1;
+            let mut stop = false;
+            while handled < EVENTS_PER_TURN_MAX {
+                let Ok(event) = inbox.try_recv() else { break };
+                handled += 1;
+                if !self.handle(event) {
+                    stop = true;
+                    break;
+                }
+            }
+            self.execute_actions();
+            if stop {
+                break;
+            }
+        }
+        self.execute_actions();
+        self.outputs.status.publish(self.replica.status());
+        info!(rejections = ?self.replica.rejections(), "core thread stopped");
+    }
+
+    /// Feeds one event to the core; false on `Stop`.
+    fn handle(&mut self, event: CoreEvent) -> bool {
+        let now_ms = self.now_ms();
+        match event {
+            CoreEvent::Request(request) => self.replica.handle_request(now_ms, request),
+            CoreEvent::Message { from, message } => {
+                self.replica.handle_message(now_ms, from, message)
+            }
+            CoreEvent::Stop => return false,
+        }
+        true
+    }
+
+    fn time_until_next_deadline(&self) -> Duration {
+        let now_ms = self.now_ms();
+        match self.timers.values().min() {
+            Some(deadline_ms) => Duration::from_millis(deadline_ms.saturating_sub(now_ms)),
+            None => STATUS_PERIOD,
+        }
+    }
+
+    fn fire_due_timers(&mut self) {
+        // Bounded: each pass removes a timer before firing it; a handler that re-arms with a
+        // past deadline waits for the next turn rather than looping here.
+        let now_ms = self.now_ms();
+        let due: Vec<Timer> = self
+            .timers
+            .iter()
+            .filter(|(_, deadline_ms)| **deadline_ms <= now_ms)
+            .map(|(timer, _)| *timer)
+            .collect();
+        for timer in due {
+            self.timers.remove(&timer);
+            debug!(?timer, "timer fired");
+            self.replica.handle_timer(now_ms, timer);
+        }
+        self.execute_actions();
+    }
+
+    fn execute_actions(&mut self) {
+        for action in self.replica.take_actions() {
+            match action {
+                Action::Send { to, message } => {
+                    let frame = Bytes::from(tessera_types::encode(&message));
+                    self.outputs.peers.send(to, frame);
+                }
+                Action::Broadcast { message } => {
+                    let frame = Bytes::from(tessera_types::encode(&message));
+                    self.outputs.peers.broadcast(frame);
+                }
+                Action::Reply(reply) => self.outputs.replies.deliver(reply),
+                Action::SetTimer { timer, deadline_ms } => {
+                    self.timers.insert(timer, deadline_ms);
+                }
+                Action::CancelTimer(timer) => {
+                    self.timers.remove(&timer);
+                }
+            }
+        }
+    }
+}
