@@ -9,10 +9,12 @@ use crate::shared::{ClientStats, ConnectionState, Shared};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tessera_core::envelope::{decode_results, encode_operations, ENVELOPE_OPERATIONS_MAX};
 use tessera_types::cluster::{ClientSecrets, ClusterConfig};
 use tessera_types::wire::ClientToReplica;
 use tessera_types::{ClientId, ReplicaId, View};
 use tokio::sync::mpsc::{self, error::TrySendError};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -291,6 +293,40 @@ impl Session {
     /// the timeout up to its cap, and fails with [`ClientError::Timeout`] (or
     /// [`ClientError::Rejected`] if a replica refused it) after `request_timeout`.
     pub async fn invoke(&mut self, operation: Vec<u8>) -> Result<Vec<u8>, ClientError> {
+        let mut results = self.invoke_many(vec![operation]).await?;
+        Ok(results
+            .pop()
+            .expect("invoke_many returns one result per operation"))
+    }
+
+    /// Orders and executes several operations as one request (one envelope, one signature:
+    /// `tessera_core::envelope`), in order; returns one result per operation.
+    pub async fn invoke_many(
+        &mut self,
+        operations: Vec<Vec<u8>>,
+    ) -> Result<Vec<Vec<u8>>, ClientError> {
+        let expected = operations.len();
+        if expected == 0 || expected > ENVELOPE_OPERATIONS_MAX {
+            return Err(ClientError::Config(format!(
+                "an envelope holds 1 to {ENVELOPE_OPERATIONS_MAX} operations, not {expected}"
+            )));
+        }
+        let result = self.invoke_envelope(encode_operations(&operations)).await?;
+        match decode_results(&result) {
+            Ok(Ok(results)) if results.len() == expected => Ok(results),
+            Ok(Ok(results)) => Err(ClientError::ResultTooLarge {
+                length: results.iter().map(Vec::len).sum(),
+                limit: tessera_types::limits::MAX_RESULT_BYTES,
+            }),
+            Ok(Err(reason)) => Err(ClientError::Rejected(reason)),
+            Err(error) => Err(ClientError::UnexpectedResult {
+                command: "envelope",
+                detail: error.to_string(),
+            }),
+        }
+    }
+
+    async fn invoke_envelope(&mut self, operation: Vec<u8>) -> Result<Vec<u8>, ClientError> {
         let inner = Arc::clone(&self.inner);
         let shared = &*inner.shared;
         let request_number = self.request_number.checked_add(1).ok_or_else(|| {
@@ -358,5 +394,79 @@ impl Session {
             needed: inner.needed,
             elapsed: started.elapsed(),
         })
+    }
+}
+
+/// Coalesces operations from many concurrent callers into envelopes: each of `lanes` sessions
+/// takes every operation waiting when it becomes free and sends them as one signed request. With
+/// light load an operation travels alone (no added latency); under load, envelopes grow and the
+/// per-operation cost of signing and verifying shrinks. Cloning is cheap; all clones share lanes.
+#[derive(Clone)]
+pub struct Batcher {
+    sender: mpsc::Sender<BatcherItem>,
+}
+
+type BatcherItem = (Vec<u8>, oneshot::Sender<Result<Vec<u8>, ClientError>>);
+
+/// Operations that may wait for a free lane; more make `invoke` wait (backpressure).
+const BATCHER_QUEUE_MAX: usize = 65_536;
+
+impl Client {
+    /// A [`Batcher`] with `lanes` sessions (envelopes in flight at once), each envelope holding
+    /// at most `operations_max` operations. Must be called inside a tokio runtime.
+    pub fn batcher(&self, lanes: usize, operations_max: usize) -> Batcher {
+        let lanes = lanes.max(1);
+        let operations_max = operations_max.clamp(1, ENVELOPE_OPERATIONS_MAX);
+        let (sender, receiver) = mpsc::channel::<BatcherItem>(BATCHER_QUEUE_MAX);
+        let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+        for _ in 0..lanes {
+            let mut session = self.session();
+            let receiver = Arc::clone(&receiver);
+            tokio::spawn(async move {
+                loop {
+                    let mut batch = Vec::new();
+                    {
+                        let mut receiver = receiver.lock().await;
+                        match receiver.recv().await {
+                            Some(item) => batch.push(item),
+                            None => return, // every Batcher clone is gone
+                        }
+                        while batch.len() < operations_max {
+                            match receiver.try_recv() {
+                                Ok(item) => batch.push(item),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    let (operations, replies): (Vec<Vec<u8>>, Vec<_>) = batch.into_iter().unzip();
+                    match session.invoke_many(operations).await {
+                        Ok(results) => {
+                            for (reply, result) in replies.into_iter().zip(results) {
+                                let _ = reply.send(Ok(result));
+                            }
+                        }
+                        Err(error) => {
+                            let reason = error.to_string();
+                            for reply in replies {
+                                let _ = reply.send(Err(ClientError::Rejected(reason.clone())));
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        Batcher { sender }
+    }
+}
+
+impl Batcher {
+    /// Orders and executes one operation, possibly in an envelope with others.
+    pub async fn invoke(&self, operation: Vec<u8>) -> Result<Vec<u8>, ClientError> {
+        let (reply, result) = oneshot::channel();
+        self.sender
+            .send((operation, reply))
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        result.await.map_err(|_| ClientError::Closed)?
     }
 }

@@ -37,7 +37,7 @@ mod pending;
 pub mod request;
 mod shared;
 
-pub use client::{Client, Session};
+pub use client::{Batcher, Client, Session};
 pub use error::ClientError;
 pub use kv::{CasOutcome, KvClient};
 pub use options::ClientOptions;

@@ -207,8 +207,14 @@ async fn serve(
             continue;
         }
         for request in answer {
-            let mut result = b"ok:".to_vec();
-            result.extend_from_slice(&request.operation);
+            // Replicas serve envelopes (tessera_core::envelope): one echo per inner operation.
+            let operations: Vec<Vec<u8>> =
+                tessera_types::decode(&request.operation, 1 << 20).expect("an envelope");
+            let echoes: Vec<Vec<u8>> = operations
+                .iter()
+                .map(|operation| [b"ok:".as_slice(), operation].concat())
+                .collect();
+            let result = tessera_types::encode(&Ok::<_, String>(echoes));
             let mut reply = Reply {
                 replica,
                 client: request.client,

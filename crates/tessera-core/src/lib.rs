@@ -9,9 +9,11 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod envelope;
 pub mod minbft;
 pub mod reply;
 
 pub use auth::RequestAuthenticator;
+pub use envelope::Envelope;
 pub use minbft::{Action, Replica, Timer};
 pub use reply::{ReplyCollector, ReplyOutcome};

@@ -27,8 +27,9 @@ pub mod unreplicated;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use tessera_core::Envelope;
 use tessera_core::Replica;
-use tessera_kv::KvStore;
+use tessera_kv::{KvLimits, KvStore};
 use tessera_types::cluster::{
     parse_key, ClusterConfig, ClusterFileError, ReplicaSecrets, UsigKind,
 };
@@ -117,7 +118,7 @@ pub async fn run_replica(
             cluster.protocol.clone(),
             usig,
             Box::new(authenticator),
-            KvStore::default(),
+            Envelope::new(key_value_store()),
         )?;
         let endpoint = cluster.replica(me);
         let peer_listener = bind(&endpoint.replica_address, "replica traffic").await?;
@@ -239,7 +240,7 @@ pub async fn run_unreplicated(
         ));
         let status = Arc::new(StatusBoard::new(me));
         let executor = unreplicated::spawn_unreplicated_executor(
-            KvStore::default(),
+            Envelope::new(key_value_store()),
             inbox_receiver,
             routes.clone(),
             status.clone(),
@@ -420,4 +421,17 @@ fn log_counters(counters: &NodeCounters) {
             "stopped"
         );
     }
+}
+/// Total bytes the replicated store may hold by default. State transfer still moves the whole
+/// snapshot in one message (`tessera_types::limits::MAX_SNAPSHOT_BYTES`), so the store must stay
+/// below it until issue 4's block transfer lands.
+pub const STORE_TOTAL_BYTES_DEFAULT: u64 = 128 << 20;
+
+/// The key-value store every replica (and the unreplicated baseline) serves, behind envelopes so
+/// a client can put many operations under one signature (`tessera_core::envelope`).
+fn key_value_store() -> KvStore {
+    KvStore::new(KvLimits {
+        total_bytes_max: STORE_TOTAL_BYTES_DEFAULT,
+        ..KvLimits::default()
+    })
 }

@@ -463,9 +463,15 @@ async fn serve_peer(mut stream: TcpStream, context: PeerInboundContext) {
                 }
             };
         context.counters.peer_frame_received();
-        if let ReplicaMessage::Request(request) = &message {
-            // A forwarded request is headed for the primary, which must check its signature:
-            // do it here, in parallel, so the core finds the verdict cached.
+        // Every request a replica commits must carry a valid signature (docs/PROTOCOL.md §3).
+        // Check forwarded requests and the requests inside PREPAREs here, on the IO threads and
+        // in parallel with the core, so the core thread finds the verdicts cached.
+        let requests: &[tessera_types::Request] = match &message {
+            ReplicaMessage::Request(request) => std::slice::from_ref(request),
+            ReplicaMessage::Prepare(prepare) => &prepare.batch,
+            _ => &[],
+        };
+        for request in requests {
             if request.check_shape().is_ok() {
                 NodeAuthenticator::verify_and_remember(&context.clients, &context.cache, request);
             }

@@ -53,9 +53,29 @@ pub struct BenchArgs {
     /// Worker threads of the load generator (1: a single-threaded runtime, leanest on 2 cores).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub load_threads: u32,
+    /// Envelopes in flight when sessions share a batcher (0: every session signs each request
+    /// itself). With N > 0 the load generator behaves like the gateway: operations waiting at the
+    /// same moment travel in one signed envelope (`tessera_core::envelope`).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1024))]
+    pub envelope_lanes: u32,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// How a load session reaches the cluster.
+enum Invoker {
+    Session(tessera_client::Session),
+    Batcher(tessera_client::Batcher),
+}
+
+impl Invoker {
+    async fn invoke(&mut self, operation: Vec<u8>) -> Result<Vec<u8>, tessera_client::ClientError> {
+        match self {
+            Invoker::Session(session) => session.invoke(operation).await,
+            Invoker::Batcher(batcher) => batcher.invoke(operation).await,
+        }
+    }
 }
 
 /// A system the benchmark can measure.
@@ -279,8 +299,17 @@ async fn drive(client: Client, args: &BenchArgs) -> anyhow::Result<Measurement> 
         last_error: None,
     }));
     let mut tasks = Vec::with_capacity(args.clients as usize);
+    let batcher = (args.envelope_lanes > 0).then(|| {
+        client.batcher(
+            args.envelope_lanes as usize,
+            tessera_core::envelope::ENVELOPE_OPERATIONS_MAX,
+        )
+    });
     for index in 0..args.clients {
-        let session = client.session();
+        let session = match &batcher {
+            Some(batcher) => Invoker::Batcher(batcher.clone()),
+            None => Invoker::Session(client.session()),
+        };
         let workload = Workload::new(args, index);
         tasks.push(tokio::spawn(run_session(
             session,
@@ -324,7 +353,7 @@ async fn drive(client: Client, args: &BenchArgs) -> anyhow::Result<Measurement> 
 /// One session's closed loop: a request, its reply, the next request. Requests that complete
 /// inside the measured window are counted.
 async fn run_session(
-    mut session: tessera_client::Session,
+    mut session: Invoker,
     mut workload: Workload,
     measure_from: Instant,
     end: Instant,
@@ -512,7 +541,7 @@ fn json_report(
         .join(",");
     let config = format!(
         "{{\"clients\":{},\"duration_s\":{},\"warmup_s\":{},\"writes\":{},\"key_size\":{},\
-         \"value_size\":{},\"keys\":{},\"seed\":{},\"load_threads\":{},\
+         \"value_size\":{},\"keys\":{},\"seed\":{},\"load_threads\":{},\"envelope_lanes\":{},\
          \"minbft\":{{\"n\":3,\"f\":1,\"usig\":\"hmac\"}}}}",
         args.clients,
         args.duration.as_secs_f64(),
@@ -523,6 +552,7 @@ fn json_report(
         args.keys,
         args.seed,
         args.load_threads,
+        args.envelope_lanes,
     );
     let ratio = match ratio {
         Some(ratio) if ratio.is_finite() => format!("{ratio:.4}"),
