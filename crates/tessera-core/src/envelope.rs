@@ -24,12 +24,23 @@ pub type EnvelopeResult = Result<Vec<Vec<u8>>, String>;
 
 /// Encodes inner operations into one envelope operation.
 pub fn encode_operations(operations: &[Vec<u8>]) -> Vec<u8> {
+    let operations: Vec<&serde_bytes::Bytes> = operations
+        .iter()
+        .map(|operation| serde_bytes::Bytes::new(operation))
+        .collect();
     tessera_types::encode(&operations)
 }
 
 /// Decodes an envelope's result.
 pub fn decode_results(bytes: &[u8]) -> Result<EnvelopeResult, tessera_types::DecodeError> {
-    tessera_types::decode(bytes, MAX_RESULT_BYTES + 64)
+    let results: Result<Vec<serde_bytes::ByteBuf>, String> =
+        tessera_types::decode(bytes, MAX_RESULT_BYTES + 64)?;
+    Ok(results.map(|results| {
+        results
+            .into_iter()
+            .map(serde_bytes::ByteBuf::into_vec)
+            .collect()
+    }))
 }
 
 /// A state machine whose operations are envelopes of the inner machine's operations.
@@ -50,8 +61,9 @@ impl<S: StateMachine> Envelope<S> {
     }
 
     fn execute_envelope(&mut self, operation: &[u8]) -> EnvelopeResult {
-        let operations: Vec<Vec<u8>> = tessera_types::decode(operation, MAX_OPERATION_BYTES)
-            .map_err(|error| format!("malformed envelope: {error}"))?;
+        let operations: Vec<serde_bytes::ByteBuf> =
+            tessera_types::decode(operation, MAX_OPERATION_BYTES)
+                .map_err(|error| format!("malformed envelope: {error}"))?;
         if operations.is_empty() || operations.len() > ENVELOPE_OPERATIONS_MAX {
             return Err(format!(
                 "an envelope holds 1 to {ENVELOPE_OPERATIONS_MAX} operations, not {}",
@@ -76,7 +88,14 @@ impl<S: StateMachine> Envelope<S> {
 
 impl<S: StateMachine> StateMachine for Envelope<S> {
     fn execute(&mut self, operation: &[u8]) -> Vec<u8> {
-        tessera_types::encode(&self.execute_envelope(operation))
+        let results = self.execute_envelope(operation);
+        let results = results.map(|results| {
+            results
+                .into_iter()
+                .map(serde_bytes::ByteBuf::from)
+                .collect::<Vec<_>>()
+        });
+        tessera_types::encode(&results)
     }
 
     fn snapshot(&self) -> Vec<u8> {

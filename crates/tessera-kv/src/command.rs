@@ -13,16 +13,28 @@ use thiserror::Error;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Reads one key. Answers [`Response::Value`].
-    Get { key: Vec<u8> },
+    Get {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
     /// Writes one key. Answers [`Response::Ok`].
-    Set { key: Vec<u8>, value: Vec<u8> },
+    Set {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
     /// Deletes keys. Answers [`Response::Count`]: how many existed (a repeated key counts once).
     Del { keys: Vec<Vec<u8>> },
     /// Answers [`Response::Count`]: how many of `keys` exist (a repeated key counts each time).
     Exists { keys: Vec<Vec<u8>> },
     /// Adds `delta` to a value holding a canonical ASCII decimal `i64` (a missing key is 0).
     /// Answers [`Response::Integer`] with the new value.
-    Incr { key: Vec<u8>, delta: i64 },
+    Incr {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        delta: i64,
+    },
     /// Reads keys. Answers [`Response::Values`], one entry per key in order.
     MGet { keys: Vec<Vec<u8>> },
     /// Writes every pair or none (a repeated key takes its last value). Answers [`Response::Ok`].
@@ -63,7 +75,7 @@ impl Command {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     /// `Get`: the value, or `None` if the key is absent.
-    Value(Option<Vec<u8>>),
+    Value(#[serde(with = "serde_bytes")] Option<Vec<u8>>),
     /// `Set` and `MSet` succeeded.
     Ok,
     /// `Del`: keys deleted; `Exists`: keys existing.

@@ -18,6 +18,7 @@ pub struct Ui {
     /// The USIG counter value; strictly sequential per sender (1, 2, 3, ...).
     pub counter: u64,
     /// Backend-specific proof that `counter` was bound to the certified digest.
+    #[serde(with = "serde_bytes")]
     pub certificate: Vec<u8>,
 }
 
@@ -37,8 +38,10 @@ pub struct Request {
     /// Per-client request number; replicas execute each at most once and in increasing order.
     pub request_number: u64,
     /// The operation, opaque to the protocol and interpreted by the state machine.
+    #[serde(with = "serde_bytes")]
     pub operation: Vec<u8>,
     /// Ed25519 signature over [`Request::digest`].
+    #[serde(with = "serde_bytes")]
     pub signature: Vec<u8>,
     /// `macs[r]` is the MAC of [`Request::digest`] under the key shared by the client and replica `r`.
     pub macs: Vec<[u8; REQUEST_MAC_LEN]>,
@@ -94,6 +97,7 @@ pub struct Reply {
     /// The view in which the request was executed (tells the client who the primary is).
     pub view: View,
     /// The state machine's result.
+    #[serde(with = "serde_bytes")]
     pub result: Vec<u8>,
 }
 
