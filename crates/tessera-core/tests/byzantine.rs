@@ -431,3 +431,40 @@ fn replica_refuses_fewer_than_two_f_plus_one_replicas() {
     )
     .is_ok());
 }
+
+/// Regression (found by the real-process faulty-replica test): one replica's heartbeat claiming a
+/// huge stable checkpoint made correct replicas ask for a state nobody has, forever. A height is
+/// believed only when f+1 replicas claim it.
+#[test]
+fn one_replica_claiming_a_far_checkpoint_does_not_trigger_state_transfer() {
+    let mut cluster = Cluster::new(config(3, 1));
+    let state_requests = Rc::new(RefCell::new(0u32));
+    let counter = state_requests.clone();
+    cluster.filter = Some(Box::new(move |_, _, message| {
+        if matches!(message, ReplicaMessage::StateRequest(_)) {
+            *counter.borrow_mut() += 1;
+        }
+        Fate::Deliver
+    }));
+    let boast = ReplicaMessage::Heartbeat(tessera_types::Heartbeat {
+        replica: ReplicaId(2),
+        view: View(0),
+        head_counter: 0,
+        last_executed: SeqNum(1 << 40),
+        stable_checkpoint: SeqNum(1 << 40),
+    });
+    for _ in 0..20 {
+        cluster.inject(2, 0, boast.clone());
+        cluster.inject(2, 1, boast.clone());
+        cluster.tick(100);
+    }
+    assert_eq!(
+        cluster.invoke(client(1), 1, &set("k", "v"), 5_000),
+        Some(Response::Ok)
+    );
+    assert_eq!(
+        *state_requests.borrow(),
+        0,
+        "no state transfer for a checkpoint only one replica claims"
+    );
+}

@@ -270,7 +270,10 @@ pub struct Replica<S: StateMachine> {
     /// Peers' certified messages kept for retransmission to others.
     store: BTreeMap<(ReplicaId, u64), ReplicaMessage>,
     state_request_ms: Option<u64>,
-    highest_stable_seen: SeqNum,
+    /// Per replica, the highest checkpoint it claimed (heartbeat or CHECKPOINT). Only a height
+    /// that f+1 replicas claim is believed, so one faulty replica cannot send this replica
+    /// chasing a state that does not exist.
+    claimed_checkpoints: Vec<SeqNum>,
 
     // --- requests ---
     /// Primary: requests waiting for a sequence number.
@@ -311,6 +314,7 @@ impl<S: StateMachine> Replica<S> {
             id,
             quorum: config.quorum(),
             suspicions: vec![View(0); config.n as usize],
+            claimed_checkpoints: vec![SeqNum(0); config.n as usize],
             clients,
             config,
             usig,
@@ -349,7 +353,6 @@ impl<S: StateMachine> Replica<S> {
             streams,
             store: BTreeMap::new(),
             state_request_ms: None,
-            highest_stable_seen: SeqNum(0),
             pending: VecDeque::new(),
             pending_keys: HashSet::new(),
             waiting: BTreeMap::new(),
@@ -1152,7 +1155,7 @@ impl<S: StateMachine> Replica<S> {
         if checkpoint.seq.0 > self.stable.seq.0 + 4 * self.config.log_size {
             // Far ahead of anything this replica can reach by retransmission: state transfer
             // (triggered from heartbeats) is the way forward, so do not hold the vote.
-            self.highest_stable_seen = self.highest_stable_seen.max(checkpoint.seq);
+            self.claim_checkpoint(checkpoint.replica, checkpoint.seq);
             return;
         }
         self.record_checkpoint_vote(checkpoint.clone());
@@ -1203,7 +1206,7 @@ impl<S: StateMachine> Replica<S> {
             seq > self.stable.seq,
             "stable checkpoints only move forward"
         );
-        self.highest_stable_seen = self.highest_stable_seen.max(seq);
+        self.claim_checkpoint(self.id, seq);
         match self.own_checkpoints.get(&seq) {
             Some((digest, snapshot)) if *digest == certificate.state_digest => {
                 self.stable_snapshot = snapshot.clone();
@@ -1611,10 +1614,11 @@ impl<S: StateMachine> Replica<S> {
             stable_checkpoint: self.stable.seq,
         }));
         // Far behind the group: the messages needed to catch up are garbage-collected.
-        if self.highest_stable_seen.0 > self.last_executed.0 + self.cp()
-            && self.highest_stable_seen > self.stable.seq
+        let group_checkpoint = self.group_checkpoint();
+        if group_checkpoint.0 > self.last_executed.0 + self.cp()
+            && group_checkpoint > self.stable.seq
         {
-            self.request_state(self.highest_stable_seen);
+            self.request_state(group_checkpoint);
         } else if self.stable.seq > self.last_executed
             && self.now_ms > self.last_progress_ms + 2 * self.config.heartbeat_interval_ms
         {
@@ -1646,12 +1650,20 @@ impl<S: StateMachine> Replica<S> {
                 });
             }
         }
-        if heartbeat.stable_checkpoint > self.highest_stable_seen
-            && heartbeat.stable_checkpoint.0 > self.last_executed.0 + self.config.log_size
-        {
-            // One replica's claim only triggers a request; the reply is checked against f+1 CHECKPOINTs.
-            self.highest_stable_seen = heartbeat.stable_checkpoint;
-        }
+        self.claim_checkpoint(from, heartbeat.stable_checkpoint);
+    }
+
+    fn claim_checkpoint(&mut self, replica: ReplicaId, seq: SeqNum) {
+        let claimed = &mut self.claimed_checkpoints[replica.0 as usize];
+        *claimed = (*claimed).max(seq);
+    }
+
+    /// The highest checkpoint at least f+1 replicas claim to have: at least one of them is
+    /// correct, so a stable checkpoint that high exists.
+    fn group_checkpoint(&self) -> SeqNum {
+        let mut claims = self.claimed_checkpoints.clone();
+        claims.sort_unstable_by(|a, b| b.cmp(a));
+        claims[self.config.f as usize]
     }
 
     // ------------------------------------------------------------------ state transfer

@@ -1,0 +1,157 @@
+//! `tessera up` as a user runs it: it writes a cluster, prints its endpoints, serves `tessera kv`,
+//! and on Ctrl-C stops every replica and exits cleanly.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use support::BINARY;
+
+/// How long `up` may take to print its endpoints.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `up` may take to exit after SIGINT.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `up` process and the replica processes it reported; all are killed if the test fails.
+struct UpGuard {
+    up: Child,
+    replica_pids: Vec<i32>,
+}
+
+impl Drop for UpGuard {
+    fn drop(&mut self) {
+        if matches!(self.up.try_wait(), Ok(None)) {
+            let _ = self.up.kill();
+            let _ = self.up.wait();
+        }
+        // The replicas run in their own process group, so killing `up` does not reach them.
+        for &pid in &self.replica_pids {
+            if process_is_running(pid) {
+                signal(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+fn signal(pid: i32, signal: libc::c_int) {
+    // SAFETY: `kill` has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, signal);
+    }
+}
+
+/// True if `pid` exists and is not a zombie.
+fn process_is_running(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+fn kv(dir: &Path, arguments: &[&str]) -> String {
+    let output = Command::new(BINARY)
+        .arg("kv")
+        .arg("--dir")
+        .arg(dir)
+        .args(arguments)
+        .output()
+        .expect("run tessera kv");
+    assert!(
+        output.status.success(),
+        "tessera kv {arguments:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+#[test]
+fn up_prints_endpoints_and_stops_on_sigint() {
+    let temp = tempfile::tempdir().expect("create a temporary directory");
+    let dir = temp.path().join("cluster");
+    let up = Command::new(BINARY)
+        .args(["up", "--base-port", "21600", "--dir"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start tessera up");
+    let mut guard = UpGuard {
+        up,
+        replica_pids: Vec::new(),
+    };
+    let stdout = guard.up.stdout.take().expect("piped stdout");
+    let (lines_sender, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_sender.send(line).is_err() {
+                return;
+            }
+        }
+    });
+
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let mut printed = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("`up` printed no \"Press Ctrl-C\"; output: {printed:#?}"));
+        if let Some(pid) = line
+            .split_once(" pid ")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .and_then(|pid| pid.parse().ok())
+        {
+            guard.replica_pids.push(pid);
+        }
+        let ready = line.contains("Press Ctrl-C");
+        printed.push(line);
+        if ready {
+            break;
+        }
+    }
+    let text = printed.join("\n");
+    assert_eq!(guard.replica_pids.len(), 3, "three replica pids in {text}");
+    for id in 0..3 {
+        assert!(
+            text.contains(&format!("127.0.0.1:{}", 21_700 + id)),
+            "client endpoint of replica {id} in {text}"
+        );
+    }
+    assert!(text.contains("tessera kv --dir"), "usage hints in {text}");
+
+    assert_eq!(kv(&dir, &["set", "a", "b"]), "OK");
+    assert_eq!(kv(&dir, &["get", "a"]), "\"b\"");
+
+    signal(guard.up.id() as i32, libc::SIGINT);
+    let deadline = Instant::now() + EXIT_TIMEOUT;
+    let status = loop {
+        if let Some(status) = guard.up.try_wait().expect("wait for up") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "`up` did not exit within {EXIT_TIMEOUT:?} of SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "`up` exited with {status}");
+    for &pid in &guard.replica_pids {
+        assert!(!process_is_running(pid), "replica process {pid} still runs");
+    }
+    // The reader thread ends when `up`'s stdout closes, which it has by now.
+    let mut rest = Vec::new();
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(2)) {
+        rest.push(line);
+    }
+    assert!(
+        rest.iter().any(|line| line.contains("Stopped")),
+        "`up` reports that it stopped: {rest:?}"
+    );
+}
