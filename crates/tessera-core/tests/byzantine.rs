@@ -468,3 +468,49 @@ fn one_replica_claiming_a_far_checkpoint_does_not_trigger_state_transfer() {
         "no state transfer for a checkpoint only one replica claims"
     );
 }
+
+/// A VIEW-CHANGE quoting an entry far beyond the sender's high water mark is refused: otherwise
+/// the new primary's plan would cover every sequence number up to it (memory exhaustion).
+#[test]
+fn view_change_quoting_a_sequence_number_beyond_the_high_water_mark_is_refused() {
+    let mut cluster = Cluster::new(config(3, 1));
+    let mut primary_usig = usig_of(0, 3);
+    let mut sender_usig = usig_of(2, 3);
+    let far = forge_prepare(&mut primary_usig, View(0), SeqNum(1 << 40), Vec::new());
+    let commit_ui = sender_usig
+        .create_ui(&commit_certified_digest(ReplicaId(2), &far.header))
+        .unwrap();
+    let commit = Commit {
+        replica: ReplicaId(2),
+        prepare: far.header.clone(),
+        ui: commit_ui,
+    };
+    // The COMMIT comes first in replica 2's stream (the VIEW-CHANGE would wait for it).
+    cluster.inject(2, 1, ReplicaMessage::Commit(commit.clone()));
+    let checkpoint = cluster.replicas[1].stable_checkpoint().clone();
+    let log = vec![tessera_types::LogEntry::Commit {
+        commit,
+        batch: far.batch.clone(),
+    }];
+    let payload = tessera_types::view_change_payload_digest(&checkpoint, &log);
+    let ui = sender_usig
+        .create_ui(&tessera_types::view_change_certified_digest(
+            ReplicaId(2),
+            View(1),
+            &payload,
+        ))
+        .unwrap();
+    let view_change = ReplicaMessage::ViewChange(Arc::new(ViewChange {
+        replica: ReplicaId(2),
+        to_view: View(1),
+        checkpoint,
+        log,
+        new_views: Vec::new(),
+        ui,
+    }));
+    cluster.inject(2, 1, view_change);
+    assert_eq!(
+        cluster.rejections(1, "view-change-entry-beyond-high-water-mark"),
+        1
+    );
+}

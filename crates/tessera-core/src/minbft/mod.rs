@@ -587,6 +587,7 @@ impl<S: StateMachine> Replica<S> {
             authenticator: self.authenticator.as_ref(),
             genesis_digest: self.genesis_digest,
             batch_requests_max: self.config.batch_requests_max,
+            log_size: self.config.log_size,
         }
     }
 

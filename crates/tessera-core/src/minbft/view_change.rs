@@ -72,6 +72,8 @@ pub struct Verifier<'a> {
     pub genesis_digest: Digest,
     /// Largest batch allowed.
     pub batch_requests_max: usize,
+    /// The log size `L`: how far past its stable checkpoint a correct replica ever speaks.
+    pub log_size: u64,
 }
 
 /// Memoized NEW-VIEW checks within one top-level check (a NEW-VIEW may justify many entries).
@@ -207,9 +209,22 @@ impl<'a> Verifier<'a> {
             return Err("view-change-log-anchor");
         }
         let mut expected = first.ui().counter;
+        // (rule) A correct replica never sends anything about a sequence number beyond its stable
+        // checkpoint plus `L` (its high water mark), and the certificate is its latest stable
+        // checkpoint, so every entry lies within it. This also bounds every plan to `L` entries.
+        let high_water_mark = view_change.checkpoint.seq.0.saturating_add(self.log_size);
         for entry in &view_change.log {
             if entry.sender() != sender {
                 return Err("view-change-log-foreign-entry");
+            }
+            let seq = match entry {
+                LogEntry::Prepare(prepare) => prepare.header.seq,
+                LogEntry::Commit { commit, .. } => commit.prepare.seq,
+                LogEntry::Checkpoint(checkpoint) => checkpoint.seq,
+                _ => SeqNum(0),
+            };
+            if seq.0 > high_water_mark {
+                return Err("view-change-entry-beyond-high-water-mark");
             }
             if entry.ui().counter != expected {
                 return Err("view-change-log-gap");
