@@ -2,7 +2,7 @@
 //!
 //! A core is a deterministic state machine: inputs are `handle_*` calls carrying the current
 //! logical time in milliseconds; outputs are [`Action`]s the driver drains with
-//! [`minbft::Replica::drain_actions`] and carries out in order (send, reply, arm or cancel timers).
+//! [`minbft::Replica::take_actions`] and carries out in order (send, reply, arm or cancel timers).
 //! Cores never read the clock, touch sockets or files, or draw randomness, so the same core runs
 //! under the tokio driver (`tessera-node`) and under the deterministic simulator.
 

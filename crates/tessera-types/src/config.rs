@@ -181,7 +181,7 @@ impl ProtocolConfig {
         let view_change_bytes = (self.checkpoint_interval as u128 + self.window as u128)
             * (self.batch_bytes_max as u128 + self.batch_requests_max as u128 * 512);
         if self.batch_bytes_max < crate::limits::MAX_OPERATION_BYTES
-            || view_change_bytes > (crate::limits::MAX_FRAME_BYTES as u128) * 4
+            || view_change_bytes > crate::limits::MAX_FRAME_BYTES as u128
         {
             return refuse(
                 "batch_bytes_max",

@@ -219,6 +219,9 @@ async fn measure_system(
     }
 }
 
+/// First port of the benchmark's clusters (replicas, then clients at +100).
+const BENCH_BASE_PORT: u16 = 7600;
+
 /// Writes a fresh cluster (n=3, f=1, HMAC USIG: `tessera init`'s defaults) into `dir`.
 fn initialise(executable: &Path, dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -227,6 +230,9 @@ fn initialise(executable: &Path, dir: &Path) -> anyhow::Result<()> {
         .arg("--dir")
         .arg(dir)
         .arg("--force")
+        // Away from `tessera up`'s default ports, so a running local cluster does not collide.
+        .arg("--base-port")
+        .arg(BENCH_BASE_PORT.to_string())
         .stdin(Stdio::null())
         .output()
         .context("cannot run `tessera init`")?;
