@@ -1256,16 +1256,7 @@ impl<S: StateMachine> Replica<S> {
             self.own_log.drain(..anchor);
             self.own_sent.drain(..anchor);
         }
-        let oldest_view = self
-            .own_log
-            .iter()
-            .filter_map(|entry| match entry {
-                LogEntry::Prepare(prepare) => Some(prepare.header.view),
-                LogEntry::Commit { commit, .. } => Some(commit.prepare.view),
-                _ => None,
-            })
-            .min()
-            .unwrap_or(self.view);
+        let oldest_view = oldest_agreement_view(self.own_log.iter()).unwrap_or(self.view);
         let current = self.view;
         self.new_views
             .retain(|view, _| *view >= oldest_view || *view == current);
@@ -1328,15 +1319,7 @@ impl<S: StateMachine> Replica<S> {
         let suspicion = &mut self.suspicions[self.id.0 as usize];
         *suspicion = (*suspicion).max(to_view);
         let log: Vec<LogEntry> = self.own_log.iter().cloned().collect();
-        let justified_from = log
-            .iter()
-            .filter_map(|entry| match entry {
-                LogEntry::Prepare(prepare) => Some(prepare.header.view),
-                LogEntry::Commit { commit, .. } => Some(commit.prepare.view),
-                _ => None,
-            })
-            .min()
-            .unwrap_or(to_view);
+        let justified_from = oldest_agreement_view(log.iter()).unwrap_or(to_view);
         let new_views = self
             .new_views
             .range(justified_from..to_view)
@@ -1812,6 +1795,18 @@ impl<S: StateMachine> Replica<S> {
             }
         }
     }
+}
+
+/// The oldest view of any PREPARE or COMMIT among `entries`: the NEW-VIEWs from that view on
+/// justify them in a VIEW-CHANGE and must be kept.
+fn oldest_agreement_view<'a>(entries: impl Iterator<Item = &'a LogEntry>) -> Option<View> {
+    entries
+        .filter_map(|entry| match entry {
+            LogEntry::Prepare(prepare) => Some(prepare.header.view),
+            LogEntry::Commit { commit, .. } => Some(commit.prepare.view),
+            _ => None,
+        })
+        .min()
 }
 
 /// Digest of the replicated state: application state and client table.
