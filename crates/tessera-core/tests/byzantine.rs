@@ -514,3 +514,168 @@ fn view_change_quoting_a_sequence_number_beyond_the_high_water_mark_is_refused()
         1
     );
 }
+
+/// Regression (found in review): a Byzantine replica helps a batch get accepted with its COMMIT,
+/// then certifies a stale CHECKPOINT and anchors its VIEW-CHANGE log there, leaving the COMMIT
+/// out. Anchors must be in-order CHECKPOINTs as seen in the sender's stream, so the VIEW-CHANGE
+/// is refused and the accepted batch cannot be replaced in the next view.
+#[test]
+fn view_change_anchored_at_a_stale_checkpoint_cannot_hide_a_commit() {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    let mut cluster = Cluster::new(config(3, 1));
+    let captured: Rc<RefCell<Option<Prepare>>> = Rc::default();
+    let sink = captured.clone();
+    // Replica 1 never hears from replica 0; replica 2 is played by the test.
+    cluster.filter = Some(Box::new(move |from, to, message| {
+        if from.0 == 0 && to.0 == 1 {
+            if let ReplicaMessage::Prepare(prepare) = message {
+                *sink.borrow_mut() = Some(prepare.clone());
+            }
+            return Fate::Drop;
+        }
+        Fate::Deliver
+    }));
+    cluster.crash(2);
+    let genesis = cluster.replicas[1].stable_checkpoint().clone();
+    let mut byzantine = usig_of(2, 3);
+    let request = sign_request(client(1), 1, set("x", "a").encode());
+    cluster.submit(&request, &[0]);
+    cluster.deliver_all(1000);
+    let prepare = captured.borrow().clone().expect("the primary's PREPARE");
+    // Counter 1: a COMMIT that, with the primary's PREPARE, makes a quorum at replica 0.
+    let commit_ui = byzantine
+        .create_ui(&commit_certified_digest(ReplicaId(2), &prepare.header))
+        .unwrap();
+    let commit = ReplicaMessage::Commit(Commit {
+        replica: ReplicaId(2),
+        prepare: prepare.header.clone(),
+        ui: commit_ui,
+    });
+    cluster.inject(2, 0, commit.clone());
+    cluster.deliver_all(1000);
+    assert_eq!(
+        cluster.replicas[0].last_executed(),
+        SeqNum(1),
+        "replica 0 executed s1"
+    );
+    // Counter 2: a stale CHECKPOINT(0); counter 3: a VIEW-CHANGE anchored at it.
+    let stale_ui = byzantine
+        .create_ui(&checkpoint_certified_digest(
+            ReplicaId(2),
+            SeqNum(0),
+            &genesis.state_digest,
+            View(0),
+        ))
+        .unwrap();
+    let stale = Checkpoint {
+        replica: ReplicaId(2),
+        seq: SeqNum(0),
+        state_digest: genesis.state_digest,
+        view: View(0),
+        ui: stale_ui,
+    };
+    let log = vec![tessera_types::LogEntry::Checkpoint(stale.clone())];
+    let payload = tessera_types::view_change_payload_digest(&genesis, &log);
+    let view_change_ui = byzantine
+        .create_ui(&tessera_types::view_change_certified_digest(
+            ReplicaId(2),
+            View(1),
+            &payload,
+        ))
+        .unwrap();
+    let view_change = ViewChange {
+        replica: ReplicaId(2),
+        to_view: View(1),
+        checkpoint: genesis.clone(),
+        log,
+        new_views: Vec::new(),
+        ui: view_change_ui,
+    };
+    cluster.inject(2, 1, commit);
+    cluster.inject(2, 1, ReplicaMessage::Checkpoint(stale));
+    cluster.inject(2, 1, ReplicaMessage::ViewChange(Arc::new(view_change)));
+    assert_eq!(cluster.rejections(1, "view-change-anchor-out-of-order"), 1);
+    // Replica 1 suspects the primary, but without a valid second VIEW-CHANGE it cannot start
+    // view 1 on its own, so nothing can overwrite what replica 0 executed.
+    cluster.submit(&request, &[1]);
+    cluster.run_for(3000);
+    assert!(
+        cluster.replicas[1].view() == View(0) || cluster.replicas[1].is_view_changing(),
+        "replica 1 must not start a view built on the hidden commit: {:?}",
+        cluster.replicas[1].status()
+    );
+    cluster.assert_histories_agree();
+}
+
+/// Regression (found in review): a primary that never orders one client's request while others
+/// progress must still be replaced; the request timer runs per request, not per progress.
+#[test]
+fn a_primary_censoring_one_client_is_replaced_even_while_others_progress() {
+    let mut cluster = Cluster::new(config(3, 1));
+    let victim = ClientId::new(0, 9);
+    cluster.filter = Some(Box::new(move |_, to, message| match message {
+        ReplicaMessage::Request(request) if to.0 == 0 && request.client == victim => Fate::Drop,
+        _ => Fate::Deliver,
+    }));
+    let censored = sign_request(victim, 1, incr("victim").encode());
+    for number in 1..=20 {
+        cluster.submit(&censored, &[1, 2]);
+        assert!(cluster
+            .invoke(client(1), number, &incr("k"), 5_000)
+            .is_some());
+        cluster.run_for(100);
+    }
+    assert!(
+        cluster.live().all(|replica| replica.view() >= View(1)),
+        "the censoring primary was replaced"
+    );
+}
+
+/// Regression (found in review): a CHECKPOINT near u64::MAX must not make later arithmetic on
+/// the sender's limits overflow.
+#[test]
+fn a_checkpoint_near_the_end_of_the_sequence_space_does_not_overflow() {
+    let mut cluster = Cluster::new(config(3, 1));
+    cluster.crash(2);
+    let mut byzantine = usig_of(2, 3);
+    let seq = SeqNum(u64::MAX / 8 * 8);
+    let digest = cluster.replicas[0].state_digest();
+    let ui = byzantine
+        .create_ui(&checkpoint_certified_digest(
+            ReplicaId(2),
+            seq,
+            &digest,
+            View(0),
+        ))
+        .unwrap();
+    cluster.inject(
+        2,
+        0,
+        ReplicaMessage::Checkpoint(Checkpoint {
+            replica: ReplicaId(2),
+            seq,
+            state_digest: digest,
+            view: View(0),
+            ui,
+        }),
+    );
+    let mut primary = usig_of(0, 3);
+    let prepare = forge_prepare(&mut primary, View(0), SeqNum(1), Vec::new());
+    let ui = byzantine
+        .create_ui(&commit_certified_digest(ReplicaId(2), &prepare.header))
+        .unwrap();
+    cluster.inject(
+        2,
+        0,
+        ReplicaMessage::Commit(Commit {
+            replica: ReplicaId(2),
+            prepare: prepare.header,
+            ui,
+        }),
+    );
+    assert_eq!(
+        cluster.invoke(client(1), 1, &set("a", "b"), 5_000),
+        Some(Response::Ok)
+    );
+}

@@ -27,10 +27,10 @@ pub const REQUEST_MAC_LEN: usize = 16;
 
 /// A client request (paper 004: `<REQUEST, c, seq, op>σc`).
 ///
-/// Authenticated twice: an Ed25519 signature that every replica *can* check, and one MAC per
-/// replica that each replica checks cheaply for itself. The primary checks the signature before
-/// proposing, so a correct primary never orders a request whose signature is bad; backups check
-/// their MAC and fall back to the signature only if the MAC is wrong (see `docs/PROTOCOL.md`).
+/// A request is valid iff its Ed25519 signature is valid: every replica checks it before it
+/// commits a batch containing the request, and the view change applies the same check, so all
+/// correct replicas judge a request alike (`docs/PROTOCOL.md` §3). The per-replica MACs are only a
+/// cheap first filter against garbage, checked before spending a signature verification.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
 pub struct Request {
     /// Who sent it.

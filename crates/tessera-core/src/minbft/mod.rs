@@ -28,7 +28,8 @@ mod clients;
 mod view_change;
 
 pub use clients::{ClientEntry, ClientTable, Freshness};
-pub use view_change::{Memo, NewViewPlan, Verifier};
+use view_change::ANCHOR_NOT_YET_SEEN;
+pub use view_change::{AnchorCheck, AnchorOracle, Memo, NewViewPlan, Verifier};
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::sync::Arc;
@@ -182,7 +183,18 @@ struct PeerStream {
     latest_checkpoint_message: Option<Checkpoint>,
     /// When this replica last asked for the peer's missing messages.
     last_fetch_ms: Option<u64>,
+    /// Highest sequence number any processed PREPARE or COMMIT of the peer spoke about.
+    max_seq_spoken: SeqNum,
+    /// Counters of the peer's in-order CHECKPOINTs (the most recent ones): the only anchors its
+    /// VIEW-CHANGE logs may start from.
+    valid_anchors: BTreeSet<u64>,
+    /// Below this counter the peer's history is unknown here (its stream was resumed after a
+    /// state transfer), so no anchor below it is accepted.
+    history_floor: u64,
 }
+
+/// How many of a peer's in-order CHECKPOINT counters are remembered as anchors.
+const ANCHORS_KEPT: usize = 64;
 
 /// A sequence number being agreed in the current view.
 #[derive(Debug)]
@@ -307,6 +319,7 @@ impl<S: StateMachine> Replica<S> {
         let streams = (0..config.n)
             .map(|_| PeerStream {
                 next_counter: 1,
+                history_floor: 1,
                 ..PeerStream::default()
             })
             .collect();
@@ -588,6 +601,7 @@ impl<S: StateMachine> Replica<S> {
             genesis_digest: self.genesis_digest,
             batch_requests_max: self.config.batch_requests_max,
             log_size: self.config.log_size,
+            anchors: self,
         }
     }
 
@@ -658,7 +672,9 @@ impl<S: StateMachine> Replica<S> {
         let oldest = self.waiting.values().map(|(_, since)| *since).min();
         match oldest {
             Some(since) if self.view_active => {
-                let deadline = since.max(self.last_progress_ms) + self.config.request_timeout_ms;
+                // Each request is timed from when this replica learned of it: progress on other
+                // requests must not let a faulty primary censor this one indefinitely.
+                let deadline = since + self.config.request_timeout_ms;
                 self.set_timer(Timer::Request, deadline);
             }
             _ => self.actions.push(Action::CancelTimer(Timer::Request)),
@@ -669,7 +685,7 @@ impl<S: StateMachine> Replica<S> {
         let Some(oldest) = self.waiting.values().map(|(_, since)| *since).min() else {
             return;
         };
-        let deadline = oldest.max(self.last_progress_ms) + self.config.request_timeout_ms;
+        let deadline = oldest + self.config.request_timeout_ms;
         if self.view_active && self.now_ms >= deadline {
             tracing::info!(
                 replica = self.id.0,
@@ -757,11 +773,13 @@ impl<S: StateMachine> Replica<S> {
         self.own_max_seq = self.own_max_seq.max(seq);
         self.next_prepare_seq = seq.next();
         self.broadcast(ReplicaMessage::Prepare(prepare.clone()));
-        self.add_slot(&prepare);
+        let recorded = self.add_slot(&prepare);
+        debug_assert!(recorded, "a primary never contradicts its own execution");
     }
 
     /// Records a PREPARE this replica accepted, counting the primary's vote and early COMMITs.
-    fn add_slot(&mut self, prepare: &Prepare) {
+    /// Returns false (and records nothing) if it contradicts a batch already executed.
+    fn add_slot(&mut self, prepare: &Prepare) -> bool {
         let header = &prepare.header;
         let key = prepare_key(header);
         let mut voters = BTreeSet::from([header.primary]);
@@ -782,7 +800,7 @@ impl<S: StateMachine> Replica<S> {
                     "PREPARE contradicts an executed batch"
                 );
                 self.reject("divergence");
-                return;
+                return false;
             }
         }
         self.slots.insert(
@@ -794,6 +812,7 @@ impl<S: StateMachine> Replica<S> {
                 voters,
             },
         );
+        true
     }
 
     // ------------------------------------------------------------------ the certified streams
@@ -864,24 +883,46 @@ impl<S: StateMachine> Replica<S> {
 
     fn process_certified(&mut self, message: &Certified) -> Outcome {
         match message {
-            Certified::Prepare(prepare) => self.on_prepare(prepare),
+            Certified::Prepare(prepare) => {
+                let outcome = self.on_prepare(prepare);
+                if matches!(outcome, Outcome::Done) {
+                    self.note_spoken(prepare.header.primary, prepare.header.seq);
+                }
+                outcome
+            }
             Certified::Commit(commit) => {
                 self.on_commit(commit);
+                self.note_spoken(commit.replica, commit.prepare.seq);
                 Outcome::Done
             }
             Certified::Checkpoint(checkpoint) => {
                 self.on_checkpoint(checkpoint);
                 Outcome::Done
             }
-            Certified::ViewChange(view_change) => {
-                self.on_view_change(view_change.clone());
-                Outcome::Done
+            Certified::ViewChange(view_change) => self.on_view_change(view_change.clone()),
+            Certified::NewView(new_view) => self.on_new_view(new_view.clone()),
+        }
+    }
+
+    fn note_spoken(&mut self, sender: ReplicaId, seq: SeqNum) {
+        let stream = &mut self.streams[sender.0 as usize];
+        stream.max_seq_spoken = stream.max_seq_spoken.max(seq);
+    }
+
+    /// A VIEW-CHANGE (possibly quoted in a NEW-VIEW) cannot be judged until the anchors of the
+    /// VIEW-CHANGEs involved are seen: fetch the streams that lag, and let the message wait.
+    fn wait_for_anchors(&mut self, view_changes: &[Arc<ViewChange>]) -> Outcome {
+        for view_change in view_changes {
+            let sender = view_change.replica;
+            if sender == self.id || sender.0 >= self.config.n {
+                continue;
             }
-            Certified::NewView(new_view) => {
-                self.on_new_view(new_view.clone());
-                Outcome::Done
+            let next = self.streams[sender.0 as usize].next_counter;
+            if next <= view_change.ui.counter {
+                self.fetch(sender, next, view_change.ui.counter);
             }
         }
+        Outcome::Blocked
     }
 
     /// Checks shared by PREPARE and COMMIT about the sender's own history.
@@ -892,7 +933,7 @@ impl<S: StateMachine> Replica<S> {
             self.reject("message-for-view-sender-left");
             return false;
         }
-        if header.seq.0 > stream.last_checkpoint.0 + self.cp() {
+        if header.seq.0 > stream.last_checkpoint.0.saturating_add(self.cp()) {
             self.reject("message-beyond-sender-checkpoint");
             return false;
         }
@@ -957,8 +998,9 @@ impl<S: StateMachine> Replica<S> {
             return Outcome::Done;
         }
         self.next_prepare_seq = header.seq.next();
-        self.add_slot(prepare);
-        self.send_commit(prepare);
+        if self.add_slot(prepare) {
+            self.send_commit(prepare);
+        }
         Outcome::Done
     }
 
@@ -1015,7 +1057,10 @@ impl<S: StateMachine> Replica<S> {
                 return;
             }
         }
-        if header.seq.0 > self.stable.seq.0 + 2 * self.config.log_size {
+        // Bounded: at most 2L sequence numbers and n views ahead, per voter.
+        if header.seq.0 > self.stable.seq.0 + 2 * self.config.log_size
+            || header.view.0 > self.view.0.saturating_add(self.config.n as u64)
+        {
             self.reject("commit-too-far-ahead");
             return;
         }
@@ -1150,6 +1195,12 @@ impl<S: StateMachine> Replica<S> {
         stream.last_checkpoint = checkpoint.seq;
         stream.view = stream.view.max(checkpoint.view);
         stream.latest_checkpoint_message = Some(checkpoint.clone());
+        if checkpoint.seq >= stream.max_seq_spoken {
+            stream.valid_anchors.insert(checkpoint.ui.counter);
+            while stream.valid_anchors.len() > ANCHORS_KEPT {
+                stream.valid_anchors.pop_first();
+            }
+        }
         if checkpoint.seq <= self.stable.seq {
             return;
         }
@@ -1366,18 +1417,29 @@ impl<S: StateMachine> Replica<S> {
         }
     }
 
-    fn on_view_change(&mut self, view_change: Arc<ViewChange>) {
+    fn on_view_change(&mut self, view_change: Arc<ViewChange>) -> Outcome {
         let sender = view_change.replica;
         if view_change.to_view <= self.streams[sender.0 as usize].last_view_change {
             self.reject("view-change-not-increasing");
-            return;
+            return Outcome::Done;
         }
-        if let Err(reason) = self
+        match self
             .verifier()
             .check_view_change(&view_change, &mut Memo::default())
         {
-            self.reject(reason);
-            return;
+            Ok(()) => {}
+            Err(ANCHOR_NOT_YET_SEEN) => {
+                let quoted: Vec<Arc<ViewChange>> = view_change
+                    .new_views
+                    .iter()
+                    .flat_map(|new_view| new_view.view_changes.iter().cloned())
+                    .collect();
+                return self.wait_for_anchors(&quoted);
+            }
+            Err(reason) => {
+                self.reject(reason);
+                return Outcome::Done;
+            }
         }
         let stream = &mut self.streams[sender.0 as usize];
         stream.last_view_change = view_change.to_view;
@@ -1399,6 +1461,7 @@ impl<S: StateMachine> Replica<S> {
         }
         self.evaluate_suspicions();
         self.try_send_new_view();
+        Outcome::Done
     }
 
     fn try_send_new_view(&mut self) {
@@ -1445,34 +1508,44 @@ impl<S: StateMachine> Replica<S> {
         self.enter_view(new_view, plan);
     }
 
-    fn on_new_view(&mut self, new_view: Arc<NewView>) {
+    fn on_new_view(&mut self, new_view: Arc<NewView>) -> Outcome {
         let primary = new_view.primary;
-        let stream = &mut self.streams[primary.0 as usize];
-        if new_view.view <= stream.last_new_view {
+        if new_view.view <= self.streams[primary.0 as usize].last_new_view {
             // A second NEW-VIEW for one view: the primary is faulty in that view.
             self.reject("new-view-repeated");
             if new_view.view == self.view {
                 self.suspect_primary();
             }
-            return;
+            return Outcome::Done;
         }
-        stream.last_new_view = new_view.view;
-        stream.view = stream.view.max(new_view.view);
         if new_view.view < self.view || (new_view.view == self.view && self.view_active) {
-            return; // obsolete
+            self.note_new_view(primary, new_view.view);
+            return Outcome::Done; // obsolete
         }
         match self
             .verifier()
             .check_new_view(&new_view, &mut Memo::default())
         {
-            Ok(plan) => self.enter_view(new_view, plan),
+            Ok(plan) => {
+                self.note_new_view(primary, new_view.view);
+                self.enter_view(new_view, plan);
+            }
+            Err(ANCHOR_NOT_YET_SEEN) => return self.wait_for_anchors(&new_view.view_changes),
             Err(reason) => {
+                self.note_new_view(primary, new_view.view);
                 self.reject(reason);
                 if new_view.view == self.view {
                     self.suspect_primary();
                 }
             }
         }
+        Outcome::Done
+    }
+
+    fn note_new_view(&mut self, primary: ReplicaId, view: View) {
+        let stream = &mut self.streams[primary.0 as usize];
+        stream.last_new_view = view;
+        stream.view = stream.view.max(view);
     }
 
     fn enter_view(&mut self, new_view: Arc<NewView>, plan: Arc<NewViewPlan>) {
@@ -1792,7 +1865,31 @@ impl<S: StateMachine> Replica<S> {
                     .retain(|counter, _| *counter > anchor.ui.counter);
                 stream.last_checkpoint = stream.last_checkpoint.max(anchor.seq);
                 stream.view = stream.view.max(anchor.view);
+                // The history before the resume point is unknown here; the resume CHECKPOINT is
+                // taken as an anchor on the word of the replica that sent the state.
+                stream.history_floor = anchor.ui.counter;
+                stream.max_seq_spoken = stream.max_seq_spoken.max(anchor.seq);
+                stream.valid_anchors = BTreeSet::from([anchor.ui.counter]);
             }
+        }
+    }
+}
+
+impl<S: StateMachine> AnchorOracle for Replica<S> {
+    fn check_anchor(&self, sender: ReplicaId, counter: u64) -> AnchorCheck {
+        if sender == self.id {
+            // Own CHECKPOINTs are in order by construction (the barrier, docs/PROTOCOL.md §5).
+            return AnchorCheck::Valid;
+        }
+        let Some(stream) = self.streams.get(sender.0 as usize) else {
+            return AnchorCheck::Invalid;
+        };
+        if counter >= stream.next_counter {
+            AnchorCheck::NotYetSeen
+        } else if counter >= stream.history_floor && stream.valid_anchors.contains(&counter) {
+            AnchorCheck::Valid
+        } else {
+            AnchorCheck::Invalid
         }
     }
 }

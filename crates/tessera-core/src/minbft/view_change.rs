@@ -12,7 +12,7 @@ use std::sync::Arc;
 use tessera_types::{
     batch_digest, checkpoint_certified_digest, new_view_certified_digest,
     view_change_certified_digest, CheckpointCertificate, Digest, LogEntry, NewView, PrepareHeader,
-    Request, SeqNum, View, ViewChange,
+    ReplicaId, Request, SeqNum, View, ViewChange,
 };
 use tessera_usig::Usig;
 
@@ -56,6 +56,28 @@ impl NewViewPlan {
 /// Why a VIEW-CHANGE or NEW-VIEW was refused.
 pub type Reject = &'static str;
 
+/// The verdict for a VIEW-CHANGE whose anchor this replica has not yet seen in its sender's
+/// stream: not a rejection, the message must wait (see [`AnchorCheck::NotYetSeen`]).
+pub const ANCHOR_NOT_YET_SEEN: Reject = "view-change-anchor-not-yet-seen";
+
+/// Answers whether the CHECKPOINT with `counter` from `sender` may anchor a VIEW-CHANGE log.
+pub trait AnchorOracle {
+    /// This replica's verdict.
+    fn check_anchor(&self, sender: ReplicaId, counter: u64) -> AnchorCheck;
+}
+
+/// What this replica knows about a CHECKPOINT used as a log anchor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AnchorCheck {
+    /// Seen in the sender's stream, and no earlier message of the sender spoke about a later
+    /// sequence number: everything relevant after it is in the log.
+    Valid,
+    /// Seen, but out of order (or unknown history): it cannot anchor a log.
+    Invalid,
+    /// This replica has not processed the sender's stream that far yet.
+    NotYetSeen,
+}
+
 /// Borrowed context for checking view-change messages.
 pub struct Verifier<'a> {
     /// Cluster size.
@@ -74,6 +96,8 @@ pub struct Verifier<'a> {
     pub batch_requests_max: usize,
     /// The log size `L`: how far past its stable checkpoint a correct replica ever speaks.
     pub log_size: u64,
+    /// This replica's knowledge of anchors.
+    pub anchors: &'a dyn AnchorOracle,
 }
 
 /// Memoized NEW-VIEW checks within one top-level check (a NEW-VIEW may justify many entries).
@@ -200,13 +224,21 @@ impl<'a> Verifier<'a> {
                 Err("view-change-log-missing")
             };
         };
-        let anchored = match first {
-            _ if first.ui().counter == 1 => true,
-            LogEntry::Checkpoint(checkpoint) => checkpoint.seq <= view_change.checkpoint.seq,
-            _ => false,
-        };
-        if !anchored {
-            return Err("view-change-log-anchor");
+        // (rule) The anchor must be an in-order CHECKPOINT: one that, when this replica processed
+        // it in the sender's stream, was at least every sequence number the sender had spoken
+        // about before it. A stale CHECKPOINT certified later would otherwise let a faulty sender
+        // start its log after a COMMIT and hide it. Only the stream can tell, so this check uses
+        // this replica's stream knowledge; a NEW-VIEW waits until its VIEW-CHANGEs are seen.
+        match first {
+            _ if first.ui().counter == 1 => {}
+            LogEntry::Checkpoint(checkpoint) if checkpoint.seq <= view_change.checkpoint.seq => {
+                match self.anchors.check_anchor(sender, first.ui().counter) {
+                    AnchorCheck::Valid => {}
+                    AnchorCheck::Invalid => return Err("view-change-anchor-out-of-order"),
+                    AnchorCheck::NotYetSeen => return Err(ANCHOR_NOT_YET_SEEN),
+                }
+            }
+            _ => return Err("view-change-log-anchor"),
         }
         let mut expected = first.ui().counter;
         // (rule) A correct replica never sends anything about a sequence number beyond its stable
