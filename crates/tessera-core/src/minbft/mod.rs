@@ -261,6 +261,8 @@ pub struct Replica<S: StateMachine> {
     clients: ClientTable,
     requests_executed: u64,
     last_progress_ms: u64,
+    /// When this replica last sent REQ-VIEW-CHANGE (it resends while the view does not change).
+    suspected_at_ms: u64,
 
     // --- checkpoints ---
     genesis_digest: Digest,
@@ -351,6 +353,7 @@ impl<S: StateMachine> Replica<S> {
             executed_digests: BTreeMap::new(),
             requests_executed: 0,
             last_progress_ms: 0,
+            suspected_at_ms: 0,
             genesis_digest,
             stable: CheckpointCertificate {
                 seq: SeqNum(0),
@@ -669,31 +672,55 @@ impl<S: StateMachine> Replica<S> {
     }
 
     fn arm_request_timer(&mut self) {
-        let oldest = self.waiting.values().map(|(_, since)| *since).min();
-        match oldest {
-            Some(since) if self.view_active => {
-                // Each request is timed from when this replica learned of it: progress on other
-                // requests must not let a faulty primary censor this one indefinitely.
-                let deadline = since + self.config.request_timeout_ms;
-                self.set_timer(Timer::Request, deadline);
-            }
-            _ => self.actions.push(Action::CancelTimer(Timer::Request)),
+        match self.request_deadline() {
+            Some(deadline) => self.set_timer(Timer::Request, deadline),
+            None => self.actions.push(Action::CancelTimer(Timer::Request)),
         }
     }
 
+    /// When the request timer must fire: a waiting request times out `request_timeout_ms` after
+    /// this replica learned of it (progress on other requests must not let a faulty primary
+    /// censor one); once this replica has asked for a view change, it asks again every
+    /// `request_timeout_ms` until the view changes (the request may have been lost). Never in
+    /// the past, so a driver never spins on it.
+    fn request_deadline(&self) -> Option<u64> {
+        let oldest = self.waiting.values().map(|(_, since)| *since).min()?;
+        if !self.view_active {
+            return None;
+        }
+        let timeout = self.config.request_timeout_ms;
+        let deadline = if self.suspicions[self.id.0 as usize] > self.view {
+            self.suspected_at_ms + timeout
+        } else {
+            oldest + timeout
+        };
+        Some(deadline.max(self.now_ms + 1))
+    }
+
     fn on_request_timer(&mut self) {
-        let Some(oldest) = self.waiting.values().map(|(_, since)| *since).min() else {
+        let Some(deadline) = self.request_deadline() else {
             return;
         };
-        let deadline = oldest + self.config.request_timeout_ms;
-        if self.view_active && self.now_ms >= deadline {
-            tracing::info!(
-                replica = self.id.0,
-                view = self.view.0,
-                "request timed out; suspecting the primary"
-            );
-            self.request_view_change(self.view.next());
+        if self.now_ms + 1 < deadline {
+            return; // re-armed meanwhile
         }
+        let suspicion = self.suspicions[self.id.0 as usize];
+        if suspicion > self.view {
+            // Asked already and the view has not changed: the request may have been lost.
+            self.suspected_at_ms = self.now_ms;
+            self.broadcast(ReplicaMessage::ReqViewChange(ReqViewChange {
+                replica: self.id,
+                from_view: self.view,
+                to_view: suspicion,
+            }));
+            return;
+        }
+        tracing::info!(
+            replica = self.id.0,
+            view = self.view.0,
+            "request timed out; suspecting the primary"
+        );
+        self.request_view_change(self.view.next());
     }
 
     // ------------------------------------------------------------------ proposing (primary)
@@ -1326,6 +1353,7 @@ impl<S: StateMachine> Replica<S> {
             return;
         }
         *own = to_view;
+        self.suspected_at_ms = self.now_ms;
         self.broadcast(ReplicaMessage::ReqViewChange(ReqViewChange {
             replica: self.id,
             from_view: self.view,
