@@ -1,0 +1,252 @@
+//! Checkers: what must hold in every run, fed with observations while the run goes and
+//! completed by end-of-run checks. Each failure is a [`Violation`] naming the values involved.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use tessera_crypto::Digest;
+use tessera_types::{ClientId, Reply};
+
+use crate::workload::{Client, Operation};
+
+/// A broken property, with enough detail to start debugging from the seed's trace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Violation {
+    /// Two replicas reported different states after executing up to the same sequence number.
+    StateDivergence {
+        seq: u64,
+        first: (u32, Digest),
+        second: (u32, Digest),
+    },
+    /// Two stable checkpoints at the same sequence number certify different digests.
+    CheckpointDivergence {
+        seq: u64,
+        first: (u32, Digest),
+        second: (u32, Digest),
+    },
+    /// A replica replied to a request number its client never issued.
+    ReplyForUnissuedRequest {
+        replica: u32,
+        client: ClientId,
+        request_number: u64,
+        issued: u64,
+    },
+    /// Replies for one request carry different results (it was executed more than once, or
+    /// differently by different replicas).
+    ConflictingResults {
+        client: ClientId,
+        request_number: u64,
+        first_replica: u32,
+        second_replica: u32,
+    },
+    /// The agreed result does not decode as a key-value response.
+    UndecodableResult {
+        client: ClientId,
+        request_number: u64,
+    },
+    /// A request did not complete within the liveness bound after the heal.
+    NotLive {
+        client: ClientId,
+        request_number: u64,
+        invoke_ms: u64,
+        deadline_ms: u64,
+        completed_ms: Option<u64>,
+    },
+    /// After the heal and the settling period, replicas still differ in progress or state.
+    NotConverged { replicas: Vec<(u32, u64, Digest)> },
+    /// The run hit `events_max` before finishing.
+    EventLimit { events: u64, now_ms: u64 },
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Violation::StateDivergence { seq, first, second } => write!(
+                f,
+                "agreement: replica {} had state {} and replica {} had state {} after seq {seq}",
+                first.0, first.1, second.0, second.1
+            ),
+            Violation::CheckpointDivergence { seq, first, second } => write!(
+                f,
+                "agreement: stable checkpoint at seq {seq} is {} at replica {} but {} at replica {}",
+                first.1, first.0, second.1, second.0
+            ),
+            Violation::ReplyForUnissuedRequest {
+                replica,
+                client,
+                request_number,
+                issued,
+            } => write!(
+                f,
+                "integrity: replica {replica} replied to {client:?} request {request_number}, \
+                 but the client issued only up to {issued}"
+            ),
+            Violation::ConflictingResults {
+                client,
+                request_number,
+                first_replica,
+                second_replica,
+            } => write!(
+                f,
+                "integrity: replicas {first_replica} and {second_replica} gave different results \
+                 for {client:?} request {request_number}"
+            ),
+            Violation::UndecodableResult {
+                client,
+                request_number,
+            } => write!(
+                f,
+                "validity: agreed result for {client:?} request {request_number} is not a kv response"
+            ),
+            Violation::NotLive {
+                client,
+                request_number,
+                invoke_ms,
+                deadline_ms,
+                completed_ms,
+            } => write!(
+                f,
+                "liveness: {client:?} request {request_number} invoked at {invoke_ms} ms, due by \
+                 {deadline_ms} ms, completed at {completed_ms:?}"
+            ),
+            Violation::NotConverged { replicas } => {
+                write!(f, "convergence: replicas differ at the end:")?;
+                for (replica, seq, digest) in replicas {
+                    write!(f, " r{replica}@{seq}={digest}")?;
+                }
+                Ok(())
+            }
+            Violation::EventLimit { events, now_ms } => write!(
+                f,
+                "limit: {events} events processed by {now_ms} ms without finishing"
+            ),
+        }
+    }
+}
+
+/// Observes a run and collects violations.
+#[derive(Default)]
+pub struct Checker {
+    /// seq -> the first (replica, state digest) seen right after executing up to seq.
+    states: BTreeMap<u64, (u32, Digest)>,
+    /// seq -> the first (replica, digest) of a stable checkpoint at seq.
+    checkpoints: BTreeMap<u64, (u32, Digest)>,
+    /// Per replica: the last (last_executed, stable checkpoint seq) observed, to sample changes.
+    last_seen: BTreeMap<u32, (u64, u64)>,
+    /// (client, request number) -> (first replying replica, result).
+    results: BTreeMap<(ClientId, u64), (u32, Vec<u8>)>,
+    /// Everything found so far, in the order found.
+    pub violations: Vec<Violation>,
+}
+
+impl Checker {
+    /// A replica's progress after one of its steps; compares it with every other replica.
+    pub fn observe_progress(
+        &mut self,
+        replica: u32,
+        last_executed: u64,
+        state: Digest,
+        checkpoint: (u64, Digest),
+    ) {
+        let (seen_executed, seen_checkpoint) =
+            self.last_seen.get(&replica).copied().unwrap_or((0, 0));
+        if last_executed != seen_executed {
+            if let Some(violation) = record(&mut self.states, last_executed, replica, state) {
+                self.violations.push(Violation::StateDivergence {
+                    seq: last_executed,
+                    first: violation.0,
+                    second: violation.1,
+                });
+            }
+        }
+        if checkpoint.0 != seen_checkpoint {
+            if let Some(violation) =
+                record(&mut self.checkpoints, checkpoint.0, replica, checkpoint.1)
+            {
+                self.violations.push(Violation::CheckpointDivergence {
+                    seq: checkpoint.0,
+                    first: violation.0,
+                    second: violation.1,
+                });
+            }
+        }
+        self.last_seen
+            .insert(replica, (last_executed, checkpoint.0));
+    }
+
+    /// A reply a replica emitted (before the network touches it).
+    pub fn observe_reply(&mut self, reply: &Reply, client: Option<&Client>) {
+        let issued = client.map_or(0, |client| client.issued);
+        if reply.request_number == 0 || reply.request_number > issued {
+            self.violations.push(Violation::ReplyForUnissuedRequest {
+                replica: reply.replica.0,
+                client: reply.client,
+                request_number: reply.request_number,
+                issued,
+            });
+            return;
+        }
+        let key = (reply.client, reply.request_number);
+        match self.results.get(&key) {
+            None => {
+                self.results
+                    .insert(key, (reply.replica.0, reply.result.clone()));
+            }
+            Some((first_replica, result)) if *result != reply.result => {
+                self.violations.push(Violation::ConflictingResults {
+                    client: reply.client,
+                    request_number: reply.request_number,
+                    first_replica: *first_replica,
+                    second_replica: reply.replica.0,
+                });
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// End of run: every operation completed within the bound after `max(invoke, heal)`.
+    pub fn check_liveness(&mut self, history: &[Operation], heal_ms: u64, bound_ms: u64) {
+        for operation in history {
+            let deadline_ms = operation.invoke_ms.max(heal_ms) + bound_ms;
+            let completed_ms = operation.completion.as_ref().map(|(at, _)| *at);
+            if completed_ms.is_none_or(|at| at > deadline_ms) {
+                self.violations.push(Violation::NotLive {
+                    client: operation.client,
+                    request_number: operation.request_number,
+                    invoke_ms: operation.invoke_ms,
+                    deadline_ms,
+                    completed_ms,
+                });
+            }
+        }
+    }
+
+    /// End of run: all replicas executed up to the same sequence number with the same state.
+    pub fn check_convergence(&mut self, replicas: Vec<(u32, u64, Digest)>) {
+        let first = replicas.first().map(|(_, seq, digest)| (*seq, *digest));
+        if replicas
+            .iter()
+            .any(|(_, seq, digest)| Some((*seq, *digest)) != first)
+        {
+            self.violations.push(Violation::NotConverged { replicas });
+        }
+    }
+}
+
+/// Records `digest` for `seq` from `replica`; returns the conflicting pair if another replica
+/// recorded a different digest there first.
+fn record(
+    map: &mut BTreeMap<u64, (u32, Digest)>,
+    seq: u64,
+    replica: u32,
+    digest: Digest,
+) -> Option<((u32, Digest), (u32, Digest))> {
+    match map.get(&seq) {
+        None => {
+            map.insert(seq, (replica, digest));
+            None
+        }
+        Some(first) if first.1 != digest => Some((*first, (replica, digest))),
+        Some(_) => None,
+    }
+}
