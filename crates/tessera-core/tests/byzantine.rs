@@ -208,6 +208,7 @@ fn garbage_from_a_byzantine_replica_neither_stops_progress_nor_changes_results()
         head_counter: u64::MAX,
         last_executed: SeqNum(u64::MAX),
         stable_checkpoint: SeqNum(u64::MAX),
+        processed: Vec::new(),
     };
     broadcast_from(&mut cluster, 2, &ReplicaMessage::Heartbeat(heartbeat));
     let state_request = StateRequest {
@@ -452,6 +453,7 @@ fn one_replica_claiming_a_far_checkpoint_does_not_trigger_state_transfer() {
         head_counter: 0,
         last_executed: SeqNum(1 << 40),
         stable_checkpoint: SeqNum(1 << 40),
+        processed: Vec::new(),
     });
     for _ in 0..20 {
         cluster.inject(2, 0, boast.clone());

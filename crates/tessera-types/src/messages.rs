@@ -472,6 +472,9 @@ pub struct Heartbeat {
     pub last_executed: SeqNum,
     /// Sender's latest stable checkpoint.
     pub stable_checkpoint: SeqNum,
+    /// For each replica (by id), the next USIG counter the sender expects from it: an
+    /// acknowledgement that lets each replica drop its own messages everyone has processed.
+    pub processed: Vec<u64>,
 }
 
 /// Asks for the state at the sender's latest stable checkpoint (at least `min_seq`).

@@ -285,6 +285,7 @@ fn authentic_attacks(rng: &mut StdRng, sender: &PeerSender, captured: &Captured,
             head_counter: 1 << 40,
             last_executed: SeqNum(1 << 40),
             stable_checkpoint: SeqNum(1 << 40),
+            processed: Vec::new(),
         }),
     );
 }

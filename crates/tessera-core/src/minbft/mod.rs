@@ -274,8 +274,12 @@ pub struct Replica<S: StateMachine> {
     // --- own stream ---
     /// Own certified messages from the anchor on, as quoted in VIEW-CHANGE logs.
     own_log: VecDeque<LogEntry>,
-    /// The same messages in sendable form, for retransmission.
-    own_sent: VecDeque<ReplicaMessage>,
+    /// Own certified messages in sendable form, kept until every peer has acknowledged them
+    /// (heartbeats) or the cap is reached, so a peer that lost one can always fetch it: a gap in
+    /// a sender's stream that nobody can fill would stall that stream at the peer for good.
+    retransmit: BTreeMap<u64, ReplicaMessage>,
+    /// Per peer, the next own counter it reported having to process.
+    peer_acknowledged: Vec<u64>,
     /// Highest sequence number any own PREPARE or COMMIT referred to.
     own_max_seq: SeqNum,
 
@@ -330,6 +334,7 @@ impl<S: StateMachine> Replica<S> {
             quorum: config.quorum(),
             suspicions: vec![View(0); config.n as usize],
             claimed_checkpoints: vec![SeqNum(0); config.n as usize],
+            peer_acknowledged: vec![1; config.n as usize],
             clients,
             config,
             usig,
@@ -364,7 +369,7 @@ impl<S: StateMachine> Replica<S> {
             own_checkpoints: BTreeMap::new(),
             checkpoint_votes: BTreeMap::new(),
             own_log: VecDeque::new(),
-            own_sent: VecDeque::new(),
+            retransmit: BTreeMap::new(),
             own_max_seq: SeqNum(0),
             streams,
             store: BTreeMap::new(),
@@ -560,8 +565,10 @@ impl<S: StateMachine> Replica<S> {
 
     fn append_own(&mut self, entry: LogEntry, message: ReplicaMessage) {
         debug_assert_eq!(entry.ui().counter, self.head_counter() + 1);
+        let entry_counter = entry.ui().counter;
         self.own_log.push_back(entry);
-        self.own_sent.push_back(message);
+        self.retransmit.insert(entry_counter, message);
+        self.trim_retransmit();
     }
 
     /// After every input: retry blocked streams, propose, execute, re-arm the request timer.
@@ -1332,7 +1339,6 @@ impl<S: StateMachine> Replica<S> {
         );
         if let Some(anchor) = anchor {
             self.own_log.drain(..anchor);
-            self.own_sent.drain(..anchor);
         }
         let oldest_view = oldest_agreement_view(self.own_log.iter()).unwrap_or(self.view);
         let current = self.view;
@@ -1652,16 +1658,8 @@ impl<S: StateMachine> Replica<S> {
             .to_counter
             .min(fetch.from_counter.saturating_add(FETCH_MESSAGES_MAX - 1));
         let messages: Vec<ReplicaMessage> = if fetch.stream == self.id {
-            let first = self
-                .own_log
-                .front()
-                .map(|entry| entry.ui().counter)
-                .unwrap_or(1);
-            self.own_sent
-                .iter()
-                .enumerate()
-                .map(|(index, message)| (first + index as u64, message))
-                .filter(|(counter, _)| (fetch.from_counter..=to_counter).contains(counter))
+            self.retransmit
+                .range(fetch.from_counter..=to_counter)
                 .map(|(_, message)| message.clone())
                 .collect()
         } else {
@@ -1697,6 +1695,7 @@ impl<S: StateMachine> Replica<S> {
             head_counter: self.head_counter(),
             last_executed: self.last_executed,
             stable_checkpoint: self.stable.seq,
+            processed: self.processed_counters(),
         }));
         // Far behind the group: the messages needed to catch up are garbage-collected.
         let group_checkpoint = self.group_checkpoint();
@@ -1736,6 +1735,46 @@ impl<S: StateMachine> Replica<S> {
             }
         }
         self.claim_checkpoint(from, heartbeat.stable_checkpoint);
+        if let Some(&acknowledged) = heartbeat.processed.get(self.id.0 as usize) {
+            let head_next = self.head_counter() + 1;
+            let peer = &mut self.peer_acknowledged[from.0 as usize];
+            *peer = (*peer).max(acknowledged.min(head_next));
+            self.trim_retransmit();
+        }
+    }
+
+    /// The next counter this replica expects from every replica (its own: the next it will use).
+    fn processed_counters(&self) -> Vec<u64> {
+        (0..self.config.n)
+            .map(|index| {
+                if index == self.id.0 {
+                    self.head_counter() + 1
+                } else {
+                    self.streams[index as usize].next_counter
+                }
+            })
+            .collect()
+    }
+
+    /// Drops own messages every peer has processed, and the oldest beyond the cap (a dead or
+    /// faulty peer must not pin memory; it catches up by state transfer instead).
+    fn trim_retransmit(&mut self) {
+        let acknowledged = (0..self.config.n)
+            .filter(|index| *index != self.id.0)
+            .map(|index| self.peer_acknowledged[index as usize])
+            .min()
+            .unwrap_or(u64::MAX);
+        while self
+            .retransmit
+            .first_key_value()
+            .is_some_and(|(counter, _)| *counter < acknowledged)
+        {
+            self.retransmit.pop_first();
+        }
+        let cap = 8 * self.config.log_size as usize + 1024;
+        while self.retransmit.len() > cap {
+            self.retransmit.pop_first();
+        }
     }
 
     fn claim_checkpoint(&mut self, replica: ReplicaId, seq: SeqNum) {
