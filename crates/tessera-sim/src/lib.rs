@@ -61,6 +61,7 @@
 
 pub mod check;
 pub mod config;
+pub mod linearizability;
 pub mod rng;
 mod sim;
 pub mod workload;

@@ -526,7 +526,8 @@ impl Simulation {
                 }
                 Action::CancelTimer(timer) => {
                     self.bump_timer(index, timer);
-                }
+                }                Action::Executed { .. } => {}
+
             }
         }
     }

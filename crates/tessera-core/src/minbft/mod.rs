@@ -85,6 +85,19 @@ pub enum Action {
     },
     /// Disarm a timer.
     CancelTimer(Timer),
+    /// A batch was executed at `seq` (an observation: drivers may ignore it). The simulator's
+    /// agreement, validity and at-most-once checkers compare these across replicas.
+    Executed {
+        /// Sequence number of the batch.
+        seq: SeqNum,
+        /// Digest of the batch as ordered.
+        batch_digest: Digest,
+        /// The batch as ordered (shared, not copied).
+        batch: Arc<Vec<Request>>,
+        /// The requests of the batch that were executed (the others were duplicates, executed
+        /// earlier, whose cached reply stands).
+        executed: Vec<(ClientId, u64)>,
+    },
 }
 
 /// How many messages from one sender may wait for their predecessors.
@@ -1127,7 +1140,7 @@ impl<S: StateMachine> Replica<S> {
             }
             let batch = slot.batch.clone();
             let digest = slot.header.batch_digest;
-            self.execute_batch(seq, &batch, digest);
+            self.execute_batch(seq, batch, digest);
             progressed = true;
         }
         if progressed {
@@ -1135,13 +1148,14 @@ impl<S: StateMachine> Replica<S> {
         }
     }
 
-    fn execute_batch(&mut self, seq: SeqNum, batch: &[Request], digest: Digest) {
+    fn execute_batch(&mut self, seq: SeqNum, batch: Arc<Vec<Request>>, digest: Digest) {
         assert_eq!(
             seq,
             self.last_executed.next(),
             "batches execute in sequence order"
         );
-        for request in batch {
+        let mut executed = Vec::with_capacity(batch.len());
+        for request in batch.iter() {
             self.pending_keys
                 .remove(&(request.client, request.request_number));
             if self
@@ -1159,6 +1173,7 @@ impl<S: StateMachine> Replica<S> {
                 continue; // a faulty primary ordered it twice: execute once (paper 004 §4)
             }
             let result = self.state_machine.execute(&request.operation);
+            executed.push((request.client, request.request_number));
             self.clients.record(
                 request.client,
                 ClientEntry {
@@ -1177,6 +1192,12 @@ impl<S: StateMachine> Replica<S> {
                 result,
             }));
         }
+        self.actions.push(Action::Executed {
+            seq,
+            batch_digest: digest,
+            batch,
+            executed,
+        });
         self.last_executed = seq;
         self.executed_digests.insert(seq, digest);
         if seq.0.is_multiple_of(self.cp()) {

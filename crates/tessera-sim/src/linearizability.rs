@@ -1,0 +1,1 @@
+//! Linearizability of the recorded client history (placeholder, being written).
