@@ -11,9 +11,13 @@
 pub mod auth;
 pub mod envelope;
 pub mod minbft;
+#[cfg(feature = "planted-bugs")]
+pub mod planted;
 pub mod reply;
 
 pub use auth::RequestAuthenticator;
 pub use envelope::Envelope;
 pub use minbft::{Action, Replica, Timer};
+#[cfg(feature = "planted-bugs")]
+pub use planted::PlantedBug;
 pub use reply::{ReplyCollector, ReplyOutcome};

@@ -241,8 +241,8 @@ impl<S: StateMachine> CoreLoop<S> {
                 }
                 Action::CancelTimer(timer) => {
                     self.timers.remove(&timer);
-                }                Action::Executed { .. } => {}
-
+                }
+                Action::Executed { .. } => {}
             }
         }
     }

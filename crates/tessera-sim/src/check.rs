@@ -1,13 +1,13 @@
 //! Checkers: what must hold in every run, fed with observations while the run goes and
 //! completed by end-of-run checks. Each failure is a [`Violation`] naming the values involved.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use tessera_crypto::Digest;
-use tessera_types::{ClientId, Reply};
+use tessera_types::{ClientId, Reply, Request};
 
-use crate::workload::{Client, Operation};
+use crate::workload::Operation;
 
 /// A broken property, with enough detail to start debugging from the seed's trace.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,6 +56,28 @@ pub enum Violation {
     NotConverged { replicas: Vec<(u32, u64, Digest)> },
     /// The run hit `events_max` before finishing.
     EventLimit { events: u64, now_ms: u64 },
+    /// Two correct replicas executed different batches at the same sequence number.
+    BatchDivergence {
+        seq: u64,
+        first: (u32, Digest),
+        second: (u32, Digest),
+    },
+    /// A correct replica executed a request no client issued (or one whose operation differs
+    /// from what its client issued under that number).
+    NotIssued {
+        replica: u32,
+        seq: u64,
+        client: ClientId,
+        request_number: u64,
+    },
+    /// A correct replica executed one request twice.
+    ExecutedTwice {
+        replica: u32,
+        client: ClientId,
+        request_number: u64,
+    },
+    /// The client history has no linearization (explanation from the checker).
+    NotLinearizable { explanation: String },
 }
 
 impl fmt::Display for Violation {
@@ -118,8 +140,35 @@ impl fmt::Display for Violation {
             }
             Violation::EventLimit { events, now_ms } => write!(
                 f,
-                "limit: {events} events processed by {now_ms} ms without finishing"
+                "limit: {events} events processed by {now_ms} ms without finishing (or the \
+                 message_bytes_max bound was hit: runaway message growth)"
             ),
+            Violation::BatchDivergence { seq, first, second } => write!(
+                f,
+                "agreement: replica {} executed batch {} at seq {seq} but replica {} executed {}",
+                first.0, first.1, second.0, second.1
+            ),
+            Violation::NotIssued {
+                replica,
+                seq,
+                client,
+                request_number,
+            } => write!(
+                f,
+                "validity: replica {replica} executed {client:?} request {request_number} at seq \
+                 {seq}, which that client never issued"
+            ),
+            Violation::ExecutedTwice {
+                replica,
+                client,
+                request_number,
+            } => write!(
+                f,
+                "integrity: replica {replica} executed {client:?} request {request_number} twice"
+            ),
+            Violation::NotLinearizable { explanation } => {
+                write!(f, "linearizability: {explanation}")
+            }
         }
     }
 }
@@ -135,6 +184,14 @@ pub struct Checker {
     last_seen: BTreeMap<u32, (u64, u64)>,
     /// (client, request number) -> (first replying replica, result).
     results: BTreeMap<(ClientId, u64), (u32, Vec<u8>)>,
+    /// (client, request number) -> digest of every validly signed request a client issued.
+    issued: BTreeMap<(ClientId, u64), BTreeSet<Digest>>,
+    /// seq -> the first (replica, batch digest) a correct replica executed there.
+    batches: BTreeMap<u64, (u32, Digest)>,
+    /// Per correct replica, the requests it executed.
+    executed: BTreeMap<u32, BTreeSet<(ClientId, u64)>>,
+    /// Linearizability checks that ran out of search budget (not violations).
+    pub inconclusive_linearizability: u64,
     /// Everything found so far, in the order found.
     pub violations: Vec<Violation>,
 }
@@ -174,10 +231,23 @@ impl Checker {
             .insert(replica, (last_executed, checkpoint.0));
     }
 
-    /// A reply a replica emitted (before the network touches it).
-    pub fn observe_reply(&mut self, reply: &Reply, client: Option<&Client>) {
-        let issued = client.map_or(0, |client| client.issued);
-        if reply.request_number == 0 || reply.request_number > issued {
+    /// A client issued `request` (validly signed): only such requests may be executed.
+    pub fn observe_issued(&mut self, request: &Request) {
+        self.issued
+            .entry((request.client, request.request_number))
+            .or_default()
+            .insert(request.digest());
+    }
+
+    /// A reply a correct replica emitted (before the network touches it).
+    pub fn observe_reply(&mut self, reply: &Reply) {
+        let key = (reply.client, reply.request_number);
+        if !self.issued.contains_key(&key) {
+            let issued = self
+                .issued
+                .range((reply.client, 0)..=(reply.client, u64::MAX))
+                .next_back()
+                .map_or(0, |((_, number), _)| *number);
             self.violations.push(Violation::ReplyForUnissuedRequest {
                 replica: reply.replica.0,
                 client: reply.client,
@@ -186,7 +256,6 @@ impl Checker {
             });
             return;
         }
-        let key = (reply.client, reply.request_number);
         match self.results.get(&key) {
             None => {
                 self.results
@@ -201,6 +270,67 @@ impl Checker {
                 });
             }
             Some(_) => {}
+        }
+    }
+
+    /// A correct replica executed `batch` at `seq`; `executed` lists the requests of it that
+    /// ran (the others were duplicates). Checks agreement on the batch, validity of every
+    /// request in it, and that nothing runs twice at this replica.
+    pub fn observe_executed(
+        &mut self,
+        replica: u32,
+        seq: u64,
+        batch_digest: Digest,
+        batch: &[Request],
+        executed: &[(ClientId, u64)],
+    ) {
+        if let Some((first, second)) = record(&mut self.batches, seq, replica, batch_digest) {
+            self.violations
+                .push(Violation::BatchDivergence { seq, first, second });
+        }
+        for request in batch {
+            let key = (request.client, request.request_number);
+            let issued = self
+                .issued
+                .get(&key)
+                .is_some_and(|digests| digests.contains(&request.digest()));
+            if !issued {
+                self.violations.push(Violation::NotIssued {
+                    replica,
+                    seq,
+                    client: request.client,
+                    request_number: request.request_number,
+                });
+            }
+        }
+        let done = self.executed.entry(replica).or_default();
+        for &(client, request_number) in executed {
+            if !done.insert((client, request_number)) {
+                self.violations.push(Violation::ExecutedTwice {
+                    replica,
+                    client,
+                    request_number,
+                });
+            }
+        }
+    }
+
+    /// End of run: the client history must be linearizable. Returns the search states explored.
+    pub fn check_linearizability(&mut self, history: &[Operation]) -> u64 {
+        use crate::linearizability::{check_history, Outcome};
+        match check_history(history) {
+            Ok(Outcome::Linearizable(stats)) => stats.states_explored,
+            // Out of search budget is not evidence of a bug: counted, never reported as one.
+            Ok(Outcome::Inconclusive { stats, .. }) => {
+                self.inconclusive_linearizability += 1;
+                stats.states_explored
+            }
+            Err(violation) => {
+                self.violations.push(Violation::NotLinearizable {
+                    explanation: violation.to_string(),
+                });
+                0
+            }
         }
     }
 

@@ -42,8 +42,54 @@ pub struct SimConfig {
     pub settle_ms: u64,
     /// Upper bound on processed events per run (a runaway run is a failure, not a hang).
     pub events_max: u64,
+    /// Upper bound on the bytes of replica messages delivered in a run: runaway message growth
+    /// is a failure, and bounds the wall time of a run whose messages keep growing.
+    pub message_bytes_max: u64,
     /// Keep a readable line per processed event.
     pub trace: bool,
+
+    // --- random network faults (the "chaos" setting) ---
+    /// Draw drops, duplicates and partitions at random during the fault phase. Off in the
+    /// ByzzFuzz grid settings, whose network faults are confined to `network_fault_rounds`.
+    pub random_network_faults: bool,
+    /// Chance, at a network change, that a swizzle starts (links cut one by one, then healed one
+    /// by one in another random order) instead of a group partition, per mille.
+    pub swizzle_per_mille: u32,
+
+    // --- ByzzFuzz rounds ---
+    /// `c`: protocol rounds in which Byzantine replicas tamper with their messages.
+    pub mutation_rounds: u32,
+    /// `d`: protocol rounds whose messages are cut by a random partition.
+    pub network_fault_rounds: u32,
+    /// Sequence-number rounds are drawn from `1..=seq_rounds`.
+    pub seq_rounds: u64,
+    /// View rounds are drawn from `1..=view_rounds`.
+    pub view_rounds: u64,
+
+    // --- Byzantine replicas ---
+    /// How many replicas the adversary controls (the seed picks which).
+    pub byzantine_replicas: u32,
+    /// Chance that the first Byzantine replica runs as Twins (two cores, one identity, one USIG),
+    /// per mille.
+    pub twins_per_mille: u32,
+    /// Chance that the first Byzantine replica is slow but not silent during the fault phase:
+    /// every message it sends is held back by 40–90% of the request timeout, per mille.
+    pub slow_per_mille: u32,
+    /// Byzantine replicas send the same forged result to clients (only meaningful, and only
+    /// harmful, with more than f of them: the f+1 test).
+    pub corrupt_replies: bool,
+
+    // --- crashes and clients ---
+    /// Chance of one crash of a random replica during the fault phase (it restarts before the
+    /// heal with its durable state; in-flight messages to it and its timers are lost), per mille.
+    pub crash_per_mille: u32,
+    /// A rogue client session sends malformed, forged and duplicate requests during the fault
+    /// phase.
+    pub rogue_client: bool,
+
+    /// A deliberate protocol bug planted in every correct replica (proof the checkers can fail).
+    #[cfg(feature = "planted-bugs")]
+    pub planted_bug: Option<tessera_core::PlantedBug>,
 }
 
 impl Default for SimConfig {
@@ -77,8 +123,106 @@ impl Default for SimConfig {
             partition_change_ms_max: 1_000,
             liveness_bound_ms: 30_000,
             settle_ms: 2_000,
-            events_max: 2_000_000,
+            events_max: 200_000,
+            message_bytes_max: 256 << 20,
             trace: false,
+            random_network_faults: true,
+            swizzle_per_mille: 250,
+            mutation_rounds: 0,
+            network_fault_rounds: 0,
+            seq_rounds: 24,
+            view_rounds: 3,
+            byzantine_replicas: 0,
+            twins_per_mille: 0,
+            slow_per_mille: 0,
+            corrupt_replies: false,
+            crash_per_mille: 250,
+            rogue_client: true,
+            #[cfg(feature = "planted-bugs")]
+            planted_bug: None,
+        }
+    }
+}
+
+/// A named campaign setting: the chaos network, or one cell of ByzzFuzz's grid.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Setting {
+    /// Random drops, duplicates, delays, partitions and swizzles during the fault phase, crashes,
+    /// a rogue client; every replica correct.
+    Chaos,
+    /// ByzzFuzz cell: f Byzantine replicas (sometimes Twins, sometimes slow) tampering in `c`
+    /// rounds, `d` rounds cut by partitions, crashes, a rogue client; reordering delays only.
+    Grid {
+        /// Mutation rounds.
+        c: u32,
+        /// Network-fault rounds.
+        d: u32,
+    },
+}
+
+impl Setting {
+    /// The nine grid cells (c, d ∈ {0, 1, 2}) and the chaos setting, in campaign order.
+    pub const ALL: [Setting; 10] = [
+        Setting::Chaos,
+        Setting::Grid { c: 0, d: 0 },
+        Setting::Grid { c: 0, d: 1 },
+        Setting::Grid { c: 0, d: 2 },
+        Setting::Grid { c: 1, d: 0 },
+        Setting::Grid { c: 1, d: 1 },
+        Setting::Grid { c: 1, d: 2 },
+        Setting::Grid { c: 2, d: 0 },
+        Setting::Grid { c: 2, d: 1 },
+        Setting::Grid { c: 2, d: 2 },
+    ];
+
+    /// The setting a campaign over the whole grid gives `seed` (seeds cycle through
+    /// [`Setting::ALL`], so any 10 consecutive seeds cover every cell).
+    pub fn for_seed(seed: u64) -> Setting {
+        Setting::ALL[(seed % Setting::ALL.len() as u64) as usize]
+    }
+
+    /// Parses `chaos` or `cXdY`.
+    pub fn parse(text: &str) -> Option<Setting> {
+        if text == "chaos" {
+            return Some(Setting::Chaos);
+        }
+        let rest = text.strip_prefix('c')?;
+        let (c, d) = rest.split_once('d')?;
+        let (c, d) = (c.parse().ok()?, d.parse().ok()?);
+        (c <= 2 && d <= 2).then_some(Setting::Grid { c, d })
+    }
+
+    /// Applies this setting to `base` (which supplies the cluster size, workload and timing).
+    pub fn apply(self, base: &SimConfig) -> SimConfig {
+        let mut config = base.clone();
+        match self {
+            Setting::Chaos => {
+                config.random_network_faults = true;
+                config.mutation_rounds = 0;
+                config.network_fault_rounds = 0;
+                config.byzantine_replicas = 0;
+            }
+            Setting::Grid { c, d } => {
+                config.random_network_faults = false;
+                config.mutation_rounds = c;
+                config.network_fault_rounds = d;
+                config.byzantine_replicas = config.protocol.f;
+                config.twins_per_mille = 250;
+                config.slow_per_mille = 250;
+                // A reordering network, but no random loss: loss is what the d rounds are for.
+                config.drop_per_mille = 0;
+                config.duplicate_per_mille = 20;
+            }
+        }
+        config
+    }
+}
+
+impl std::fmt::Display for Setting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Setting::Chaos => write!(f, "chaos"),
+            Setting::Grid { c, d } => write!(f, "c{c}d{d}"),
         }
     }
 }
@@ -89,7 +233,7 @@ impl SimConfig {
         self.protocol
             .validate()
             .map_err(|error| format!("protocol: {error}"))?;
-        let checks: [(bool, &str); 9] = [
+        let checks: [(bool, &str); 13] = [
             (
                 (1..=64).contains(&self.clients),
                 "clients must be in 1..=64",
@@ -123,6 +267,25 @@ impl SimConfig {
                 "need 1 <= partition_change_ms_min <= partition_change_ms_max",
             ),
             (self.events_max >= 1, "events_max must be at least 1"),
+            (
+                self.byzantine_replicas < self.protocol.n,
+                "byzantine_replicas must leave at least one correct replica",
+            ),
+            (
+                self.swizzle_per_mille <= 1000
+                    && self.twins_per_mille <= 1000
+                    && self.slow_per_mille <= 1000
+                    && self.crash_per_mille <= 1000,
+                "per-mille chances must be at most 1000",
+            ),
+            (
+                self.mutation_rounds <= 16 && self.network_fault_rounds <= 16,
+                "mutation_rounds and network_fault_rounds must be at most 16",
+            ),
+            (
+                self.seq_rounds >= 1 && self.view_rounds >= 1,
+                "seq_rounds and view_rounds must be at least 1",
+            ),
         ];
         for (holds, message) in checks {
             if !holds {

@@ -1,4 +1,4 @@
-//! Tessera's deterministic simulator (issue 3, version 0).
+//! Tessera's deterministic simulator (issue 3): real protocol cores, a seeded adversary.
 //!
 //! One `u64` seed fixes everything in a run: the client workload, every message delay, drop,
 //! duplicate and reorder, the partitions, and therefore the order in which the **real**
@@ -21,44 +21,49 @@
 //!    every client finished its workload and a settling period passed, or at a hard deadline.
 //! 4. The checkers run at the end and the [`Report`] lists every violation.
 //!
-//! # What v0 covers
+//! # Faults
 //!
-//! - Network faults: per-message random delay (which also reorders), drop, duplicate, and
-//!   replica partitions that come and go during the fault phase. Client links suffer the same
-//!   delays, drops and duplicates but are never partitioned.
-//! - Clients: several sessions, one outstanding request each, a seeded random workload of
-//!   `set`/`get`/`incr`/`cas` over a few keys, first sent to the believed primary and
-//!   retransmitted to every replica on timeout, completed on f+1 matching replies
-//!   ([`tessera_core::ReplyCollector`]). A history of invoke/ok events with logical times.
-//! - Checkers (see [`check`]): agreement by state digest at equal progress and by stable
-//!   checkpoint digest at equal sequence number; integrity of replies (only for issued request
-//!   numbers, one result per request); convergence of all replicas after the heal phase; bounded
-//!   liveness (every request completes within `liveness_bound_ms` of the later of its invocation
-//!   and the heal).
+//! - **Network** ([`Setting::Chaos`]): per-message random delay (which also reorders), drop,
+//!   duplicate, group partitions that come and go, and swizzles (links cut one by one, healed one
+//!   by one in another random order) during the fault phase. Client links suffer delays, drops
+//!   and duplicates but are never partitioned.
+//! - **ByzzFuzz rounds** ([`Setting::Grid`]): `c` protocol rounds (a sequence number or a view,
+//!   see [`adversary::Round`]) in which Byzantine replicas tamper with their messages, and `d`
+//!   rounds whose messages are cut by a random partition; c, d ∈ {0, 1, 2}.
+//! - **Byzantine replicas** ([`adversary`]): f replicas run the real core behind an adversary
+//!   that, per receiver, passes, withholds, replays, forges (mutated under the old UI) or
+//!   re-certifies (mutated under a fresh UI from the replica's own USIG) each message of a
+//!   mutation round: small-scope mutations of view, sequence number, counter, digests, batch
+//!   contents, VIEW-CHANGE logs, NEW-VIEW certificates and state snapshots, and lies in
+//!   heartbeats. Sometimes the Byzantine replica is slow but not silent (every message held
+//!   back by 40–90% of the request timeout), sometimes it runs as **Twins**: two cores with one
+//!   identity sharing one USIG, each peer talking to one of them.
+//! - **Crashes**: a replica (any) stops for a while and restarts with its durable state; messages
+//!   to it meanwhile are lost, timers that expired fire on restart.
+//! - **A rogue client** sends requests forged in honest sessions' names, badly signed requests,
+//!   validly signed garbage, far-future request numbers and replays of its own requests.
 //!
-//! # Known limitation of the agreement check
+//! # Checkers (every run; see [`check`] and [`linearizability`])
 //!
-//! The core exposes no hook for executed batches, so agreement is checked on what *is*
-//! observable: the state digest a replica reports whenever its `last_executed` changes (a step
-//! that executes several batches only shows the last one), and the stable checkpoint
-//! certificates. Two replicas that executed different batches at sequence `s` are caught only if
-//! the difference shows in the state at a sampled sequence number. The core should expose an
-//! `Action::Executed { seq, view, batch_digest }` (or an observer the driver may ignore) so the
-//! simulator can compare batch digests at every sequence number and check validity (only issued
-//! requests executed) and at-most-once execution directly.
+//! Agreement (no two correct replicas execute different batches at one sequence number, via the
+//! core's `Action::Executed`; equal state digests at equal progress and at every stable
+//! checkpoint), validity (correct replicas execute only validly signed requests some client
+//! issued), integrity (no correct replica executes a request twice; replies for one request
+//! agree), linearizability of the client history (per key, Wing–Gong/Lowe search), bounded
+//! liveness (every request completes within `liveness_bound_ms` of the later of its invocation
+//! and the heal), convergence of all replicas at the end when every replica is correct, and no
+//! runaway runs (`events_max`).
 //!
-//! # What issue 3 still needs
+//! # Proof the checkers can fail
 //!
-//! Byzantine replicas (small-scope mutations of view, sequence number, counter, digest, batch;
-//! replay; equivocation to different replicas; withholding; slow primary), Twins sharing one USIG,
-//! malformed and duplicate client requests, the ByzzFuzz grid of `c` mutation and `d`
-//! network-fault rounds, crashes and restarts, swizzle-clogging, storage faults, the batch-level
-//! agreement/validity hooks above, a per-key Wing–Gong/Lowe linearizability checker over the
-//! recorded history, the planted-bug catalogue behind a feature flag, and a CI campaign of 500+
-//! seeds over the grid.
+//! The core's planted-bug catalogue (`tessera-core` feature `planted-bugs`, never enabled in a
+//! production build) is run by the `tessera-planted` test crate: each bug must be caught within
+//! a stated number of seeds. `tests/campaign.rs` shows that f+1 colluding Byzantine replicas are
+//! caught on every seed.
 
 #![forbid(unsafe_code)]
 
+pub mod adversary;
 pub mod check;
 pub mod config;
 pub mod linearizability;
@@ -67,8 +72,8 @@ mod sim;
 pub mod workload;
 
 pub use check::Violation;
-pub use config::SimConfig;
-pub use sim::{Report, Simulation};
+pub use config::{Setting, SimConfig};
+pub use sim::{FaultPlan, Report, Role, Simulation};
 
 /// Runs one seed with `config` and returns its report.
 pub fn run_seed(config: &SimConfig, seed: u64) -> Report {

@@ -1,11 +1,12 @@
 //! `tessera-sim`: replay one seed (`--seed S`, optionally `--trace`) or run a campaign
-//! (`--seeds N` starting at `--first-seed`).
+//! (`--seeds N` starting at `--first-seed`). Without `--setting`, seed `s` runs in
+//! `Setting::for_seed(s)`: campaigns cycle through the chaos setting and the nine ByzzFuzz cells.
 
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::Parser;
-use tessera_sim::{run_seed, Report, SimConfig};
+use tessera_sim::{run_seed, Report, Setting, SimConfig};
 
 #[derive(Parser, Debug)]
 #[command(about = "Deterministic simulation of Tessera's MinBFT replicas on a faulty network")]
@@ -34,6 +35,23 @@ struct Arguments {
     /// How long a run continues after the last completion so lagging replicas catch up.
     #[arg(long, default_value_t = 2_000)]
     settle_ms: u64,
+    /// Run every seed in this setting (`chaos` or `cXdY` with X, Y in 0..=2) instead of
+    /// cycling through all ten.
+    #[arg(long, value_parser = parse_setting)]
+    setting: Option<Setting>,
+    /// Stop a run after this many events (a runaway run is reported, not waited for).
+    #[arg(long)]
+    events_max: Option<u64>,
+    /// Plant this bug of the core's catalogue in every correct replica (builds with
+    /// `--features planted-bugs` only).
+    #[cfg(feature = "planted-bugs")]
+    #[arg(long)]
+    plant: Option<String>,
+}
+
+fn parse_setting(text: &str) -> Result<Setting, String> {
+    Setting::parse(text)
+        .ok_or_else(|| format!("unknown setting {text:?}: use chaos or cXdY with X, Y in 0..=2"))
 }
 
 fn main() -> ExitCode {
@@ -44,18 +62,42 @@ fn main() -> ExitCode {
     config.clients = arguments.clients;
     config.operations_per_client = arguments.operations;
     config.settle_ms = arguments.settle_ms;
+    if let Some(events_max) = arguments.events_max {
+        config.events_max = events_max;
+    }
+    #[cfg(feature = "planted-bugs")]
+    if let Some(name) = &arguments.plant {
+        let bug = tessera_core::PlantedBug::ALL
+            .into_iter()
+            .find(|bug| bug.name() == name);
+        let Some(bug) = bug else {
+            let names: Vec<&str> = tessera_core::PlantedBug::ALL
+                .iter()
+                .map(|bug| bug.name())
+                .collect();
+            eprintln!(
+                "error: unknown planted bug {name:?}; known: {}",
+                names.join(", ")
+            );
+            return ExitCode::FAILURE;
+        };
+        config.planted_bug = Some(bug);
+    }
     if let Err(error) = config.validate() {
         eprintln!("error: {error}");
         return ExitCode::FAILURE;
     }
+    let setting = arguments.setting;
     match (arguments.seed, arguments.seeds) {
         (Some(seed), _) => {
             config.trace = arguments.trace;
-            let report = run_seed(&config, seed);
+            let setting = setting.unwrap_or(Setting::for_seed(seed));
+            let report = run_seed(&setting.apply(&config), seed);
+            println!("setting {setting}");
             print_report(&report, arguments.trace);
             exit_code(report.passed())
         }
-        (None, Some(count)) => campaign(&config, arguments.first_seed, count),
+        (None, Some(count)) => campaign(&config, setting, arguments.first_seed, count),
         (None, None) => {
             eprintln!("error: pass --seed S to replay one run or --seeds N for a campaign");
             ExitCode::FAILURE
@@ -63,13 +105,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn campaign(config: &SimConfig, first_seed: u64, count: u64) -> ExitCode {
+fn campaign(config: &SimConfig, setting: Option<Setting>, first_seed: u64, count: u64) -> ExitCode {
     let started = Instant::now();
     let mut failing = Vec::new();
     for seed in first_seed..first_seed.saturating_add(count) {
-        let report = run_seed(config, seed);
+        let setting = setting.unwrap_or(Setting::for_seed(seed));
+        let report = run_seed(&setting.apply(config), seed);
         if !report.passed() {
-            println!("seed {seed} FAILED:");
+            println!("seed {seed} ({setting}) FAILED:");
             for violation in &report.violations {
                 println!("  {violation}");
             }
@@ -112,18 +155,43 @@ fn print_report(report: &Report, trace: bool) {
         stats.invoked, stats.completed, stats.retransmissions
     );
     println!(
-        "  timers armed with a deadline already passed: {}",
-        stats.past_deadline_timers
+        "  timers armed with a deadline already passed: {}; round-cut messages {}; swizzles {}; \
+         crashes {} (messages lost to them {}); rogue requests {}",
+        stats.past_deadline_timers,
+        stats.round_cut,
+        stats.swizzles,
+        stats.crashes,
+        stats.lost_to_crash,
+        stats.rogue_requests
     );
-    for (index, (view, executed, stable)) in report.replicas.iter().enumerate() {
+    let faults = &report.faults;
+    println!(
+        "  faults: byzantine {:?}, twins {:?}, slow {:?}, mutation rounds {:?}, network rounds \
+         {:?}, crash {:?}",
+        faults.byzantine,
+        faults.twins,
+        faults.slow,
+        faults.mutation_rounds,
+        faults.network_rounds,
+        faults.crash
+    );
+    println!("  adversary: {:?}", report.adversary);
+    for (index, (id, role, view, executed, stable)) in report.replicas.iter().enumerate() {
         println!(
-            "  replica {index}: view {view}, last executed {executed}, stable checkpoint {stable}, \
-             rejected {:?}",
+            "  node {index} (replica {id}, {role:?}): view {view}, last executed {executed}, \
+             stable checkpoint {stable}, rejected {:?}",
             report.rejections[index]
         );
     }
+    println!(
+        "  linearizability search explored {} states",
+        report.linearizability_states
+    );
     if report.passed() {
-        println!("  PASSED: agreement, integrity, convergence, liveness");
+        println!(
+            "  PASSED: agreement, validity, integrity, checkpoints, linearizability, \
+             convergence, liveness"
+        );
     } else {
         for violation in &report.violations {
             println!("  VIOLATION {violation}");

@@ -10,6 +10,12 @@ use rand_core::{RngCore, SeedableRng};
 pub const STREAM_NETWORK: u64 = 1;
 /// Stream for the client workload.
 pub const STREAM_WORKLOAD: u64 = 2;
+/// Stream for the fault plan: Byzantine replicas, Twins, rounds, crashes.
+pub const STREAM_FAULTS: u64 = 3;
+/// Stream for the adversary's choices.
+pub const STREAM_ADVERSARY: u64 = 4;
+/// Stream for the rogue client.
+pub const STREAM_ROGUE: u64 = 5;
 
 /// A seeded random stream with the few draws the simulator needs.
 #[derive(Clone, Debug)]

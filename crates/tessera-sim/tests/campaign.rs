@@ -1,7 +1,24 @@
-//! The simulator's own guarantees: runs replay exactly from their seed, and a small campaign
-//! over a faulty network passes every checker.
+//! The simulator's own guarantees: runs replay exactly from their seed, campaigns over the chaos
+//! network and over ByzzFuzz's grid pass every checker, and the checkers fire when more than f
+//! replicas are Byzantine.
 
-use tessera_sim::{run_seed, SimConfig};
+use tessera_sim::{run_seed, Report, Role, Setting, SimConfig};
+
+/// The configuration the once-stalled seeds were found with (simulator v0: no crashes, rogue
+/// client or swizzles), so they replay the same network schedule.
+fn v0_config() -> SimConfig {
+    SimConfig {
+        crash_per_mille: 0,
+        rogue_client: false,
+        swizzle_per_mille: 0,
+        ..SimConfig::default()
+    }
+}
+
+fn describe(report: &Report) -> String {
+    let violations: Vec<String> = report.violations.iter().map(|v| v.to_string()).collect();
+    format!("seed {}: {}", report.seed, violations.join("; "))
+}
 
 /// Seeds that once left one replica stalled for good: a message it lost during the fault phase
 /// concerned a sequence number everyone had garbage-collected, so no FETCH could fill that
@@ -15,7 +32,7 @@ const ONCE_STALLED_SEEDS: &[u64] = &[
 
 #[test]
 fn seeds_that_once_stalled_a_replica_now_converge() {
-    let config = SimConfig::default();
+    let config = v0_config();
     for &seed in ONCE_STALLED_SEEDS {
         let report = run_seed(&config, seed);
         let violations: Vec<String> = report.violations.iter().map(|v| v.to_string()).collect();
@@ -47,6 +64,104 @@ fn different_seeds_give_different_runs() {
     assert_eq!(hashes.len(), 10, "seeds must actually steer the run");
 }
 
+/// Seeds on which the simulator's Byzantine settings found liveness bugs in the core, all fixed:
+/// a correct primary never timed its own requests, so when the Byzantine backup did not complain
+/// the lone correct backup could not gather f+1 REQ-VIEW-CHANGEs; and a replica whose view change
+/// stalled never asked again (from `tessera-sim --seeds 200 --setting c1d1` and `chaos`).
+const ONCE_STUCK_SEEDS: &[(u64, Setting)] =
+    &[(51, Setting::Grid { c: 1, d: 1 }), (64, Setting::Chaos)];
+
+#[test]
+fn seeds_that_once_lost_liveness_now_complete() {
+    for &(seed, setting) in ONCE_STUCK_SEEDS {
+        let report = run_seed(&setting.apply(&SimConfig::default()), seed);
+        assert!(report.passed(), "{setting}: {}", describe(&report));
+    }
+}
+
+/// The CI campaign: 500 seeds cycling through the chaos setting and the nine (c, d) cells of
+/// ByzzFuzz's grid (50 seeds per setting), every checker on every run. Seeds 0..500 all pass.
+/// Longer campaigns still find open liveness bugs under Byzantine stream gaps (seeds 1004,
+/// 1749, 2598 and 2715 of 0..3000; docs/TESTING.md), which stay open until fixed in the core.
+#[test]
+fn campaign_over_the_byzzfuzz_grid_passes() {
+    let base = SimConfig::default();
+    let mut failures = Vec::new();
+    let mut byzantine_actions = 0;
+    let mut twins_runs = 0;
+    for seed in 0..500 {
+        let setting = Setting::for_seed(seed);
+        let report = run_seed(&setting.apply(&base), seed);
+        assert!(report.stats.completed > 0, "seed {seed} completed nothing");
+        let adversary = &report.adversary;
+        byzantine_actions +=
+            adversary.withheld + adversary.replayed + adversary.forged + adversary.recertified;
+        twins_runs += u64::from(report.faults.twins.is_some());
+        if !report.passed() {
+            failures.push(format!("{setting} {}", describe(&report)));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "failing seeds:\n{}",
+        failures.join("\n")
+    );
+    assert!(
+        byzantine_actions > 100,
+        "the adversary barely acted: {byzantine_actions}"
+    );
+    assert!(twins_runs > 10, "Twins ran only {twins_runs} times");
+}
+
+/// Twins: two cores speak as one replica and share its USIG. Their equivocation must fail.
+#[test]
+fn twins_sharing_one_usig_cannot_break_safety() {
+    let mut config = Setting::Grid { c: 1, d: 1 }.apply(&SimConfig::default());
+    config.twins_per_mille = 1000;
+    let mut twin_steps = 0;
+    for seed in 0..40 {
+        let report = run_seed(&config, seed);
+        assert!(report.faults.twins.is_some());
+        assert!(report.passed(), "{}", describe(&report));
+        twin_steps += report
+            .replicas
+            .iter()
+            .filter(|(_, role, ..)| *role == Role::Twin)
+            .map(|(_, _, _, executed, _)| *executed)
+            .sum::<u64>();
+    }
+    assert!(twin_steps > 0, "the twins never executed anything");
+}
+
+/// With f+1 Byzantine replicas colluding on forged replies, clients accept a result no correct
+/// replica produced, and the checkers must say so: proof they are not vacuous.
+#[test]
+fn f_plus_one_byzantine_replicas_are_caught() {
+    let mut config = Setting::Grid { c: 1, d: 0 }.apply(&SimConfig::default());
+    config.byzantine_replicas = config.protocol.f + 1;
+    config.corrupt_replies = true;
+    let caught = (0..5)
+        .filter(|seed| !run_seed(&config, *seed).passed())
+        .count();
+    assert_eq!(
+        caught, 5,
+        "every run with f+1 colluders must show a violation"
+    );
+}
+
+#[test]
+fn settings_parse_and_cycle() {
+    for setting in Setting::ALL {
+        assert_eq!(Setting::parse(&setting.to_string()), Some(setting));
+    }
+    assert_eq!(Setting::parse("c3d0"), None);
+    assert_eq!(Setting::parse("grid"), None);
+    let cycled: std::collections::BTreeSet<String> = (0..10)
+        .map(|seed| Setting::for_seed(seed).to_string())
+        .collect();
+    assert_eq!(cycled.len(), 10);
+}
+
 #[test]
 fn campaign_with_drops_delays_duplicates_and_partitions_passes() {
     let config = SimConfig::default();
@@ -68,7 +183,9 @@ fn campaign_with_drops_delays_duplicates_and_partitions_passes() {
 
 #[test]
 fn campaign_with_five_replicas_passes() {
-    let mut config = SimConfig::default();
+    // The v0 network (no crashes, rogue client or swizzles): with them, seed 29 leaves one
+    // of five correct replicas two batches behind at the end (open; docs/TESTING.md).
+    let mut config = v0_config();
     config.protocol.n = 5;
     config.protocol.f = 2;
     config.clients = 4;
@@ -85,13 +202,17 @@ fn campaign_with_five_replicas_passes() {
 #[test]
 fn the_faults_actually_happen() {
     let config = SimConfig::default();
-    let mut totals = [0u64; 4];
-    for seed in 0..20 {
+    let mut totals = [0u64; 8];
+    for seed in 0..40 {
         let stats = run_seed(&config, seed).stats;
         totals[0] += stats.dropped;
         totals[1] += stats.duplicated;
         totals[2] += stats.partitioned;
         totals[3] += stats.retransmissions;
+        totals[4] += stats.swizzles;
+        totals[5] += stats.crashes;
+        totals[6] += stats.lost_to_crash;
+        totals[7] += stats.rogue_requests;
     }
     assert!(
         totals.iter().all(|total| *total > 0),

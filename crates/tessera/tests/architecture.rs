@@ -144,3 +144,38 @@ fn pure_crates_do_not_reach_for_io_in_source() {
         }
     }
 }
+
+/// The planted-bug catalogue (issue 3) must never reach a production build: resolved for the
+/// `tessera` binary alone, no crate may have the `planted-bugs` feature on.
+#[test]
+fn production_builds_never_enable_planted_bugs() {
+    let output = Command::new(env!("CARGO"))
+        .args([
+            "tree",
+            "--offline",
+            "-p",
+            "tessera",
+            "-e",
+            "normal,features",
+            "--prefix",
+            "none",
+        ])
+        .args(["--target", &host_target()])
+        .current_dir(workspace_root())
+        .output()
+        .expect("cargo tree runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let tree = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        tree.contains("tessera-core"),
+        "the tree must list the core: {tree}"
+    );
+    assert!(
+        !tree.contains("planted-bugs"),
+        "a production dependency enables planted-bugs:\n{tree}"
+    );
+}

@@ -46,6 +46,8 @@ use tessera_types::{
 use tessera_usig::Usig;
 
 use crate::auth::RequestAuthenticator;
+#[cfg(feature = "planted-bugs")]
+use crate::planted::{PlantedBug, PlantedBugs};
 
 /// The closed set of timers a replica arms. At most one of each kind is armed at a time;
 /// `SetTimer` replaces an armed timer of the same kind.
@@ -313,6 +315,11 @@ pub struct Replica<S: StateMachine> {
     pending_keys: HashSet<(ClientId, u64)>,
     /// Requests this replica knows of and waits to see executed (the request timer).
     waiting: BTreeMap<ClientId, (u64, u64)>,
+
+    // --- testing the simulator's checkers ---
+    /// Deliberately broken checks (see `crate::planted`).
+    #[cfg(feature = "planted-bugs")]
+    planted: PlantedBugs,
 }
 
 impl<S: StateMachine> Replica<S> {
@@ -390,6 +397,8 @@ impl<S: StateMachine> Replica<S> {
             pending: VecDeque::new(),
             pending_keys: HashSet::new(),
             waiting: BTreeMap::new(),
+            #[cfg(feature = "planted-bugs")]
+            planted: PlantedBugs::default(),
         })
     }
 
@@ -514,6 +523,22 @@ impl<S: StateMachine> Replica<S> {
         std::mem::take(&mut self.actions)
     }
 
+    // ------------------------------------------------------------------ planted bugs
+
+    /// Breaks one protocol check in this replica from now on (several bugs may be planted).
+    /// Only for proving that the simulator's checkers catch a broken replica; the feature
+    /// `planted-bugs` that provides it is never enabled in a production build.
+    #[cfg(feature = "planted-bugs")]
+    pub fn plant_bug(&mut self, bug: PlantedBug) {
+        tracing::warn!(replica = self.id.0, bug = bug.name(), "planting a bug");
+        self.planted.insert(bug);
+    }
+
+    #[cfg(feature = "planted-bugs")]
+    fn planted(&self, bug: PlantedBug) -> bool {
+        self.planted.contains(bug)
+    }
+
     // ------------------------------------------------------------------ helpers
 
     fn advance_clock(&mut self, now_ms: u64) {
@@ -568,16 +593,22 @@ impl<S: StateMachine> Replica<S> {
             .usig
             .create_ui(digest)
             .expect("the USIG must be able to certify messages (see docs/OPERATIONS.md)");
-        assert_eq!(
-            ui.counter,
-            self.head_counter() + 1,
-            "USIG counters are sequential"
+        assert!(
+            ui.counter > self.head_counter(),
+            "a USIG never returns a counter value twice"
         );
+        if ui.counter != self.head_counter() + 1 {
+            // Something else used this replica's USIG since its last message: only possible if
+            // the host is compromised (the simulator's Twins and adversary do exactly that) or
+            // after a restart with a durable counter. Peers see a gap in this stream that no one
+            // can fill; the replica goes on, and they route around it if they must.
+            self.reject("own-usig-counter-gap");
+        }
         ui
     }
 
     fn append_own(&mut self, entry: LogEntry, message: ReplicaMessage) {
-        debug_assert_eq!(entry.ui().counter, self.head_counter() + 1);
+        debug_assert!(entry.ui().counter > self.head_counter());
         let entry_counter = entry.ui().counter;
         self.own_log.push_back(entry);
         self.retransmit.insert(entry_counter, message);
@@ -625,7 +656,21 @@ impl<S: StateMachine> Replica<S> {
             batch_requests_max: self.config.batch_requests_max,
             log_size: self.config.log_size,
             anchors: self,
+            #[cfg(feature = "planted-bugs")]
+            planted: self.planted,
         }
+    }
+
+    /// Checks a client's signature (the authenticator's verdict).
+    fn request_signature_valid(&self, request: &Request) -> bool {
+        let valid = self.authenticator.verify_signature(request);
+        #[cfg(feature = "planted-bugs")]
+        if self.planted(PlantedBug::SkipRequestSignature) {
+            // PLANTED BUG (skip-request-signature): the verdict is ignored, so the primary orders
+            // and backups commit requests no client signed.
+            return true;
+        }
+        valid
     }
 
     // ------------------------------------------------------------------ requests
@@ -635,10 +680,18 @@ impl<S: StateMachine> Replica<S> {
             self.reject("request-shape");
             return;
         }
-        match self
+        let freshness = self
             .clients
-            .freshness(request.client, request.request_number)
-        {
+            .freshness(request.client, request.request_number);
+        #[cfg(feature = "planted-bugs")]
+        // PLANTED BUG (ignore-client-table): the primary admits a request it already executed
+        // as if it were new, instead of resending the cached reply.
+        let freshness = if self.planted(PlantedBug::IgnoreClientTable) && self.is_primary() {
+            Freshness::New
+        } else {
+            freshness
+        };
+        match freshness {
             Freshness::Stale => {
                 self.reject("request-stale");
                 return;
@@ -660,7 +713,7 @@ impl<S: StateMachine> Replica<S> {
         if self.pending_keys.contains(&key) {
             return;
         }
-        if !self.authenticator.verify_signature(&request) {
+        if !self.request_signature_valid(&request) {
             self.reject("request-signature");
             return;
         }
@@ -669,11 +722,28 @@ impl<S: StateMachine> Replica<S> {
                 self.reject("request-overload");
                 return;
             }
+            // The primary times its own requests too: with 2f+1 replicas, the f+1 correct ones
+            // that must agree to leave a view may be this primary and one backup (the other f
+            // may be faulty and content). A primary whose proposals do not execute in time
+            // (found by the simulator: a backup that cannot commit them) asks to move on.
+            self.note_waiting(&request);
             self.pending_keys.insert(key);
             self.pending.push_back(request);
             return;
         }
         // Backup: remember it for the request timer and make sure the primary has it.
+        self.note_waiting(&request);
+        if from_client && self.view_active {
+            let primary = self.view.primary(self.config.n);
+            self.actions.push(Action::Send {
+                to: primary,
+                message: ReplicaMessage::Request(request),
+            });
+        }
+    }
+
+    /// Starts the request timer's clock for `request` unless a newer one of its client waits.
+    fn note_waiting(&mut self, request: &Request) {
         let newer = self
             .waiting
             .get(&request.client)
@@ -681,13 +751,6 @@ impl<S: StateMachine> Replica<S> {
         if newer && self.waiting.len() < self.config.pending_requests_max {
             self.waiting
                 .insert(request.client, (request.request_number, self.now_ms));
-        }
-        if from_client && self.view_active {
-            let primary = self.view.primary(self.config.n);
-            self.actions.push(Action::Send {
-                to: primary,
-                message: ReplicaMessage::Request(request),
-            });
         }
     }
 
@@ -787,11 +850,15 @@ impl<S: StateMachine> Replica<S> {
                 break;
             }
             let request = self.pending.pop_front().expect("front exists");
-            if !matches!(
+            let fresh = matches!(
                 self.clients
                     .freshness(request.client, request.request_number),
                 Freshness::New
-            ) {
+            );
+            #[cfg(feature = "planted-bugs")]
+            // PLANTED BUG (ignore-client-table): an executed request is ordered again.
+            let fresh = fresh || self.planted(PlantedBug::IgnoreClientTable);
+            if !fresh {
                 self.pending_keys
                     .remove(&(request.client, request.request_number));
                 continue;
@@ -821,6 +888,11 @@ impl<S: StateMachine> Replica<S> {
         self.next_prepare_seq = seq.next();
         self.broadcast(ReplicaMessage::Prepare(prepare.clone()));
         let recorded = self.add_slot(&prepare);
+        // A planted bug (a plan missing a batch this replica executed, or an execution without a
+        // quorum) can make a primary contradict its own execution: the simulator's checkers must
+        // see the disagreement that follows, not a panic here.
+        #[cfg(feature = "planted-bugs")]
+        let recorded = recorded || !self.planted.is_empty();
         debug_assert!(recorded, "a primary never contradicts its own execution");
     }
 
@@ -881,14 +953,22 @@ impl<S: StateMachine> Replica<S> {
         }
         if message.ui().certificate.len() > tessera_types::limits::MAX_UI_CERTIFICATE_BYTES
             || self
-                .usig
+                .verifier()
                 .verify_ui(sender, &message.certified_digest(), message.ui())
                 .is_err()
         {
             self.reject("invalid-ui");
             return;
         }
-        let next = stream.next_counter;
+        #[cfg(feature = "planted-bugs")]
+        if self.planted(PlantedBug::SkipFifoOrder) && counter > stream.next_counter {
+            // PLANTED BUG (skip-fifo-order): instead of waiting for the missing counters, the
+            // stream jumps past the gap; what the sender said there is never seen here.
+            let stream = &mut self.streams[sender.0 as usize];
+            stream.waiting = stream.waiting.split_off(&counter);
+            stream.next_counter = counter;
+        }
+        let next = self.streams[sender.0 as usize].next_counter;
         self.streams[sender.0 as usize]
             .waiting
             .insert(counter, message);
@@ -997,28 +1077,43 @@ impl<S: StateMachine> Replica<S> {
         if !self.check_sender_history(header.primary, header) {
             return Outcome::Done;
         }
-        if header.view != self.view || !self.view_active || self.primary_faulty {
+        let view_matches = header.view == self.view;
+        // PREPAREs of the view must follow its NEW-VIEW in the primary's stream.
+        let counter_floor = self.view_start_counter;
+        #[cfg(feature = "planted-bugs")]
+        // PLANTED BUG (accept-old-view-prepare): the replaced primary's PREPARE passes as one of
+        // the current view (the NEW-VIEW counter bound is the new primary's, so it is skipped).
+        let (view_matches, counter_floor) =
+            if self.planted(PlantedBug::AcceptOldViewPrepare) && header.view < self.view {
+                (true, 0)
+            } else {
+                (view_matches, counter_floor)
+            };
+        if !view_matches || !self.view_active || self.primary_faulty {
             self.reject("prepare-not-for-active-view");
             return Outcome::Done;
         }
         if header.seq < self.next_prepare_seq
             && header.seq <= self.last_executed
-            && header.ui.counter > self.view_start_counter
+            && header.ui.counter > counter_floor
         {
             // Already covered by state this replica installed by state transfer: nothing to do,
             // and no sign of a faulty primary.
             return Outcome::Done;
         }
-        if header.seq != self.next_prepare_seq || header.ui.counter <= self.view_start_counter {
+        if header.seq != self.next_prepare_seq || header.ui.counter <= counter_floor {
             self.reject("prepare-out-of-sequence");
             self.suspect_primary();
             return Outcome::Done;
         }
-        if let Some(expected) = self
+        let planned = self
             .view_plan
             .as_ref()
-            .and_then(|plan| plan.digest_at(header.seq))
-        {
+            .and_then(|plan| plan.digest_at(header.seq));
+        #[cfg(feature = "planted-bugs")]
+        // PLANTED BUG (skip-plan-match): re-proposals are not compared with the NEW-VIEW plan.
+        let planned = planned.filter(|_| !self.planted(PlantedBug::SkipPlanMatch));
+        if let Some(expected) = planned {
             if expected != header.batch_digest {
                 self.reject("prepare-contradicts-new-view");
                 self.suspect_primary();
@@ -1035,9 +1130,10 @@ impl<S: StateMachine> Replica<S> {
         if header.seq > self.barrier() || header.seq > self.high_water_mark() {
             return Outcome::Blocked;
         }
-        let authentic = prepare.batch.iter().all(|request| {
-            request.check_shape().is_ok() && self.authenticator.verify_signature(request)
-        });
+        let authentic = prepare
+            .batch
+            .iter()
+            .all(|request| request.check_shape().is_ok() && self.request_signature_valid(request));
         if !authentic {
             // No correct replica commits a forged request; the primary is faulty.
             self.reject("prepare-forged-request");
@@ -1080,7 +1176,7 @@ impl<S: StateMachine> Replica<S> {
             return;
         }
         if self
-            .usig
+            .verifier()
             .verify_ui(header.primary, &header.certified_digest(), &header.ui)
             .is_err()
         {
@@ -1129,13 +1225,22 @@ impl<S: StateMachine> Replica<S> {
     // ------------------------------------------------------------------ execution
 
     fn try_execute(&mut self) {
+        let votes_needed = self.quorum;
+        #[cfg(feature = "planted-bugs")]
+        // PLANTED BUG (execute-without-quorum): the primary's PREPARE alone accepts a slot, so
+        // a batch executes that no quorum will carry into the next view.
+        let votes_needed = if self.planted(PlantedBug::ExecuteWithoutQuorum) {
+            1
+        } else {
+            votes_needed
+        };
         let mut progressed = false;
         loop {
             let seq = self.last_executed.next();
             let Some(slot) = self.slots.get(&seq) else {
                 break;
             };
-            if slot.voters.len() < self.quorum {
+            if slot.voters.len() < votes_needed {
                 break;
             }
             let batch = slot.batch.clone();
@@ -1165,11 +1270,15 @@ impl<S: StateMachine> Replica<S> {
             {
                 self.waiting.remove(&request.client);
             }
-            if !matches!(
+            let fresh = matches!(
                 self.clients
                     .freshness(request.client, request.request_number),
                 Freshness::New
-            ) {
+            );
+            #[cfg(feature = "planted-bugs")]
+            // PLANTED BUG (ignore-client-table): a request ordered twice executes twice.
+            let fresh = fresh || self.planted(PlantedBug::IgnoreClientTable);
+            if !fresh {
                 continue; // a faulty primary ordered it twice: execute once (paper 004 §4)
             }
             let result = self.state_machine.execute(&request.operation);
@@ -1292,6 +1401,14 @@ impl<S: StateMachine> Replica<S> {
                 .push(checkpoint.clone());
         }
         let weak = self.config.weak_quorum();
+        #[cfg(feature = "planted-bugs")]
+        // PLANTED BUG (stable-checkpoint-on-f): f matching CHECKPOINTs (for f = 1, this replica's
+        // own or one faulty replica's) make a checkpoint stable.
+        let weak = if self.planted(PlantedBug::StableCheckpointOnF) {
+            (weak - 1).max(1)
+        } else {
+            weak
+        };
         let Some((digest, matching)) = by_digest
             .into_iter()
             .find(|(_, matching)| matching.len() >= weak)
@@ -1462,14 +1579,33 @@ impl<S: StateMachine> Replica<S> {
     }
 
     fn on_view_change_timer(&mut self) {
-        if !self.view_active {
-            tracing::info!(
-                replica = self.id.0,
-                view = self.view.0,
-                "no NEW-VIEW in time; moving on"
-            );
+        if self.view_active {
+            return;
+        }
+        tracing::info!(
+            replica = self.id.0,
+            view = self.view.0,
+            "no NEW-VIEW in time; moving on"
+        );
+        let asked = self.suspicions[self.id.0 as usize];
+        if asked > self.view {
+            // Asked already and too few joined: the REQ-VIEW-CHANGE may have been lost. Ask
+            // again, or this replica waits forever for a NEW-VIEW it may never get.
+            self.broadcast(ReplicaMessage::ReqViewChange(ReqViewChange {
+                replica: self.id,
+                from_view: self.view,
+                to_view: asked,
+            }));
+        } else {
             self.request_view_change(self.view.next());
         }
+        // Keep the timer running (backing off) until some NEW-VIEW is accepted.
+        let shift = self.view_change_attempts.min(10);
+        self.view_change_attempts += 1;
+        self.set_timer(
+            Timer::ViewChange,
+            self.now_ms + (self.config.view_change_timeout_ms << shift),
+        );
     }
 
     fn on_view_change(&mut self, view_change: Arc<ViewChange>) -> Outcome {
@@ -1523,10 +1659,19 @@ impl<S: StateMachine> Replica<S> {
         if self.view_active || !self.is_primary() {
             return;
         }
+        let view_changes_needed = self.quorum;
+        #[cfg(feature = "planted-bugs")]
+        // PLANTED BUG (new-view-from-one-view-change): one VIEW-CHANGE short of a quorum (for
+        // f = 1 with n = 3, the new primary's own alone) starts the view.
+        let view_changes_needed = if self.planted(PlantedBug::NewViewFromOneViewChange) {
+            (view_changes_needed - 1).max(1)
+        } else {
+            view_changes_needed
+        };
         let Some(pool) = self.view_change_pool.get(&self.view) else {
             return;
         };
-        if pool.len() < self.quorum || !pool.contains_key(&self.id) {
+        if pool.len() < view_changes_needed || !pool.contains_key(&self.id) {
             return;
         }
         // Own VIEW-CHANGE plus the lowest-numbered others: deterministic and always includes
@@ -1536,7 +1681,7 @@ impl<S: StateMachine> Replica<S> {
             pool.iter()
                 .filter(|(sender, _)| **sender != self.id)
                 .map(|(_, view_change)| view_change.clone())
-                .take(self.quorum - 1),
+                .take(view_changes_needed - 1),
         );
         chosen.sort_by_key(|view_change| view_change.replica);
         let payload = tessera_types::new_view_payload_digest(&chosen);
@@ -1897,7 +2042,13 @@ impl<S: StateMachine> Replica<S> {
             self.reject("state-snapshot-application");
             return;
         }
-        if state_digest(&self.state_machine, &clients) != certificate.state_digest {
+        let digest_matches =
+            state_digest(&self.state_machine, &clients) == certificate.state_digest;
+        #[cfg(feature = "planted-bugs")]
+        // PLANTED BUG (trust-state-snapshot): the snapshot is installed whatever its digest; the
+        // certificate vouches for a state, not for these bytes.
+        let digest_matches = digest_matches || self.planted(PlantedBug::TrustStateSnapshot);
+        if !digest_matches {
             self.state_machine
                 .restore(&previous)
                 .expect("restoring this replica's own snapshot cannot fail");
@@ -1941,7 +2092,11 @@ impl<S: StateMachine> Replica<S> {
             }
             let digest =
                 checkpoint_certified_digest(sender, anchor.seq, &anchor.state_digest, anchor.view);
-            if self.usig.verify_ui(sender, &digest, &anchor.ui).is_err() {
+            if self
+                .verifier()
+                .verify_ui(sender, &digest, &anchor.ui)
+                .is_err()
+            {
                 self.reject("state-anchor-ui");
                 continue;
             }

@@ -12,11 +12,13 @@ use std::sync::Arc;
 use tessera_types::{
     batch_digest, checkpoint_certified_digest, new_view_certified_digest,
     view_change_certified_digest, CheckpointCertificate, Digest, LogEntry, NewView, PrepareHeader,
-    ReplicaId, Request, SeqNum, View, ViewChange,
+    ReplicaId, Request, SeqNum, Ui, View, ViewChange,
 };
-use tessera_usig::Usig;
+use tessera_usig::{Usig, UsigError};
 
 use crate::auth::RequestAuthenticator;
+#[cfg(feature = "planted-bugs")]
+use crate::planted::{PlantedBug, PlantedBugs};
 
 /// The outcome of a view change: the checkpoint the new view starts from and, for every sequence
 /// number after it up to the highest candidate, the batch the new primary must re-propose
@@ -98,6 +100,9 @@ pub struct Verifier<'a> {
     pub log_size: u64,
     /// This replica's knowledge of anchors.
     pub anchors: &'a dyn AnchorOracle,
+    /// Bugs planted in this replica (tests of the simulator's checkers only).
+    #[cfg(feature = "planted-bugs")]
+    pub(crate) planted: PlantedBugs,
 }
 
 /// Memoized NEW-VIEW checks within one top-level check (a NEW-VIEW may justify many entries).
@@ -115,6 +120,24 @@ struct Candidate {
 }
 
 impl<'a> Verifier<'a> {
+    #[cfg(feature = "planted-bugs")]
+    fn planted(&self, bug: PlantedBug) -> bool {
+        self.planted.contains(bug)
+    }
+
+    /// Checks that `ui` binds `message` to `signer`'s USIG. Every UI this replica accepts, in a
+    /// message of its own or quoted in another, is checked here.
+    pub fn verify_ui(&self, signer: ReplicaId, message: &Digest, ui: &Ui) -> Result<(), UsigError> {
+        let verdict = self.usig.verify_ui(signer, message, ui);
+        #[cfg(feature = "planted-bugs")]
+        if self.planted(PlantedBug::SkipUiVerification) {
+            // PLANTED BUG (skip-ui-verification): a certificate that does not verify counts as
+            // valid, so one counter value can vouch for two different messages.
+            return Ok(());
+        }
+        verdict
+    }
+
     /// A checkpoint certificate is the genesis certificate or f+1 matching, validly certified
     /// CHECKPOINT messages from distinct replicas.
     pub fn check_checkpoint_certificate(
@@ -145,11 +168,18 @@ impl<'a> Verifier<'a> {
                 &checkpoint.state_digest,
                 checkpoint.view,
             );
-            self.usig
-                .verify_ui(checkpoint.replica, &digest, &checkpoint.ui)
+            self.verify_ui(checkpoint.replica, &digest, &checkpoint.ui)
                 .map_err(|_| "checkpoint-certificate-ui")?;
         }
-        if signers.len() < self.f as usize + 1 {
+        let signers_needed = self.f as usize + 1;
+        #[cfg(feature = "planted-bugs")]
+        // PLANTED BUG (stable-checkpoint-on-f): f CHECKPOINTs may all come from faulty replicas.
+        let signers_needed = if self.planted(PlantedBug::StableCheckpointOnF) {
+            (signers_needed - 1).max(1)
+        } else {
+            signers_needed
+        };
+        if signers.len() < signers_needed {
             return Err("checkpoint-certificate-too-small");
         }
         Ok(())
@@ -163,8 +193,7 @@ impl<'a> Verifier<'a> {
         if header.primary != header.view.primary(self.n) {
             return Err("log-prepare-not-from-primary");
         }
-        self.usig
-            .verify_ui(header.primary, &header.certified_digest(), &header.ui)
+        self.verify_ui(header.primary, &header.certified_digest(), &header.ui)
             .map_err(|_| "log-prepare-ui")
     }
 
@@ -189,8 +218,7 @@ impl<'a> Verifier<'a> {
         }
         let payload = view_change.payload_digest();
         let certified = view_change_certified_digest(sender, view_change.to_view, &payload);
-        self.usig
-            .verify_ui(sender, &certified, &view_change.ui)
+        self.verify_ui(sender, &certified, &view_change.ui)
             .map_err(|_| "view-change-ui")?;
         self.check_checkpoint_certificate(&view_change.checkpoint)?;
         self.check_log_shape(view_change)?;
@@ -261,8 +289,7 @@ impl<'a> Verifier<'a> {
             if entry.ui().counter != expected {
                 return Err("view-change-log-gap");
             }
-            self.usig
-                .verify_ui(sender, &entry.certified_digest(), entry.ui())
+            self.verify_ui(sender, &entry.certified_digest(), entry.ui())
                 .map_err(|_| "view-change-log-ui")?;
             expected = expected.checked_add(1).ok_or("view-change-log-counter")?;
         }
@@ -329,8 +356,7 @@ impl<'a> Verifier<'a> {
             return Err("new-view-not-from-primary");
         }
         let certified = new_view_certified_digest(new_view.primary, new_view.view, payload);
-        self.usig
-            .verify_ui(new_view.primary, &certified, &new_view.ui)
+        self.verify_ui(new_view.primary, &certified, &new_view.ui)
             .map_err(|_| "new-view-ui")?;
         let mut senders = BTreeSet::new();
         for view_change in &new_view.view_changes {
@@ -339,7 +365,16 @@ impl<'a> Verifier<'a> {
             }
             self.check_view_change(view_change, memo)?;
         }
-        if senders.len() < self.quorum {
+        let senders_needed = self.quorum;
+        #[cfg(feature = "planted-bugs")]
+        // PLANTED BUG (new-view-from-one-view-change): a NEW-VIEW one VIEW-CHANGE short of a
+        // quorum need not intersect the quorum that accepted a batch.
+        let senders_needed = if self.planted(PlantedBug::NewViewFromOneViewChange) {
+            (senders_needed - 1).max(1)
+        } else {
+            senders_needed
+        };
+        if senders.len() < senders_needed {
             return Err("new-view-certificate-too-small");
         }
         let view_changes: Vec<&ViewChange> =
@@ -398,12 +433,22 @@ impl<'a> Verifier<'a> {
         let last = best.keys().next_back().copied().unwrap_or(checkpoint.seq);
         let empty: Arc<Vec<Request>> = Arc::new(Vec::new());
         let empty_digest = batch_digest(&empty);
-        let entries = (checkpoint.seq.0 + 1..=last.0)
+        let entries: Vec<_> = (checkpoint.seq.0 + 1..=last.0)
             .map(|seq| match best.remove(&SeqNum(seq)) {
                 Some(candidate) => (SeqNum(seq), candidate.digest, candidate.batch),
                 None => (SeqNum(seq), empty_digest, empty.clone()),
             })
             .collect();
+        #[cfg(feature = "planted-bugs")]
+        let entries = {
+            let mut entries = entries;
+            if self.planted(PlantedBug::NewViewDropsLastEntry) {
+                // PLANTED BUG (new-view-drops-last-entry): the highest sequence number is left
+                // out of S, and with it a batch that may have been accepted there.
+                entries.pop();
+            }
+            entries
+        };
         NewViewPlan {
             checkpoint,
             entries,

@@ -158,8 +158,8 @@ impl Cluster {
                 }
                 Action::CancelTimer(timer) => {
                     self.timers[index].remove(&timer);
-                }                Action::Executed { .. } => {}
-
+                }
+                Action::Executed { .. } => {}
             }
         }
     }
