@@ -11,49 +11,21 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use common::{
-    client_key, config, get, incr, set, sign_request, usig_of, value, Cluster, Fate,
-    TestAuthenticator,
+    broadcast_from, client_key, config, forge_prepare, get, incr, set, sign_request, usig_of,
+    value, Cluster, Fate, TestAuthenticator,
 };
 use tessera_core::Replica;
 use tessera_crypto::Digest;
 use tessera_kv::{KvStore, Response};
 use tessera_types::{
-    batch_digest, checkpoint_certified_digest, commit_certified_digest, prepare_certified_digest,
-    Checkpoint, ClientId, Commit, Fetch, Heartbeat, Prepare, PrepareHeader, ReplicaId,
-    ReplicaMessage, ReqViewChange, Request, SeqNum, StateRequest, Ui, View, ViewChange,
+    checkpoint_certified_digest, commit_certified_digest, Checkpoint, ClientId, Commit, Fetch,
+    Heartbeat, Prepare, ReplicaId, ReplicaMessage, ReqViewChange, SeqNum, StateRequest, Ui, View,
+    ViewChange,
 };
-use tessera_usig::hmac::HmacUsig;
 use tessera_usig::Usig;
 
 fn client(index: u32) -> ClientId {
     ClientId::new(0, index)
-}
-
-/// A PREPARE certified by `usig` (the next counter of the replica it belongs to).
-fn forge_prepare(usig: &mut HmacUsig, view: View, seq: SeqNum, batch: Vec<Request>) -> Prepare {
-    let primary = usig.identity().replica;
-    let digest = batch_digest(&batch);
-    let ui = usig
-        .create_ui(&prepare_certified_digest(primary, view, seq, &digest))
-        .expect("test USIG");
-    Prepare {
-        header: PrepareHeader {
-            primary,
-            view,
-            seq,
-            batch_digest: digest,
-            ui,
-        },
-        batch: Arc::new(batch),
-    }
-}
-
-fn broadcast_from(cluster: &mut Cluster, from: u32, message: &ReplicaMessage) {
-    for to in 0..cluster.config.n {
-        if to != from {
-            cluster.inject(from, to, message.clone());
-        }
-    }
 }
 
 /// Replica 2 is Byzantine and sends every kind of garbage it can; replicas 0 and 1 keep

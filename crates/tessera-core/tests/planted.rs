@@ -12,17 +12,19 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use common::{config, get, incr, set, sign_request, usig_of, value, Cluster, Fate};
+use common::{
+    broadcast_from, config, forge_prepare, get, incr, set, sign_request, usig_of, value, Cluster,
+    Fate,
+};
 use tessera_core::minbft::ClientEntry;
 use tessera_core::PlantedBug;
 use tessera_kv::{KvStore, Response};
 use tessera_types::{
     batch_digest, checkpoint_certified_digest, new_view_certified_digest, new_view_payload_digest,
-    prepare_certified_digest, view_change_certified_digest, view_change_payload_digest, Checkpoint,
-    ClientId, NewView, Prepare, PrepareHeader, ReplicaId, ReplicaMessage, ReqViewChange, Request,
-    SeqNum, StateMachine, StateReply, View, ViewChange,
+    view_change_certified_digest, view_change_payload_digest, Checkpoint, ClientId, NewView,
+    ReplicaId, ReplicaMessage, ReqViewChange, Request, SeqNum, StateMachine, StateReply, View,
+    ViewChange,
 };
-use tessera_usig::hmac::HmacUsig;
 use tessera_usig::Usig;
 
 fn client(index: u32) -> ClientId {
@@ -32,33 +34,6 @@ fn client(index: u32) -> ClientId {
 fn plant(cluster: &mut Cluster, bug: PlantedBug, replicas: &[usize]) {
     for &index in replicas {
         cluster.replicas[index].plant_bug(bug);
-    }
-}
-
-/// A PREPARE certified by `usig` (the next counter of the replica it belongs to).
-fn forge_prepare(usig: &mut HmacUsig, view: View, seq: SeqNum, batch: Vec<Request>) -> Prepare {
-    let primary = usig.identity().replica;
-    let digest = batch_digest(&batch);
-    let ui = usig
-        .create_ui(&prepare_certified_digest(primary, view, seq, &digest))
-        .expect("test USIG");
-    Prepare {
-        header: PrepareHeader {
-            primary,
-            view,
-            seq,
-            batch_digest: digest,
-            ui,
-        },
-        batch: Arc::new(batch),
-    }
-}
-
-fn broadcast_from(cluster: &mut Cluster, from: u32, message: &ReplicaMessage) {
-    for to in 0..cluster.config.n {
-        if to != from {
-            cluster.inject(from, to, message.clone());
-        }
     }
 }
 

@@ -62,22 +62,11 @@ fn host_target() -> String {
         .to_string()
 }
 
-/// Normal (non-dev, non-build) dependencies of one package, resolved for that package alone on
-/// the host platform — what actually links into it.
-fn dependencies_of(package: &str) -> Vec<String> {
+/// Runs `cargo tree --offline -p <package> <args>` for the host platform and returns its output.
+fn cargo_tree(package: &str, args: &[&str]) -> String {
     let output = Command::new(env!("CARGO"))
-        .args([
-            "tree",
-            "--offline",
-            "-p",
-            package,
-            "-e",
-            "normal",
-            "--prefix",
-            "none",
-            "--format",
-            "{p}",
-        ])
+        .args(["tree", "--offline", "-p", package])
+        .args(args)
         .args(["--target", &host_target()])
         .current_dir(workspace_root())
         .output()
@@ -87,11 +76,19 @@ fn dependencies_of(package: &str) -> Vec<String> {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    String::from_utf8(output.stdout)
-        .unwrap()
-        .lines()
-        .filter_map(|line| line.split_whitespace().next().map(str::to_string))
-        .collect()
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Normal (non-dev, non-build) dependencies of one package, resolved for that package alone on
+/// the host platform — what actually links into it.
+fn dependencies_of(package: &str) -> Vec<String> {
+    cargo_tree(
+        package,
+        &["-e", "normal", "--prefix", "none", "--format", "{p}"],
+    )
+    .lines()
+    .filter_map(|line| line.split_whitespace().next().map(str::to_string))
+    .collect()
 }
 
 #[test]
@@ -149,27 +146,7 @@ fn pure_crates_do_not_reach_for_io_in_source() {
 /// `tessera` binary alone, no crate may have the `planted-bugs` feature on.
 #[test]
 fn production_builds_never_enable_planted_bugs() {
-    let output = Command::new(env!("CARGO"))
-        .args([
-            "tree",
-            "--offline",
-            "-p",
-            "tessera",
-            "-e",
-            "normal,features",
-            "--prefix",
-            "none",
-        ])
-        .args(["--target", &host_target()])
-        .current_dir(workspace_root())
-        .output()
-        .expect("cargo tree runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let tree = String::from_utf8(output.stdout).unwrap();
+    let tree = cargo_tree("tessera", &["-e", "normal,features", "--prefix", "none"]);
     assert!(
         tree.contains("tessera-core"),
         "the tree must list the core: {tree}"

@@ -5,14 +5,18 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 use tessera_core::{Action, Replica, ReplyCollector, ReplyOutcome, RequestAuthenticator, Timer};
 use tessera_crypto::sign::{SigningKey, VerifyingKey};
 use tessera_crypto::Digest;
 use tessera_kv::{Command, KvStore, Response};
-use tessera_types::{ClientId, ProtocolConfig, ReplicaId, ReplicaMessage, Reply, Request, View};
+use tessera_types::{
+    batch_digest, prepare_certified_digest, ClientId, Prepare, PrepareHeader, ProtocolConfig,
+    ReplicaId, ReplicaMessage, Reply, Request, SeqNum, View,
+};
 use tessera_usig::hmac::HmacUsig;
-use tessera_usig::UsigIdentity;
+use tessera_usig::{Usig, UsigIdentity};
 
 /// Checks Ed25519 signatures against one test client key.
 pub struct TestAuthenticator {
@@ -467,4 +471,32 @@ pub fn incr(key: &str) -> Command {
 
 pub fn value(text: &str) -> Option<Response> {
     Some(Response::Value(Some(text.as_bytes().to_vec())))
+}
+
+/// A PREPARE certified by `usig` (the next counter of the replica it belongs to).
+pub fn forge_prepare(usig: &mut HmacUsig, view: View, seq: SeqNum, batch: Vec<Request>) -> Prepare {
+    let primary = usig.identity().replica;
+    let digest = batch_digest(&batch);
+    let ui = usig
+        .create_ui(&prepare_certified_digest(primary, view, seq, &digest))
+        .expect("test USIG");
+    Prepare {
+        header: PrepareHeader {
+            primary,
+            view,
+            seq,
+            batch_digest: digest,
+            ui,
+        },
+        batch: Arc::new(batch),
+    }
+}
+
+/// Injects `message` from replica `from` to every other replica.
+pub fn broadcast_from(cluster: &mut Cluster, from: u32, message: &ReplicaMessage) {
+    for to in 0..cluster.config.n {
+        if to != from {
+            cluster.inject(from, to, message.clone());
+        }
+    }
 }
