@@ -233,7 +233,7 @@ pub struct Report {
     pub rejections: Vec<Vec<(&'static str, u64)>>,
     /// The client history.
     pub history: Vec<Operation>,
-    /// Operations the linearizability checker searched through (0 if it did not run).
+    /// States the linearizability search explored (0 if it found a violation).
     pub linearizability_states: u64,
     /// One line per processed event, if `SimConfig::trace` was set.
     pub trace: Vec<String>,
@@ -851,6 +851,9 @@ impl Simulation {
         let mut message = Some(message);
         if self.nodes[from_node].role != Role::Correct && !self.healed {
             let original = message.take().expect("set above");
+            // Per receiver, so a broadcast is remembered n-1 times and weighs more in replays.
+            // Observing once per message reshuffles schedules and exposes another instance of
+            // the open stream-gap liveness bug (seed 438, c2d1; docs/TESTING.md).
             self.adversary.observe(from, &original);
             // Heartbeats belong to no round; with any mutation round planned, one in twenty
             // lies about progress.
