@@ -18,19 +18,22 @@ fn config_for(bug: PlantedBug, seed: u64) -> SimConfig {
 const CAUGHT_WITHIN: &[(PlantedBug, u64)] = &[
     (PlantedBug::SkipUiVerification, 30),   // first caught at seed 7
     (PlantedBug::ExecuteWithoutQuorum, 30), // seed 2
-    (PlantedBug::NewViewDropsLastEntry, 30), // seed 2
+    (PlantedBug::NewViewDropsLastEntry, 30), // seed 5
     (PlantedBug::IgnoreClientTable, 30),    // seed 0
     (PlantedBug::SkipRequestSignature, 30), // seed 0
     (PlantedBug::SkipFifoOrder, 30),        // seed 0
-    (PlantedBug::AcceptOldViewPrepare, 60), // seed 29
+    (PlantedBug::AcceptOldViewPrepare, 60), // seed 10
     (PlantedBug::StableCheckpointOnF, 60),  // seed 25
-    (PlantedBug::NewViewFromOneViewChange, 300), // seed 269
+    (PlantedBug::NewViewFromOneViewChange, 300), // seed 279
+    (PlantedBug::TrustStateSnapshot, 200),  // seed 124
 ];
 
-/// Bugs the simulator does not catch yet within 400 seeds (documented in docs/TESTING.md): they
-/// need a Byzantine replica to serve a stale snapshot in a state transfer, or a Byzantine new
-/// primary to re-propose something else, and the adversary meets those moments too rarely.
-const NOT_YET_CAUGHT: &[PlantedBug] = &[PlantedBug::TrustStateSnapshot, PlantedBug::SkipPlanMatch];
+/// Bugs the simulator does not catch yet (documented in docs/TESTING.md): catching this one
+/// needs a Byzantine new primary whose first PREPARE for a re-proposed sequence number carries
+/// another batch, and the adversary can only change a message after the core has certified it
+/// (a recertified copy follows the original in the stream, so it is rejected as out of
+/// sequence). Its scripted test in `tessera-core/tests/planted.rs` shows the bug misbehaving.
+const NOT_YET_CAUGHT: &[PlantedBug] = &[PlantedBug::SkipPlanMatch];
 
 #[test]
 fn planted_bugs_are_caught_within_their_budgets() {
@@ -60,7 +63,7 @@ fn the_catalogue_is_accounted_for() {
     for bug in PlantedBug::ALL {
         assert!(listed.contains(&bug), "{} is in neither list", bug.name());
     }
-    assert!(CAUGHT_WITHIN.len() >= 9);
+    assert!(CAUGHT_WITHIN.len() >= 10);
 }
 
 /// Unplanted, the same seeds pass: the violations above are the bugs', not the simulator's.

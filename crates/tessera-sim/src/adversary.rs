@@ -19,6 +19,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
+use tessera_core::minbft::ClientEntry;
 use tessera_crypto::{Digest, DigestBuilder};
 use tessera_kv::Response;
 use tessera_types::{
@@ -123,6 +124,9 @@ pub struct AdversaryStats {
     /// Client replies replaced by a forged result.
     pub corrupted_replies: u64,
 }
+
+/// The layout of a STATE-REPLY snapshot (application state, client table).
+type Snapshot = (Vec<u8>, Vec<(tessera_types::ClientId, ClientEntry)>);
 
 /// How many of its own messages a Byzantine replica remembers for replays.
 const REPLAY_MEMORY: usize = 64;
@@ -309,10 +313,33 @@ impl Adversary {
                     .find(|snapshot| **snapshot != reply.snapshot)
                     .cloned();
                 match (choice, stale) {
-                    (0..=2, Some(stale)) => reply.snapshot = stale,
-                    _ => {
+                    (0, Some(stale)) => reply.snapshot = stale,
+                    (1, _) => {
                         let mut bytes = (*reply.snapshot).clone();
                         bytes.pop();
+                        reply.snapshot = Arc::new(bytes);
+                    }
+                    _ => {
+                        // Well-formed but wrong: the client table loses its most recent entry
+                        // (a duplicate of that request would execute again), so only the
+                        // digest check can tell.
+                        let limit = tessera_types::limits::MAX_SNAPSHOT_BYTES;
+                        let Ok((application, mut clients)) =
+                            tessera_types::decode::<Snapshot>(&reply.snapshot, limit)
+                        else {
+                            return None;
+                        };
+                        if let Some(newest) = clients
+                            .iter()
+                            .enumerate()
+                            .max_by_key(|(_, (_, entry))| entry.seq)
+                            .map(|(index, _)| index)
+                        {
+                            clients.remove(newest);
+                        } else {
+                            return None;
+                        }
+                        let bytes = tessera_types::encoding::encode(&(application, clients));
                         reply.snapshot = Arc::new(bytes);
                     }
                 }

@@ -73,7 +73,7 @@ pub mod workload;
 
 pub use check::Violation;
 pub use config::{Setting, SimConfig};
-pub use sim::{FaultPlan, Report, Role, Simulation};
+pub use sim::{FaultPlan, NodeSummary, Report, Role, Simulation};
 
 /// Runs one seed with `config` and returns its report.
 pub fn run_seed(config: &SimConfig, seed: u64) -> Report {

@@ -176,10 +176,23 @@ fn print_report(report: &Report, trace: bool) {
         faults.crash
     );
     println!("  adversary: {:?}", report.adversary);
-    for (index, (id, role, view, executed, stable)) in report.replicas.iter().enumerate() {
+    for (index, node) in report.replicas.iter().enumerate() {
+        let status = &node.status;
         println!(
-            "  node {index} (replica {id}, {role:?}): view {view}, last executed {executed}, \
-             stable checkpoint {stable}, rejected {:?}",
+            "  node {index} (replica {}, {:?}): view {}{}, last executed {}, \
+             stable checkpoint {}, USIG counter {}, pending {}, rejected {:?}",
+            node.id,
+            node.role,
+            status.view.0,
+            if status.view_changing {
+                " (changing)"
+            } else {
+                ""
+            },
+            status.last_executed.0,
+            status.stable_checkpoint.0,
+            status.usig_counter,
+            status.pending_requests,
             report.rejections[index]
         );
     }

@@ -7,6 +7,7 @@ use tessera_core::{Action, Replica, ReplyCollector, ReplyOutcome, RequestAuthent
 use tessera_crypto::sign::{SigningKey, VerifyingKey};
 use tessera_crypto::{Digest, DigestBuilder};
 use tessera_kv::{KvStore, Response};
+use tessera_types::wire::ReplicaStatus;
 use tessera_types::{ClientId, ReplicaId, ReplicaMessage, Reply, Request};
 use tessera_usig::hmac::HmacUsig;
 use tessera_usig::UsigIdentity;
@@ -206,6 +207,15 @@ pub struct FaultPlan {
     pub crash: Option<(usize, u64, u64)>,
 }
 
+/// One node as it stood at the end of a run.
+#[derive(Clone, Debug)]
+pub struct NodeSummary {
+    /// The replica identity the node speaks as (twins share one).
+    pub id: u32,
+    pub role: Role,
+    pub status: ReplicaStatus,
+}
+
 /// The outcome of one run.
 #[derive(Clone, Debug)]
 pub struct Report {
@@ -227,8 +237,8 @@ pub struct Report {
     pub heal_ms: u64,
     /// Latest completion time minus the heal time (0 if everything finished before the heal).
     pub recovery_ms: u64,
-    /// Per node at the end: (replica id, role, view, last executed, stable checkpoint seq).
-    pub replicas: Vec<(u32, Role, u64, u64, u64)>,
+    /// Per node at the end: its replica id, role and the core's own status summary.
+    pub replicas: Vec<NodeSummary>,
     /// Per node at the end: messages it rejected, by reason.
     pub rejections: Vec<Vec<(&'static str, u64)>>,
     /// The client history.
@@ -480,15 +490,10 @@ impl Simulation {
             replicas: self
                 .nodes
                 .iter()
-                .map(|node| {
-                    let replica = &node.replica;
-                    (
-                        node.id,
-                        node.role,
-                        replica.view().0,
-                        replica.last_executed().0,
-                        replica.stable_checkpoint().seq.0,
-                    )
+                .map(|node| NodeSummary {
+                    id: node.id,
+                    role: node.role,
+                    status: node.replica.status(),
                 })
                 .collect(),
             rejections: self
@@ -858,6 +863,11 @@ impl Simulation {
             // Heartbeats belong to no round; with any mutation round planned, one in twenty
             // lies about progress.
             let tampering = match round_of(&original) {
+                // State transfer is a prize: a faulty replica serving state lies whenever it
+                // is given any mutation rounds at all.
+                Some(_) if matches!(original, ReplicaMessage::StateReply(_)) => {
+                    !self.mutation_rounds.is_empty()
+                }
                 Some(round) => self.mutation_rounds.contains(&round),
                 None => {
                     matches!(original, ReplicaMessage::Heartbeat(_))

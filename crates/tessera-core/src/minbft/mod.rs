@@ -28,7 +28,7 @@ mod clients;
 mod view_change;
 
 pub use clients::{ClientEntry, ClientTable, Freshness};
-use view_change::ANCHOR_NOT_YET_SEEN;
+use view_change::{justification_pool, ANCHOR_NOT_YET_SEEN};
 pub use view_change::{AnchorCheck, AnchorOracle, Memo, NewViewPlan, Verifier};
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
@@ -106,6 +106,10 @@ pub enum Action {
 const STREAM_BUFFER_MAX: u64 = 4096;
 /// How many messages one Fetch may ask for.
 const FETCH_MESSAGES_MAX: u64 = 1024;
+/// How many of one peer's messages this replica keeps for others at most.
+const STORE_PER_STREAM_MAX: usize = 4096;
+/// A stream gap asked about in vain is asked about again after at most 2^5 heartbeats.
+const FETCH_BACKOFF_MAX: u32 = 5;
 
 /// A certified message on its way through its sender's stream.
 #[derive(Clone, Debug)]
@@ -198,14 +202,22 @@ struct PeerStream {
     latest_checkpoint_message: Option<Checkpoint>,
     /// When this replica last asked for the peer's missing messages.
     last_fetch_ms: Option<u64>,
+    /// The counter that last request started from, and how many requests in a row started
+    /// there: a gap nobody fills (a faulty peer burned the counter) is asked about ever more
+    /// rarely instead of costing every replica replies every heartbeat.
+    fetched_from: u64,
+    fetch_misses: u32,
     /// Highest sequence number any processed PREPARE or COMMIT of the peer spoke about.
     max_seq_spoken: SeqNum,
     /// Counters of the peer's in-order CHECKPOINTs (the most recent ones): the only anchors its
     /// VIEW-CHANGE logs may start from.
     valid_anchors: BTreeSet<u64>,
     /// Below this counter the peer's history is unknown here (its stream was resumed after a
-    /// state transfer), so no anchor below it is accepted.
+    /// state transfer at the peer's CHECKPOINT with this counter).
     history_floor: u64,
+    /// The sequence number of that resume CHECKPOINT: everything the peer said before it spoke
+    /// of sequence numbers at or below it.
+    history_floor_seq: SeqNum,
 }
 
 /// How many of a peer's in-order CHECKPOINT counters are remembered as anchors.
@@ -260,6 +272,9 @@ pub struct Replica<S: StateMachine> {
     view_plan: Option<Arc<NewViewPlan>>,
     /// Counter of the current view's NEW-VIEW (0 in view 0).
     view_start_counter: u64,
+    /// When this replica last asked a primary for a NEW-VIEW it missed (at most once per
+    /// heartbeat interval: the reply can be large).
+    last_fetch_new_view_ms: Option<u64>,
     /// Next sequence number the primary assigns (primary) or must send (backups).
     next_prepare_seq: SeqNum,
     /// The primary broke a rule in this view: accept nothing more from it in this view.
@@ -295,6 +310,9 @@ pub struct Replica<S: StateMachine> {
     retransmit: BTreeMap<u64, ReplicaMessage>,
     /// Per peer, the next own counter it reported having to process.
     peer_acknowledged: Vec<u64>,
+    /// Per peer, the next counter it reported expecting from every stream (its heartbeats):
+    /// a peer's message stays in `store` until every other peer has processed it.
+    peer_processed: Vec<Vec<u64>>,
     /// Highest sequence number any own PREPARE or COMMIT referred to.
     own_max_seq: SeqNum,
 
@@ -355,6 +373,7 @@ impl<S: StateMachine> Replica<S> {
             suspicions: vec![View(0); config.n as usize],
             claimed_checkpoints: vec![SeqNum(0); config.n as usize],
             peer_acknowledged: vec![1; config.n as usize],
+            peer_processed: vec![vec![1; config.n as usize]; config.n as usize],
             clients,
             config,
             usig,
@@ -370,6 +389,7 @@ impl<S: StateMachine> Replica<S> {
             new_views: BTreeMap::new(),
             view_plan: None,
             view_start_counter: 0,
+            last_fetch_new_view_ms: None,
             next_prepare_seq: SeqNum(1),
             primary_faulty: false,
             slots: BTreeMap::new(),
@@ -944,6 +964,12 @@ impl<S: StateMachine> Replica<S> {
         }
         let counter = message.ui().counter;
         let stream = &self.streams[sender.0 as usize];
+        if counter < stream.history_floor {
+            if let Certified::NewView(new_view) = &message {
+                self.on_skipped_new_view(new_view.clone());
+            }
+            return;
+        }
         if counter < stream.next_counter || stream.waiting.contains_key(&counter) {
             return; // already processed or already waiting: a duplicate or a replay
         }
@@ -1089,6 +1115,16 @@ impl<S: StateMachine> Replica<S> {
             } else {
                 (view_matches, counter_floor)
             };
+        let awaiting_new_view = (header.view > self.view
+            || (header.view == self.view && !self.view_active))
+            && self.streams[header.primary.0 as usize].last_new_view < header.view;
+        if awaiting_new_view {
+            // The primary's NEW-VIEW for this view was not processed here: it lies before the
+            // point where a state transfer resumed the stream (or a faulty primary skipped it).
+            // Wait for it (heartbeats fetch it) instead of losing the view's PREPAREs; moving
+            // to a later view ends the wait.
+            return Outcome::Blocked;
+        }
         if !view_matches || !self.view_active || self.primary_faulty {
             self.reject("prepare-not-for-active-view");
             return Outcome::Done;
@@ -1463,14 +1499,46 @@ impl<S: StateMachine> Replica<S> {
         // can still catch up by retransmission instead of state transfer.
         let keep_after = stable.0.saturating_sub(self.cp());
         let view = self.view;
-        self.store.retain(|_, message| match message {
-            ReplicaMessage::Prepare(prepare) => prepare.header.seq.0 > keep_after,
-            ReplicaMessage::Commit(commit) => commit.prepare.seq.0 > keep_after,
-            ReplicaMessage::Checkpoint(checkpoint) => checkpoint.seq.0 >= keep_after,
-            ReplicaMessage::ViewChange(view_change) => view_change.to_view >= view,
-            ReplicaMessage::NewView(new_view) => new_view.view >= view,
-            _ => false,
+        // A message some peer has not processed yet is kept too (up to a cap per stream): if
+        // its sender is faulty and sent it to this replica only, this replica is the only one
+        // who can fill that peer's gap, and without it the peer could never check anchors in
+        // that stream again.
+        let unprocessed_from: Vec<u64> = (0..self.config.n)
+            .map(|stream| {
+                (0..self.config.n)
+                    .filter(|peer| *peer != stream && *peer != self.id.0)
+                    .map(|peer| self.peer_processed[peer as usize][stream as usize])
+                    .min()
+                    .unwrap_or(u64::MAX)
+            })
+            .collect();
+        self.store.retain(|(sender, counter), message| {
+            *counter >= unprocessed_from[sender.0 as usize]
+                || match message {
+                    ReplicaMessage::Prepare(prepare) => prepare.header.seq.0 > keep_after,
+                    ReplicaMessage::Commit(commit) => commit.prepare.seq.0 > keep_after,
+                    ReplicaMessage::Checkpoint(checkpoint) => checkpoint.seq.0 >= keep_after,
+                    ReplicaMessage::ViewChange(view_change) => view_change.to_view >= view,
+                    ReplicaMessage::NewView(new_view) => new_view.view >= view,
+                    _ => false,
+                }
         });
+        let cap = STORE_PER_STREAM_MAX;
+        for stream in 0..self.config.n {
+            let stream = ReplicaId(stream);
+            let kept = self.store.range((stream, 0)..=(stream, u64::MAX)).count();
+            if kept > cap {
+                let oldest: Vec<(ReplicaId, u64)> = self
+                    .store
+                    .range((stream, 0)..=(stream, u64::MAX))
+                    .take(kept - cap)
+                    .map(|(key, _)| *key)
+                    .collect();
+                for key in oldest {
+                    self.store.remove(&key);
+                }
+            }
+        }
         // The own log restarts at the newest own CHECKPOINT at or below the stable one.
         let anchor = self.own_log.iter().rposition(
             |entry| matches!(entry, LogEntry::Checkpoint(checkpoint) if checkpoint.seq <= stable),
@@ -1543,11 +1611,11 @@ impl<S: StateMachine> Replica<S> {
         *suspicion = (*suspicion).max(to_view);
         let log: Vec<LogEntry> = self.own_log.iter().cloned().collect();
         let justified_from = oldest_agreement_view(log.iter()).unwrap_or(to_view);
-        let new_views = self
-            .new_views
-            .range(justified_from..to_view)
-            .map(|(_, new_view)| new_view.clone())
-            .collect();
+        let new_views = justification_pool(
+            self.new_views
+                .range(justified_from..to_view)
+                .map(|(_, new_view)| new_view.clone()),
+        );
         let checkpoint = self.stable.clone();
         let payload = tessera_types::view_change_payload_digest(&checkpoint, &log);
         let ui = self.certify(&view_change_certified_digest(self.id, to_view, &payload));
@@ -1614,9 +1682,18 @@ impl<S: StateMachine> Replica<S> {
             self.reject("view-change-not-increasing");
             return Outcome::Done;
         }
+        if view_change.to_view < self.view {
+            // Obsolete: it can join no NEW-VIEW this replica will accept, so it needs no check;
+            // it only says the sender left the older views. Checking it anyway could make this
+            // stream wait for good on an anchor in a faulty peer's stream that never arrives.
+            let stream = &mut self.streams[sender.0 as usize];
+            stream.last_view_change = view_change.to_view;
+            stream.view = stream.view.max(view_change.to_view);
+            return Outcome::Done;
+        }
         match self
             .verifier()
-            .check_view_change(&view_change, &mut Memo::default())
+            .check_view_change(&view_change, &[], &mut Memo::default())
         {
             Ok(()) => {}
             Err(ANCHOR_NOT_YET_SEEN) => {
@@ -1724,7 +1801,7 @@ impl<S: StateMachine> Replica<S> {
         }
         match self
             .verifier()
-            .check_new_view(&new_view, &mut Memo::default())
+            .check_new_view(&new_view, &[], &mut Memo::default())
         {
             Ok(plan) => {
                 self.note_new_view(primary, new_view.view);
@@ -1740,6 +1817,51 @@ impl<S: StateMachine> Replica<S> {
             }
         }
         Outcome::Done
+    }
+
+    /// A NEW-VIEW from the part of its primary's stream this replica skipped by state transfer
+    /// (it resumed the stream at a later CHECKPOINT): the view the group moved to while this
+    /// replica was away. It is checked like any NEW-VIEW, but outside the stream order, which
+    /// only says that it came before the resume point; the PREPAREs of its view that follow the
+    /// resume point wait for it (see `on_prepare`).
+    fn on_skipped_new_view(&mut self, new_view: Arc<NewView>) {
+        let primary = new_view.primary;
+        let wanted = new_view.view > self.streams[primary.0 as usize].last_new_view
+            && (new_view.view > self.view || (new_view.view == self.view && !self.view_active));
+        if !wanted {
+            return;
+        }
+        let certified = Certified::NewView(new_view.clone());
+        if self
+            .verifier()
+            .verify_ui(primary, &certified.certified_digest(), &new_view.ui)
+            .is_err()
+        {
+            self.reject("invalid-ui");
+            return;
+        }
+        // Blocked (an anchor not yet seen) means: drop it; the heartbeat asks again.
+        let _ = self.on_new_view(new_view);
+    }
+
+    /// Asks the primary of `view` for its NEW-VIEW, at most once per heartbeat interval.
+    fn fetch_new_view(&mut self, view: View) {
+        let primary = view.primary(self.config.n);
+        if primary == self.id
+            || self
+                .last_fetch_new_view_ms
+                .is_some_and(|last| self.now_ms < last + self.config.heartbeat_interval_ms)
+        {
+            return;
+        }
+        self.last_fetch_new_view_ms = Some(self.now_ms);
+        self.actions.push(Action::Send {
+            to: primary,
+            message: ReplicaMessage::FetchNewView {
+                replica: self.id,
+                view,
+            },
+        });
     }
 
     fn note_new_view(&mut self, primary: ReplicaId, view: View) {
@@ -1794,8 +1916,12 @@ impl<S: StateMachine> Replica<S> {
     // ------------------------------------------------------------------ retransmission
 
     fn fetch(&mut self, stream: ReplicaId, from_counter: u64, to_counter: u64) {
-        let interval = self.config.heartbeat_interval_ms;
         let peer = &mut self.streams[stream.0 as usize];
+        if peer.fetched_from != from_counter {
+            peer.fetch_misses = 0;
+        }
+        let interval =
+            self.config.heartbeat_interval_ms << peer.fetch_misses.min(FETCH_BACKOFF_MAX);
         if peer
             .last_fetch_ms
             .is_some_and(|last| self.now_ms < last + interval)
@@ -1803,6 +1929,10 @@ impl<S: StateMachine> Replica<S> {
             return;
         }
         peer.last_fetch_ms = Some(self.now_ms);
+        if peer.fetched_from == from_counter {
+            peer.fetch_misses = peer.fetch_misses.saturating_add(1);
+        }
+        peer.fetched_from = from_counter;
         let to_counter = to_counter.min(from_counter + FETCH_MESSAGES_MAX - 1);
         self.broadcast(ReplicaMessage::Fetch(Fetch {
             replica: self.id,
@@ -1823,15 +1953,28 @@ impl<S: StateMachine> Replica<S> {
         let to_counter = fetch
             .to_counter
             .min(fetch.from_counter.saturating_add(FETCH_MESSAGES_MAX - 1));
+        // Only the unbroken run from the first counter asked for: the asker cannot process
+        // anything after a message it lacks, so without that one the rest is wasted traffic.
+        let unbroken = |(expected, (counter, message)): (u64, (u64, &ReplicaMessage))| {
+            (counter == expected).then(|| message.clone())
+        };
         let messages: Vec<ReplicaMessage> = if fetch.stream == self.id {
-            self.retransmit
-                .range(fetch.from_counter..=to_counter)
-                .map(|(_, message)| message.clone())
+            (fetch.from_counter..)
+                .zip(
+                    self.retransmit
+                        .range(fetch.from_counter..=to_counter)
+                        .map(|(counter, message)| (*counter, message)),
+                )
+                .map_while(unbroken)
                 .collect()
         } else {
-            self.store
-                .range((fetch.stream, fetch.from_counter)..=(fetch.stream, to_counter))
-                .map(|(_, message)| message.clone())
+            (fetch.from_counter..)
+                .zip(
+                    self.store
+                        .range((fetch.stream, fetch.from_counter)..=(fetch.stream, to_counter))
+                        .map(|((_, counter), message)| (*counter, message)),
+                )
+                .map_while(unbroken)
                 .collect()
         };
         for message in messages {
@@ -1886,21 +2029,25 @@ impl<S: StateMachine> Replica<S> {
             let next = stream.next_counter;
             self.fetch(from, next, heartbeat.head_counter);
         }
-        if heartbeat.view > self.view && heartbeat.view.primary(self.config.n) == from {
-            // Its NEW-VIEW is in its stream; the fetch above brings it.
-        } else if heartbeat.view > self.view && self.view_active {
-            let primary = heartbeat.view.primary(self.config.n);
-            if primary != self.id {
-                self.actions.push(Action::Send {
-                    to: primary,
-                    message: ReplicaMessage::FetchNewView {
-                        replica: self.id,
-                        view: heartbeat.view,
-                    },
-                });
-            }
+        let behind =
+            heartbeat.view > self.view || (heartbeat.view == self.view && !self.view_active);
+        let primary = heartbeat.view.primary(self.config.n);
+        let in_stream = primary == from
+            && self.streams[from.0 as usize].last_new_view < heartbeat.view
+            && heartbeat.head_counter >= self.streams[from.0 as usize].next_counter;
+        if behind && !in_stream {
+            // The peer runs a view whose NEW-VIEW this replica has not accepted: lost, or skipped
+            // by a state transfer. (When the fetch above covers the primary's stream, that
+            // brings it.)
+            self.fetch_new_view(heartbeat.view);
         }
         self.claim_checkpoint(from, heartbeat.stable_checkpoint);
+        if heartbeat.processed.len() == self.config.n as usize {
+            let known = &mut self.peer_processed[from.0 as usize];
+            for (known, reported) in known.iter_mut().zip(&heartbeat.processed) {
+                *known = (*known).max(*reported);
+            }
+        }
         if let Some(&acknowledged) = heartbeat.processed.get(self.id.0 as usize) {
             let head_next = self.head_counter() + 1;
             let peer = &mut self.peer_acknowledged[from.0 as usize];
@@ -2062,6 +2209,7 @@ impl<S: StateMachine> Replica<S> {
         );
         let seq = certificate.seq;
         self.clients = clients;
+        self.forget_executed_requests();
         self.last_executed = seq;
         self.next_prepare_seq = self.next_prepare_seq.max(seq.next());
         self.slots.retain(|slot_seq, _| *slot_seq > seq);
@@ -2079,6 +2227,21 @@ impl<S: StateMachine> Replica<S> {
         if self.own_max_seq <= seq {
             self.send_checkpoint(seq, certificate.state_digest);
         }
+    }
+
+    /// After a state transfer: requests the new state already executed no longer wait (their
+    /// timers would blame a primary that did its job).
+    fn forget_executed_requests(&mut self) {
+        let clients = &self.clients;
+        let fresh = |client: ClientId, number: u64| {
+            matches!(clients.freshness(client, number), Freshness::New)
+        };
+        self.waiting
+            .retain(|client, (number, _)| fresh(*client, *number));
+        self.pending
+            .retain(|request| fresh(request.client, request.request_number));
+        self.pending_keys
+            .retain(|(client, number)| fresh(*client, *number));
     }
 
     /// Resumes peers' streams at CHECKPOINT messages at or after the transferred state: what a
@@ -2111,6 +2274,7 @@ impl<S: StateMachine> Replica<S> {
                 // The history before the resume point is unknown here; the resume CHECKPOINT is
                 // taken as an anchor on the word of the replica that sent the state.
                 stream.history_floor = anchor.ui.counter;
+                stream.history_floor_seq = anchor.seq;
                 stream.max_seq_spoken = stream.max_seq_spoken.max(anchor.seq);
                 stream.valid_anchors = BTreeSet::from([anchor.ui.counter]);
             }
@@ -2129,7 +2293,17 @@ impl<S: StateMachine> AnchorOracle for Replica<S> {
         };
         if counter >= stream.next_counter {
             AnchorCheck::NotYetSeen
-        } else if counter >= stream.history_floor && stream.valid_anchors.contains(&counter) {
+        } else if counter < stream.history_floor {
+            // Resumed past it by state transfer. Whatever a log anchored here could leave out
+            // precedes the resume CHECKPOINT, so it speaks of sequence numbers at or below that
+            // checkpoint, which this replica's stable state already covers: no plan can make it
+            // execute anything different there (docs/PROTOCOL.md §7).
+            if stream.history_floor_seq <= self.stable.seq {
+                AnchorCheck::Forgotten
+            } else {
+                AnchorCheck::Invalid
+            }
+        } else if stream.valid_anchors.contains(&counter) {
             AnchorCheck::Valid
         } else {
             AnchorCheck::Invalid

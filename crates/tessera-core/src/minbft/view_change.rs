@@ -58,6 +58,49 @@ impl NewViewPlan {
 /// Why a VIEW-CHANGE or NEW-VIEW was refused.
 pub type Reject = &'static str;
 
+/// The justifications a VIEW-CHANGE ships for the PREPAREs in its log: the NEW-VIEWs in
+/// `new_views` and, transitively, every NEW-VIEW their VIEW-CHANGEs draw on, each once (by view
+/// and primary counter), with the quoted VIEW-CHANGEs stripped of their own justifications
+/// because those are in the pool too. Quoting recursively instead makes the message grow
+/// exponentially with the number of views that pass without a stable checkpoint (each NEW-VIEW
+/// quotes a quorum of VIEW-CHANGEs, each quoting the earlier NEW-VIEWs again). The UIs cover no
+/// justification, so stripping leaves every signature intact.
+pub fn justification_pool(new_views: impl IntoIterator<Item = Arc<NewView>>) -> Vec<Arc<NewView>> {
+    let mut pool: BTreeMap<(View, u64), Arc<NewView>> = BTreeMap::new();
+    let mut pending: Vec<Arc<NewView>> = new_views.into_iter().collect();
+    while let Some(new_view) = pending.pop() {
+        let key = (new_view.view, new_view.ui.counter);
+        if pool.contains_key(&key) {
+            continue;
+        }
+        let mut stripped = false;
+        for view_change in &new_view.view_changes {
+            pending.extend(view_change.new_views.iter().cloned());
+            stripped |= !view_change.new_views.is_empty();
+        }
+        let new_view = if stripped {
+            let view_changes = new_view
+                .view_changes
+                .iter()
+                .map(|view_change| {
+                    Arc::new(ViewChange {
+                        new_views: Vec::new(),
+                        ..(**view_change).clone()
+                    })
+                })
+                .collect();
+            Arc::new(NewView {
+                view_changes,
+                ..(*new_view).clone()
+            })
+        } else {
+            new_view
+        };
+        pool.insert(key, new_view);
+    }
+    pool.into_values().collect()
+}
+
 /// The verdict for a VIEW-CHANGE whose anchor this replica has not yet seen in its sender's
 /// stream: not a rejection, the message must wait (see [`AnchorCheck::NotYetSeen`]).
 pub const ANCHOR_NOT_YET_SEEN: Reject = "view-change-anchor-not-yet-seen";
@@ -74,8 +117,13 @@ pub enum AnchorCheck {
     /// Seen in the sender's stream, and no earlier message of the sender spoke about a later
     /// sequence number: everything relevant after it is in the log.
     Valid,
-    /// Seen, but out of order (or unknown history): it cannot anchor a log.
+    /// Seen, but out of order: it cannot anchor a log.
     Invalid,
+    /// Older than the point where this replica resumed the sender's stream after a state
+    /// transfer. Anything the log could leave out lies at or below this replica's stable
+    /// checkpoint, so the anchor is accepted: refusing it would make every VIEW-CHANGE that
+    /// quotes such an old one unverifiable here for good.
+    Forgotten,
     /// This replica has not processed the sender's stream that far yet.
     NotYetSeen,
 }
@@ -207,9 +255,15 @@ impl<'a> Verifier<'a> {
     /// Checks a VIEW-CHANGE completely: its UI, its checkpoint certificate, that its log is the
     /// sender's complete, contiguous history from a valid anchor, and that every PREPARE it
     /// reports from a view after the first is justified by a valid NEW-VIEW of that view.
+    ///
+    /// Justifying NEW-VIEWs are looked up in the VIEW-CHANGE's own `new_views` and in `pool`,
+    /// the justifications of the message that quotes it (empty at the top level). A correct
+    /// sender ships one flat, closed pool (see [`justification_pool`]) whose quoted VIEW-CHANGEs
+    /// carry none of their own, so a message grows with the number of views, not exponentially.
     pub fn check_view_change(
         &self,
         view_change: &ViewChange,
+        pool: &[Arc<NewView>],
         memo: &mut Memo,
     ) -> Result<(), Reject> {
         let sender = view_change.replica;
@@ -233,7 +287,7 @@ impl<'a> Verifier<'a> {
             if header.seq <= view_change.checkpoint.seq || header.view == View(0) {
                 continue;
             }
-            self.check_justified(header, &view_change.new_views, memo)?;
+            self.check_justified(header, &view_change.new_views, pool, memo)?;
         }
         Ok(())
     }
@@ -261,7 +315,7 @@ impl<'a> Verifier<'a> {
             _ if first.ui().counter == 1 => {}
             LogEntry::Checkpoint(checkpoint) if checkpoint.seq <= view_change.checkpoint.seq => {
                 match self.anchors.check_anchor(sender, first.ui().counter) {
-                    AnchorCheck::Valid => {}
+                    AnchorCheck::Valid | AnchorCheck::Forgotten => {}
                     AnchorCheck::Invalid => return Err("view-change-anchor-out-of-order"),
                     AnchorCheck::NotYetSeen => return Err(ANCHOR_NOT_YET_SEEN),
                 }
@@ -306,17 +360,28 @@ impl<'a> Verifier<'a> {
     fn check_justified(
         &self,
         header: &PrepareHeader,
-        new_views: &[Arc<NewView>],
+        own: &[Arc<NewView>],
+        pool: &[Arc<NewView>],
         memo: &mut Memo,
     ) -> Result<(), Reject> {
-        let justification = new_views
+        let justification = own
             .iter()
+            .chain(pool)
             .filter(|new_view| {
                 new_view.view == header.view && new_view.ui.counter < header.ui.counter
             })
             .max_by_key(|new_view| new_view.ui.counter)
             .ok_or("log-entry-unjustified")?;
-        let plan = self.check_new_view(justification, memo)?;
+        // The quoted NEW-VIEW's own VIEW-CHANGEs draw on the same pool (and on this entry's
+        // message's own justifications when it is the top-level one).
+        let plan = if own.is_empty() {
+            self.check_new_view(justification, pool, memo)?
+        } else if pool.is_empty() {
+            self.check_new_view(justification, own, memo)?
+        } else {
+            let combined: Vec<Arc<NewView>> = own.iter().chain(pool).cloned().collect();
+            self.check_new_view(justification, &combined, memo)?
+        };
         match plan.digest_at(header.seq) {
             Some(digest) if digest != header.batch_digest => Err("log-entry-contradicts-new-view"),
             _ if header.seq <= plan.checkpoint.seq => Err("log-entry-below-new-view-checkpoint"),
@@ -324,11 +389,13 @@ impl<'a> Verifier<'a> {
         }
     }
 
-    /// Checks a NEW-VIEW completely (recursively through its VIEW-CHANGE messages) and returns
-    /// the plan `S` it implies.
+    /// Checks a NEW-VIEW completely (recursively through its VIEW-CHANGE messages, whose
+    /// justifications come from their own `new_views` and from `pool`) and returns the plan `S`
+    /// it implies.
     pub fn check_new_view(
         &self,
         new_view: &NewView,
+        pool: &[Arc<NewView>],
         memo: &mut Memo,
     ) -> Result<Arc<NewViewPlan>, Reject> {
         let key = (
@@ -340,7 +407,7 @@ impl<'a> Verifier<'a> {
             return result.clone();
         }
         let result = self
-            .check_new_view_uncached(new_view, &key.2, memo)
+            .check_new_view_uncached(new_view, &key.2, pool, memo)
             .map(Arc::new);
         memo.new_views.insert(key, result.clone());
         result
@@ -350,6 +417,7 @@ impl<'a> Verifier<'a> {
         &self,
         new_view: &NewView,
         payload: &Digest,
+        pool: &[Arc<NewView>],
         memo: &mut Memo,
     ) -> Result<NewViewPlan, Reject> {
         if new_view.view == View(0) || new_view.primary != new_view.view.primary(self.n) {
@@ -363,7 +431,7 @@ impl<'a> Verifier<'a> {
             if view_change.to_view != new_view.view || !senders.insert(view_change.replica) {
                 return Err("new-view-certificate-mismatch");
             }
-            self.check_view_change(view_change, memo)?;
+            self.check_view_change(view_change, pool, memo)?;
         }
         let senders_needed = self.quorum;
         #[cfg(feature = "planted-bugs")]
