@@ -28,11 +28,11 @@ const CAUGHT_WITHIN: &[(PlantedBug, u64)] = &[
     (PlantedBug::TrustStateSnapshot, 200),  // seed 124
 ];
 
-/// Bugs the simulator does not catch yet (documented in docs/TESTING.md): catching this one
-/// needs a Byzantine new primary whose first PREPARE for a re-proposed sequence number carries
-/// another batch, and the adversary can only change a message after the core has certified it
-/// (a recertified copy follows the original in the stream, so it is rejected as out of
-/// sequence). Its scripted test in `tessera-core/tests/planted.rs` shows the bug misbehaving.
+/// Bugs the simulator does not catch (docs/TESTING.md says why): this one matters only when a
+/// Byzantine replica becomes primary while one correct replica has executed a sequence number
+/// the other has not, and lies about it first thing after its NEW-VIEW; FETCH closes such gaps
+/// long before a view change, and the adversary can only alter messages after the core has
+/// certified them. Its scripted test in `tessera-core/tests/planted.rs` shows the bug misbehaving.
 const NOT_YET_CAUGHT: &[PlantedBug] = &[PlantedBug::SkipPlanMatch];
 
 #[test]

@@ -108,6 +108,21 @@ fn seeds_once_stalled_by_byzantine_stream_gaps_now_complete() {
     }
 }
 
+/// Chaos seeds (a crash and a state transfer) where a replica skipped the NEW-VIEW of the
+/// group's view by state transfer and stayed behind: first it kept its old view (194), then,
+/// once it fetched the NEW-VIEW, it expected the view's re-proposals that lay before its resume
+/// point and refused the PREPAREs that followed (26900 and 27590, from a 40,000-seed campaign).
+const ONCE_BEHIND_AFTER_STATE_TRANSFER: &[u64] = &[194, 26900, 27590];
+
+#[test]
+fn seeds_once_left_behind_by_a_skipped_new_view_now_converge() {
+    let config = Setting::Chaos.apply(&SimConfig::default());
+    for &seed in ONCE_BEHIND_AFTER_STATE_TRANSFER {
+        let report = run_seed(&config, seed);
+        assert!(report.passed(), "chaos: {}", describe(&report));
+    }
+}
+
 fn five_replicas(mut config: SimConfig) -> SimConfig {
     config.protocol.n = 5;
     config.protocol.f = 2;

@@ -1840,8 +1840,15 @@ impl<S: StateMachine> Replica<S> {
             self.reject("invalid-ui");
             return;
         }
+        let view = new_view.view;
         // Blocked (an anchor not yet seen) means: drop it; the heartbeat asks again.
         let _ = self.on_new_view(new_view);
+        if self.view == view && self.view_active {
+            // The view's re-proposals up to the primary's resume CHECKPOINT lie before the resume
+            // point too and will never arrive; its stream continues after that checkpoint.
+            let resumed_at = self.streams[primary.0 as usize].history_floor_seq;
+            self.next_prepare_seq = self.next_prepare_seq.max(resumed_at.next());
+        }
     }
 
     /// Asks the primary of `view` for its NEW-VIEW, at most once per heartbeat interval.
