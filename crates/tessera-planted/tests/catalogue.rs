@@ -22,9 +22,9 @@ const CAUGHT_WITHIN: &[(PlantedBug, u64)] = &[
     (PlantedBug::IgnoreClientTable, 30),    // seed 0
     (PlantedBug::SkipRequestSignature, 30), // seed 0
     (PlantedBug::SkipFifoOrder, 30),        // seed 0
-    (PlantedBug::AcceptOldViewPrepare, 60), // seed 10
-    (PlantedBug::StableCheckpointOnF, 60),  // seed 25
-    (PlantedBug::NewViewFromOneViewChange, 300), // seed 279
+    (PlantedBug::AcceptOldViewPrepare, 60), // seed 20
+    (PlantedBug::StableCheckpointOnF, 150), // seed 89
+    (PlantedBug::NewViewFromOneViewChange, 300), // seed 96
     (PlantedBug::TrustStateSnapshot, 200),  // seed 124
 ];
 

@@ -11,6 +11,7 @@ pub mod config;
 pub mod encoding;
 pub mod ids;
 pub mod limits;
+pub mod merkle;
 pub mod messages;
 pub mod state_machine;
 pub mod wire;

@@ -2013,6 +2013,18 @@ impl<S: StateMachine> Replica<S> {
             stable_checkpoint: self.stable.seq,
             processed: self.processed_counters(),
         }));
+        let asked = self.suspicions[self.id.0 as usize];
+        if self.view_active && asked > self.view {
+            // This replica asked for a view change and its requests have completed since, so
+            // its request timer no longer repeats the request; but a replica that did gather
+            // f+1 requests has moved and cannot come back. Keep asking until the view changes,
+            // or lost copies strand that replica in the higher view (n = 5, chaos seed 1140).
+            self.broadcast(ReplicaMessage::ReqViewChange(ReqViewChange {
+                replica: self.id,
+                from_view: self.view,
+                to_view: asked,
+            }));
+        }
         // Far behind the group: the messages needed to catch up are garbage-collected.
         let group_checkpoint = self.group_checkpoint();
         if group_checkpoint.0 > self.last_executed.0 + self.cp()
