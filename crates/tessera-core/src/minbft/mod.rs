@@ -817,11 +817,7 @@ impl<S: StateMachine> Replica<S> {
         if suspicion > self.view {
             // Asked already and the view has not changed: the request may have been lost.
             self.suspected_at_ms = self.now_ms;
-            self.broadcast(ReplicaMessage::ReqViewChange(ReqViewChange {
-                replica: self.id,
-                from_view: self.view,
-                to_view: suspicion,
-            }));
+            self.ask_for_view(suspicion);
             return;
         }
         tracing::info!(
@@ -1572,12 +1568,17 @@ impl<S: StateMachine> Replica<S> {
         }
         *own = to_view;
         self.suspected_at_ms = self.now_ms;
+        self.ask_for_view(to_view);
+        self.evaluate_suspicions();
+    }
+
+    /// Broadcasts this replica's REQ-VIEW-CHANGE for `to_view` (first ask or a repeat).
+    fn ask_for_view(&mut self, to_view: View) {
         self.broadcast(ReplicaMessage::ReqViewChange(ReqViewChange {
             replica: self.id,
             from_view: self.view,
             to_view,
         }));
-        self.evaluate_suspicions();
     }
 
     fn on_req_view_change(&mut self, from: ReplicaId, request: ReqViewChange) {
@@ -1665,11 +1666,7 @@ impl<S: StateMachine> Replica<S> {
         if asked > self.view {
             // Asked already and too few joined: the REQ-VIEW-CHANGE may have been lost. Ask
             // again, or this replica waits forever for a NEW-VIEW it may never get.
-            self.broadcast(ReplicaMessage::ReqViewChange(ReqViewChange {
-                replica: self.id,
-                from_view: self.view,
-                to_view: asked,
-            }));
+            self.ask_for_view(asked);
         } else {
             self.request_view_change(self.view.next());
         }
@@ -2025,11 +2022,7 @@ impl<S: StateMachine> Replica<S> {
             // its request timer no longer repeats the request; but a replica that did gather
             // f+1 requests has moved and cannot come back. Keep asking until the view changes,
             // or lost copies strand that replica in the higher view (n = 5, chaos seed 1140).
-            self.broadcast(ReplicaMessage::ReqViewChange(ReqViewChange {
-                replica: self.id,
-                from_view: self.view,
-                to_view: asked,
-            }));
+            self.ask_for_view(asked);
         }
         // Far behind the group: the messages needed to catch up are garbage-collected.
         let group_checkpoint = self.group_checkpoint();

@@ -276,6 +276,16 @@ impl<'a> Verifier<'a> {
             .map_err(|_| "view-change-ui")?;
         self.check_checkpoint_certificate(&view_change.checkpoint)?;
         self.check_log_shape(view_change)?;
+        // The justifications this log draws on: its own and the quoting message's.
+        let combined: Vec<Arc<NewView>>;
+        let pool = if view_change.new_views.is_empty() {
+            pool
+        } else if pool.is_empty() {
+            &view_change.new_views
+        } else {
+            combined = view_change.new_views.iter().chain(pool).cloned().collect();
+            &combined
+        };
         for entry in &view_change.log {
             let (header, batch) = match entry {
                 LogEntry::Prepare(prepare) => (&prepare.header, &prepare.batch),
@@ -287,7 +297,7 @@ impl<'a> Verifier<'a> {
             if header.seq <= view_change.checkpoint.seq || header.view == View(0) {
                 continue;
             }
-            self.check_justified(header, &view_change.new_views, pool, memo)?;
+            self.check_justified(header, pool, memo)?;
         }
         Ok(())
     }
@@ -360,28 +370,18 @@ impl<'a> Verifier<'a> {
     fn check_justified(
         &self,
         header: &PrepareHeader,
-        own: &[Arc<NewView>],
         pool: &[Arc<NewView>],
         memo: &mut Memo,
     ) -> Result<(), Reject> {
-        let justification = own
+        let justification = pool
             .iter()
-            .chain(pool)
             .filter(|new_view| {
                 new_view.view == header.view && new_view.ui.counter < header.ui.counter
             })
             .max_by_key(|new_view| new_view.ui.counter)
             .ok_or("log-entry-unjustified")?;
-        // The quoted NEW-VIEW's own VIEW-CHANGEs draw on the same pool (and on this entry's
-        // message's own justifications when it is the top-level one).
-        let plan = if own.is_empty() {
-            self.check_new_view(justification, pool, memo)?
-        } else if pool.is_empty() {
-            self.check_new_view(justification, own, memo)?
-        } else {
-            let combined: Vec<Arc<NewView>> = own.iter().chain(pool).cloned().collect();
-            self.check_new_view(justification, &combined, memo)?
-        };
+        // The quoted NEW-VIEW's own VIEW-CHANGEs draw on the same pool.
+        let plan = self.check_new_view(justification, pool, memo)?;
         match plan.digest_at(header.seq) {
             Some(digest) if digest != header.batch_digest => Err("log-entry-contradicts-new-view"),
             _ if header.seq <= plan.checkpoint.seq => Err("log-entry-below-new-view-checkpoint"),
