@@ -83,6 +83,9 @@ pub struct SimConfig {
     /// Chance of one crash of a random replica during the fault phase (it restarts before the
     /// heal with its durable state; in-flight messages to it and its timers are lost), per mille.
     pub crash_per_mille: u32,
+    /// Chance that the crash is for good (the replica never restarts), per mille. Only drawn
+    /// when no replica is Byzantine: the stopped replica is the run's one faulty replica.
+    pub crash_stop_per_mille: u32,
     /// A rogue client session sends malformed, forged and duplicate requests during the fault
     /// phase.
     pub rogue_client: bool,
@@ -137,6 +140,7 @@ impl Default for SimConfig {
             slow_per_mille: 0,
             corrupt_replies: false,
             crash_per_mille: 250,
+            crash_stop_per_mille: 400,
             rogue_client: true,
             #[cfg(feature = "planted-bugs")]
             planted_bug: None,
@@ -275,7 +279,8 @@ impl SimConfig {
                 self.swizzle_per_mille <= 1000
                     && self.twins_per_mille <= 1000
                     && self.slow_per_mille <= 1000
-                    && self.crash_per_mille <= 1000,
+                    && self.crash_per_mille <= 1000
+                    && self.crash_stop_per_mille <= 1000,
                 "per-mille chances must be at most 1000",
             ),
             (

@@ -167,13 +167,14 @@ fn print_report(report: &Report, trace: bool) {
     let faults = &report.faults;
     println!(
         "  faults: byzantine {:?}, twins {:?}, slow {:?}, mutation rounds {:?}, network rounds \
-         {:?}, crash {:?}",
+         {:?}, crash {:?}{}",
         faults.byzantine,
         faults.twins,
         faults.slow,
         faults.mutation_rounds,
         faults.network_rounds,
-        faults.crash
+        faults.crash,
+        if faults.crash_stop { " for good" } else { "" }
     );
     println!("  adversary: {:?}", report.adversary);
     for (index, node) in report.replicas.iter().enumerate() {

@@ -16,6 +16,8 @@ pub const STREAM_FAULTS: u64 = 3;
 pub const STREAM_ADVERSARY: u64 = 4;
 /// Stream for the rogue client.
 pub const STREAM_ROGUE: u64 = 5;
+/// Whether the planned crash is for good (its own stream, so adding it changed no other draw).
+pub const STREAM_CRASH_STOP: u64 = 6;
 
 /// A seeded random stream with the few draws the simulator needs.
 #[derive(Clone, Debug)]

@@ -16,7 +16,8 @@ use crate::adversary::{draw_round, round_of, Adversary, AdversaryStats, Round, S
 use crate::check::{Checker, Violation};
 use crate::config::SimConfig;
 use crate::rng::{
-    SimRng, STREAM_ADVERSARY, STREAM_FAULTS, STREAM_NETWORK, STREAM_ROGUE, STREAM_WORKLOAD,
+    SimRng, STREAM_ADVERSARY, STREAM_CRASH_STOP, STREAM_FAULTS, STREAM_NETWORK, STREAM_ROGUE,
+    STREAM_WORKLOAD,
 };
 use crate::workload::{random_command, Client, Operation, CLIENT_CREDENTIAL};
 
@@ -205,6 +206,8 @@ pub struct FaultPlan {
     pub network_rounds: Vec<(Round, Vec<u8>)>,
     /// Node crashed, crash time, restart time.
     pub crash: Option<(usize, u64, u64)>,
+    /// The crashed node never restarts (drawn only when no replica is Byzantine).
+    pub crash_stop: bool,
 }
 
 /// One node as it stood at the end of a run.
@@ -309,7 +312,10 @@ impl Simulation {
         let n = config.protocol.n;
         let client_key = SigningKey::from_seed(&CLIENT_KEY_SEED);
         let mut fault_rng = SimRng::new(seed, STREAM_FAULTS);
-        let faults = draw_faults(&config, &mut fault_rng);
+        let mut faults = draw_faults(&config, &mut fault_rng);
+        faults.crash_stop = faults.crash.is_some()
+            && faults.byzantine.is_empty()
+            && SimRng::new(seed, STREAM_CRASH_STOP).chance(config.crash_stop_per_mille);
 
         let usig_keys: Vec<[u8; 32]> = (0..n).map(|index| [index as u8 + 1; 32]).collect();
         let mut shared_usigs = BTreeMap::new();
@@ -403,7 +409,9 @@ impl Simulation {
         }
         if let Some((node, crash_ms, restart_ms)) = simulation.faults.crash {
             simulation.schedule(crash_ms, Event::Crash { node });
-            simulation.schedule(restart_ms, Event::Restart { node });
+            if !simulation.faults.crash_stop {
+                simulation.schedule(restart_ms, Event::Restart { node });
+            }
         }
         if simulation.config.rogue_client {
             let first = simulation.rogue_rng.between(10, 300);
@@ -452,7 +460,8 @@ impl Simulation {
         let progress = self
             .nodes
             .iter()
-            .filter(|node| node.role == Role::Correct)
+            // A replica that crashed for good is the run's faulty one: it owes nothing.
+            .filter(|node| node.role == Role::Correct && !node.crashed)
             .map(|node| {
                 (
                     node.id,
@@ -1217,6 +1226,7 @@ fn draw_faults(config: &SimConfig, rng: &mut SimRng) -> FaultPlan {
         mutation_rounds: mutation_rounds.into_iter().collect(),
         network_rounds: network_rounds.into_iter().collect(),
         crash,
+        crash_stop: false,
     }
 }
 

@@ -2024,6 +2024,7 @@ impl<S: StateMachine> Replica<S> {
             // or lost copies strand that replica in the higher view (n = 5, chaos seed 1140).
             self.ask_for_view(asked);
         }
+        self.fetch_what_peers_processed();
         // Far behind the group: the messages needed to catch up are garbage-collected.
         let group_checkpoint = self.group_checkpoint();
         if group_checkpoint.0 > self.last_executed.0 + self.cp()
@@ -2034,6 +2035,33 @@ impl<S: StateMachine> Replica<S> {
             && self.now_ms > self.last_progress_ms + 2 * self.config.heartbeat_interval_ms
         {
             self.request_state(self.stable.seq);
+        }
+    }
+
+    /// Asks for every stream's messages that another peer reports having processed and this
+    /// replica has not. The other triggers of a FETCH fire once, on an event (a COMMIT quoting a
+    /// PREPARE not seen, the sender's own heartbeat), and a FETCH they send inside the previous
+    /// one's backoff interval is skipped; when the sender has crashed for good, no event
+    /// repeats. Found with real processes: the primary died right after its PREPARE reached
+    /// only one backup, the COMMIT that revealed it arrived within a heartbeat of an ordinary
+    /// fetch, and the other backup never asked again, so neither it nor the client's request
+    /// ever completed and f+1 replicas never suspected the dead primary together.
+    fn fetch_what_peers_processed(&mut self) {
+        for stream in 0..self.config.n {
+            if stream == self.id.0 {
+                continue;
+            }
+            // Another peer keeps what it processed of `stream` until this replica has processed
+            // it too (`collect_garbage`), so it can answer.
+            let known = (0..self.config.n)
+                .filter(|peer| *peer != stream && *peer != self.id.0)
+                .map(|peer| self.peer_processed[peer as usize][stream as usize])
+                .max()
+                .unwrap_or(0);
+            let next = self.streams[stream as usize].next_counter;
+            if known > next {
+                self.fetch(ReplicaId(stream), next, known - 1);
+            }
         }
     }
 
