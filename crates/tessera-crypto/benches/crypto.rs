@@ -51,5 +51,17 @@ fn macs(criterion: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, signatures, macs);
+/// One element added to a homomorphic partition sum (a key-value write pays two: the old pair
+/// out, the new one in).
+fn lthash(criterion: &mut Criterion) {
+    let mut sum = tessera_crypto::LtHash::new();
+    let hasher = tessera_crypto::ElementHasher::new("tessera.bench");
+    let key = b"key:000000012345".to_vec();
+    let value = vec![7u8; 64];
+    criterion.bench_function("lthash_add_80_byte_pair", |bencher| {
+        bencher.iter(|| sum.add(&hasher, &[black_box(&key), black_box(&value)]))
+    });
+}
+
+criterion_group!(benches, signatures, macs, lthash);
 criterion_main!(benches);

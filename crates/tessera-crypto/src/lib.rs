@@ -6,10 +6,12 @@
 #![forbid(unsafe_code)]
 
 pub mod digest;
+pub mod lthash;
 pub mod mac;
 pub mod sign;
 
 pub use digest::{Digest, DigestBuilder, DIGEST_LEN};
+pub use lthash::{ElementHasher, LtHash};
 pub use mac::{constant_time_eq, derive_key, keyed_hash, mac16, verify_mac16, MAC16_LEN};
 pub use sign::{
     verify_batch, CryptoError, SigningKey, VerifyingKey, PUBLIC_KEY_LEN, SIGNATURE_LEN,
