@@ -87,6 +87,9 @@ impl<S: StateMachine> Envelope<S> {
 }
 
 impl<S: StateMachine> StateMachine for Envelope<S> {
+    type Frozen = S::Frozen;
+    type Staged = S::Staged;
+
     fn execute(&mut self, operation: &[u8]) -> Vec<u8> {
         let results = self.execute_envelope(operation);
         let results = results.map(|results| {
@@ -98,65 +101,77 @@ impl<S: StateMachine> StateMachine for Envelope<S> {
         tessera_types::encode(&results)
     }
 
-    fn snapshot(&self) -> Vec<u8> {
-        self.inner.snapshot()
+    fn partition_count(&self) -> u32 {
+        self.inner.partition_count()
     }
 
-    fn restore(&mut self, snapshot: &[u8]) -> Result<(), RestoreError> {
-        self.inner.restore(snapshot)
+    fn partition_digest(&self, index: u32) -> Digest {
+        self.inner.partition_digest(index)
     }
 
     fn digest(&self) -> Digest {
         self.inner.digest()
+    }
+
+    fn freeze(&mut self) -> S::Frozen {
+        self.inner.freeze()
+    }
+
+    fn stage(&self, index: u32) -> S::Staged {
+        self.inner.stage(index)
+    }
+
+    fn install(&mut self, partitions: Vec<S::Staged>) -> Result<(), RestoreError> {
+        self.inner.install(partitions)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tessera_crypto::DigestBuilder;
+    use tessera_kv::{Command, KvStore, Response};
 
-    /// Appends each operation to a log and returns the log length.
-    #[derive(Default)]
-    struct Log(Vec<Vec<u8>>);
+    fn set(key: &str, value: &str) -> Vec<u8> {
+        Command::Set {
+            key: key.as_bytes().to_vec(),
+            value: value.as_bytes().to_vec(),
+        }
+        .encode()
+    }
 
-    impl StateMachine for Log {
-        fn execute(&mut self, operation: &[u8]) -> Vec<u8> {
-            self.0.push(operation.to_vec());
-            vec![self.0.len() as u8]
+    fn get(key: &str) -> Vec<u8> {
+        Command::Get {
+            key: key.as_bytes().to_vec(),
         }
-        fn snapshot(&self) -> Vec<u8> {
-            tessera_types::encode(&self.0)
-        }
-        fn restore(&mut self, snapshot: &[u8]) -> Result<(), RestoreError> {
-            self.0 = tessera_types::decode(snapshot, 1 << 20)
-                .map_err(|error| RestoreError(error.to_string()))?;
-            Ok(())
-        }
-        fn digest(&self) -> Digest {
-            let mut builder = DigestBuilder::new("test.log");
-            builder.bytes(&self.snapshot());
-            builder.finish()
-        }
+        .encode()
     }
 
     #[test]
     fn executes_inner_operations_in_order() {
-        let mut machine = Envelope::new(Log::default());
-        let result = machine.execute(&encode_operations(&[b"a".to_vec(), b"b".to_vec()]));
-        assert_eq!(decode_results(&result).unwrap(), Ok(vec![vec![1], vec![2]]));
-        assert_eq!(machine.inner().0, vec![b"a".to_vec(), b"b".to_vec()]);
+        let mut machine = Envelope::new(KvStore::default());
+        let result = machine.execute(&encode_operations(&[
+            set("a", "1"),
+            get("a"),
+            set("a", "2"),
+        ]));
+        let results = decode_results(&result).unwrap().unwrap();
+        assert_eq!(results[0], Response::Ok.encode());
+        assert_eq!(results[1], Response::Value(Some(b"1".to_vec())).encode());
+        assert_eq!(machine.inner().get(b"a"), Some(&b"2"[..]));
+        assert_eq!(machine.digest(), machine.inner().digest());
     }
 
     #[test]
     fn refuses_malformed_and_empty_envelopes_without_executing() {
-        let mut machine = Envelope::new(Log::default());
+        let mut machine = Envelope::new(KvStore::default());
+        let empty = machine.digest();
         assert!(decode_results(&machine.execute(b"\xff\xff\xff"))
             .unwrap()
             .is_err());
         assert!(decode_results(&machine.execute(&encode_operations(&[])))
             .unwrap()
             .is_err());
-        assert!(machine.inner().0.is_empty());
+        assert!(machine.inner().is_empty());
+        assert_eq!(machine.digest(), empty);
     }
 }

@@ -45,10 +45,11 @@
 //! [`StateMachine::snapshot`] is the canonical encoding of the entries in key order as a
 //! sequence of `(key, value)` pairs: equal contents give equal bytes whatever the history.
 //! [`StateMachine::restore`] accepts exactly such bytes within the store's limits and leaves
-//! the store untouched otherwise. [`StateMachine::digest`] hashes the entries directly (see
-//! [`KvStore`]'s implementation for the exact definition) under [`STATE_DIGEST_DOMAIN`],
-//! without building the snapshot; verify a received snapshot by restoring it into a scratch
-//! store and comparing digests.
+//! the store untouched otherwise. [`StateMachine::digest`] is the digest of the abstract state:
+//! the root of a Merkle tree over [`PARTITIONS`] partition digests, each a homomorphic sum of its
+//! entries, kept up to date as entries change (see [`KvStore`]'s implementation for the exact
+//! definition), without building the snapshot; verify a received snapshot by restoring it into a
+//! scratch store and comparing digests.
 
 #![forbid(unsafe_code)]
 
@@ -58,5 +59,5 @@ mod store;
 
 pub use command::{Command, KvError, Response};
 pub use limits::{InvalidKvLimits, KvLimits};
-pub use store::{KvStore, DIGEST_PIECE_BYTES, STATE_DIGEST_DOMAIN};
+pub use store::{KvStore, ENTRY_DOMAIN, PARTITIONS, PARTITION_DIGEST_DOMAIN, PARTITION_OF_DOMAIN};
 pub use tessera_types::StateMachine;

@@ -422,10 +422,10 @@ fn log_counters(counters: &NodeCounters) {
         );
     }
 }
-/// Total bytes the replicated store may hold by default. State transfer still moves the whole
-/// snapshot in one message (`tessera_types::limits::MAX_SNAPSHOT_BYTES`), so the store must stay
-/// below it until issue 4's block transfer lands.
-pub const STORE_TOTAL_BYTES_DEFAULT: u64 = 128 << 20;
+/// Total bytes the replicated store may hold by default: 1 GiB. State transfer moves the store
+/// partition by partition in chunks of about 1 MiB (`docs/STATE.md`), so no message grows with
+/// the store; the limit bounds memory (every replica holds the whole state).
+pub const STORE_TOTAL_BYTES_DEFAULT: u64 = 1 << 30;
 
 /// The key-value store every replica (and the unreplicated baseline) serves, behind envelopes so
 /// a client can put many operations under one signature (`tessera_core::envelope`).

@@ -24,8 +24,12 @@ const CAUGHT_WITHIN: &[(PlantedBug, u64)] = &[
     (PlantedBug::SkipFifoOrder, 30),        // seed 0
     (PlantedBug::AcceptOldViewPrepare, 60), // seed 20
     (PlantedBug::StableCheckpointOnF, 150), // seed 89
-    (PlantedBug::NewViewFromOneViewChange, 300), // seed 96
-    (PlantedBug::TrustStateSnapshot, 200),  // seed 124
+    // First caught at seed 96 until replicas fetched, at every heartbeat, what a peer reports
+    // having processed (PROTOCOL.md §5): gaps now close before a view change, so a NEW-VIEW
+    // built from one VIEW-CHANGE rarely misses a committed batch. Now seed 930.
+    (PlantedBug::NewViewFromOneViewChange, 1200),
+    // Partition-wise transfer: a faulty server's tampered partition (seed 88).
+    (PlantedBug::TrustStateSnapshot, 200),
 ];
 
 /// Bugs the simulator does not catch (docs/TESTING.md says why): this one matters only when a

@@ -77,7 +77,8 @@ pub fn round_of(message: &ReplicaMessage) -> Option<Round> {
         ReplicaMessage::Prepare(prepare) => Some(Round::Seq(prepare.header.seq.0)),
         ReplicaMessage::Commit(commit) => Some(Round::Seq(commit.prepare.seq.0)),
         ReplicaMessage::Checkpoint(checkpoint) => Some(Round::Seq(checkpoint.seq.0)),
-        ReplicaMessage::StateReply(reply) => Some(Round::Seq(reply.certificate.seq.0)),
+        ReplicaMessage::StateSummary(summary) => Some(Round::Seq(summary.certificate.seq.0)),
+        ReplicaMessage::PartitionReply(reply) => Some(Round::Seq(reply.seq.0)),
         ReplicaMessage::ReqViewChange(request) => Some(Round::View(request.to_view.0)),
         ReplicaMessage::ViewChange(view_change) => Some(Round::View(view_change.to_view.0)),
         ReplicaMessage::NewView(new_view) => Some(Round::View(new_view.view.0)),
@@ -125,12 +126,15 @@ pub struct AdversaryStats {
     pub corrupted_replies: u64,
 }
 
-/// The layout of a STATE-REPLY snapshot (application state, client table).
-type Snapshot = (Vec<u8>, Vec<(tessera_types::ClientId, ClientEntry)>);
+/// The layout of a STATE-SUMMARY's client table.
+type ClientEntries = Vec<(tessera_types::ClientId, ClientEntry)>;
+/// The layout of a key-value chunk: `(key, value)` pairs in key order (postcard encodes a byte
+/// string and a sequence of bytes alike).
+type KvChunk = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// How many of its own messages a Byzantine replica remembers for replays.
 const REPLAY_MEMORY: usize = 64;
-/// How many batches and snapshots it remembers for substitutions.
+/// How many batches and partition chunks it remembers for substitutions.
 const SUBSTITUTE_MEMORY: usize = 8;
 
 /// The adversary controlling every Byzantine replica of one run.
@@ -141,8 +145,8 @@ pub struct Adversary {
     sent: BTreeMap<u32, VecDeque<ReplicaMessage>>,
     /// Recent batches seen in Byzantine replicas' messages, to swap into PREPAREs.
     batches: VecDeque<Arc<Vec<Request>>>,
-    /// Recent snapshots seen in Byzantine replicas' STATE-REPLYs, to serve stale state.
-    snapshots: VecDeque<Arc<Vec<u8>>>,
+    /// Recent chunks (partition, bytes) Byzantine replicas served, to serve stale state.
+    chunks: VecDeque<(u32, Vec<u8>)>,
     /// The checkpoint interval, to move checkpoint sequence numbers by one interval.
     checkpoint_interval: u64,
     /// What it did.
@@ -156,7 +160,7 @@ impl Adversary {
             usigs,
             sent: BTreeMap::new(),
             batches: VecDeque::new(),
-            snapshots: VecDeque::new(),
+            chunks: VecDeque::new(),
             checkpoint_interval,
             stats: AdversaryStats::default(),
         }
@@ -166,8 +170,10 @@ impl Adversary {
     pub fn observe(&mut self, from: u32, message: &ReplicaMessage) {
         match message {
             ReplicaMessage::Prepare(prepare) => remember(&mut self.batches, prepare.batch.clone()),
-            ReplicaMessage::StateReply(reply) => {
-                remember(&mut self.snapshots, reply.snapshot.clone())
+            ReplicaMessage::PartitionReply(reply) => {
+                if let Some(chunk) = &reply.chunk {
+                    remember(&mut self.chunks, (reply.partition, chunk.bytes.clone()));
+                }
             }
             _ => {}
         }
@@ -306,41 +312,60 @@ impl Adversary {
             ReplicaMessage::ReqViewChange(request) => {
                 request.to_view = View(request.to_view.0 + 1 + rng.below(3));
             }
-            ReplicaMessage::StateReply(reply) => {
+            ReplicaMessage::StateSummary(summary) => {
+                // Either change is refused at once: the partition digests and the client
+                // table must give the certified digest.
+                if choice.is_multiple_of(2) && !summary.partitions.is_empty() {
+                    let index = rng.below(summary.partitions.len() as u64) as usize;
+                    summary.partitions[index] = random_digest(rng);
+                } else {
+                    let limit = tessera_types::limits::MAX_FRAME_BYTES;
+                    let Ok(mut clients) =
+                        tessera_types::decode::<ClientEntries>(&summary.clients, limit)
+                    else {
+                        return None;
+                    };
+                    let newest = clients
+                        .iter()
+                        .enumerate()
+                        .max_by_key(|(_, (_, entry))| entry.seq)
+                        .map(|(index, _)| index)?;
+                    clients.remove(newest);
+                    summary.clients = tessera_types::encoding::encode(&clients);
+                }
+            }
+            ReplicaMessage::PartitionReply(reply) => {
+                let Some(chunk) = &mut reply.chunk else {
+                    return None;
+                };
                 let stale = self
-                    .snapshots
+                    .chunks
                     .iter()
-                    .find(|snapshot| **snapshot != reply.snapshot)
-                    .cloned();
+                    .find(|(partition, bytes)| {
+                        *partition == reply.partition && *bytes != chunk.bytes
+                    })
+                    .map(|(_, bytes)| bytes.clone());
                 match (choice, stale) {
-                    (0, Some(stale)) => reply.snapshot = stale,
+                    (0, Some(stale)) => chunk.bytes = stale,
                     (1, _) => {
-                        let mut bytes = (*reply.snapshot).clone();
-                        bytes.pop();
-                        reply.snapshot = Arc::new(bytes);
+                        chunk.bytes.pop();
                     }
+                    (2, _) => reply.chunk = None,
                     _ => {
-                        // Well-formed but wrong: the client table loses its most recent entry
-                        // (a duplicate of that request would execute again), so only the
-                        // digest check can tell.
-                        let limit = tessera_types::limits::MAX_SNAPSHOT_BYTES;
-                        let Ok((application, mut clients)) =
-                            tessera_types::decode::<Snapshot>(&reply.snapshot, limit)
+                        // Well-formed but wrong: the chunk loses its last entry, or its first
+                        // value changes, so only the partition digest can tell.
+                        let limit = tessera_types::limits::MAX_FRAME_BYTES;
+                        let Ok(mut entries) = tessera_types::decode::<KvChunk>(&chunk.bytes, limit)
                         else {
                             return None;
                         };
-                        if let Some(newest) = clients
-                            .iter()
-                            .enumerate()
-                            .max_by_key(|(_, (_, entry))| entry.seq)
-                            .map(|(index, _)| index)
-                        {
-                            clients.remove(newest);
+                        if choice == 3 {
+                            entries.pop()?;
                         } else {
-                            return None;
+                            let (_, value) = entries.first_mut()?;
+                            value.push(b'!');
                         }
-                        let bytes = tessera_types::encoding::encode(&(application, clients));
-                        reply.snapshot = Arc::new(bytes);
+                        chunk.bytes = tessera_types::encoding::encode(&entries);
                     }
                 }
             }

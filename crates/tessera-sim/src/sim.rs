@@ -62,7 +62,9 @@ fn message_kind(message: &ReplicaMessage) -> &'static str {
         ReplicaMessage::Fetch(_) => "FETCH",
         ReplicaMessage::Heartbeat(_) => "HEARTBEAT",
         ReplicaMessage::StateRequest(_) => "STATE-REQUEST",
-        ReplicaMessage::StateReply(_) => "STATE-REPLY",
+        ReplicaMessage::StateSummary(_) => "STATE-SUMMARY",
+        ReplicaMessage::PartitionRequest(_) => "PARTITION-REQUEST",
+        ReplicaMessage::PartitionReply(_) => "PARTITION-REPLY",
         ReplicaMessage::FetchNewView { .. } => "FETCH-NEW-VIEW",
     }
 }
@@ -872,9 +874,11 @@ impl Simulation {
             // Heartbeats belong to no round; with any mutation round planned, one in twenty
             // lies about progress.
             let tampering = match round_of(&original) {
-                // State transfer is a prize: a faulty replica serving state lies whenever it
-                // is given any mutation rounds at all.
-                Some(_) if matches!(original, ReplicaMessage::StateReply(_)) => {
+                // State transfer is a prize: a faulty replica serving state lies in every
+                // partition it serves whenever it is given any mutation rounds at all. (Its
+                // summary is tampered with only in its round: a wrong summary is refused at
+                // once and its sender never asked for a partition.)
+                Some(_) if matches!(original, ReplicaMessage::PartitionReply(_)) => {
                     !self.mutation_rounds.is_empty()
                 }
                 Some(round) => self.mutation_rounds.contains(&round),
@@ -1269,9 +1273,25 @@ fn describe_message(message: &ReplicaMessage) -> String {
             new_view.view_changes.len()
         ),
         ReplicaMessage::ReqViewChange(request) => format!("{kind} to v{}", request.to_view.0),
-        ReplicaMessage::StateReply(reply) => {
-            format!("{kind} s{}", reply.certificate.seq.0)
+        ReplicaMessage::StateSummary(summary) => {
+            format!("{kind} s{}", summary.certificate.seq.0)
         }
+        ReplicaMessage::PartitionRequest(request) => format!(
+            "{kind} s{} partition {} cursor {}",
+            request.seq.0,
+            request.partition,
+            request.cursor.as_ref().map_or(0, Vec::len)
+        ),
+        ReplicaMessage::PartitionReply(reply) => format!(
+            "{kind} s{} partition {} {}",
+            reply.seq.0,
+            reply.partition,
+            match &reply.chunk {
+                Some(chunk) =>
+                    format!("{} bytes, last {}", chunk.bytes.len(), chunk.next.is_none()),
+                None => "gone".to_string(),
+            }
+        ),
         ReplicaMessage::Fetch(fetch) => format!(
             "{kind} stream r{} counters {}..={}",
             fetch.stream.0, fetch.from_counter, fetch.to_counter

@@ -20,5 +20,5 @@ pub use config::{ConfigError, ProtocolConfig};
 pub use encoding::{decode, encode, DecodeError};
 pub use ids::{ClientId, ReplicaId, SeqNum, View};
 pub use messages::*;
-pub use state_machine::StateMachine;
+pub use state_machine::{Chunk, FrozenState, RestoreError, StagedPartition, StateMachine};
 pub use tessera_crypto::Digest;

@@ -13,8 +13,6 @@ pub const MAX_UI_CERTIFICATE_BYTES: usize = 1024;
 pub const MAX_BATCH_REQUESTS: usize = 4096;
 /// Largest client authenticator: one MAC per replica.
 pub const MAX_REPLICAS: usize = 64;
-/// Largest frame on any Tessera connection (a VIEW-CHANGE or NEW-VIEW carrying a full log,
-/// or a state snapshot, is the biggest legitimate message).
+/// Largest frame on any Tessera connection (a VIEW-CHANGE or NEW-VIEW carrying a full log, or a
+/// state summary with a large client table, is the biggest legitimate message).
 pub const MAX_FRAME_BYTES: usize = 256 << 20;
-/// Largest state snapshot transferred in one message.
-pub const MAX_SNAPSHOT_BYTES: usize = 192 << 20;

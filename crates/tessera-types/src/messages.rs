@@ -486,18 +486,64 @@ pub struct StateRequest {
     pub min_seq: SeqNum,
 }
 
-/// A full state snapshot at a stable checkpoint, checked by the receiver against the certificate.
+/// What a replica needs to fetch the state at a stable checkpoint, all of it checkable against
+/// the checkpoint certificate: the partition digests (their Merkle root and the client table's
+/// digest give the certified state digest) and the client table itself.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
-pub struct StateReply {
+pub struct StateSummary {
     /// Who answers.
     pub replica: ReplicaId,
-    /// The stable checkpoint the snapshot belongs to.
+    /// The stable checkpoint the state belongs to.
     pub certificate: CheckpointCertificate,
-    /// The replicated state at that checkpoint.
-    pub snapshot: Arc<Vec<u8>>,
+    /// The digest of every partition of the application state at that checkpoint, in order.
+    pub partitions: Vec<Digest>,
+    /// The encoded client table at that checkpoint.
+    #[serde(with = "serde_bytes")]
+    pub clients: Vec<u8>,
     /// The answering replica's own latest CHECKPOINT messages per replica, which let the receiver
     /// resume every peer's message stream after the checkpoint.
     pub anchors: Vec<Checkpoint>,
+}
+
+/// Asks for one chunk of one partition of the state at a stable checkpoint.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct PartitionRequest {
+    /// Who asks.
+    pub replica: ReplicaId,
+    /// The checkpoint whose state is fetched.
+    pub seq: SeqNum,
+    /// Which partition.
+    pub partition: u32,
+    /// Where the chunk starts (`None`: at the beginning), as the previous reply said.
+    #[serde(with = "serde_bytes")]
+    pub cursor: Option<Vec<u8>>,
+}
+
+/// One chunk of a partition, or word that the checkpoint is no longer kept.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct PartitionReply {
+    /// Who answers.
+    pub replica: ReplicaId,
+    /// The checkpoint asked about.
+    pub seq: SeqNum,
+    /// The partition asked about.
+    pub partition: u32,
+    /// The cursor asked for (so the asker matches the reply to its request).
+    #[serde(with = "serde_bytes")]
+    pub cursor: Option<Vec<u8>>,
+    /// The chunk, or `None` if the replier no longer keeps that checkpoint's state.
+    pub chunk: Option<ChunkBytes>,
+}
+
+/// A chunk on the wire.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct ChunkBytes {
+    /// The chunk's bytes (the service's encoding).
+    #[serde(with = "serde_bytes")]
+    pub bytes: Vec<u8>,
+    /// Where the next chunk starts; `None` after the last.
+    #[serde(with = "serde_bytes")]
+    pub next: Option<Vec<u8>>,
 }
 
 /// Everything a replica sends to another replica.
@@ -523,8 +569,12 @@ pub enum ReplicaMessage {
     Heartbeat(Heartbeat),
     /// State transfer request.
     StateRequest(StateRequest),
-    /// State transfer answer.
-    StateReply(StateReply),
+    /// State transfer answer: what to fetch.
+    StateSummary(StateSummary),
+    /// Asks for a chunk of a partition.
+    PartitionRequest(PartitionRequest),
+    /// A chunk of a partition.
+    PartitionReply(PartitionReply),
     /// Asks for the NEW-VIEW that started `view` (a replica that missed it cannot join the view).
     FetchNewView {
         /// Who asks.
@@ -548,7 +598,9 @@ impl ReplicaMessage {
             ReplicaMessage::Fetch(_) => "fetch",
             ReplicaMessage::Heartbeat(_) => "heartbeat",
             ReplicaMessage::StateRequest(_) => "state-request",
-            ReplicaMessage::StateReply(_) => "state-reply",
+            ReplicaMessage::StateSummary(_) => "state-summary",
+            ReplicaMessage::PartitionRequest(_) => "partition-request",
+            ReplicaMessage::PartitionReply(_) => "partition-reply",
             ReplicaMessage::FetchNewView { .. } => "fetch-new-view",
         }
     }

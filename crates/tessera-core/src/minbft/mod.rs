@@ -25,9 +25,12 @@
 //! See `docs/PROTOCOL.md` for the rules and the safety argument.
 
 mod clients;
+mod transfer;
 mod view_change;
 
 pub use clients::{ClientEntry, ClientTable, Freshness};
+use transfer::{CheckpointState, Transfer};
+pub use transfer::{CHUNK_BUDGET_BYTES, IN_FLIGHT_PER_SOURCE, MAX_CHUNK_BYTES, MAX_CURSOR_BYTES};
 use view_change::{justification_pool, ANCHOR_NOT_YET_SEEN};
 pub use view_change::{AnchorCheck, AnchorOracle, Memo, NewViewPlan, Verifier};
 
@@ -41,7 +44,7 @@ use tessera_types::{
     prepare_certified_digest, view_change_certified_digest, Checkpoint, CheckpointCertificate,
     ClientId, Commit, ConfigError, Fetch, Heartbeat, LogEntry, NewView, Prepare, PrepareHeader,
     ProtocolConfig, ReplicaId, ReplicaMessage, Reply, ReqViewChange, Request, SeqNum, StateMachine,
-    StateReply, StateRequest, Ui, View, ViewChange,
+    Ui, View, ViewChange,
 };
 use tessera_usig::Usig;
 
@@ -248,9 +251,6 @@ fn prepare_key(header: &PrepareHeader) -> Digest {
     builder.finish()
 }
 
-/// Snapshot format of the replicated state: the application's snapshot and the client table.
-type StateSnapshot = (Vec<u8>, Vec<(ClientId, ClientEntry)>);
-
 /// A MinBFT replica.
 pub struct Replica<S: StateMachine> {
     id: ReplicaId,
@@ -303,8 +303,10 @@ pub struct Replica<S: StateMachine> {
     // --- checkpoints ---
     genesis_digest: Digest,
     stable: CheckpointCertificate,
-    stable_snapshot: Arc<Vec<u8>>,
-    own_checkpoints: BTreeMap<SeqNum, (Digest, Arc<Vec<u8>>)>,
+    /// The state at the stable checkpoint, served to replicas that fetch it.
+    stable_state: CheckpointState<S::Frozen>,
+    /// The state at each own checkpoint not yet stable (one becomes `stable_state`).
+    own_checkpoints: BTreeMap<SeqNum, CheckpointState<S::Frozen>>,
     checkpoint_votes: BTreeMap<SeqNum, BTreeMap<ReplicaId, Checkpoint>>,
 
     // --- own stream ---
@@ -327,6 +329,11 @@ pub struct Replica<S: StateMachine> {
     /// Peers' certified messages kept for retransmission to others.
     store: BTreeMap<(ReplicaId, u64), ReplicaMessage>,
     state_request_ms: Option<u64>,
+    /// The state transfer in progress, if any (`transfer.rs`).
+    transfer: Option<Transfer<S::Staged>>,
+    /// Replicas that served state that did not check; not asked again until a transfer
+    /// completes.
+    transfer_blacklist: BTreeSet<ReplicaId>,
     /// Per replica, the highest checkpoint it claimed (heartbeat or CHECKPOINT). Only a height
     /// that f+1 replicas claim is believed, so one faulty replica cannot send this replica
     /// chasing a state that does not exist.
@@ -353,7 +360,7 @@ impl<S: StateMachine> Replica<S> {
         config: ProtocolConfig,
         usig: Box<dyn Usig>,
         authenticator: Box<dyn RequestAuthenticator>,
-        state_machine: S,
+        mut state_machine: S,
     ) -> Result<Replica<S>, ConfigError> {
         config.validate()?;
         if id.0 >= config.n {
@@ -365,7 +372,7 @@ impl<S: StateMachine> Replica<S> {
         }
         let clients = ClientTable::new(config.client_table_max);
         let genesis_digest = state_digest(&state_machine, &clients);
-        let stable_snapshot = Arc::new(snapshot_bytes(&state_machine, &clients));
+        let stable_state = freeze_state(&mut state_machine, &clients);
         let streams = (0..config.n)
             .map(|_| PeerStream {
                 next_counter: 1,
@@ -411,7 +418,7 @@ impl<S: StateMachine> Replica<S> {
                 state_digest: genesis_digest,
                 checkpoints: Vec::new(),
             },
-            stable_snapshot,
+            stable_state,
             own_checkpoints: BTreeMap::new(),
             checkpoint_votes: BTreeMap::new(),
             own_log: VecDeque::new(),
@@ -420,6 +427,8 @@ impl<S: StateMachine> Replica<S> {
             streams,
             store: BTreeMap::new(),
             state_request_ms: None,
+            transfer: None,
+            transfer_blacklist: BTreeSet::new(),
             pending: VecDeque::new(),
             pending_keys: HashSet::new(),
             waiting: BTreeMap::new(),
@@ -520,7 +529,9 @@ impl<S: StateMachine> Replica<S> {
             ReplicaMessage::Fetch(fetch) => self.on_fetch(from, fetch),
             ReplicaMessage::Heartbeat(heartbeat) => self.on_heartbeat(from, heartbeat),
             ReplicaMessage::StateRequest(request) => self.on_state_request(from, request),
-            ReplicaMessage::StateReply(reply) => self.on_state_reply(from, reply),
+            ReplicaMessage::StateSummary(summary) => self.on_state_summary(from, summary),
+            ReplicaMessage::PartitionRequest(request) => self.on_partition_request(from, request),
+            ReplicaMessage::PartitionReply(reply) => self.on_partition_reply(from, reply),
             ReplicaMessage::FetchNewView { replica, view } => {
                 self.on_fetch_new_view(from, replica, view)
             }
@@ -1353,10 +1364,20 @@ impl<S: StateMachine> Replica<S> {
     }
 
     fn take_checkpoint(&mut self, seq: SeqNum) {
-        let snapshot = Arc::new(snapshot_bytes(&self.state_machine, &self.clients));
-        let digest = state_digest(&self.state_machine, &self.clients);
-        self.own_checkpoints.insert(seq, (digest, snapshot));
+        let state = self.freeze_state();
+        let digest = state.digest;
+        if seq == self.stable.seq && digest == self.stable.state_digest {
+            // The group made this checkpoint stable before this replica reached it: this is
+            // now the state to serve.
+            self.stable_state = state.clone();
+        }
+        self.own_checkpoints.insert(seq, state);
         self.send_checkpoint(seq, digest);
+    }
+
+    /// A frozen copy of the replicated state now, with its digest.
+    fn freeze_state(&mut self) -> CheckpointState<S::Frozen> {
+        freeze_state(&mut self.state_machine, &self.clients)
     }
 
     fn send_checkpoint(&mut self, seq: SeqNum, state_digest: Digest) {
@@ -1470,8 +1491,8 @@ impl<S: StateMachine> Replica<S> {
         );
         self.claim_checkpoint(self.id, seq);
         match self.own_checkpoints.get(&seq) {
-            Some((digest, snapshot)) if *digest == certificate.state_digest => {
-                self.stable_snapshot = snapshot.clone();
+            Some(state) if state.digest == certificate.state_digest => {
+                self.stable_state = state.clone();
             }
             Some(_) => {
                 tracing::error!(
@@ -2025,6 +2046,7 @@ impl<S: StateMachine> Replica<S> {
             self.ask_for_view(asked);
         }
         self.fetch_what_peers_processed();
+        self.tick_transfer();
         // Far behind the group: the messages needed to catch up are garbage-collected.
         let group_checkpoint = self.group_checkpoint();
         if group_checkpoint.0 > self.last_executed.0 + self.cp()
@@ -2151,145 +2173,6 @@ impl<S: StateMachine> Replica<S> {
 
     // ------------------------------------------------------------------ state transfer
 
-    fn request_state(&mut self, min_seq: SeqNum) {
-        if self
-            .state_request_ms
-            .is_some_and(|last| self.now_ms < last + self.config.heartbeat_interval_ms * 5)
-        {
-            return;
-        }
-        self.state_request_ms = Some(self.now_ms);
-        tracing::info!(
-            replica = self.id.0,
-            min_seq = min_seq.0,
-            "requesting state transfer"
-        );
-        self.broadcast(ReplicaMessage::StateRequest(StateRequest {
-            replica: self.id,
-            min_seq,
-        }));
-    }
-
-    fn on_state_request(&mut self, from: ReplicaId, request: StateRequest) {
-        if request.replica != from {
-            self.reject("state-request-wrong-channel");
-            return;
-        }
-        if self.stable.seq == SeqNum(0)
-            || self.stable.seq < request.min_seq
-            || self.last_executed < self.stable.seq
-        {
-            return;
-        }
-        let mut anchors: Vec<Checkpoint> = self
-            .streams
-            .iter()
-            .filter_map(|stream| stream.latest_checkpoint_message.clone())
-            .collect();
-        if let Some(LogEntry::Checkpoint(own)) = self
-            .own_log
-            .iter()
-            .rev()
-            .find(|entry| matches!(entry, LogEntry::Checkpoint(_)))
-        {
-            anchors.push(own.clone());
-        }
-        self.actions.push(Action::Send {
-            to: from,
-            message: ReplicaMessage::StateReply(StateReply {
-                replica: self.id,
-                certificate: self.stable.clone(),
-                snapshot: self.stable_snapshot.clone(),
-                anchors,
-            }),
-        });
-    }
-
-    fn on_state_reply(&mut self, from: ReplicaId, reply: StateReply) {
-        if reply.replica != from {
-            self.reject("state-reply-wrong-channel");
-            return;
-        }
-        let certificate = reply.certificate;
-        if certificate.seq <= self.last_executed {
-            return;
-        }
-        if let Err(reason) = self.verifier().check_checkpoint_certificate(&certificate) {
-            self.reject(reason);
-            return;
-        }
-        let Ok((application, client_entries)) = tessera_types::decode::<StateSnapshot>(
-            &reply.snapshot,
-            tessera_types::limits::MAX_SNAPSHOT_BYTES,
-        ) else {
-            self.reject("state-snapshot-malformed");
-            return;
-        };
-        let Ok(clients) = ClientTable::from_entries(client_entries, self.config.client_table_max)
-        else {
-            self.reject("state-snapshot-clients");
-            return;
-        };
-        let previous = self.state_machine.snapshot();
-        if self.state_machine.restore(&application).is_err() {
-            self.reject("state-snapshot-application");
-            return;
-        }
-        let digest_matches =
-            state_digest(&self.state_machine, &clients) == certificate.state_digest;
-        #[cfg(feature = "planted-bugs")]
-        // PLANTED BUG (trust-state-snapshot): the snapshot is installed whatever its digest; the
-        // certificate vouches for a state, not for these bytes.
-        let digest_matches = digest_matches || self.planted(PlantedBug::TrustStateSnapshot);
-        if !digest_matches {
-            self.state_machine
-                .restore(&previous)
-                .expect("restoring this replica's own snapshot cannot fail");
-            self.reject("state-snapshot-digest");
-            return;
-        }
-        tracing::info!(
-            replica = self.id.0,
-            seq = certificate.seq.0,
-            "state transfer complete"
-        );
-        let seq = certificate.seq;
-        self.clients = clients;
-        self.forget_executed_requests();
-        self.last_executed = seq;
-        self.next_prepare_seq = self.next_prepare_seq.max(seq.next());
-        self.slots.retain(|slot_seq, _| *slot_seq > seq);
-        self.last_progress_ms = self.now_ms;
-        self.executed_digests.clear();
-        self.stable_snapshot = reply.snapshot.clone();
-        self.own_checkpoints
-            .insert(seq, (certificate.state_digest, reply.snapshot));
-        self.resume_streams(&reply.anchors, seq);
-        if seq > self.stable.seq {
-            self.adopt_stable(certificate.clone());
-        }
-        // Anchor the own log at the new state, unless this replica already spoke about later
-        // sequence numbers (then an older anchor stays valid).
-        if self.own_max_seq <= seq {
-            self.send_checkpoint(seq, certificate.state_digest);
-        }
-    }
-
-    /// After a state transfer: requests the new state already executed no longer wait (their
-    /// timers would blame a primary that did its job).
-    fn forget_executed_requests(&mut self) {
-        let clients = &self.clients;
-        let fresh = |client: ClientId, number: u64| {
-            matches!(clients.freshness(client, number), Freshness::New)
-        };
-        self.waiting
-            .retain(|client, (number, _)| fresh(*client, *number));
-        self.pending
-            .retain(|request| fresh(request.client, request.request_number));
-        self.pending_keys
-            .retain(|(client, number)| fresh(*client, *number));
-    }
-
     /// Resumes peers' streams at CHECKPOINT messages at or after the transferred state: what a
     /// peer sent before its checkpoint concerns sequence numbers this state already covers, and
     /// the checkpoint's view tells which views the peer had already left.
@@ -2371,16 +2254,26 @@ fn oldest_agreement_view<'a>(entries: impl Iterator<Item = &'a LogEntry>) -> Opt
 
 /// Digest of the replicated state: application state and client table.
 fn state_digest<S: StateMachine>(state_machine: &S, clients: &ClientTable) -> Digest {
+    state_digest_of(&state_machine.digest(), clients)
+}
+
+/// Digest of the replicated state from the application's digest (its partitions' Merkle root)
+/// and the client table.
+fn state_digest_of(application: &Digest, clients: &ClientTable) -> Digest {
     let mut builder = DigestBuilder::new("tessera.replica-state.v1");
-    builder
-        .digest(&state_machine.digest())
-        .digest(&clients.digest());
+    builder.digest(application).digest(&clients.digest());
     builder.finish()
 }
 
-fn snapshot_bytes<S: StateMachine>(state_machine: &S, clients: &ClientTable) -> Vec<u8> {
-    let snapshot: StateSnapshot = (state_machine.snapshot(), clients.to_entries());
-    tessera_types::encode(&snapshot)
+fn freeze_state<S: StateMachine>(
+    state_machine: &mut S,
+    clients: &ClientTable,
+) -> CheckpointState<S::Frozen> {
+    CheckpointState {
+        digest: state_digest(state_machine, clients),
+        frozen: state_machine.freeze(),
+        clients: Arc::new(tessera_types::encode(&clients.to_entries())),
+    }
 }
 
 #[cfg(test)]
