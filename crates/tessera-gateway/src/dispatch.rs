@@ -1,0 +1,151 @@
+//! The envelope coalescer: many connections' commands, few signed requests.
+//!
+//! A connection hands over a *group* — the commands it has pipelined, in order — and waits for
+//! their results. Each of a fixed number of lanes (one client session each, one request in
+//! flight) takes every group waiting when it becomes free and sends them as one envelope
+//! (`tessera_core::envelope`): one signature and one reply vote for many commands. A group is
+//! never split, so one connection's commands execute in the order it sent them; a connection
+//! sends its next group only after the previous one's replies, so its order holds across groups
+//! too. The client library's `Batcher` coalesces single operations; it cannot keep one
+//! connection's pipeline together, hence this variant of it.
+
+use std::sync::Arc;
+use tessera_client::Client;
+use tessera_core::envelope::ENVELOPE_OPERATIONS_MAX;
+use tessera_types::limits::MAX_OPERATION_BYTES;
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+/// Bytes an envelope may spend on framing around its operations: the operation count and a
+/// length prefix per operation (postcard varints: at most 5 bytes for a `u32`-sized length).
+const ENVELOPE_FRAMING_BYTES: usize = 5;
+const OPERATION_FRAMING_BYTES: usize = 5;
+
+/// Encoded size an envelope's operations may reach.
+pub const ENVELOPE_BYTES_MAX: usize = MAX_OPERATION_BYTES;
+
+/// Bytes one operation takes in an envelope.
+pub fn operation_cost(operation: &[u8]) -> usize {
+    operation.len() + OPERATION_FRAMING_BYTES
+}
+
+/// True if a group of `operations` operations costing `bytes` fits one envelope.
+pub fn group_fits(operations: usize, bytes: usize) -> bool {
+    operations <= ENVELOPE_OPERATIONS_MAX && bytes + ENVELOPE_FRAMING_BYTES <= ENVELOPE_BYTES_MAX
+}
+
+/// The results of a group, one per operation, or why the envelope carrying it failed (the
+/// operations may or may not have executed).
+pub type GroupResult = Result<Vec<Vec<u8>>, String>;
+
+struct Group {
+    operations: Vec<Vec<u8>>,
+    bytes: usize,
+    reply: oneshot::Sender<GroupResult>,
+}
+
+/// The queue the lanes share, and a group taken from it that did not fit the envelope being
+/// filled (it starts the next one).
+struct Queue {
+    receiver: mpsc::Receiver<Group>,
+    carried: Option<Group>,
+}
+
+/// Hands groups to the lanes. Cheap to clone.
+#[derive(Clone)]
+pub struct Dispatcher {
+    sender: mpsc::Sender<Group>,
+}
+
+impl Dispatcher {
+    /// Starts `lanes` lanes on `client`, with at most `queued_groups_max` groups waiting
+    /// (more make [`Dispatcher::execute`] wait: backpressure, not memory). Needs a tokio runtime.
+    pub fn start(client: &Client, lanes: usize, queued_groups_max: usize) -> Dispatcher {
+        let (sender, receiver) = mpsc::channel(queued_groups_max.max(1));
+        let queue = Arc::new(Mutex::new(Queue {
+            receiver,
+            carried: None,
+        }));
+        for _ in 0..lanes.max(1) {
+            tokio::spawn(run_lane(client.clone(), Arc::clone(&queue)));
+        }
+        Dispatcher { sender }
+    }
+
+    /// Orders and executes `operations` as one unit of one envelope, in order. The caller keeps
+    /// the group within [`group_fits`].
+    pub async fn execute(&self, operations: Vec<Vec<u8>>) -> GroupResult {
+        let bytes = operations
+            .iter()
+            .map(|operation| operation_cost(operation))
+            .sum();
+        if !group_fits(operations.len(), bytes) {
+            return Err(format!(
+                "{} commands of {bytes} bytes do not fit one request ({ENVELOPE_OPERATIONS_MAX} \
+                 commands, {ENVELOPE_BYTES_MAX} bytes)",
+                operations.len()
+            ));
+        }
+        let (reply, result) = oneshot::channel();
+        let group = Group {
+            operations,
+            bytes,
+            reply,
+        };
+        self.sender
+            .send(group)
+            .await
+            .map_err(|_| "the gateway is shutting down".to_string())?;
+        result
+            .await
+            .map_err(|_| "the gateway is shutting down".to_string())?
+    }
+}
+
+async fn run_lane(client: Client, queue: Arc<Mutex<Queue>>) {
+    let mut session = client.session();
+    loop {
+        let groups = {
+            let mut queue = queue.lock().await;
+            let first = match queue.carried.take() {
+                Some(group) => group,
+                None => match queue.receiver.recv().await {
+                    Some(group) => group,
+                    None => return, // every Dispatcher clone is gone
+                },
+            };
+            let (mut operations, mut bytes) = (first.operations.len(), first.bytes);
+            let mut groups = vec![first];
+            while let Ok(group) = queue.receiver.try_recv() {
+                if !group_fits(operations + group.operations.len(), bytes + group.bytes) {
+                    queue.carried = Some(group);
+                    break;
+                }
+                operations += group.operations.len();
+                bytes += group.bytes;
+                groups.push(group);
+            }
+            groups
+        };
+        let mut operations = Vec::new();
+        let mut replies = Vec::with_capacity(groups.len());
+        for group in groups {
+            replies.push((group.operations.len(), group.reply));
+            operations.extend(group.operations);
+        }
+        match session.invoke_many(operations).await {
+            Ok(results) => {
+                let mut results = results.into_iter();
+                for (count, reply) in replies {
+                    // A connection that went away dropped its receiver; nothing to do.
+                    let _ = reply.send(Ok(results.by_ref().take(count).collect()));
+                }
+            }
+            Err(error) => {
+                let reason = error.to_string();
+                for (_, reply) in replies {
+                    let _ = reply.send(Err(reason.clone()));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! The TCP server: accepts Redis connections and runs each one's read–execute–reply loop.
+//!
+//! A connection decodes every complete request it has received, up to one envelope's worth,
+//! answers connection commands itself, sends the key-value commands as one group through the
+//! [`Dispatcher`], and writes all the replies in request order before reading on. While a group
+//! is in flight the connection does not read, so a fast pipelining client is held back by TCP
+//! flow control, not by gateway memory.
+
+use crate::commands::{self, ClusterInfo, ConnectionState, Shape, Step};
+use crate::dispatch::{self, Dispatcher};
+use crate::resp::{Protocol, Reply, RequestDecoder, RespLimits};
+use bytes::{Buf, BytesMut};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tessera_client::Client;
+use tessera_kv::Response;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+/// Bytes a connection asks the socket for at once.
+const READ_CHUNK_BYTES: usize = 16 * 1024;
+
+/// Gateway tunables. Each has a default and a bound checked by [`GatewayOptions::validate`].
+#[derive(Clone, Debug)]
+pub struct GatewayOptions {
+    /// Most connections open at once; more are answered with an error and closed. Default 1024.
+    pub connections_max: usize,
+    /// Envelopes in flight at once (client sessions). Default 8.
+    pub lanes: usize,
+    /// Groups waiting for a free lane; connections beyond wait their turn. Default 4096.
+    pub queued_groups_max: usize,
+    /// Most commands of one connection executed as one group. Default 256.
+    pub pipeline_commands_max: usize,
+    /// Bounds of the RESP decoder.
+    pub limits: RespLimits,
+}
+
+impl Default for GatewayOptions {
+    fn default() -> GatewayOptions {
+        GatewayOptions {
+            connections_max: 1024,
+            lanes: 8,
+            queued_groups_max: 4096,
+            pipeline_commands_max: 256,
+            limits: RespLimits::default(),
+        }
+    }
+}
+
+impl GatewayOptions {
+    /// Checks every bound; the error names the option and its range.
+    pub fn validate(&self) -> Result<(), String> {
+        let bounds = [
+            ("connections_max", self.connections_max, 1, 1 << 20),
+            ("lanes", self.lanes, 1, 1024),
+            ("queued_groups_max", self.queued_groups_max, 1, 1 << 20),
+            (
+                "pipeline_commands_max",
+                self.pipeline_commands_max,
+                1,
+                tessera_core::envelope::ENVELOPE_OPERATIONS_MAX,
+            ),
+        ];
+        for (name, value, minimum, maximum) in bounds {
+            if !(minimum..=maximum).contains(&value) {
+                return Err(format!(
+                    "gateway option {name} is {value}; it must be between {minimum} and {maximum}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A bound gateway, ready to [`Gateway::run`].
+pub struct Gateway {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    client: Client,
+    dispatcher: Dispatcher,
+    info: ClusterInfo,
+    options: GatewayOptions,
+    connections: Arc<Semaphore>,
+    next_connection_id: AtomicU64,
+}
+
+impl Gateway {
+    /// Binds `listen` and starts the dispatcher's lanes on `client`.
+    pub async fn bind(
+        listen: &str,
+        client: Client,
+        info: ClusterInfo,
+        options: GatewayOptions,
+    ) -> std::io::Result<Gateway> {
+        options
+            .validate()
+            .map_err(|reason| std::io::Error::new(std::io::ErrorKind::InvalidInput, reason))?;
+        let listener = TcpListener::bind(listen).await?;
+        let dispatcher = Dispatcher::start(&client, options.lanes, options.queued_groups_max);
+        let shared = Arc::new(Shared {
+            client,
+            dispatcher,
+            info,
+            connections: Arc::new(Semaphore::new(options.connections_max)),
+            options,
+            next_connection_id: AtomicU64::new(1),
+        });
+        Ok(Gateway { listener, shared })
+    }
+
+    /// The address the gateway listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves connections until `shutdown` completes.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    // Out of file descriptors and the like: the listener itself is fine.
+                    Err(error) => {
+                        tracing::warn!(%error, "accepting a connection failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+            };
+            let shared = Arc::clone(&self.shared);
+            tokio::spawn(async move {
+                if let Err(error) = accept(stream, peer, shared).await {
+                    tracing::debug!(%peer, %error, "connection ended with an error");
+                }
+            });
+        }
+    }
+}
+
+async fn accept(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+) -> std::io::Result<()> {
+    let Ok(_permit) = Arc::clone(&shared.connections).try_acquire_owned() else {
+        let mut out = Vec::new();
+        Reply::error("max number of clients reached").encode(Protocol::Resp2, &mut out);
+        stream.write_all(&out).await?;
+        return Ok(());
+    };
+    stream.set_nodelay(true)?;
+    let id = shared.next_connection_id.fetch_add(1, Ordering::Relaxed);
+    Connection {
+        stream,
+        shared: &shared,
+        state: ConnectionState::new(id, peer.to_string()),
+        decoder: RequestDecoder::new(shared.options.limits),
+        input: BytesMut::with_capacity(READ_CHUNK_BYTES),
+        carried: None,
+    }
+    .serve()
+    .await
+}
+
+/// One reply to come, in request order.
+enum Pending {
+    /// Known already; encoded in the protocol in force when the request was read.
+    Ready(Reply, Protocol),
+    /// The result of the group's operation at this index.
+    Replicated(usize, Shape, Protocol),
+}
+
+/// The requests of one round: their replies to come and the operations to order.
+#[derive(Default)]
+struct Round {
+    pending: Vec<Pending>,
+    operations: Vec<Vec<u8>>,
+    bytes: usize,
+    close: bool,
+}
+
+struct Connection<'a> {
+    stream: TcpStream,
+    shared: &'a Shared,
+    state: ConnectionState,
+    decoder: RequestDecoder,
+    input: BytesMut,
+    /// A replicated step that did not fit the previous round; it opens the next one.
+    carried: Option<(Vec<u8>, Shape)>,
+}
+
+impl Connection<'_> {
+    async fn serve(mut self) -> std::io::Result<()> {
+        let mut output = Vec::new();
+        loop {
+            let round = self.collect();
+            if round.pending.is_empty() {
+                self.input.reserve(READ_CHUNK_BYTES);
+                if self.stream.read_buf(&mut self.input).await? == 0 {
+                    return Ok(());
+                }
+                continue;
+            }
+            output.clear();
+            self.execute(round.operations, &round.pending, &mut output)
+                .await;
+            self.stream.write_all(&output).await?;
+            if round.close {
+                return self.stream.shutdown().await;
+            }
+        }
+    }
+
+    /// Takes every complete request from the input, up to one group.
+    fn collect(&mut self) -> Round {
+        let mut round = Round::default();
+        if let Some((operation, shape)) = self.carried.take() {
+            self.add_operation(&mut round, operation, shape);
+        }
+        while round.pending.len() < self.shared.options.pipeline_commands_max {
+            let arguments = match self.decoder.decode(&self.input) {
+                Ok((consumed, arguments)) => {
+                    self.input.advance(consumed);
+                    match arguments {
+                        Some(arguments) => arguments,
+                        None => break,
+                    }
+                }
+                Err(error) => {
+                    round
+                        .pending
+                        .push(Pending::Ready(Reply::error(error), self.state.protocol));
+                    round.close = true;
+                    break;
+                }
+            };
+            if arguments.is_empty() {
+                continue;
+            }
+            let view = self.shared.client.view().0;
+            match commands::plan(&arguments, &mut self.state, &self.shared.info, view) {
+                Step::Reply(reply) => round
+                    .pending
+                    .push(Pending::Ready(reply, self.state.protocol)),
+                Step::Close(reply) => {
+                    round
+                        .pending
+                        .push(Pending::Ready(reply, self.state.protocol));
+                    round.close = true;
+                    break;
+                }
+                Step::Replicated { command, shape } => {
+                    let operation = command.encode();
+                    let cost = dispatch::operation_cost(&operation);
+                    if !dispatch::group_fits(1, cost) {
+                        let reply = Reply::error(format!(
+                            "command of {} bytes exceeds the request limit of {} bytes",
+                            operation.len(),
+                            dispatch::ENVELOPE_BYTES_MAX
+                        ));
+                        round
+                            .pending
+                            .push(Pending::Ready(reply, self.state.protocol));
+                    } else if !dispatch::group_fits(round.operations.len() + 1, round.bytes + cost)
+                    {
+                        self.carried = Some((operation, shape));
+                        break;
+                    } else {
+                        self.add_operation(&mut round, operation, shape);
+                    }
+                }
+            }
+        }
+        round
+    }
+
+    fn add_operation(&self, round: &mut Round, operation: Vec<u8>, shape: Shape) {
+        round.bytes += dispatch::operation_cost(&operation);
+        round.pending.push(Pending::Replicated(
+            round.operations.len(),
+            shape,
+            self.state.protocol,
+        ));
+        round.operations.push(operation);
+    }
+
+    /// Orders the round's operations and encodes every reply, in request order.
+    async fn execute(&self, operations: Vec<Vec<u8>>, pending: &[Pending], output: &mut Vec<u8>) {
+        let expected = operations.len();
+        let results = if operations.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.shared.dispatcher.execute(operations).await
+        };
+        let results = match results {
+            Ok(results) if results.len() == expected => Ok(results),
+            Ok(results) => Err(format!(
+                "the cluster answered {} results for {expected} commands",
+                results.len()
+            )),
+            Err(reason) => Err(reason),
+        };
+        for item in pending {
+            match item {
+                Pending::Ready(reply, protocol) => reply.encode(*protocol, output),
+                Pending::Replicated(index, shape, protocol) => {
+                    let reply = match &results {
+                        Ok(results) => match Response::decode(&results[*index]) {
+                            Ok(response) => commands::shape_reply(*shape, response),
+                            Err(error) => {
+                                Reply::error(format!("malformed result from the cluster: {error}"))
+                            }
+                        },
+                        // Without f+1 matching replies the outcome is unknown, and the client
+                        // must be told so rather than assume either.
+                        Err(reason) => Reply::error(format!(
+                            "not confirmed by f+1 replicas (the command may or may not have \
+                             executed): {reason}"
+                        )),
+                    };
+                    reply.encode(*protocol, output);
+                }
+            }
+        }
+    }
+}
