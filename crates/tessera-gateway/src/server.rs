@@ -22,6 +22,9 @@ use tokio::sync::Semaphore;
 
 /// Bytes a connection asks the socket for at once.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
+/// Input read and dropped after a connection's last reply, at most (see `Connection::close`).
+const CLOSE_DRAIN_BYTES_MAX: usize = 1 << 20;
+const CLOSE_DRAIN_TIME_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Gateway tunables. Each has a default and a bound checked by [`GatewayOptions::validate`].
 #[derive(Clone, Debug)]
@@ -214,9 +217,29 @@ impl Connection<'_> {
                 .await;
             self.stream.write_all(&output).await?;
             if round.close {
-                return self.stream.shutdown().await;
+                return self.close().await;
             }
         }
+    }
+
+    /// Ends the connection after its last reply. Closing a socket that still has unread input
+    /// makes the kernel send a reset, which can destroy the replies still in flight (the error
+    /// that explains the close, or QUIT's OK); so the write side is shut first and what the
+    /// client still sends is read and dropped, for a bounded time and number of bytes.
+    async fn close(mut self) -> std::io::Result<()> {
+        self.stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut drained = 0;
+        let drain = async {
+            while drained < CLOSE_DRAIN_BYTES_MAX {
+                match self.stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(read) => drained += read,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_DRAIN_TIME_MAX, drain).await;
+        Ok(())
     }
 
     /// Takes every complete request from the input, up to one group.
