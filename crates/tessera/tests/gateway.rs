@@ -13,6 +13,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::{ClusterDir, RunningCluster, BINARY};
 
@@ -232,9 +233,22 @@ fn interactive_redis_cli_completes_its_handshake() {
         .spawn()
         .expect("run script (util-linux)");
     let mut input = session.stdin.take().expect("piped stdin");
-    // Typing before redis-cli switched the terminal to raw mode would lose the text.
-    std::thread::sleep(Duration::from_secs(1));
-    // One line at a time, as a person types, each ended by Enter (CR in raw mode).
+    let mut stdout = session.stdout.take().expect("piped stdout");
+    let output = Arc::new(Mutex::new(Vec::new()));
+    let reader = {
+        let output = Arc::clone(&output);
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 4096];
+            while let Ok(read @ 1..) = stdout.read(&mut buffer) {
+                output.lock().unwrap().extend_from_slice(&buffer[..read]);
+            }
+        })
+    };
+    let prompt = format!("127.0.0.1:{}> ", gateway.port);
+    // One line at a time, as a person types, each ended by Enter (CR in raw mode). redis-cli's
+    // line editor flushes pending input when it switches the terminal to raw mode, so each line
+    // waits for the prompt, which is printed once raw mode is on.
+    let mut seen = 0;
     for line in [
         "CLIENT SETNAME operator",
         "CLIENT GETNAME",
@@ -246,10 +260,26 @@ fn interactive_redis_cli_completes_its_handshake() {
         "SELECT 0",
         "QUIT",
     ] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ready = {
+                let text = output.lock().unwrap();
+                text.len() > seen && text.ends_with(prompt.as_bytes())
+            };
+            if ready {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no prompt before {line:?}: {}",
+                String::from_utf8_lossy(&output.lock().unwrap())
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        seen = output.lock().unwrap().len();
         input
             .write_all(format!("{line}\r").as_bytes())
             .expect("type a command");
-        std::thread::sleep(Duration::from_millis(300));
     }
     drop(input);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -260,8 +290,9 @@ fn interactive_redis_cli_completes_its_handshake() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let output = session.wait_with_output().expect("collect the output");
-    let text = String::from_utf8_lossy(&output.stdout);
+    reader.join().expect("the output reader");
+    let output = output.lock().unwrap().clone();
+    let text = String::from_utf8_lossy(&output);
     for expected in [
         "\"operator\"",
         "resp=3",
