@@ -85,6 +85,9 @@ pub enum RespError {
     /// Aggregates nested deeper than `nesting_depth_max`.
     #[error("Protocol error: aggregates nested deeper than {limit}")]
     TooDeep { limit: usize },
+    /// A simple string or error holding a CR or LF.
+    #[error("Protocol error: CR or LF inside a simple string")]
+    LineBreakInLine,
     /// A simple string or error that is not UTF-8.
     #[error("Protocol error: simple string is not UTF-8")]
     NotUtf8,
@@ -522,7 +525,13 @@ fn decode_reply_at(
             else {
                 return Ok(None);
             };
-            let text = std::str::from_utf8(&input[start + 1..end])
+            let line = &input[start + 1..end];
+            // The encoder cannot produce these (it replaces them), and a reader that split
+            // lines at LF would see a different reply.
+            if line.iter().any(|byte| matches!(byte, b'\r' | b'\n')) {
+                return Err(RespError::LineBreakInLine);
+            }
+            let text = std::str::from_utf8(line)
                 .map_err(|_| RespError::NotUtf8)?
                 .to_string();
             let reply = if kind == b'+' {

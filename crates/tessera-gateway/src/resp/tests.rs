@@ -295,3 +295,12 @@ proptest! {
         let _ = decode_reply(&input, &small_limits());
     }
 }
+
+#[test]
+fn simple_strings_with_line_breaks_are_refused() {
+    // It would decode to a value the encoder cannot write back (it replaces CR and LF).
+    assert_eq!(
+        decode_reply(b"+a\nb\r\n", &RespLimits::default()),
+        Err(RespError::LineBreakInLine)
+    );
+}
