@@ -79,6 +79,8 @@ pub const COMMAND_NAMES: &[&str] = &[
     "del",
     "echo",
     "exists",
+    "expire",
+    "expireat",
     "flushall",
     "flushdb",
     "get",
@@ -102,8 +104,6 @@ pub const COMMAND_NAMES: &[&str] = &[
     "strlen",
     "ttl",
     "unlink",
-    "expire",
-    "expireat",
 ];
 
 /// Why expiry options are refused rather than ignored.

@@ -292,3 +292,14 @@ fn config_get_answers_what_redis_benchmark_asks() {
         Step::Reply(Reply::Map(vec![]))
     );
 }
+
+#[test]
+fn every_listed_command_is_known() {
+    for name in COMMAND_NAMES {
+        let step = run(&mut fresh(), &[name]);
+        if let Step::Reply(Reply::Error(text)) = step {
+            assert!(!text.contains("unknown command"), "{name}: {text}");
+        }
+    }
+    assert!(COMMAND_NAMES.windows(2).all(|pair| pair[0] < pair[1]));
+}
