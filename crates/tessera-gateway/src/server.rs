@@ -31,7 +31,10 @@ const CLOSE_DRAIN_TIME_MAX: std::time::Duration = std::time::Duration::from_secs
 pub struct GatewayOptions {
     /// Most connections open at once; more are answered with an error and closed. Default 1024.
     pub connections_max: usize,
-    /// Envelopes in flight at once (client sessions). Default 8.
+    /// Envelopes in flight at once (client sessions). Default 2: fewer lanes make larger
+    /// envelopes, and on 2 cores 1–3 lanes measured alike (redis-benchmark SET, -c 50 and -P 16)
+    /// while 8 and 16 lost 20–50% (docs/BENCHMARKS.md); two keep a slow envelope from stalling
+    /// every connection.
     pub lanes: usize,
     /// Groups waiting for a free lane; connections beyond wait their turn. Default 4096.
     pub queued_groups_max: usize,
@@ -45,7 +48,7 @@ impl Default for GatewayOptions {
     fn default() -> GatewayOptions {
         GatewayOptions {
             connections_max: 1024,
-            lanes: 8,
+            lanes: 2,
             queued_groups_max: 4096,
             pipeline_commands_max: 256,
             limits: RespLimits::default(),
