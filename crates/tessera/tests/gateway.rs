@@ -396,3 +396,115 @@ fn redis_benchmark_runs_against_the_gateway() {
     // redis-benchmark writes 3-byte random payloads (-d 3).
     assert_eq!(gateway.cli_text(&["STRLEN", "key:__rand_int__"]), "3");
 }
+
+/// `tessera up` and the replica processes it reported; all are killed if the test fails.
+struct UpProcess {
+    up: Child,
+    replica_pids: Vec<i32>,
+}
+
+impl Drop for UpProcess {
+    fn drop(&mut self) {
+        if matches!(self.up.try_wait(), Ok(None)) {
+            let _ = self.up.kill();
+            let _ = self.up.wait();
+        }
+        // The replicas run in their own process group, so killing `up` does not reach them.
+        for &pid in &self.replica_pids {
+            // SAFETY: `kill` has no memory-safety preconditions.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+#[test]
+fn up_starts_a_gateway_and_prints_the_redis_cli_line() {
+    let temp = tempfile::tempdir().expect("create a temporary directory");
+    let dir = temp.path().join("cluster");
+    let up = Command::new(BINARY)
+        .args([
+            "up",
+            "--base-port",
+            "22800",
+            "--gateway-listen",
+            "127.0.0.1:22383",
+        ])
+        .arg("--dir")
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start tessera up");
+    let mut process = UpProcess {
+        up,
+        replica_pids: Vec::new(),
+    };
+    let stdout = process.up.stdout.take().expect("piped stdout");
+    let (sender, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if sender.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut printed = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("`up` never became ready: {printed:#?}"));
+        if let Some(pid) = line
+            .split_once(" pid ")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .and_then(|pid| pid.parse().ok())
+        {
+            process.replica_pids.push(pid);
+        }
+        let ready = line.contains("Press Ctrl-C");
+        printed.push(line);
+        if ready {
+            break;
+        }
+    }
+    assert!(
+        printed
+            .iter()
+            .any(|line| line.contains("redis-cli -p 22383")),
+        "no redis-cli line in {printed:#?}"
+    );
+    let cli = |arguments: &[&str]| {
+        let output = Command::new("redis-cli")
+            .args(["-p", "22383"])
+            .args(arguments)
+            .output()
+            .expect("run redis-cli");
+        String::from_utf8_lossy(&output.stdout)
+            .trim_end()
+            .to_string()
+    };
+    assert_eq!(cli(&["SET", "started", "by-up"]), "OK");
+    assert_eq!(cli(&["GET", "started"]), "by-up");
+
+    // SAFETY: `kill` has no memory-safety preconditions.
+    unsafe {
+        libc::kill(process.up.id() as i32, libc::SIGINT);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = process.up.try_wait().expect("wait for up") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "`up` ignored SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "`up` exited with {status}");
+}
