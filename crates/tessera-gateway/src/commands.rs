@@ -20,6 +20,19 @@ pub struct ClusterInfo {
     pub protocol: String,
 }
 
+/// What changes while the gateway runs, read when a request is planned (for `INFO`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Live {
+    /// The view the gateway's client believes current.
+    pub view: u64,
+    /// Connections open now.
+    pub connections: u64,
+    /// Signed requests (envelopes) sent so far.
+    pub envelopes: u64,
+    /// Replicated commands those envelopes carried.
+    pub commands: u64,
+}
+
 /// Per-connection state the commands change.
 #[derive(Clone, Debug)]
 pub struct ConnectionState {
@@ -115,14 +128,14 @@ pub fn plan(
     arguments: &[Vec<u8>],
     state: &mut ConnectionState,
     info: &ClusterInfo,
-    view: u64,
+    live: &Live,
 ) -> Step {
     let Some(first) = arguments.first() else {
         return Step::Reply(Reply::error("empty command"));
     };
     let name = String::from_utf8_lossy(first).to_ascii_lowercase();
     let arguments = &arguments[1..];
-    match plan_known(&name, arguments, state, info, view) {
+    match plan_known(&name, arguments, state, info, live) {
         Some(Ok(step)) => step,
         Some(Err(reply)) => Step::Reply(reply),
         None => Step::Reply(unknown_command(first, arguments)),
@@ -136,7 +149,7 @@ fn plan_known(
     arguments: &[Vec<u8>],
     state: &mut ConnectionState,
     info: &ClusterInfo,
-    view: u64,
+    live: &Live,
 ) -> Option<Planned> {
     let replicated = |command| {
         Ok(Step::Replicated {
@@ -161,7 +174,7 @@ fn plan_known(
         "client" => client(arguments, state),
         "config" => config(arguments),
         "info" => Ok(Step::Reply(Reply::Bulk(
-            info_text(info, view, state).into_bytes(),
+            info_text(info, live, state).into_bytes(),
         ))),
         // Key-value commands, ordered through the replicas.
         "get" => exactly(name, arguments, 1).and_then(|()| {
@@ -485,7 +498,8 @@ fn config(arguments: &[Vec<u8>]) -> Planned {
     }
 }
 
-fn info_text(info: &ClusterInfo, view: u64, state: &ConnectionState) -> String {
+fn info_text(info: &ClusterInfo, live: &Live, state: &ConnectionState) -> String {
+    let view = live.view;
     let lines = [
         "# Server".to_string(),
         "redis_version:7.0.0".to_string(),
@@ -501,7 +515,10 @@ fn info_text(info: &ClusterInfo, view: u64, state: &ConnectionState) -> String {
         format!("protocol:{}", info.protocol),
         "expiry:unsupported".to_string(),
         String::new(),
-        "# Clients".to_string(),
+        "# Gateway".to_string(),
+        format!("connected_clients:{}", live.connections),
+        format!("gateway_envelopes:{}", live.envelopes),
+        format!("gateway_commands_replicated:{}", live.commands),
         format!("connection_id:{}", state.id),
     ];
     let mut text = lines.join("\r\n");

@@ -9,6 +9,7 @@
 //! too. The client library's `Batcher` coalesces single operations; it cannot keep one
 //! connection's pipeline together, hence this variant of it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tessera_client::Client;
 use tessera_core::envelope::ENVELOPE_OPERATIONS_MAX;
@@ -54,6 +55,14 @@ struct Queue {
 #[derive(Clone)]
 pub struct Dispatcher {
     sender: mpsc::Sender<Group>,
+    counters: Arc<Counters>,
+}
+
+/// What the lanes sent, for `INFO`.
+#[derive(Default)]
+struct Counters {
+    envelopes: AtomicU64,
+    commands: AtomicU64,
 }
 
 impl Dispatcher {
@@ -65,10 +74,23 @@ impl Dispatcher {
             receiver,
             carried: None,
         }));
+        let counters = Arc::new(Counters::default());
         for _ in 0..lanes.max(1) {
-            tokio::spawn(run_lane(client.clone(), Arc::clone(&queue)));
+            tokio::spawn(run_lane(
+                client.clone(),
+                Arc::clone(&queue),
+                Arc::clone(&counters),
+            ));
         }
-        Dispatcher { sender }
+        Dispatcher { sender, counters }
+    }
+
+    /// Envelopes sent so far, and the commands they carried.
+    pub fn sent(&self) -> (u64, u64) {
+        (
+            self.counters.envelopes.load(Ordering::Relaxed),
+            self.counters.commands.load(Ordering::Relaxed),
+        )
     }
 
     /// Orders and executes `operations` as one unit of one envelope, in order. The caller keeps
@@ -101,7 +123,7 @@ impl Dispatcher {
     }
 }
 
-async fn run_lane(client: Client, queue: Arc<Mutex<Queue>>) {
+async fn run_lane(client: Client, queue: Arc<Mutex<Queue>>, counters: Arc<Counters>) {
     let mut session = client.session();
     loop {
         let groups = {
@@ -132,6 +154,10 @@ async fn run_lane(client: Client, queue: Arc<Mutex<Queue>>) {
             replies.push((group.operations.len(), group.reply));
             operations.extend(group.operations);
         }
+        counters.envelopes.fetch_add(1, Ordering::Relaxed);
+        counters
+            .commands
+            .fetch_add(operations.len() as u64, Ordering::Relaxed);
         match session.invoke_many(operations).await {
             Ok(results) => {
                 let mut results = results.into_iter();

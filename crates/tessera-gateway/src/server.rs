@@ -6,7 +6,7 @@
 //! is in flight the connection does not read, so a fast pipelining client is held back by TCP
 //! flow control, not by gateway memory.
 
-use crate::commands::{self, ClusterInfo, ConnectionState, Shape, Step};
+use crate::commands::{self, ClusterInfo, ConnectionState, Live, Shape, Step};
 use crate::dispatch::{self, Dispatcher};
 use crate::resp::{Protocol, Reply, RequestDecoder, RespLimits};
 use bytes::{Buf, BytesMut};
@@ -94,6 +94,20 @@ struct Shared {
     options: GatewayOptions,
     connections: Arc<Semaphore>,
     next_connection_id: AtomicU64,
+}
+
+impl Shared {
+    fn live(&self) -> Live {
+        let (envelopes, commands) = self.dispatcher.sent();
+        let connections_max = self.options.connections_max;
+        Live {
+            view: self.client.view().0,
+            connections: connections_max.saturating_sub(self.connections.available_permits())
+                as u64,
+            envelopes,
+            commands,
+        }
+    }
 }
 
 impl Gateway {
@@ -271,8 +285,8 @@ impl Connection<'_> {
             if arguments.is_empty() {
                 continue;
             }
-            let view = self.shared.client.view().0;
-            match commands::plan(&arguments, &mut self.state, &self.shared.info, view) {
+            let live = self.shared.live();
+            match commands::plan(&arguments, &mut self.state, &self.shared.info, &live) {
                 Step::Reply(reply) => round
                     .pending
                     .push(Pending::Ready(reply, self.state.protocol)),

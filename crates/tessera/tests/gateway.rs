@@ -83,6 +83,21 @@ impl GatewayProcess {
         text.strip_suffix('\n').unwrap_or(&text).to_string()
     }
 
+    /// The gateway's INFO counters: envelopes sent and the commands they carried.
+    fn sent(&self) -> (u64, u64) {
+        let info = self.cli_text(&["INFO"]);
+        let field = |name: &str| -> u64 {
+            info.lines()
+                .find_map(|line| line.strip_prefix(&format!("{name}:")))
+                .and_then(|value| value.trim().parse().ok())
+                .unwrap_or_else(|| panic!("INFO has no {name}: {info}"))
+        };
+        (
+            field("gateway_envelopes"),
+            field("gateway_commands_replicated"),
+        )
+    }
+
     fn benchmark(&self, arguments: &[&str]) -> String {
         let output = Command::new("redis-benchmark")
             .args(["-p", &self.port.to_string(), "-q"])
@@ -384,8 +399,19 @@ fn redis_benchmark_runs_against_the_gateway() {
             "{command} missing in {concurrent}"
         );
     }
+    let sent_before = gateway.sent();
     let pipelined =
         gateway.benchmark(&["-t", "set,get,incr", "-n", "4000", "-c", "50", "-P", "16"]);
+    let sent_after = gateway.sent();
+    let envelopes = sent_after.0 - sent_before.0;
+    let commands = sent_after.1 - sent_before.1;
+    eprintln!("-P 16: {commands} commands in {envelopes} envelopes");
+    assert!(commands >= 12_000, "{commands} commands replicated");
+    // Pipelines of 16 travel as groups that share envelopes (INFO counts what was sent).
+    assert!(
+        commands >= 4 * envelopes,
+        "{commands} commands in {envelopes} envelopes: the pipelines were not batched"
+    );
     assert!(pipelined.contains("INCR: "), "{pipelined}");
     let many_clients = gateway.benchmark(&["-t", "set,incr", "-n", "2000", "-c", "200"]);
     assert!(many_clients.contains("INCR: "), "{many_clients}");

@@ -10,7 +10,13 @@ fn info() -> ClusterInfo {
 
 fn run(state: &mut ConnectionState, words: &[&str]) -> Step {
     let arguments: Vec<Vec<u8>> = words.iter().map(|word| word.as_bytes().to_vec()).collect();
-    plan(&arguments, state, &info(), 7)
+    let live = Live {
+        view: 7,
+        connections: 2,
+        envelopes: 5,
+        commands: 40,
+    };
+    plan(&arguments, state, &info(), &live)
 }
 
 fn fresh() -> ConnectionState {
