@@ -157,7 +157,15 @@ impl Drop for GatewayProcess {
 }
 
 fn start(base_port: u16, gateway_port: u16) -> (RunningCluster, GatewayProcess) {
-    let cluster = RunningCluster::start(ClusterDir::create(base_port, |_| {}));
+    start_tuned(base_port, gateway_port, |_| {})
+}
+
+fn start_tuned(
+    base_port: u16,
+    gateway_port: u16,
+    tune: impl FnOnce(&mut tessera_types::ProtocolConfig),
+) -> (RunningCluster, GatewayProcess) {
+    let cluster = RunningCluster::start(ClusterDir::create(base_port, tune));
     let gateway = GatewayProcess::start(&cluster, gateway_port);
     (cluster, gateway)
 }
@@ -533,4 +541,28 @@ fn up_starts_a_gateway_and_prints_the_redis_cli_line() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "`up` exited with {status}");
+}
+
+#[test]
+fn the_gateway_answers_through_a_crashed_primary() {
+    let (mut cluster, gateway) = start_tuned(23_000, 22_384, |protocol| {
+        // Short timers, so the view change takes about a second, well within the client's
+        // request timeout.
+        protocol.request_timeout_ms = 1_000;
+        protocol.view_change_timeout_ms = 1_000;
+    });
+    assert_eq!(gateway.cli_text(&["SET", "survivor", "1"]), "OK");
+    // Replica 0 is the primary of view 0. With it gone, f+1 = 2 replicas remain: enough to
+    // change view and to vote on every reply.
+    cluster.local.kill_replica(0).expect("kill the primary");
+    assert_eq!(gateway.cli_text(&["INCR", "survivor"]), "2");
+    assert_eq!(gateway.cli_text(&["MSET", "a", "x", "b", "y"]), "OK");
+    assert_eq!(gateway.cli_text(&["MGET", "survivor", "a", "b"]), "2\nx\ny");
+    let info = gateway.cli_text(&["INFO"]);
+    let view: u64 = info
+        .lines()
+        .find_map(|line| line.strip_prefix("view:"))
+        .and_then(|view| view.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no view in {info}"));
+    assert!(view >= 1, "the replicas changed view: {info}");
 }
