@@ -16,6 +16,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::{ClusterDir, RunningCluster, BINARY};
+use tessera_gateway::resp::{decode_reply, encode_request};
+use tessera_gateway::{Reply, RespLimits};
 
 /// How long a gateway may take to connect to the cluster and open its port.
 const GATEWAY_READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -565,4 +567,87 @@ fn the_gateway_answers_through_a_crashed_primary() {
         .and_then(|view| view.trim().parse().ok())
         .unwrap_or_else(|| panic!("no view in {info}"));
     assert!(view >= 1, "the replicas changed view: {info}");
+}
+
+/// Sends `request` on a fresh connection and decodes `count` replies.
+fn replies(gateway: &GatewayProcess, request: &[u8], count: usize) -> Vec<Reply> {
+    let mut stream = TcpStream::connect(("127.0.0.1", gateway.port)).expect("connect");
+    stream
+        .set_read_timeout(Some(SOCKET_TIMEOUT))
+        .expect("set a read timeout");
+    stream.write_all(request).expect("send the request");
+    let limits = RespLimits::default();
+    let mut input = Vec::new();
+    let mut decoded = Vec::new();
+    let mut buffer = vec![0u8; 64 * 1024];
+    while decoded.len() < count {
+        match decode_reply(&input, &limits).expect("a valid reply") {
+            Some((reply, used)) => {
+                input.drain(..used);
+                decoded.push(reply);
+            }
+            None => {
+                let read = stream.read(&mut buffer).expect("read replies");
+                assert!(read > 0, "closed after {} replies", decoded.len());
+                input.extend_from_slice(&buffer[..read]);
+            }
+        }
+    }
+    decoded
+}
+
+#[test]
+fn results_past_the_reply_limit_are_reported_as_documented() {
+    let (_cluster, gateway) = start(23_200, 22_385);
+    // Ten 500,000-byte values: a pipeline of ten SETs is split into envelopes of at most
+    // 1 MiB of operations, so it needs several rounds, all answered in order.
+    let value = vec![b'v'; 500_000];
+    let mut sets = Vec::new();
+    for index in 0..10 {
+        encode_request(
+            &[
+                b"SET".to_vec(),
+                format!("big{index}").into_bytes(),
+                value.clone(),
+            ],
+            &mut sets,
+        );
+    }
+    assert_eq!(replies(&gateway, &sets, 10), vec![Reply::ok(); 10]);
+
+    // Nine GETs in one group: eight results fit the 4 MiB reply limit, the ninth is cut after
+    // it executed, and the gateway says so for that command only.
+    let gets = |count: usize| {
+        let mut request = Vec::new();
+        for index in 0..count {
+            encode_request(
+                &[b"GET".to_vec(), format!("big{index}").into_bytes()],
+                &mut request,
+            );
+        }
+        request
+    };
+    let answered = replies(&gateway, &gets(9), 9);
+    assert!(answered[..8]
+        .iter()
+        .all(|reply| *reply == Reply::Bulk(value.clone())));
+    assert!(
+        matches!(&answered[8], Reply::Error(text) if text.contains("passed the reply limit")),
+        "{:?}",
+        answered[8]
+    );
+    // Ten: the envelope fails as a whole (docs/GATEWAY.md, "Known limitation").
+    let answered = replies(&gateway, &gets(10), 10);
+    assert!(
+        answered.iter().all(
+            |reply| matches!(reply, Reply::Error(text) if text.contains("not confirmed by f+1"))
+        ),
+        "{:?}",
+        answered
+            .iter()
+            .map(|reply| format!("{reply:?}").chars().take(80).collect::<String>())
+            .collect::<Vec<_>>()
+    );
+    // Nothing was lost: every value is still there.
+    assert_eq!(gateway.cli_text(&["STRLEN", "big9"]), "500000");
 }
