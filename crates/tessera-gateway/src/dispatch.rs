@@ -10,15 +10,15 @@
 //! connection's pipeline together, hence this variant of it.
 //!
 //! Envelopes are bounded by operation count and request bytes, not by the size their results
-//! could reach: an envelope whose results pass the reply limit fails as a whole, including
-//! other connections' commands (docs/GATEWAY.md, "Known limitation"). Bounding by the worst case
-//! (512 KiB per value read) cost 90% of pipelined GET throughput; the fix needs partial
-//! envelope results from the client library.
+//! could reach (the worst case, 512 KiB per value read, cost about 90% of pipelined GET
+//! throughput). When the replicas cut an envelope at the reply limit, the commands after the
+//! cut go in the next envelope (`send`; docs/GATEWAY.md, "Results larger than one reply").
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tessera_client::Client;
+use tessera_client::{Client, Session};
 use tessera_core::envelope::ENVELOPE_OPERATIONS_MAX;
+use tessera_kv::Command;
 use tessera_types::limits::MAX_OPERATION_BYTES;
 use tokio::sync::{mpsc, oneshot, Mutex};
 
@@ -154,30 +154,75 @@ async fn run_lane(client: Client, queue: Arc<Mutex<Queue>>, counters: Arc<Counte
             }
             groups
         };
-        let mut operations = Vec::new();
-        let mut replies = Vec::with_capacity(groups.len());
-        for group in groups {
-            replies.push((group.operations.len(), group.reply));
-            operations.extend(group.operations);
-        }
+        send(&mut session, groups, &counters).await;
+    }
+}
+
+/// What the envelope state machine (`tessera_core::envelope`) returns in place of the result
+/// that passed the reply limit; that operation executed, and none after it did. Never a valid
+/// key-value result (its first byte is no `Response` variant).
+pub const ENVELOPE_CUT_RESULT: &[u8] = b"result too large for one envelope";
+
+/// Sends the groups' operations, in order, as envelopes, until every one has executed, and
+/// answers each group. An envelope is cut where its results pass the reply limit: the results
+/// before the cut are kept, and the operations after it — which no replica executed — go in the
+/// next envelope, so one connection's large reads cost the other connections nothing but time.
+async fn send(session: &mut Session, groups: Vec<Group>, counters: &Counters) {
+    let mut operations = Vec::new();
+    let mut owners = Vec::new();
+    let mut results: Vec<Vec<Vec<u8>>> = Vec::with_capacity(groups.len());
+    let mut replies = Vec::with_capacity(groups.len());
+    let mut sizes = Vec::with_capacity(groups.len());
+    for (index, group) in groups.into_iter().enumerate() {
+        owners.extend(std::iter::repeat_n(index, group.operations.len()));
+        sizes.push(group.operations.len());
+        results.push(Vec::with_capacity(group.operations.len()));
+        operations.extend(group.operations);
+        replies.push(group.reply);
+    }
+    let mut start = 0;
+    let mut failure = None;
+    while start < operations.len() {
         counters.envelopes.fetch_add(1, Ordering::Relaxed);
         counters
             .commands
-            .fetch_add(operations.len() as u64, Ordering::Relaxed);
-        match session.invoke_many(operations).await {
-            Ok(results) => {
-                let mut results = results.into_iter();
-                for (count, reply) in replies {
-                    // A connection that went away dropped its receiver; nothing to do.
-                    let _ = reply.send(Ok(results.by_ref().take(count).collect()));
-                }
-            }
+            .fetch_add((operations.len() - start) as u64, Ordering::Relaxed);
+        let executed = match session.invoke_many_partial(&operations[start..]).await {
+            Ok(executed) => executed,
             Err(error) => {
-                let reason = error.to_string();
-                for (_, reply) in replies {
-                    let _ = reply.send(Err(reason.clone()));
-                }
+                failure = Some(error.to_string());
+                break;
             }
+        };
+        let cut = start + executed.len() - 1;
+        let mut next = start + executed.len();
+        for (index, result) in (start..).zip(executed) {
+            // A read whose result was cut is run again at the head of the next envelope, where
+            // it has the whole reply limit to itself; at the head already, it keeps the marker
+            // (the server answers that its result was dropped). Writes ran: never again.
+            if index == cut
+                && index > start
+                && result == ENVELOPE_CUT_RESULT
+                && is_read(&operations[index])
+            {
+                next = index;
+                break;
+            }
+            results[owners[index]].push(result);
         }
+        start = next;
     }
+    for ((reply, results), expected) in replies.into_iter().zip(results).zip(sizes) {
+        let answer = match &failure {
+            Some(reason) if results.len() < expected => Err(reason.clone()),
+            _ => Ok(results),
+        };
+        // A connection that went away dropped its receiver; nothing to do.
+        let _ = reply.send(answer);
+    }
+}
+
+/// True for a command that changes nothing, so running it twice is harmless.
+fn is_read(operation: &[u8]) -> bool {
+    Command::decode(operation).is_ok_and(|command| command.is_read_only())
 }

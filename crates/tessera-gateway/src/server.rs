@@ -20,11 +20,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-/// What the envelope state machine (`tessera_core::envelope`) returns in place of the result of
-/// the operation whose result passed the reply limit; it executes nothing after it. When that
-/// is the last operation, the envelope still has one result per operation.
-const ENVELOPE_CUT_RESULT: &[u8] = b"result too large for one envelope";
-
 /// Bytes a connection asks the socket for at once.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 /// Input read and dropped after a connection's last reply, at most (see `Connection::close`).
@@ -358,10 +353,12 @@ impl Connection<'_> {
                 Pending::Ready(reply, protocol) => reply.encode(*protocol, output),
                 Pending::Replicated(index, shape, protocol) => {
                     let reply = match &results {
-                        Ok(results) if results[*index] == ENVELOPE_CUT_RESULT => Reply::error(
-                            "this command executed, but the results of the commands sent with \
+                        Ok(results) if results[*index] == dispatch::ENVELOPE_CUT_RESULT => {
+                            Reply::error(
+                                "this command executed, but the results of the commands sent with \
                              it passed the reply limit, so its result was dropped",
-                        ),
+                            )
+                        }
                         Ok(results) => match Response::decode(&results[*index]) {
                             Ok(response) => commands::shape_reply(*shape, response),
                             Err(error) => {
