@@ -3,10 +3,11 @@
 //! A connection hands over a *group* — the commands it has pipelined, in order — and waits for
 //! their results. Each of a fixed number of lanes (one client session each, one request in
 //! flight) takes every group waiting when it becomes free and sends them as one envelope
-//! (`tessera_core::envelope`): one signature and one reply vote for many commands. A group is
-//! never split, so one connection's commands execute in the order it sent them; a connection
-//! sends its next group only after the previous one's replies, so its order holds across groups
-//! too. The client library's `Batcher` coalesces single operations; it cannot keep one
+//! (`tessera_core::envelope`): one signature and one reply vote for many commands. A group's
+//! commands run in order within one envelope — or, if the replicas cut the envelope, the rest
+//! runs in the lane's next envelope before the lane takes anything else — so one connection's
+//! commands execute in the order it sent them; a connection sends its next group only after
+//! the previous one's replies, so its order holds across groups too. The client library's `Batcher` coalesces single operations; it cannot keep one
 //! connection's pipeline together, hence this variant of it.
 //!
 //! Envelopes are bounded by operation count and request bytes, not by the size their results
