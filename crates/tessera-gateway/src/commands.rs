@@ -7,7 +7,7 @@
 //! writes keys is replicated — reads included, so they are linearizable. Pure: no IO, no clock.
 
 use crate::resp::{Protocol, Reply};
-use tessera_kv::{Command, KvError, Response, SetCondition};
+use tessera_kv::{Command, KvError, KvLimits, Response, SetCondition};
 
 /// What the gateway knows of the cluster, for `INFO`.
 #[derive(Clone, Debug)]
@@ -569,6 +569,30 @@ fn set(arguments: &[Vec<u8>]) -> Planned {
         command,
         shape: Shape::Direct,
     })
+}
+
+/// Largest encoded response other than a value: `Ok`, counts, integers, and errors (whose
+/// texts are a few hundred bytes at most).
+const SMALL_RESPONSE_BYTES_MAX: usize = 512;
+/// Bytes a `Value` or `Values` response adds around one value (tags and a varint length).
+const VALUE_FRAMING_BYTES: usize = 8;
+
+/// The most bytes the encoded response to `command` can take. Replicas build their store with
+/// [`KvLimits::default`]'s value bound (tessera-node), so a value is at most that long; the
+/// store caps an `MGet` result at the reply limit.
+pub fn response_bytes_max(command: &Command) -> usize {
+    let value_bytes_max = KvLimits::default().value_bytes_max + VALUE_FRAMING_BYTES;
+    let values = match command {
+        Command::Get { .. } | Command::GetDel { .. } | Command::SetIf { get: true, .. } => {
+            value_bytes_max
+        }
+        Command::MGet { keys } => keys
+            .len()
+            .saturating_mul(value_bytes_max)
+            .min(tessera_types::limits::MAX_RESULT_BYTES),
+        _ => 0,
+    };
+    values.saturating_add(SMALL_RESPONSE_BYTES_MAX)
 }
 
 /// The Redis reply for an agreed response.

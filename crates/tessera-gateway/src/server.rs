@@ -40,6 +40,11 @@ pub struct GatewayOptions {
     pub queued_groups_max: usize,
     /// Most commands of one connection executed as one group. Default 256.
     pub pipeline_commands_max: usize,
+    /// Most bytes the results of one connection's group may reach, counted at the largest each
+    /// command can return (512 KiB per value read): the gateway holds a group's replies until
+    /// all have arrived. A single command is always accepted. Default 16 MiB, so a pipeline of
+    /// 16 GETs is one group; longer ones are split into several, in order.
+    pub group_result_bytes_max: usize,
     /// Bounds of the RESP decoder.
     pub limits: RespLimits,
 }
@@ -51,6 +56,7 @@ impl Default for GatewayOptions {
             lanes: 2,
             queued_groups_max: 4096,
             pipeline_commands_max: 256,
+            group_result_bytes_max: 16 << 20,
             limits: RespLimits::default(),
         }
     }
@@ -68,6 +74,12 @@ impl GatewayOptions {
                 self.pipeline_commands_max,
                 1,
                 tessera_core::envelope::ENVELOPE_OPERATIONS_MAX,
+            ),
+            (
+                "group_result_bytes_max",
+                self.group_result_bytes_max,
+                1 << 20,
+                1 << 30,
             ),
         ];
         for (name, value, minimum, maximum) in bounds {
@@ -204,8 +216,13 @@ struct Round {
     pending: Vec<Pending>,
     operations: Vec<Vec<u8>>,
     bytes: usize,
+    /// The most bytes the operations' results can reach.
+    result_bytes: usize,
     close: bool,
 }
+
+/// An encoded operation, the most bytes its result can take, and how to shape its reply.
+type Carried = (Vec<u8>, usize, Shape);
 
 struct Connection<'a> {
     stream: TcpStream,
@@ -214,7 +231,7 @@ struct Connection<'a> {
     decoder: RequestDecoder,
     input: BytesMut,
     /// A replicated step that did not fit the previous round; it opens the next one.
-    carried: Option<(Vec<u8>, Shape)>,
+    carried: Option<Carried>,
 }
 
 impl Connection<'_> {
@@ -262,8 +279,8 @@ impl Connection<'_> {
     /// Takes every complete request from the input, up to one group.
     fn collect(&mut self) -> Round {
         let mut round = Round::default();
-        if let Some((operation, shape)) = self.carried.take() {
-            self.add_operation(&mut round, operation, shape);
+        if let Some((operation, result_bytes, shape)) = self.carried.take() {
+            self.add_operation(&mut round, operation, result_bytes, shape);
         }
         while round.pending.len() < self.shared.options.pipeline_commands_max {
             let arguments = match self.decoder.decode(&self.input) {
@@ -300,6 +317,10 @@ impl Connection<'_> {
                 Step::Replicated { command, shape } => {
                     let operation = command.encode();
                     let cost = dispatch::operation_cost(&operation);
+                    let result_bytes = commands::response_bytes_max(&command);
+                    let results_fit = round.operations.is_empty()
+                        || round.result_bytes.saturating_add(result_bytes)
+                            <= self.shared.options.group_result_bytes_max;
                     if !dispatch::group_fits(1, cost) {
                         let reply = Reply::error(format!(
                             "command of {} bytes exceeds the request limit of {} bytes",
@@ -309,12 +330,14 @@ impl Connection<'_> {
                         round
                             .pending
                             .push(Pending::Ready(reply, self.state.protocol));
-                    } else if !dispatch::group_fits(round.operations.len() + 1, round.bytes + cost)
+                    } else if !results_fit
+                        || !dispatch::group_fits(round.operations.len() + 1, round.bytes + cost)
                     {
-                        self.carried = Some((operation, shape));
+                        // The rest of the pipeline waits for the next round, after these replies.
+                        self.carried = Some((operation, result_bytes, shape));
                         break;
                     } else {
-                        self.add_operation(&mut round, operation, shape);
+                        self.add_operation(&mut round, operation, result_bytes, shape);
                     }
                 }
             }
@@ -322,8 +345,15 @@ impl Connection<'_> {
         round
     }
 
-    fn add_operation(&self, round: &mut Round, operation: Vec<u8>, shape: Shape) {
+    fn add_operation(
+        &self,
+        round: &mut Round,
+        operation: Vec<u8>,
+        result_bytes: usize,
+        shape: Shape,
+    ) {
         round.bytes += dispatch::operation_cost(&operation);
+        round.result_bytes = round.result_bytes.saturating_add(result_bytes);
         round.pending.push(Pending::Replicated(
             round.operations.len(),
             shape,

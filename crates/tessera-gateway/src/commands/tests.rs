@@ -309,3 +309,19 @@ fn every_listed_command_is_known() {
     }
     assert!(COMMAND_NAMES.windows(2).all(|pair| pair[0] < pair[1]));
 }
+
+#[test]
+fn response_bounds_follow_the_store_limits() {
+    let value_max = KvLimits::default().value_bytes_max;
+    let get = Command::Get { key: b"k".to_vec() };
+    assert!(response_bytes_max(&get) > value_max);
+    let incr = Command::Incr {
+        key: b"k".to_vec(),
+        delta: 1,
+    };
+    assert!(response_bytes_max(&incr) < 1024);
+    let mget = Command::MGet {
+        keys: vec![b"k".to_vec(); 1024],
+    };
+    assert!(response_bytes_max(&mget) <= tessera_types::limits::MAX_RESULT_BYTES + 1024);
+}
