@@ -419,7 +419,18 @@ fn raw_connections_keep_pipelined_order_and_reject_bad_frames() {
 #[test]
 fn redis_benchmark_runs_against_the_gateway() {
     let (_cluster, gateway) = start(22_600, 22_382);
+    let sent_before = gateway.sent();
     let concurrent = gateway.benchmark(&["-t", "set,get,incr,mset", "-n", "2000", "-c", "50"]);
+    let sent_after = gateway.sent();
+    let envelopes = sent_after.0 - sent_before.0;
+    let commands = sent_after.1 - sent_before.1;
+    eprintln!("-c 50: {commands} commands in {envelopes} envelopes");
+    // Without pipelining each connection has one command in flight: fewer envelopes than
+    // commands means commands of different connections shared signed requests.
+    assert!(
+        commands > envelopes,
+        "{commands} commands in {envelopes} envelopes"
+    );
     for command in ["SET", "GET", "INCR", "MSET (10 keys)"] {
         assert!(
             concurrent.contains(&format!("{command}: "))
