@@ -306,17 +306,36 @@ impl Session {
         operations: Vec<Vec<u8>>,
     ) -> Result<Vec<Vec<u8>>, ClientError> {
         let expected = operations.len();
+        let results = self.invoke_many_partial(&operations).await?;
+        if results.len() != expected {
+            return Err(ClientError::ResultTooLarge {
+                length: results.iter().map(Vec::len).sum(),
+                limit: tessera_types::limits::MAX_RESULT_BYTES,
+            });
+        }
+        Ok(results)
+    }
+
+    /// Like [`Session::invoke_many`], but when the results passed the reply limit it returns
+    /// what the replicas agreed on instead of an error: the results of the operations up to
+    /// the one whose result was cut (replaced by the envelope's marker; that operation did
+    /// execute), and none for the operations after it, which no replica executed.
+    pub async fn invoke_many_partial(
+        &mut self,
+        operations: &[Vec<u8>],
+    ) -> Result<Vec<Vec<u8>>, ClientError> {
+        let expected = operations.len();
         if expected == 0 || expected > ENVELOPE_OPERATIONS_MAX {
             return Err(ClientError::Config(format!(
                 "an envelope holds 1 to {ENVELOPE_OPERATIONS_MAX} operations, not {expected}"
             )));
         }
-        let result = self.invoke_envelope(encode_operations(&operations)).await?;
+        let result = self.invoke_envelope(encode_operations(operations)).await?;
         match decode_results(&result) {
-            Ok(Ok(results)) if results.len() == expected => Ok(results),
-            Ok(Ok(results)) => Err(ClientError::ResultTooLarge {
-                length: results.iter().map(Vec::len).sum(),
-                limit: tessera_types::limits::MAX_RESULT_BYTES,
+            Ok(Ok(results)) if (1..=expected).contains(&results.len()) => Ok(results),
+            Ok(Ok(results)) => Err(ClientError::UnexpectedResult {
+                command: "envelope",
+                detail: format!("{} results for {expected} operations", results.len()),
             }),
             Ok(Err(reason)) => Err(ClientError::Rejected(reason)),
             Err(error) => Err(ClientError::UnexpectedResult {

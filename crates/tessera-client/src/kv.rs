@@ -147,6 +147,12 @@ fn command_name(command: &Command) -> &'static str {
         Command::MGet { .. } => "MGET",
         Command::MSet { .. } => "MSET",
         Command::CompareAndSet { .. } => "CAS",
+        Command::SetIf { .. } => "SET",
+        Command::Append { .. } => "APPEND",
+        Command::Strlen { .. } => "STRLEN",
+        Command::GetDel { .. } => "GETDEL",
+        Command::DbSize => "DBSIZE",
+        Command::FlushDb => "FLUSHDB",
     }
 }
 

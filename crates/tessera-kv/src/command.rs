@@ -47,6 +47,52 @@ pub enum Command {
         expected: Option<Vec<u8>>,
         new: Option<Vec<u8>>,
     },
+    // Variants below were added after the first release; new ones go at the end so the
+    // encoding of every earlier command stays the same.
+    /// Writes one key if `condition` holds (Redis `SET` with `NX`/`XX`/`GET`, and `GETSET`).
+    /// Answers [`Response::Value`] with the previous value when `get` is set; otherwise
+    /// [`Response::Ok`] if the key was written and `Value(None)` if the condition failed.
+    SetIf {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        condition: SetCondition,
+        get: bool,
+    },
+    /// Appends `value` to the value of `key` (a missing key is empty). Answers
+    /// [`Response::Count`] with the new length.
+    Append {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
+    /// Answers [`Response::Count`]: the length of the value of `key` (0 if absent).
+    Strlen {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+    /// Deletes `key` and answers [`Response::Value`] with the value it had.
+    GetDel {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+    /// Answers [`Response::Count`]: the number of keys.
+    DbSize,
+    /// Deletes every key. Answers [`Response::Count`]: how many keys were deleted.
+    FlushDb,
+}
+
+/// When [`Command::SetIf`] writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SetCondition {
+    /// Always (plain `SET`, `GETSET`).
+    Always,
+    /// Only if the key is absent (`NX`).
+    IfAbsent,
+    /// Only if the key is present (`XX`).
+    IfPresent,
 }
 
 impl Command {
@@ -61,12 +107,16 @@ impl Command {
             .map_err(|error| malformed("operation", &error))
     }
 
-    /// True for commands that never change the store (`Get`, `Exists`, `MGet`), which a
-    /// client may send as read-only requests.
+    /// True for commands that never change the store (`Get`, `Exists`, `MGet`, `Strlen`,
+    /// `DbSize`), which a client may send as read-only requests.
     pub fn is_read_only(&self) -> bool {
         matches!(
             self,
-            Command::Get { .. } | Command::Exists { .. } | Command::MGet { .. }
+            Command::Get { .. }
+                | Command::Exists { .. }
+                | Command::MGet { .. }
+                | Command::Strlen { .. }
+                | Command::DbSize
         )
     }
 }
@@ -192,7 +242,37 @@ mod tests {
                 expected: None,
                 new: Some(b"v".to_vec()),
             },
+            Command::SetIf {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+                condition: SetCondition::IfAbsent,
+                get: true,
+            },
+            Command::Append {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+            },
+            Command::Strlen { key: b"k".to_vec() },
+            Command::GetDel { key: b"k".to_vec() },
+            Command::DbSize,
+            Command::FlushDb,
         ]
+    }
+
+    /// The first commands' encodings are fixed: replicas and clients of different versions must
+    /// agree on them, so new variants may only be appended.
+    #[test]
+    fn earlier_encodings_are_stable() {
+        let tags: Vec<u8> = every_command()
+            .iter()
+            .map(|command| command.encode()[0])
+            .collect();
+        assert_eq!(tags, (0..14).collect::<Vec<u8>>());
+        assert_eq!(
+            Command::Get { key: b"k".to_vec() }.encode(),
+            [0, 1, b'k'],
+            "Get is tag 0, then the key with its length"
+        );
     }
 
     #[test]
@@ -226,11 +306,14 @@ mod tests {
     }
 
     #[test]
-    fn read_only_commands_are_get_exists_mget() {
+    fn read_only_commands_never_write() {
         let read_only: Vec<bool> = every_command().iter().map(Command::is_read_only).collect();
         assert_eq!(
             read_only,
-            [true, false, false, true, false, true, false, false]
+            [
+                true, false, false, true, false, true, false, false, false, false, true, false,
+                true, false
+            ]
         );
     }
 

@@ -19,8 +19,14 @@
 //! | `MGet { keys }` | `Values(..)` | one entry per key, in request order |
 //! | `MSet { pairs }` | `Ok` | all pairs or none; a repeated key takes its last value |
 //! | `CompareAndSet { key, expected, new }` | `CompareAndSet { swapped, current }` | swaps if the value equals `expected` (`None`: key absent); `new == None` deletes; `current` is the value after the command |
+//! | `SetIf { key, value, condition, get }` | `get`: `Value(previous)`; else `Ok` if written, `Value(None)` if not | writes if `condition` holds (`Always`, `IfAbsent`, `IfPresent`: Redis `SET` `NX`/`XX`/`GET`, `GETSET`) |
+//! | `Append { key, value }` | `Count(new length)` | a missing key counts as empty; the result must fit `value_bytes_max` |
+//! | `Strlen { key }` | `Count(length)` | 0 for a missing key |
+//! | `GetDel { key }` | `Value(Option<value>)` | the value before the deletion |
+//! | `DbSize` | `Count(keys)` | |
+//! | `FlushDb` | `Count(deleted)` | deletes every key |
 //!
-//! `Get`, `Exists` and `MGet` are read-only ([`Command::is_read_only`]). Keys and values are
+//! `Get`, `Exists`, `MGet`, `Strlen` and `DbSize` are read-only ([`Command::is_read_only`]). Keys and values are
 //! arbitrary bytes; the empty key is a valid key.
 //!
 //! # Limits
@@ -57,7 +63,7 @@ mod command;
 mod limits;
 mod store;
 
-pub use command::{Command, KvError, Response};
+pub use command::{Command, KvError, Response, SetCondition};
 pub use limits::{InvalidKvLimits, KvLimits};
 pub use store::{KvStore, ENTRY_DOMAIN, PARTITIONS, PARTITION_DIGEST_DOMAIN, PARTITION_OF_DOMAIN};
 pub use tessera_types::StateMachine;

@@ -26,7 +26,7 @@ use tessera_types::limits::MAX_RESULT_BYTES;
 use tessera_types::merkle::MerkleTree;
 use tessera_types::{Chunk, FrozenState, RestoreError, StagedPartition, StateMachine};
 
-use crate::command::{Command, KvError, Response};
+use crate::command::{Command, KvError, Response, SetCondition};
 use crate::limits::KvLimits;
 
 /// Domain of the element hashes summed into a partition's [`LtHash`].
@@ -164,6 +164,17 @@ impl KvStore {
             Command::CompareAndSet { key, expected, new } => {
                 self.on_compare_and_set(key, expected, new)
             }
+            Command::SetIf {
+                key,
+                value,
+                condition,
+                get,
+            } => self.on_set_if(key, value, condition, get),
+            Command::Append { key, value } => self.on_append(key, &value),
+            Command::Strlen { key } => Ok(self.on_strlen(&key)),
+            Command::GetDel { key } => Ok(self.on_get_del(&key)),
+            Command::DbSize => Ok(self.on_db_size()),
+            Command::FlushDb => Ok(self.on_flush_db()),
         };
         debug_assert!(self.stored_bytes <= self.limits.total_bytes_max);
         result.unwrap_or_else(Response::Error)
@@ -172,8 +183,14 @@ impl KvStore {
     /// Checks key counts, key sizes and value sizes, in command order.
     fn check_sizes(&self, command: &Command) -> Result<(), KvError> {
         match command {
-            Command::Get { key } | Command::Incr { key, .. } => self.check_key(key),
-            Command::Set { key, value } => {
+            Command::Get { key }
+            | Command::Incr { key, .. }
+            | Command::Strlen { key }
+            | Command::GetDel { key } => self.check_key(key),
+            Command::DbSize | Command::FlushDb => Ok(()),
+            Command::Set { key, value }
+            | Command::SetIf { key, value, .. }
+            | Command::Append { key, value } => {
                 self.check_key(key)?;
                 self.check_value(value)
             }
@@ -346,6 +363,78 @@ impl KvStore {
             swapped: true,
             current: new,
         })
+    }
+
+    // The handlers below are built only on `get`, `insert`, `remove`, `len` and the capacity
+    // checks, so they keep working whatever layout the entries take underneath.
+
+    fn on_set_if(
+        &mut self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        condition: SetCondition,
+        get: bool,
+    ) -> Result<Response, KvError> {
+        let previous = self.get(&key);
+        let write = match condition {
+            SetCondition::Always => true,
+            SetCondition::IfAbsent => previous.is_none(),
+            SetCondition::IfPresent => previous.is_some(),
+        };
+        // Copied only when asked for: a plain conditional SET should not pay for it.
+        let previous = if get {
+            previous.map(<[u8]>::to_vec)
+        } else {
+            None
+        };
+        if write {
+            self.check_capacity(self.bytes_after_write(&key, Some(&value)))?;
+            self.insert(key, value);
+        }
+        Ok(match (get, write) {
+            (true, _) => Response::Value(previous),
+            (false, true) => Response::Ok,
+            (false, false) => Response::Value(None),
+        })
+    }
+
+    fn on_append(&mut self, key: Vec<u8>, suffix: &[u8]) -> Result<Response, KvError> {
+        let current = self.get(&key).unwrap_or_default();
+        // Sized before copying: the joined value must itself respect `value_bytes_max`.
+        let size = current.len().saturating_add(suffix.len());
+        let limit = self.limits().value_bytes_max;
+        if size > limit {
+            return Err(KvError::ValueTooLarge { size, limit });
+        }
+        let mut joined = Vec::with_capacity(size);
+        joined.extend_from_slice(current);
+        joined.extend_from_slice(suffix);
+        self.check_capacity(self.bytes_after_write(&key, Some(&joined)))?;
+        self.insert(key, joined);
+        Ok(Response::Count(size as u64))
+    }
+
+    fn on_strlen(&self, key: &[u8]) -> Response {
+        Response::Count(self.get(key).map_or(0, |value| value.len() as u64))
+    }
+
+    fn on_get_del(&mut self, key: &[u8]) -> Response {
+        let previous = self.get(key).map(<[u8]>::to_vec);
+        if previous.is_some() {
+            self.remove(key);
+        }
+        Response::Value(previous)
+    }
+
+    fn on_db_size(&self) -> Response {
+        Response::Count(self.len() as u64)
+    }
+
+    fn on_flush_db(&mut self) -> Response {
+        let deleted = self.len();
+        // A fresh store under the same limits: nothing of the old layout survives, whatever it is.
+        *self = KvStore::new(*self.limits());
+        Response::Count(deleted as u64)
     }
 
     /// Inserts or replaces; the caller has checked the capacity.

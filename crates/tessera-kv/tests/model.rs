@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use proptest::prelude::*;
-use tessera_kv::{Command, KvError, KvLimits, KvStore, Response, StateMachine};
+use tessera_kv::{Command, KvError, KvLimits, KvStore, Response, SetCondition, StateMachine};
 
 /// Small limits so that random commands hit every limit often.
 const LIMITS: KvLimits = KvLimits {
@@ -78,6 +78,48 @@ impl Model {
                     }
                 }
             }
+            Command::SetIf {
+                key,
+                value,
+                condition,
+                get,
+            } => {
+                let previous = next.get(key).cloned();
+                let write = match condition {
+                    SetCondition::Always => true,
+                    SetCondition::IfAbsent => previous.is_none(),
+                    SetCondition::IfPresent => previous.is_some(),
+                };
+                if write {
+                    next.insert(key.clone(), value.clone());
+                }
+                match (get, write) {
+                    (true, _) => Response::Value(previous),
+                    (false, true) => Response::Ok,
+                    (false, false) => Response::Value(None),
+                }
+            }
+            Command::Append { key, value } => {
+                let mut joined = next.get(key).cloned().unwrap_or_default();
+                joined.extend_from_slice(value);
+                if joined.len() > LIMITS.value_bytes_max {
+                    return Err(KvError::ValueTooLarge {
+                        size: joined.len(),
+                        limit: LIMITS.value_bytes_max,
+                    });
+                }
+                let length = joined.len() as u64;
+                next.insert(key.clone(), joined);
+                Response::Count(length)
+            }
+            Command::Strlen { key } => Response::Count(next.get(key).map_or(0, Vec::len) as u64),
+            Command::GetDel { key } => Response::Value(next.remove(key)),
+            Command::DbSize => Response::Count(next.len() as u64),
+            Command::FlushDb => {
+                let deleted = next.len() as u64;
+                next.clear();
+                Response::Count(deleted)
+            }
         };
         let needed: u64 = next
             .iter()
@@ -118,8 +160,21 @@ fn check(command: &Command) -> Result<(), KvError> {
         _ => Ok(()),
     };
     match command {
-        Command::Get { key: name } | Command::Incr { key: name, .. } => key(name),
+        Command::Get { key: name }
+        | Command::Incr { key: name, .. }
+        | Command::Strlen { key: name }
+        | Command::GetDel { key: name } => key(name),
+        Command::DbSize | Command::FlushDb => Ok(()),
         Command::Set {
+            key: name,
+            value: content,
+        }
+        | Command::SetIf {
+            key: name,
+            value: content,
+            ..
+        }
+        | Command::Append {
             key: name,
             value: content,
         } => key(name).and(value(content)),
@@ -190,7 +245,34 @@ fn command() -> impl Strategy<Value = Command> {
         prop::collection::vec((key(), value()), 0..=5).prop_map(|pairs| Command::MSet { pairs }),
         (key(), prop::option::of(value()), prop::option::of(value()))
             .prop_map(|(key, expected, new)| Command::CompareAndSet { key, expected, new }),
+        (key(), value(), condition(), any::<bool>()).prop_map(|(key, value, condition, get)| {
+            Command::SetIf {
+                key,
+                value,
+                condition,
+                get,
+            }
+        }),
+        (key(), value()).prop_map(|(key, value)| Command::Append { key, value }),
+        key().prop_map(|key| Command::Strlen { key }),
+        key().prop_map(|key| Command::GetDel { key }),
+        Just(Command::DbSize),
+        // Rare, so histories still grow large enough to reach the total limit.
+        prop::sample::select(vec![
+            Command::FlushDb,
+            Command::DbSize,
+            Command::DbSize,
+            Command::DbSize
+        ]),
     ]
+}
+
+fn condition() -> impl Strategy<Value = SetCondition> {
+    prop::sample::select(vec![
+        SetCondition::Always,
+        SetCondition::IfAbsent,
+        SetCondition::IfPresent,
+    ])
 }
 
 proptest! {

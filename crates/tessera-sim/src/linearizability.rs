@@ -50,7 +50,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
-use tessera_kv::{Command, KvError, Response};
+use tessera_kv::{Command, KvError, Response, SetCondition};
 
 use crate::workload::Operation;
 
@@ -194,7 +194,15 @@ fn command_keys(command: &Command) -> Vec<&[u8]> {
         Command::Get { key }
         | Command::Set { key, .. }
         | Command::Incr { key, .. }
-        | Command::CompareAndSet { key, .. } => vec![key],
+        | Command::CompareAndSet { key, .. }
+        | Command::SetIf { key, .. }
+        | Command::Append { key, .. }
+        | Command::Strlen { key }
+        | Command::GetDel { key } => vec![key],
+        // These read or write every key, which per-key partitioning cannot express; the
+        // simulator's workload does not generate them (their semantics are tested against a
+        // model in tessera-kv/tests/model.rs).
+        Command::DbSize | Command::FlushDb => vec![],
         Command::Del { keys } | Command::Exists { keys } | Command::MGet { keys } => {
             keys.iter().map(Vec::as_slice).collect()
         }
@@ -319,6 +327,40 @@ fn apply(state: &mut State, command: &Command) -> Response {
                 swapped: true,
                 current: new.clone(),
             }
+        }
+        Command::SetIf {
+            key,
+            value,
+            condition,
+            get,
+        } => {
+            let previous = state.get(key).cloned();
+            let write = match condition {
+                SetCondition::Always => true,
+                SetCondition::IfAbsent => previous.is_none(),
+                SetCondition::IfPresent => previous.is_some(),
+            };
+            if write {
+                state.insert(key.clone(), value.clone());
+            }
+            match (get, write) {
+                (true, _) => Response::Value(previous),
+                (false, true) => Response::Ok,
+                (false, false) => Response::Value(None),
+            }
+        }
+        Command::Append { key, value } => {
+            let joined = state.entry(key.clone()).or_default();
+            joined.extend_from_slice(value);
+            Response::Count(joined.len() as u64)
+        }
+        Command::Strlen { key } => Response::Count(state.get(key).map_or(0, Vec::len) as u64),
+        Command::GetDel { key } => Response::Value(state.remove(key)),
+        Command::DbSize => Response::Count(state.len() as u64),
+        Command::FlushDb => {
+            let deleted = state.len() as u64;
+            state.clear();
+            Response::Count(deleted)
         }
     }
 }
@@ -826,6 +868,24 @@ fn show_command(command: &Command) -> String {
             show_value(expected.as_ref()),
             show_value(new.as_ref())
         ),
+        Command::SetIf {
+            key,
+            value,
+            condition,
+            get,
+        } => format!(
+            "set {} {} if {condition:?}{}",
+            show_bytes(key),
+            show_bytes(value),
+            if *get { " and get" } else { "" }
+        ),
+        Command::Append { key, value } => {
+            format!("append {} {}", show_bytes(key), show_bytes(value))
+        }
+        Command::Strlen { key } => format!("strlen {}", show_bytes(key)),
+        Command::GetDel { key } => format!("getdel {}", show_bytes(key)),
+        Command::DbSize => "dbsize".to_string(),
+        Command::FlushDb => "flushdb".to_string(),
     }
 }
 

@@ -2,6 +2,7 @@
 //! talk to it (`kv`, `bench`).
 
 mod bench;
+mod gateway;
 mod kv;
 mod local;
 
@@ -64,6 +65,8 @@ enum Command {
     Kv(kv::KvArgs),
     /// Benchmark the cluster against the unreplicated baseline.
     Bench(bench::BenchArgs),
+    /// Serve Redis clients (RESP2/RESP3) on a TCP port, as one client of the cluster.
+    Gateway(gateway::GatewayArgs),
 }
 
 /// USIG backends `tessera init` can configure.
@@ -143,6 +146,12 @@ struct UpArgs {
     /// First port (only when creating the cluster; see `tessera init --help`).
     #[arg(long)]
     base_port: Option<u16>,
+    /// Where the Redis gateway listens.
+    #[arg(long, default_value = gateway::DEFAULT_LISTEN)]
+    gateway_listen: String,
+    /// Do not start the Redis gateway.
+    #[arg(long)]
+    no_gateway: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -158,7 +167,9 @@ struct StatusArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_log_level = match cli.command {
-        Command::Replica(_) | Command::Unreplicated(_) | Command::Up(_) => "info",
+        Command::Replica(_) | Command::Unreplicated(_) | Command::Up(_) | Command::Gateway(_) => {
+            "info"
+        }
         _ => "warn",
     };
     init_logging(default_log_level);
@@ -204,6 +215,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Status(args) => status(args).await,
         Command::Kv(args) => kv::run(args).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Gateway(args) => gateway::run(args).await,
     }
 }
 
@@ -448,7 +460,12 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         let _ = cluster.stop();
         return Err(error);
     }
-    print_endpoints(&cluster);
+    let gateway = if args.no_gateway {
+        None
+    } else {
+        start_up_gateway(&args).await
+    };
+    print_endpoints(&cluster, gateway);
 
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
@@ -477,7 +494,30 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_endpoints(local: &LocalCluster) {
+/// Starts the gateway in this process; a gateway that cannot start (its port is taken, say)
+/// is reported, and the cluster keeps running without it.
+async fn start_up_gateway(args: &UpArgs) -> Option<std::net::SocketAddr> {
+    let options = tessera_gateway::GatewayOptions::default();
+    let started = gateway::start(&args.dir, &args.gateway_listen, None, options).await;
+    match started.and_then(|gateway| Ok((gateway.local_addr()?, gateway))) {
+        Ok((address, gateway)) => {
+            tokio::spawn(async move {
+                if let Err(error) = gateway.run(std::future::pending()).await {
+                    eprintln!("the Redis gateway stopped: {error}");
+                }
+            });
+            Some(address)
+        }
+        Err(error) => {
+            eprintln!(
+                "warning: no Redis gateway: {error:#}; use --gateway-listen ADDRESS, or --no-gateway"
+            );
+            None
+        }
+    }
+}
+
+fn print_endpoints(local: &LocalCluster, gateway: Option<std::net::SocketAddr>) {
     let cluster = local.cluster();
     let dir = local.dir();
     println!(
@@ -503,6 +543,12 @@ fn print_endpoints(local: &LocalCluster) {
     println!("Try:   tessera kv --dir {} set hello world", dir.display());
     println!("       tessera kv --dir {} get hello", dir.display());
     println!("       tessera status --dir {}", dir.display());
+    if let Some(address) = gateway {
+        println!(
+            "Redis: {}   (gateway on {address})",
+            gateway::redis_cli_line(address)
+        );
+    }
     println!("Press Ctrl-C to stop.");
 }
 

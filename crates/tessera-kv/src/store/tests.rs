@@ -754,3 +754,153 @@ fn digest_spanning_many_pieces_depends_only_on_contents() {
     });
     assert_ne!(forward.digest(), backward.digest());
 }
+
+fn set_if(name: &str, value: &str, condition: SetCondition, get: bool) -> Command {
+    Command::SetIf {
+        key: key(name),
+        value: key(value),
+        condition,
+        get,
+    }
+}
+
+#[test]
+fn set_if_writes_only_when_its_condition_holds() {
+    let mut store = KvStore::default();
+    let absent_only = set_if("k", "1", SetCondition::IfAbsent, false);
+    assert_eq!(run(&mut store, absent_only.clone()), Response::Ok);
+    assert_eq!(run(&mut store, absent_only), Response::Value(None));
+    assert_eq!(store.get(b"k"), Some(&b"1"[..]));
+    let present_only = set_if("k", "2", SetCondition::IfPresent, false);
+    assert_eq!(run(&mut store, present_only), Response::Ok);
+    assert_eq!(store.get(b"k"), Some(&b"2"[..]));
+    let missing = set_if("other", "x", SetCondition::IfPresent, false);
+    assert_eq!(run(&mut store, missing), Response::Value(None));
+    assert_eq!(store.get(b"other"), None);
+}
+
+#[test]
+fn set_if_with_get_answers_the_previous_value() {
+    let mut store = KvStore::default();
+    let get_set = |value| set_if("k", value, SetCondition::Always, true);
+    assert_eq!(run(&mut store, get_set("1")), Response::Value(None));
+    assert_eq!(
+        run(&mut store, get_set("2")),
+        Response::Value(Some(key("1")))
+    );
+    // NX GET on a present key: the old value comes back and nothing is written (Redis 7).
+    let refused_write = set_if("k", "3", SetCondition::IfAbsent, true);
+    assert_eq!(
+        run(&mut store, refused_write),
+        Response::Value(Some(key("2")))
+    );
+    assert_eq!(store.get(b"k"), Some(&b"2"[..]));
+}
+
+#[test]
+fn append_grows_the_value_within_the_value_limit() {
+    let mut store = KvStore::new(small_limits());
+    let append = |value: &str| Command::Append {
+        key: key("k"),
+        value: key(value),
+    };
+    assert_eq!(run(&mut store, append("ab")), Response::Count(2));
+    assert_eq!(run(&mut store, append("cd")), Response::Count(4));
+    assert_eq!(store.get(b"k"), Some(&b"abcd"[..]));
+    let error = refused(&mut store, append(&"x".repeat(29)));
+    assert_eq!(
+        error,
+        KvError::ValueTooLarge {
+            size: 33,
+            limit: 32
+        }
+    );
+}
+
+#[test]
+fn append_respects_the_store_total() {
+    let mut store = KvStore::new(small_limits());
+    set(&mut store, "a", &"x".repeat(30));
+    set(&mut store, "b", &"y".repeat(30));
+    set(&mut store, "c", "1");
+    assert_eq!(store.stored_bytes(), 64);
+    let error = refused(
+        &mut store,
+        Command::Append {
+            key: key("c"),
+            value: key("z"),
+        },
+    );
+    assert_eq!(
+        error,
+        KvError::StoreFull {
+            needed: 65,
+            limit: 64
+        }
+    );
+}
+
+#[test]
+fn strlen_get_del_and_db_size() {
+    let mut store = KvStore::default();
+    set(&mut store, "a", "hello");
+    set(&mut store, "b", "");
+    assert_eq!(
+        run(&mut store, Command::Strlen { key: key("a") }),
+        Response::Count(5)
+    );
+    assert_eq!(
+        run(&mut store, Command::Strlen { key: key("zz") }),
+        Response::Count(0)
+    );
+    assert_eq!(run(&mut store, Command::DbSize), Response::Count(2));
+    assert_eq!(
+        run(&mut store, Command::GetDel { key: key("a") }),
+        Response::Value(Some(key("hello")))
+    );
+    assert_eq!(
+        run(&mut store, Command::GetDel { key: key("a") }),
+        Response::Value(None)
+    );
+    assert_eq!(run(&mut store, Command::DbSize), Response::Count(1));
+    assert_eq!(store.stored_bytes(), 1);
+}
+
+#[test]
+fn flush_db_empties_the_store_and_keeps_its_limits() {
+    let mut store = KvStore::new(small_limits());
+    set(&mut store, "a", "1");
+    set(&mut store, "b", "2");
+    assert_eq!(run(&mut store, Command::FlushDb), Response::Count(2));
+    assert_eq!(store.len(), 0);
+    assert_eq!(store.stored_bytes(), 0);
+    assert_eq!(store.limits(), &small_limits());
+    assert_eq!(store.digest(), KvStore::new(small_limits()).digest());
+    assert_eq!(run(&mut store, Command::FlushDb), Response::Count(0));
+}
+
+#[test]
+fn new_commands_check_key_sizes() {
+    let mut store = KvStore::new(small_limits());
+    let long = key("123456789");
+    let commands = [
+        Command::Strlen { key: long.clone() },
+        Command::GetDel { key: long.clone() },
+        Command::Append {
+            key: long.clone(),
+            value: key("v"),
+        },
+        Command::SetIf {
+            key: long,
+            value: key("v"),
+            condition: SetCondition::Always,
+            get: false,
+        },
+    ];
+    for command in commands {
+        assert_eq!(
+            refused(&mut store, command),
+            KvError::KeyTooLarge { size: 9, limit: 8 }
+        );
+    }
+}
