@@ -14,7 +14,7 @@ pub mod conformance;
 pub mod ed25519;
 pub mod hmac;
 
-pub use ed25519::{Ed25519Usig, ED25519_CERTIFICATE_LEN};
+pub use ed25519::{Ed25519Usig, Ed25519Verifier, ED25519_CERTIFICATE_LEN};
 pub use hmac::{HmacUsig, HMAC_CERTIFICATE_LEN};
 
 use tessera_types::{Digest, ReplicaId, Ui};

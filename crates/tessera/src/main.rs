@@ -64,6 +64,9 @@ enum Command {
     Kv(kv::KvArgs),
     /// Benchmark the cluster against the unreplicated baseline.
     Bench(bench::BenchArgs),
+    /// Run the USIG daemon of one replica: it owns the USIG key and counter and serves the
+    /// replica over a Unix socket (see docs/OPERATIONS.md, "usigd").
+    Usigd(tessera_usigd::cli::UsigdOptions),
 }
 
 /// USIG backends `tessera init` can configure.
@@ -158,7 +161,9 @@ struct StatusArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_log_level = match cli.command {
-        Command::Replica(_) | Command::Unreplicated(_) | Command::Up(_) => "info",
+        Command::Replica(_) | Command::Unreplicated(_) | Command::Up(_) | Command::Usigd(_) => {
+            "info"
+        }
         _ => "warn",
     };
     init_logging(default_log_level);
@@ -204,6 +209,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Status(args) => status(args).await,
         Command::Kv(args) => kv::run(args).await,
         Command::Bench(args) => bench::run(args).await,
+        // The daemon is synchronous (one thread per connection); keep it off the async workers.
+        Command::Usigd(options) => tokio::task::spawn_blocking(move || options.run())
+            .await
+            .context("usigd thread failed")?
+            .context("usigd"),
     }
 }
 
