@@ -67,6 +67,37 @@ enum Command {
     /// Run the USIG daemon of one replica: it owns the USIG key and counter and serves the
     /// replica over a Unix socket (see docs/OPERATIONS.md, "usigd").
     Usigd(tessera_usigd::cli::UsigdOptions),
+    /// USIG hardware setup (TPM 2.0).
+    #[command(subcommand)]
+    Usig(UsigCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum UsigCommand {
+    /// Create the TPM USIG's counter index and restricted attestation key (or check existing
+    /// ones) and print the public data to enrol in cluster.toml. Safe to re-run.
+    Provision(ProvisionArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ProvisionArgs {
+    /// The TPM: `swtpm:127.0.0.1:PORT` or a device such as `/dev/tpmrm0`.
+    #[arg(long)]
+    tpm: tessera_tpm::TpmTarget,
+    /// NV index of the counter (hex accepted with 0x).
+    #[arg(long, value_parser = parse_handle, default_value = "0x01500101")]
+    nv_index: u32,
+    /// Persistent handle of the attestation key (hex accepted with 0x).
+    #[arg(long, value_parser = parse_handle, default_value = "0x81010101")]
+    ak_handle: u32,
+}
+
+fn parse_handle(text: &str) -> Result<u32, String> {
+    let parsed = match text.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    parsed.map_err(|error| format!("`{text}`: {error}"))
 }
 
 /// USIG backends `tessera init` can configure.
@@ -214,6 +245,17 @@ async fn run(command: Command) -> anyhow::Result<()> {
             .await
             .context("usigd thread failed")?
             .context("usigd"),
+        Command::Usig(UsigCommand::Provision(args)) => {
+            let enrollment = tokio::task::spawn_blocking(move || {
+                tessera_tpm::provision(&args.tpm, args.nv_index, args.ak_handle)
+            })
+            .await
+            .context("provisioning thread failed")?
+            .context("TPM provisioning")?;
+            println!("# TPM USIG enrolment: add to this replica's entry in cluster.toml");
+            print!("{}", tessera_tpm::provision::enrollment_toml(&enrollment));
+            Ok(())
+        }
     }
 }
 
