@@ -108,7 +108,8 @@ pub fn generate_cluster<R: RngCore + CryptoRng>(
                 ),
                 metrics_address: String::new(),
                 usig_public_key: match spec.usig {
-                    UsigKind::Hmac => String::new(),
+                    // usigd keys and TPM enrolments are made by whoever sets those up.
+                    UsigKind::Hmac | UsigKind::Usigd | UsigKind::Tpm => String::new(),
                     UsigKind::Ed25519 => public_key_of(&usig_secrets[id]),
                 },
             })
@@ -125,10 +126,14 @@ pub fn generate_cluster<R: RngCore + CryptoRng>(
     let replicas = (0..n)
         .map(|replica| ReplicaSecrets {
             replica: replica as u32,
-            usig_secret: hex::encode(usig_secrets[replica]),
+            usig_secret: match spec.usig {
+                UsigKind::Hmac | UsigKind::Ed25519 => hex::encode(usig_secrets[replica]),
+                UsigKind::Usigd | UsigKind::Tpm => String::new(),
+            },
+            usig_endpoint: String::new(),
             usig_hmac_keys: match spec.usig {
                 UsigKind::Hmac => usig_secrets.iter().map(hex::encode).collect(),
-                UsigKind::Ed25519 => Vec::new(),
+                UsigKind::Ed25519 | UsigKind::Usigd | UsigKind::Tpm => Vec::new(),
             },
             peer_keys: (0..n)
                 .map(

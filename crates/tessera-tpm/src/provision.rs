@@ -84,13 +84,7 @@ fn ensure_counter(tpm: &mut Tpm, nv_index: u32) -> Result<(), TpmError> {
     Ok(())
 }
 
-/// The enrolment as TOML lines for cluster.toml (`[replicas.usig_tpm]`-style fields).
+/// The enrolment as the cluster.toml line for this replica's entry.
 pub fn enrollment_toml(enrollment: &TpmEnrollment) -> String {
-    format!(
-        "usig_tpm_ak_public = \"{}\"\nusig_tpm_nv_index = {}\nusig_tpm_nv_attributes = {}\nusig_tpm_counter_base = {}\n",
-        hex::encode(enrollment.ak_public),
-        enrollment.nv_index,
-        enrollment.nv_attributes,
-        enrollment.counter_base
-    )
+    format!("usig_public_key = \"{}\"\n", enrollment.to_text())
 }

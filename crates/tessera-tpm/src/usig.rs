@@ -28,6 +28,30 @@ pub struct TpmLocation {
     pub ak_handle: u32,
 }
 
+impl std::str::FromStr for TpmLocation {
+    type Err = String;
+
+    /// `TARGET` or `TARGET,ak-handle=0xHHHHHHHH` (the replica secret file's `usig_endpoint`);
+    /// the AK handle defaults to [`crate::DEFAULT_AK_HANDLE`].
+    fn from_str(text: &str) -> Result<TpmLocation, String> {
+        let (target, handle) = match text.split_once(',') {
+            None => (text, None),
+            Some((target, option)) => {
+                let digits = option
+                    .strip_prefix("ak-handle=0x")
+                    .ok_or_else(|| format!("`{option}`: expected ak-handle=0xHHHHHHHH"))?;
+                let handle = u32::from_str_radix(digits, 16)
+                    .map_err(|error| format!("`{option}`: {error}"))?;
+                (target, Some(handle))
+            }
+        };
+        Ok(TpmLocation {
+            target: target.parse()?,
+            ak_handle: handle.unwrap_or(crate::DEFAULT_AK_HANDLE),
+        })
+    }
+}
+
 /// The USIG of one replica over its TPM. See the module docs.
 pub struct TpmUsig {
     identity: UsigIdentity,

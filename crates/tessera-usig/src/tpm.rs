@@ -26,8 +26,11 @@
 
 use crate::certified::PeerEpochs;
 use crate::{UsigError, UsigIdentity};
-use p256::ecdsa::signature::Verifier as _;
-use p256::ecdsa::{Signature, VerifyingKey};
+use p256::elliptic_curve::ops::Reduce;
+use p256::elliptic_curve::point::AffineCoordinates;
+use p256::elliptic_curve::sec1::FromEncodedPoint;
+use p256::elliptic_curve::{Field, PrimeField};
+use p256::{AffinePoint, EncodedPoint, FieldBytes, ProjectivePoint, Scalar, U256};
 use sha2::{Digest as _, Sha256};
 use tessera_types::{Digest, ReplicaId, Ui};
 
@@ -90,8 +93,71 @@ pub struct TpmEnrollment {
     pub counter_base: u64,
 }
 
+const ENROLLMENT_TAG: &str = "tpm-v1";
+
+impl TpmEnrollment {
+    /// The one-line form kept in cluster.toml's `usig_public_key`:
+    /// `tpm-v1 ak=<128 hex> nv=0x<8 hex> attributes=0x<8 hex> base=<decimal>`.
+    pub fn to_text(&self) -> String {
+        format!(
+            "{ENROLLMENT_TAG} ak={} nv=0x{:08x} attributes=0x{:08x} base={}",
+            hex_lower(&self.ak_public),
+            self.nv_index,
+            self.nv_attributes,
+            self.counter_base
+        )
+    }
+
+    /// Parses [`TpmEnrollment::to_text`]'s form; the error says which part is wrong.
+    pub fn parse_text(text: &str) -> Result<TpmEnrollment, String> {
+        let mut parts = text.split_whitespace();
+        if parts.next() != Some(ENROLLMENT_TAG) {
+            return Err(format!("does not start with `{ENROLLMENT_TAG}`"));
+        }
+        let mut field = |name: &str| -> Result<&str, String> {
+            parts
+                .next()
+                .and_then(|part| part.strip_prefix(name))
+                .and_then(|part| part.strip_prefix('='))
+                .ok_or_else(|| format!("missing `{name}=`"))
+        };
+        let ak_text = field("ak")?;
+        let hex32 = |text: &str, name: &str| {
+            text.strip_prefix("0x")
+                .and_then(|digits| u32::from_str_radix(digits, 16).ok())
+                .ok_or_else(|| format!("`{name}` is not 0x followed by hex digits"))
+        };
+        let nv_index = hex32(field("nv")?, "nv")?;
+        let nv_attributes = hex32(field("attributes")?, "attributes")?;
+        let counter_base = field("base")?
+            .parse()
+            .map_err(|_| "`base` is not a decimal number".to_string())?;
+        if parts.next().is_some() {
+            return Err("unexpected text after `base=`".into());
+        }
+        let mut ak_public = [0u8; 64];
+        if ak_text.len() != 128 || !ak_text.is_ascii() {
+            return Err("`ak` must be 128 hex digits (x and y of the P-256 key)".into());
+        }
+        for (index, byte) in ak_public.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&ak_text[2 * index..2 * index + 2], 16)
+                .map_err(|_| "`ak` is not hex".to_string())?;
+        }
+        Ok(TpmEnrollment {
+            ak_public,
+            nv_index,
+            nv_attributes,
+            counter_base,
+        })
+    }
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
 /// Why an enrolment cannot be used.
-fn check_enrollment(replica: usize, enrollment: &TpmEnrollment) -> Result<VerifyingKey, UsigError> {
+fn check_enrollment(replica: usize, enrollment: &TpmEnrollment) -> Result<AffinePoint, UsigError> {
     let unavailable = |what: String| {
         UsigError::Unavailable(format!("TPM enrolment of replica {replica}: {what}"))
     };
@@ -101,11 +167,36 @@ fn check_enrollment(replica: usize, enrollment: &TpmEnrollment) -> Result<Verify
             enrollment.nv_attributes
         )));
     }
-    let mut sec1 = [0u8; 65];
-    sec1[0] = 0x04;
-    sec1[1..].copy_from_slice(&enrollment.ak_public);
-    VerifyingKey::from_sec1_bytes(&sec1)
-        .map_err(|_| unavailable("AK public key is not a P-256 point".into()))
+    let encoded = EncodedPoint::from_untagged_bytes(&enrollment.ak_public.into());
+    let point = Option::<AffinePoint>::from(AffinePoint::from_encoded_point(&encoded))
+        .filter(|point| *point != AffinePoint::IDENTITY);
+    point.ok_or_else(|| unavailable("AK public key is not a P-256 point".into()))
+}
+
+/// ECDSA verification (SEC 1 v2 §4.1.4) of the P-256/SHA-256 signature `(r, s)` over
+/// `message` by `key`. Written on the curve arithmetic because the `ecdsa` crate would bring
+/// OS randomness into this pure crate (see Cargo.toml).
+fn ecdsa_p256_verifies(key: &AffinePoint, message: &[u8], r: &[u8; 32], s: &[u8; 32]) -> bool {
+    // from_repr refuses values ≥ n; zero is refused below: r, s must lie in [1, n-1].
+    let scalar = |bytes: &[u8; 32]| {
+        Option::<Scalar>::from(Scalar::from_repr(FieldBytes::from(*bytes)))
+            .filter(|value| !bool::from(value.is_zero()))
+    };
+    let (Some(r), Some(s)) = (scalar(r), scalar(s)) else {
+        return false;
+    };
+    let Some(s_inverse) = Option::<Scalar>::from(s.invert()) else {
+        return false;
+    };
+    let digest: [u8; 32] = Sha256::digest(message).into();
+    let z = <Scalar as Reduce<U256>>::reduce_bytes(&FieldBytes::from(digest));
+    let point = (ProjectivePoint::GENERATOR * (z * s_inverse)
+        + ProjectivePoint::from(*key) * (r * s_inverse))
+        .to_affine();
+    if point == AffinePoint::IDENTITY {
+        return false;
+    }
+    <Scalar as Reduce<U256>>::reduce_bytes(&point.x()) == r
 }
 
 /// The Name of the counter index after its first write: nameAlg ‖ SHA-256(TPMS_NV_PUBLIC).
@@ -247,7 +338,7 @@ pub fn parse_session_audit(attestation: &[u8]) -> Result<SessionAudit, &'static 
 /// Checks TPM UIs against the cluster's enrolments. See the module docs for the checks.
 #[derive(Clone, Debug)]
 pub struct TpmVerifier {
-    keys: Vec<VerifyingKey>,
+    keys: Vec<AffinePoint>,
     enrollments: Vec<TpmEnrollment>,
     peer_epochs: PeerEpochs,
 }
@@ -312,13 +403,15 @@ impl TpmVerifier {
         let attestation = &ui.certificate[2..2 + attestation_len];
         let signature_bytes = &ui.certificate[2 + attestation_len..];
         let index = signer.0 as usize;
-        let signature = Signature::from_slice(signature_bytes)
-            .map_err(|_| invalid("signature scalars out of range"))?;
-        self.keys[index]
-            .verify(attestation, &signature)
-            .map_err(|_| {
-                invalid("AK signature does not verify (wrong key or altered attestation)")
-            })?;
+        let mut r = [0u8; 32];
+        let mut s = [0u8; 32];
+        r.copy_from_slice(&signature_bytes[..32]);
+        s.copy_from_slice(&signature_bytes[32..]);
+        if !ecdsa_p256_verifies(&self.keys[index], attestation, &r, &s) {
+            return Err(invalid(
+                "AK signature does not verify (wrong key or altered attestation)",
+            ));
+        }
         let audit = parse_session_audit(attestation).map_err(invalid)?;
         let claimed = UsigIdentity {
             replica: signer,
@@ -353,7 +446,7 @@ impl TpmVerifier {
 mod tests {
     use super::*;
     use p256::ecdsa::signature::Signer as _;
-    use p256::ecdsa::SigningKey;
+    use p256::ecdsa::{Signature, SigningKey};
 
     fn identity(replica: u32) -> UsigIdentity {
         UsigIdentity {
@@ -477,11 +570,58 @@ mod tests {
     }
 
     #[test]
+    fn ecdsa_agrees_with_the_reference_signer_and_refuses_out_of_range_scalars() {
+        let key = check_enrollment(0, &enrollment(0)).expect("valid key");
+        let message = b"attestation bytes";
+        let signature: Signature = self::key(0).sign(message);
+        let bytes = signature.to_bytes();
+        let mut r = [0u8; 32];
+        let mut s = [0u8; 32];
+        r.copy_from_slice(&bytes[..32]);
+        s.copy_from_slice(&bytes[32..]);
+        assert!(ecdsa_p256_verifies(&key, message, &r, &s));
+        assert!(!ecdsa_p256_verifies(&key, b"another message", &r, &s));
+        assert!(!ecdsa_p256_verifies(&key, message, &s, &r));
+        // The group order n: not a valid scalar.
+        let order: [u8; 32] = [
+            0xff, 0xff, 0xff, 0xff, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0xff, 0xff, 0xbc, 0xe6, 0xfa, 0xad, 0xa7, 0x17, 0x9e, 0x84, 0xf3, 0xb9, 0xca, 0xc2,
+            0xfc, 0x63, 0x25, 0x51,
+        ];
+        for (bad_r, bad_s) in [
+            ([0; 32], s),
+            (r, [0; 32]),
+            (order, s),
+            (r, order),
+            ([0xff; 32], s),
+        ] {
+            assert!(!ecdsa_p256_verifies(&key, message, &bad_r, &bad_s));
+        }
+    }
+
+    #[test]
     fn the_index_must_be_a_counter() {
         let mut enrolled = enrollment(0);
         enrolled.nv_attributes &= !nv_attributes::NT_MASK;
         let result = TpmVerifier::new(identity(0), vec![enrolled]);
         assert!(matches!(result, Err(UsigError::Unavailable(text)) if text.contains("counter")));
+    }
+
+    #[test]
+    fn enrollment_text_round_trips_and_names_bad_parts() {
+        let enrolled = enrollment(2);
+        assert_eq!(TpmEnrollment::parse_text(&enrolled.to_text()), Ok(enrolled));
+        let text = enrolled.to_text();
+        for (broken, expected) in [
+            (text.replace("tpm-v1", "tpm-v2"), "tpm-v1"),
+            (text.replace("nv=0x", "nv="), "nv"),
+            (text.replace("base=1000", "base=x"), "base"),
+            (format!("{text} extra"), "unexpected"),
+            (text.replace("ak=", "ak=00"), "128 hex"),
+        ] {
+            let error = TpmEnrollment::parse_text(&broken).expect_err("broken text");
+            assert!(error.contains(expected), "{broken}: {error}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 mod bench;
 mod kv;
 mod local;
+mod usig_bench;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -77,6 +78,9 @@ enum UsigCommand {
     /// Create the TPM USIG's counter index and restricted attestation key (or check existing
     /// ones) and print the public data to enrol in cluster.toml. Safe to re-run.
     Provision(ProvisionArgs),
+    /// Measure create_ui and verify_ui latency (p50, p99) of every USIG backend side by side
+    /// (starts its own usigd and swtpm).
+    Bench(usig_bench::UsigBenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -107,6 +111,12 @@ enum UsigChoice {
     Hmac,
     /// In-process Ed25519 (public-key certificates; the key lives in the replica process).
     Ed25519,
+    /// Ed25519 from `tessera usigd`, one daemon per replica owning the key and a persisted
+    /// counter (`up` starts them; elsewhere run them under their own user).
+    Usigd,
+    /// TPM 2.0 (`up` starts and enrols one swtpm per replica; elsewhere run
+    /// `tessera usig provision`).
+    Tpm,
 }
 
 impl From<UsigChoice> for UsigKind {
@@ -114,6 +124,8 @@ impl From<UsigChoice> for UsigKind {
         match choice {
             UsigChoice::Hmac => UsigKind::Hmac,
             UsigChoice::Ed25519 => UsigKind::Ed25519,
+            UsigChoice::Usigd => UsigKind::Usigd,
+            UsigChoice::Tpm => UsigKind::Tpm,
         }
     }
 }
@@ -252,9 +264,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             .await
             .context("provisioning thread failed")?
             .context("TPM provisioning")?;
-            println!("# TPM USIG enrolment: add to this replica's entry in cluster.toml");
+            println!("# TPM USIG enrolment: put this line in this replica's [[replicas]] entry of cluster.toml");
             print!("{}", tessera_tpm::provision::enrollment_toml(&enrollment));
             Ok(())
+        }
+        Command::Usig(UsigCommand::Bench(args)) => {
+            tokio::task::spawn_blocking(move || usig_bench::run(args))
+                .await
+                .context("benchmark thread failed")?
         }
     }
 }
@@ -335,12 +352,13 @@ fn init(args: &InitArgs) -> anyhow::Result<ClusterConfig> {
         base_port: args.base_port,
         clients: args.clients,
     };
-    let files = generate_cluster(&spec, &mut OsRng).context("cannot create this cluster")?;
+    let mut files = generate_cluster(&spec, &mut OsRng).context("cannot create this cluster")?;
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("cannot create {}", args.dir.display()))?;
     if args.force {
         remove_old_secret_files(&args.dir)?;
     }
+    local::place_external_usigs(&args.dir, args.base_port, &mut files)?;
     write_file(&cluster_path, &files.cluster.to_toml(), 0o644)?;
     for secrets in &files.replicas {
         write_file(
@@ -374,8 +392,10 @@ fn remove_old_secret_files(dir: &Path) -> anyhow::Result<()> {
         let entry = entry?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        let is_secret = name.ends_with(".secret.toml")
-            && (name.starts_with("replica-") || name.starts_with("client-"));
+        let is_secret = (name.ends_with(".secret.toml")
+            && (name.starts_with("replica-") || name.starts_with("client-")))
+            || (name.starts_with("usigd-")
+                && (name.ends_with(".key") || name.ends_with(".counter")));
         if is_secret {
             std::fs::remove_file(entry.path())
                 .with_context(|| format!("cannot remove {}", entry.path().display()))?;
@@ -394,8 +414,11 @@ fn verify_written(dir: &Path, files: &ClusterFiles) -> anyhow::Result<ClusterCon
         let secrets = read_replica_secrets(dir, id, &cluster)?;
         tessera_node::ClientKeys::load(&cluster, &secrets)
             .context("replica secrets do not match cluster.toml")?;
-        tessera_node::build_usig(&cluster, &secrets, ReplicaId(id))
-            .context("USIG keys do not match cluster.toml")?;
+        // usigd and TPM USIGs live in processes that are not running yet (`up` starts them).
+        if matches!(cluster.usig, UsigKind::Hmac | UsigKind::Ed25519) {
+            tessera_node::build_usig(&cluster, &secrets, ReplicaId(id))
+                .context("USIG keys do not match cluster.toml")?;
+        }
     }
     for secrets in &files.clients {
         let path = client_secret_path(dir, secrets.id);
