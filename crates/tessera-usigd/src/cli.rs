@@ -32,6 +32,11 @@ pub struct UsigdOptions {
     /// The only uid allowed to connect (the replica's); defaults to the daemon's own uid.
     #[arg(long)]
     pub allowed_uid: Option<u32>,
+    /// Counter values reserved per fdatasync of the counter file (1..=65536). 1: every value is
+    /// made durable before its UI is signed. N: one sync per N UIs, and a restart after a crash
+    /// skips up to N-1 values (a gap, never a reuse).
+    #[arg(long, default_value_t = 1)]
+    pub reserve_ahead: u64,
 }
 
 /// Why the options cannot start a daemon.
@@ -80,6 +85,7 @@ impl UsigdOptions {
             allowed_uid: self
                 .allowed_uid
                 .unwrap_or_else(|| rustix::process::getuid().as_raw()),
+            reserve_ahead: self.reserve_ahead,
         })
     }
 

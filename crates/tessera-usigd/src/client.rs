@@ -143,10 +143,15 @@ impl UsigdClient {
         let Some(stream) = self.stream.as_mut() else {
             return Err(unavailable(&self.socket_path, "not connected"));
         };
-        let outcome = wire::write_frame(stream, &request.encode())
-            .map_err(|error| error.to_string())
-            .and_then(|()| wire::read_frame(stream).map_err(|error| error.to_string()))
-            .and_then(|body| Response::decode(&body).map_err(|error| error.to_string()));
+        // A daemon that refuses the peer answers first and closes, so the write may fail while
+        // its answer already waits to be read: read anyway, and report the write error only if
+        // there is no answer.
+        let written = wire::write_frame(stream, &request.encode());
+        let outcome = match (written, wire::read_frame(stream)) {
+            (_, Ok(body)) => Response::decode(&body).map_err(|error| error.to_string()),
+            (Err(error), Err(_)) => Err(error.to_string()),
+            (Ok(()), Err(error)) => Err(error.to_string()),
+        };
         match outcome {
             Ok(response) => Ok(response),
             Err(error) => {

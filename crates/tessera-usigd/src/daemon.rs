@@ -44,7 +44,14 @@ pub struct DaemonConfig {
     pub public_keys: Vec<[u8; 32]>,
     /// The only uid allowed to connect (the replica's).
     pub allowed_uid: u32,
+    /// Counter values reserved per write of the counter file (1: every value is written and
+    /// synced before its UI is signed). With N > 1 the file holds an upper bound N values
+    /// ahead, so one fdatasync covers N UIs, and a restart after a crash skips up to N-1 values.
+    pub reserve_ahead: u64,
 }
+
+/// Largest `reserve_ahead` accepted: the gap a crash may leave stays small.
+pub const RESERVE_AHEAD_MAX: u64 = 1 << 16;
 
 /// The daemon cannot start or serve.
 #[derive(Debug, Error)]
@@ -100,6 +107,7 @@ struct Signer {
     usig: Ed25519Usig,
     store: CounterStore,
     public_key: [u8; 32],
+    reserve_ahead: u64,
 }
 
 impl Signer {
@@ -109,10 +117,18 @@ impl Signer {
             .last_counter()
             .checked_add(1)
             .ok_or(UsigError::Exhausted)?;
-        // Persist first: if we crash after this, `next` is burnt (a gap), never reissued.
-        self.store
-            .persist(next)
-            .map_err(|error| UsigError::Unavailable(error.to_string()))?;
+        // Persist first: if we crash after this, `next` (and any value reserved with it) is
+        // burnt (a gap), never reissued.
+        if next > self.store.last() {
+            let bound = next.saturating_add(self.reserve_ahead - 1);
+            self.store
+                .persist(bound)
+                .map_err(|error| UsigError::Unavailable(error.to_string()))?;
+        }
+        debug_assert!(
+            next <= self.store.last(),
+            "signing beyond the persisted bound"
+        );
         let ui = self.usig.create_ui(message)?;
         assert_eq!(ui.counter, next, "signer and store disagree on the counter");
         Ok(ui)
@@ -178,6 +194,12 @@ impl Daemon {
     /// Loads the key and counter and binds the socket (replacing a stale socket file, but never
     /// another kind of file).
     pub fn bind(config: &DaemonConfig) -> Result<Daemon, DaemonError> {
+        if !(1..=RESERVE_AHEAD_MAX).contains(&config.reserve_ahead) {
+            return Err(DaemonError::Usig(UsigError::Unavailable(format!(
+                "reserve_ahead is {} but must be between 1 and {RESERVE_AHEAD_MAX}",
+                config.reserve_ahead
+            ))));
+        }
         let seed = read_key_file(&config.key_file)?;
         let store = CounterStore::open(&config.counter_file, config.identity)?;
         let usig = Ed25519Usig::resume(
@@ -222,6 +244,7 @@ impl Daemon {
                 usig,
                 store,
                 public_key,
+                reserve_ahead: config.reserve_ahead,
             })),
             allowed_uid: config.allowed_uid,
             connections: Arc::new(AtomicUsize::new(0)),

@@ -56,6 +56,7 @@ fn config(directory: &Path, family: u8, replica: u32, allowed_uid: u32) -> Daemo
         identity: identity(replica),
         public_keys: public_keys(family),
         allowed_uid,
+        reserve_ahead: 1,
     }
 }
 
@@ -116,6 +117,33 @@ fn counter_continues_exactly_across_a_graceful_restart() {
         drop(daemon);
     }
     assert_eq!(last, 30);
+}
+
+#[test]
+fn reserving_ahead_skips_at_most_the_reserve_after_a_restart() {
+    let directory = tempfile::tempdir().expect("temp dir");
+    let mut config = config(directory.path(), 1, 0, my_uid());
+    config.reserve_ahead = 10;
+    let message = Digest([7; 32]);
+    let daemon = DaemonHandle::spawn(&config).expect("daemon starts");
+    let mut client = UsigdClient::connect(&config.socket_path, config.identity, public_keys(1))
+        .expect("connects");
+    for expected in 1..=13 {
+        assert_eq!(
+            client.create_ui(&message).expect("create").counter,
+            expected
+        );
+    }
+    drop(client);
+    drop(daemon);
+    // 13 was issued from the reservation 11..=20: the restart continues above 20.
+    let _daemon = DaemonHandle::spawn(&config).expect("daemon restarts");
+    let mut client = UsigdClient::connect(&config.socket_path, config.identity, public_keys(1))
+        .expect("connects");
+    assert_eq!(client.last_counter().expect("identity"), 20);
+    assert_eq!(client.create_ui(&message).expect("create").counter, 21);
+    config.reserve_ahead = 0;
+    assert!(DaemonHandle::spawn(&config).is_err());
 }
 
 #[test]

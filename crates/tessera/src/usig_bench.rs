@@ -22,8 +22,12 @@ pub struct UsigBenchArgs {
     /// Measured calls per operation and backend.
     #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(10..=1_000_000))]
     iterations: u32,
-    /// Backends to measure, in order.
-    #[arg(long, value_delimiter = ',', default_value = "hmac,ed25519,usigd,tpm")]
+    /// Backends to measure, in order (`usigd-reserve`: usigd with `--reserve-ahead 1024`).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "hmac,ed25519,usigd,usigd-reserve,tpm"
+    )]
     backends: Vec<String>,
     /// Directory for usigd's key and counter and swtpm's state (default: a fresh directory under
     /// the system temporary directory, removed after). The counter file's fsync cost depends on
@@ -89,8 +93,9 @@ fn build(name: &str, dir: &Path) -> anyhow::Result<(Box<dyn Usig>, Verify, Helpe
                 Box::new(move |message, ui| verifier.verify_ui(ReplicaId(0), message, ui)),
             )
         }
-        "usigd" => {
-            let (daemon, client) = start_usigd(dir)?;
+        "usigd" | "usigd-reserve" => {
+            let reserve = if name == "usigd" { 1 } else { 1024 };
+            let (daemon, client) = start_usigd(dir, reserve)?;
             helpers.daemon = Some(daemon);
             let verifier = Ed25519Verifier::new(identity(1), public_keys())?;
             (
@@ -122,12 +127,17 @@ fn build(name: &str, dir: &Path) -> anyhow::Result<(Box<dyn Usig>, Verify, Helpe
                 Box::new(move |message, ui| verifier.verify_ui(ReplicaId(0), message, ui)),
             )
         }
-        other => bail!("unknown backend `{other}`; choose from hmac, ed25519, usigd, tpm"),
+        other => {
+            bail!("unknown backend `{other}`; choose from hmac, ed25519, usigd, usigd-reserve, tpm")
+        }
     };
     Ok((signer, verify, helpers))
 }
 
-fn start_usigd(dir: &Path) -> anyhow::Result<(Child, tessera_usigd::UsigdClient)> {
+fn start_usigd(
+    dir: &Path,
+    reserve_ahead: u64,
+) -> anyhow::Result<(Child, tessera_usigd::UsigdClient)> {
     use std::os::unix::fs::PermissionsExt;
     let key_file = dir.join("usigd.key");
     std::fs::write(&key_file, hex::encode(seeds()[0]))?;
@@ -142,7 +152,9 @@ fn start_usigd(dir: &Path) -> anyhow::Result<(Child, tessera_usigd::UsigdClient)
         .arg(&key_file)
         .arg("--counter-file")
         .arg(dir.join("usigd.counter"))
-        .args(["--replica", "0"]);
+        .args(["--replica", "0"])
+        .arg("--reserve-ahead")
+        .arg(reserve_ahead.to_string());
     for key in public_keys() {
         command.arg("--public-key").arg(hex::encode(key));
     }
@@ -233,7 +245,7 @@ pub fn run(args: UsigBenchArgs) -> anyhow::Result<()> {
         dir.display()
     );
     println!(
-        "{:<8} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11}",
+        "{:<14} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11}",
         "backend",
         "create p50",
         "create p99",
@@ -244,7 +256,7 @@ pub fn run(args: UsigBenchArgs) -> anyhow::Result<()> {
     );
     for (name, [create, verify]) in rows {
         println!(
-            "{name:<8} {:>11.1} {:>11.1} {:>11.1} {:>11.1} {:>11.1} {:>11.1}",
+            "{name:<14} {:>11.1} {:>11.1} {:>11.1} {:>11.1} {:>11.1} {:>11.1}",
             create.0, create.1, create.2, verify.0, verify.1, verify.2
         );
     }
