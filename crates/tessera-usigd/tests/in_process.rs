@@ -146,6 +146,39 @@ fn reserving_ahead_skips_at_most_the_reserve_after_a_restart() {
     assert!(DaemonHandle::spawn(&config).is_err());
 }
 
+/// Several connections asking at once (a compromised replica trying to get two UIs for one
+/// value by racing) still get every counter value exactly once.
+#[test]
+fn concurrent_connections_never_share_a_counter_value() {
+    const THREADS: u64 = 4;
+    const CALLS: u64 = 150;
+    let directory = tempfile::tempdir().expect("temp dir");
+    let config = config(directory.path(), 1, 0, my_uid());
+    let _daemon = DaemonHandle::spawn(&config).expect("daemon starts");
+    let workers: Vec<_> = (0..THREADS)
+        .map(|thread| {
+            let socket = config.socket_path.clone();
+            std::thread::spawn(move || {
+                let mut client =
+                    UsigdClient::connect(&socket, identity(0), public_keys(1)).expect("connects");
+                (0..CALLS)
+                    .map(|call| {
+                        let message = Digest([(thread * CALLS + call) as u8; 32]);
+                        client.create_ui(&message).expect("create").counter
+                    })
+                    .collect::<Vec<u64>>()
+            })
+        })
+        .collect();
+    let mut counters: Vec<u64> = workers
+        .into_iter()
+        .flat_map(|worker| worker.join().expect("worker"))
+        .collect();
+    counters.sort_unstable();
+    let expected: Vec<u64> = (1..=THREADS * CALLS).collect();
+    assert_eq!(counters, expected);
+}
+
 #[test]
 fn another_uid_is_refused() {
     let directory = tempfile::tempdir().expect("temp dir");
