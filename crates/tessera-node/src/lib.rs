@@ -349,6 +349,7 @@ pub fn build_usig(
             Ok(Box::new(HmacUsig::try_new(identity, keys)?))
         }
         UsigKind::Ed25519 => {
+            let secret = parse_key(FILE, "usig_secret", &secrets.usig_secret)?;
             let public_keys = cluster
                 .replicas
                 .iter()
@@ -361,7 +362,6 @@ pub fn build_usig(
                     )
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let secret = parse_key(FILE, "usig_secret", &secrets.usig_secret)?;
             Ok(Box::new(Ed25519Usig::new(identity, secret, public_keys)?))
         }
         UsigKind::Usigd => {

@@ -224,6 +224,33 @@ mod tests {
     }
 
     #[test]
+    fn external_usigs_leave_no_usig_secret_with_the_replica() {
+        let files = generate_cluster(&spec(UsigKind::Tpm), &mut rand::rngs::OsRng).unwrap();
+        for secrets in &files.replicas {
+            assert!(secrets.usig_secret.is_empty() && secrets.usig_hmac_keys.is_empty());
+            // The endpoint is whoever deploys the USIG's to fill in; until then the file is
+            // refused with the field named.
+            let text = toml::to_string(secrets).unwrap();
+            let error = ReplicaSecrets::from_toml(&text, &files.cluster).unwrap_err();
+            assert!(error.to_string().contains("usig_endpoint"), "{error}");
+            let mut placed = secrets.clone();
+            placed.usig_endpoint = "swtpm:127.0.0.1:2321".into();
+            let text = toml::to_string(&placed).unwrap();
+            ReplicaSecrets::from_toml(&text, &files.cluster).unwrap();
+        }
+        // A TPM replica without an enrolment in cluster.toml says what to run.
+        let mut placed = files.replicas[0].clone();
+        placed.usig_endpoint = "swtpm:127.0.0.1:2321".into();
+        let error = crate::build_usig(&files.cluster, &placed, ReplicaId(0))
+            .err()
+            .expect("no enrolment");
+        assert!(
+            error.to_string().contains("tessera usig provision"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn refuses_what_cannot_work() {
         let mut too_few = spec(UsigKind::Hmac);
         too_few.protocol.n = 2;
