@@ -391,6 +391,39 @@ mod tests {
         }
     }
 
+    /// Arbitrary bytes (a cheap deterministic stand-in for fuzzing) never panic the response
+    /// parser.
+    #[test]
+    fn arbitrary_responses_never_panic() {
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut parsed = 0;
+        for _ in 0..20_000 {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let length = (state >> 58) as usize;
+            let mut bytes: Vec<u8> = (0..length)
+                .map(|index| (state.rotate_left(index as u32 * 5) >> 7) as u8)
+                .collect();
+            if bytes.len() >= 10 {
+                // Make the header plausible so the body parsers get exercised too.
+                bytes[0] = 0x80;
+                bytes[1] = if state & 1 == 0 { 0x01 } else { 0x02 };
+                bytes[2..6].copy_from_slice(&(length as u32).to_be_bytes());
+                bytes[6..10].copy_from_slice(&0u32.to_be_bytes());
+            }
+            if let Ok((_, parameters)) = parse_response("Fuzz", &bytes, (state >> 3) as usize % 2) {
+                parsed += 1;
+                let mut reader = Reader::new("Fuzz", parameters);
+                let _ = reader.sized("field").and_then(|_| reader.u32("field"));
+            }
+        }
+        assert!(
+            parsed > 0,
+            "the generator never produced a parsable response"
+        );
+    }
+
     #[test]
     fn classifies_response_codes() {
         assert!(rc::is_handle(0x18b));

@@ -599,6 +599,46 @@ mod tests {
         }
     }
 
+    /// Arbitrary and mutated certificates (a cheap deterministic stand-in for fuzzing) are
+    /// rejected without panicking.
+    #[test]
+    fn hostile_certificates_never_panic_or_verify() {
+        let verifier = verifier();
+        let message = Digest([5; 32]);
+        let genuine = genuine(0, 3, &message).certificate;
+        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for round in 0..5_000u64 {
+            let mut certificate = if round % 2 == 0 {
+                genuine.clone()
+            } else {
+                (0..(next() % 300) as usize).map(|_| next() as u8).collect()
+            };
+            if !certificate.is_empty() {
+                for _ in 0..1 + next() % 4 {
+                    let position = (next() as usize) % certificate.len();
+                    certificate[position] ^= 1 << (next() % 8);
+                }
+            }
+            if round % 7 == 0 {
+                certificate.truncate((next() as usize) % (certificate.len() + 1));
+            }
+            let ui = Ui {
+                counter: 3,
+                certificate,
+            };
+            if ui.certificate != genuine {
+                assert!(verifier.verify_ui(ReplicaId(0), &message, &ui).is_err());
+            }
+            let _ = parse_session_audit(&ui.certificate);
+        }
+    }
+
     #[test]
     fn the_index_must_be_a_counter() {
         let mut enrolled = enrollment(0);
