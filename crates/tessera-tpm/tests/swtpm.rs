@@ -163,6 +163,8 @@ fn re_signing_the_same_audit_chain_does_not_verify() {
     let second = Digest([2; 32]);
     let ui = usig.create_ui(&first).expect("create");
     assert_eq!(usig.verify_ui(ReplicaId(0), &first, &ui), Ok(()));
+    // 136-byte TPMS_ATTEST, its u16 length, r and s (docs/OPERATIONS.md quotes this size).
+    assert_eq!(ui.certificate.len(), 202);
     let cheat = usig
         .resign_current_chain(&second)
         .expect("the TPM signs it");

@@ -75,7 +75,7 @@ pub mod nv_attributes {
         OWNERWRITE | AUTHWRITE | NT_COUNTER | OWNERREAD | AUTHREAD | NO_DA;
 }
 
-/// Largest certificate accepted (the real one is about 190 bytes).
+/// Largest certificate accepted (a real one is 202 bytes: a 136-byte attestation, its length and r, s).
 pub const TPM_CERTIFICATE_LEN_MAX: usize = 512;
 
 const QUALIFYING_DOMAIN: &[u8] = b"tessera.usig.tpm.v1";

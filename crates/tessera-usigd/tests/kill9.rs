@@ -83,8 +83,17 @@ fn the_counter_never_goes_back_after_kill_9() {
                 worker_received.fetch_max(ui.counter, Ordering::SeqCst);
             }
         });
-        // Kill at a different point of the stream each round, mid-traffic.
-        std::thread::sleep(Duration::from_millis(30 + 17 * round));
+        // Kill mid-traffic: once UIs are flowing (a loaded machine may take a while to get
+        // there), at a different point of the stream each round.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while received.load(Ordering::SeqCst) <= resumed {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: no UI within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        std::thread::sleep(Duration::from_millis(3 + 7 * round));
         daemon.kill().expect("SIGKILL");
         daemon.wait().expect("reaped");
         kills += 1;
