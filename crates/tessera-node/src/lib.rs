@@ -332,9 +332,9 @@ pub fn build_usig(
         replica: me,
         epoch: 0,
     };
-    let secret = parse_key(FILE, "usig_secret", &secrets.usig_secret)?;
     match cluster.usig {
         UsigKind::Hmac => {
+            let secret = parse_key(FILE, "usig_secret", &secrets.usig_secret)?;
             let keys = secrets
                 .usig_hmac_keys
                 .iter()
@@ -349,6 +349,7 @@ pub fn build_usig(
             Ok(Box::new(HmacUsig::try_new(identity, keys)?))
         }
         UsigKind::Ed25519 => {
+            let secret = parse_key(FILE, "usig_secret", &secrets.usig_secret)?;
             let public_keys = cluster
                 .replicas
                 .iter()
@@ -363,7 +364,57 @@ pub fn build_usig(
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(Box::new(Ed25519Usig::new(identity, secret, public_keys)?))
         }
+        UsigKind::Usigd => {
+            let public_keys = usig_public_keys(cluster)?;
+            let socket = std::path::Path::new(&secrets.usig_endpoint);
+            Ok(Box::new(tessera_usigd::UsigdClient::connect(
+                socket,
+                identity,
+                public_keys,
+            )?))
+        }
+        UsigKind::Tpm => {
+            let enrollments = cluster
+                .replicas
+                .iter()
+                .enumerate()
+                .map(|(index, replica)| {
+                    tessera_usig::TpmEnrollment::parse_text(&replica.usig_public_key).map_err(
+                        |problem| {
+                            NodeError::Config(format!(
+                                "cluster.toml: replicas[{index}].usig_public_key is not a TPM \
+                                 enrolment ({problem}); run `tessera usig provision` on that \
+                                 replica's host and paste the line it prints"
+                            ))
+                        },
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let location: tessera_tpm::TpmLocation =
+                secrets.usig_endpoint.parse().map_err(|problem| {
+                    NodeError::Config(format!("{FILE}: `usig_endpoint`: {problem}"))
+                })?;
+            let mut usig = tessera_tpm::TpmUsig::new(identity, location, enrollments)?;
+            usig.connect()?;
+            Ok(Box::new(usig))
+        }
     }
+}
+
+fn usig_public_keys(cluster: &ClusterConfig) -> Result<Vec<[u8; 32]>, NodeError> {
+    cluster
+        .replicas
+        .iter()
+        .enumerate()
+        .map(|(index, replica)| {
+            parse_key(
+                "cluster.toml",
+                &format!("replicas[{index}].usig_public_key"),
+                &replica.usig_public_key,
+            )
+            .map_err(NodeError::from)
+        })
+        .collect()
 }
 
 /// The name `cluster.toml` uses for a USIG backend.
@@ -371,6 +422,8 @@ pub fn usig_name(kind: UsigKind) -> &'static str {
     match kind {
         UsigKind::Hmac => "hmac",
         UsigKind::Ed25519 => "ed25519",
+        UsigKind::Usigd => "usigd",
+        UsigKind::Tpm => "tpm",
     }
 }
 

@@ -108,7 +108,8 @@ pub fn generate_cluster<R: RngCore + CryptoRng>(
                 ),
                 metrics_address: String::new(),
                 usig_public_key: match spec.usig {
-                    UsigKind::Hmac => String::new(),
+                    // usigd keys and TPM enrolments are made by whoever sets those up.
+                    UsigKind::Hmac | UsigKind::Usigd | UsigKind::Tpm => String::new(),
                     UsigKind::Ed25519 => public_key_of(&usig_secrets[id]),
                 },
             })
@@ -125,10 +126,14 @@ pub fn generate_cluster<R: RngCore + CryptoRng>(
     let replicas = (0..n)
         .map(|replica| ReplicaSecrets {
             replica: replica as u32,
-            usig_secret: hex::encode(usig_secrets[replica]),
+            usig_secret: match spec.usig {
+                UsigKind::Hmac | UsigKind::Ed25519 => hex::encode(usig_secrets[replica]),
+                UsigKind::Usigd | UsigKind::Tpm => String::new(),
+            },
+            usig_endpoint: String::new(),
             usig_hmac_keys: match spec.usig {
                 UsigKind::Hmac => usig_secrets.iter().map(hex::encode).collect(),
-                UsigKind::Ed25519 => Vec::new(),
+                UsigKind::Ed25519 | UsigKind::Usigd | UsigKind::Tpm => Vec::new(),
             },
             peer_keys: (0..n)
                 .map(
@@ -216,6 +221,33 @@ mod tests {
             );
             assert_eq!(cluster.replicas[3].client_address, "127.0.0.1:7103");
         }
+    }
+
+    #[test]
+    fn external_usigs_leave_no_usig_secret_with_the_replica() {
+        let files = generate_cluster(&spec(UsigKind::Tpm), &mut rand::rngs::OsRng).unwrap();
+        for secrets in &files.replicas {
+            assert!(secrets.usig_secret.is_empty() && secrets.usig_hmac_keys.is_empty());
+            // The endpoint is whoever deploys the USIG's to fill in; until then the file is
+            // refused with the field named.
+            let text = toml::to_string(secrets).unwrap();
+            let error = ReplicaSecrets::from_toml(&text, &files.cluster).unwrap_err();
+            assert!(error.to_string().contains("usig_endpoint"), "{error}");
+            let mut placed = secrets.clone();
+            placed.usig_endpoint = "swtpm:127.0.0.1:2321".into();
+            let text = toml::to_string(&placed).unwrap();
+            ReplicaSecrets::from_toml(&text, &files.cluster).unwrap();
+        }
+        // A TPM replica without an enrolment in cluster.toml says what to run.
+        let mut placed = files.replicas[0].clone();
+        placed.usig_endpoint = "swtpm:127.0.0.1:2321".into();
+        let error = crate::build_usig(&files.cluster, &placed, ReplicaId(0))
+            .err()
+            .expect("no enrolment");
+        assert!(
+            error.to_string().contains("tessera usig provision"),
+            "{error}"
+        );
     }
 
     #[test]

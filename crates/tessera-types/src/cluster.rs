@@ -16,6 +16,12 @@ pub enum UsigKind {
     Hmac,
     /// In-process Ed25519 (test/measurement only: the key lives in the replica process).
     Ed25519,
+    /// Ed25519 certificates made by `tessera usigd`, a separate process that owns the key and a
+    /// persisted counter; `usig_public_key` is the daemon's key.
+    Usigd,
+    /// TPM 2.0 (exclusive audit session over an NV counter, signed by a restricted P-256 key);
+    /// `usig_public_key` is the enrolment printed by `tessera usig provision`.
+    Tpm,
 }
 
 /// Public description of the cluster (`cluster.toml`).
@@ -45,7 +51,8 @@ pub struct ReplicaEndpoint {
     /// `host:port` for the Prometheus metrics endpoint (empty: none).
     #[serde(default)]
     pub metrics_address: String,
-    /// Hex Ed25519 public key of the replica's USIG (empty for the HMAC backend).
+    /// How to check the replica's USIG: hex Ed25519 public key (ed25519, usigd), the TPM
+    /// enrolment text (tpm), empty for the HMAC backend.
     #[serde(default)]
     pub usig_public_key: String,
 }
@@ -66,8 +73,14 @@ pub struct ClientPublic {
 pub struct ReplicaSecrets {
     /// Which replica these belong to.
     pub replica: u32,
-    /// Hex 32-byte USIG secret: HMAC key or Ed25519 seed.
+    /// Hex 32-byte USIG secret: HMAC key or Ed25519 seed (empty for usigd and tpm, whose key
+    /// the replica never holds).
+    #[serde(default)]
     pub usig_secret: String,
+    /// Where the replica reaches its USIG: usigd's socket path, or the TPM (`swtpm:HOST:PORT`
+    /// or `/dev/tpmrm0`, optionally followed by `,ak-handle=0x81010101`). Empty otherwise.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub usig_endpoint: String,
     /// HMAC backend only: hex HMAC keys of every replica (index = replica id), to verify UIs.
     #[serde(default)]
     pub usig_hmac_keys: Vec<String>,
@@ -200,7 +213,7 @@ impl ClusterConfig {
                     "order [[replicas]] by id starting at 0",
                 ));
             }
-            if self.usig == UsigKind::Ed25519 {
+            if matches!(self.usig, UsigKind::Ed25519 | UsigKind::Usigd) {
                 parse_key(
                     FILE,
                     &format!("replicas[{index}].usig_public_key"),
@@ -236,7 +249,16 @@ impl ReplicaSecrets {
                 file: FILE.into(),
                 message: error.to_string(),
             })?;
-        parse_key(FILE, "usig_secret", &secrets.usig_secret)?;
+        if matches!(cluster.usig, UsigKind::Hmac | UsigKind::Ed25519) {
+            parse_key(FILE, "usig_secret", &secrets.usig_secret)?;
+        } else if secrets.usig_endpoint.is_empty() {
+            return Err(invalid(
+                FILE,
+                "usig_endpoint",
+                "is empty but this cluster's USIG is outside the replica".into(),
+                "set it to usigd's socket path or the TPM (swtpm:HOST:PORT or /dev/tpmrm0)",
+            ));
+        }
         if secrets.peer_keys.len() != cluster.replicas.len() {
             return Err(invalid(
                 FILE,

@@ -66,6 +66,19 @@ impl Ed25519Usig {
         })
     }
 
+    /// Like [`Ed25519Usig::new`], but continuing after `last_counter` values were already
+    /// issued: for a holder that persists the counter (usigd), so a restart never reissues one.
+    pub fn resume(
+        identity: UsigIdentity,
+        seed: [u8; 32],
+        public_keys: Vec<[u8; 32]>,
+        last_counter: u64,
+    ) -> Result<Ed25519Usig, UsigError> {
+        let mut usig = Ed25519Usig::new(identity, seed, public_keys)?;
+        usig.last_counter = last_counter;
+        Ok(usig)
+    }
+
     /// Sets the epoch whose UIs this instance accepts from `replica` (0 until set). Epochs may
     /// only increase.
     pub fn set_peer_epoch(&mut self, replica: ReplicaId, epoch: u64) -> Result<(), UsigError> {
@@ -124,21 +137,74 @@ impl Usig for Ed25519Usig {
     }
 
     fn verify_ui(&self, signer: ReplicaId, message: &Digest, ui: &Ui) -> Result<(), UsigError> {
-        let epoch = certified::precheck(&self.peer_epochs, signer, ui, ED25519_CERTIFICATE_LEN)?;
-        let claimed = UsigIdentity {
-            replica: signer,
-            epoch,
-        };
-        let digest = Ed25519Usig::signed_digest(claimed, ui.counter, message);
-        if self.public_keys[signer.0 as usize].verify(&digest, &ui.certificate) {
-            Ok(())
-        } else {
-            Err(UsigError::Invalid {
-                replica: signer,
-                counter: ui.counter,
-                reason: "signature does not verify (wrong message, counter, signer, epoch or key)",
-            })
+        verify_with(&self.public_keys, &self.peer_epochs, signer, message, ui)
+    }
+}
+
+/// Checks Ed25519 UIs with public keys only: for replicas whose signing key lives outside the
+/// process (usigd), so verification stays pure and identical to the in-process backend's.
+#[derive(Clone, Debug)]
+pub struct Ed25519Verifier {
+    public_keys: Vec<VerifyingKey>,
+    peer_epochs: PeerEpochs,
+}
+
+impl Ed25519Verifier {
+    /// A verifier for the cluster whose USIG public keys are `public_keys` (index = replica),
+    /// held by `identity` (whose own epoch it expects from itself).
+    pub fn new(
+        identity: UsigIdentity,
+        public_keys: Vec<[u8; 32]>,
+    ) -> Result<Ed25519Verifier, UsigError> {
+        if identity.replica.0 as usize >= public_keys.len() {
+            return Err(UsigError::UnknownSigner(identity.replica));
         }
+        let mut parsed = Vec::with_capacity(public_keys.len());
+        for (index, bytes) in public_keys.iter().enumerate() {
+            let key = VerifyingKey::from_bytes(bytes).map_err(|error| {
+                UsigError::Unavailable(format!("USIG public key of replica {index}: {error}"))
+            })?;
+            parsed.push(key);
+        }
+        let peer_epochs = PeerEpochs::new(parsed.len(), identity);
+        Ok(Ed25519Verifier {
+            public_keys: parsed,
+            peer_epochs,
+        })
+    }
+
+    /// Sets the epoch whose UIs this verifier accepts from `replica`. Epochs may only increase.
+    pub fn set_peer_epoch(&mut self, replica: ReplicaId, epoch: u64) -> Result<(), UsigError> {
+        self.peer_epochs.set(replica, epoch)
+    }
+
+    /// Checks that `ui` was created by `signer`'s USIG for `message`.
+    pub fn verify_ui(&self, signer: ReplicaId, message: &Digest, ui: &Ui) -> Result<(), UsigError> {
+        verify_with(&self.public_keys, &self.peer_epochs, signer, message, ui)
+    }
+}
+
+fn verify_with(
+    public_keys: &[VerifyingKey],
+    peer_epochs: &PeerEpochs,
+    signer: ReplicaId,
+    message: &Digest,
+    ui: &Ui,
+) -> Result<(), UsigError> {
+    let epoch = certified::precheck(peer_epochs, signer, ui, ED25519_CERTIFICATE_LEN)?;
+    let claimed = UsigIdentity {
+        replica: signer,
+        epoch,
+    };
+    let digest = Ed25519Usig::signed_digest(claimed, ui.counter, message);
+    if public_keys[signer.0 as usize].verify(&digest, &ui.certificate) {
+        Ok(())
+    } else {
+        Err(UsigError::Invalid {
+            replica: signer,
+            counter: ui.counter,
+            reason: "signature does not verify (wrong message, counter, signer, epoch or key)",
+        })
     }
 }
 

@@ -4,8 +4,9 @@
 //! messages, so a faulty replica cannot tell different stories to different peers.
 //!
 //! This crate holds the trait, the in-process backends (HMAC and Ed25519: for tests and for
-//! measuring the protocol without isolation cost, paper 004's "NS" versions) and the conformance
-//! suite every backend must pass.
+//! measuring the protocol without isolation cost, paper 004's "NS" versions), the pure
+//! verification of TPM 2.0 UIs ([`tpm`]; the TPM commands live in `tessera-tpm`) and the
+//! conformance suite every backend must pass.
 
 #![forbid(unsafe_code)]
 
@@ -13,9 +14,11 @@ mod certified;
 pub mod conformance;
 pub mod ed25519;
 pub mod hmac;
+pub mod tpm;
 
-pub use ed25519::{Ed25519Usig, ED25519_CERTIFICATE_LEN};
+pub use ed25519::{Ed25519Usig, Ed25519Verifier, ED25519_CERTIFICATE_LEN};
 pub use hmac::{HmacUsig, HMAC_CERTIFICATE_LEN};
+pub use tpm::{TpmEnrollment, TpmVerifier};
 
 use tessera_types::{Digest, ReplicaId, Ui};
 use thiserror::Error;

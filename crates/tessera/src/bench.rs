@@ -44,7 +44,8 @@ pub struct BenchArgs {
     /// Working directory for the clusters (default: a fresh temporary directory, removed after).
     #[arg(long)]
     pub dir: Option<PathBuf>,
-    /// Systems to measure, in order: unreplicated, minbft.
+    /// Systems to measure, in order: unreplicated, minbft (HMAC USIG), minbft-ed25519,
+    /// minbft-usigd, minbft-tpm.
     #[arg(long, value_delimiter = ',', default_value = "unreplicated,minbft")]
     pub systems: Vec<System>,
     /// Seed of the key and operation choices.
@@ -58,6 +59,11 @@ pub struct BenchArgs {
     /// same moment travel in one signed envelope (`tessera_core::envelope`).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1024))]
     pub envelope_lanes: u32,
+    /// Override the clusters' `[protocol] window` (sequence numbers the primary keeps in
+    /// agreement at once). A small window makes requests wait and travel in larger batches,
+    /// which hides a slow USIG's create_ui (one per batch per replica).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub window: Option<u64>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -85,6 +91,12 @@ pub enum System {
     Unreplicated,
     /// A local MinBFT cluster: n=3, f=1, HMAC USIG.
     Minbft,
+    /// The same cluster with the in-process Ed25519 USIG.
+    MinbftEd25519,
+    /// The same cluster with one `tessera usigd` per replica.
+    MinbftUsigd,
+    /// The same cluster with one swtpm per replica (needs swtpm installed).
+    MinbftTpm,
 }
 
 impl System {
@@ -92,6 +104,19 @@ impl System {
         match self {
             System::Unreplicated => "unreplicated",
             System::Minbft => "minbft",
+            System::MinbftEd25519 => "minbft-ed25519",
+            System::MinbftUsigd => "minbft-usigd",
+            System::MinbftTpm => "minbft-tpm",
+        }
+    }
+
+    /// The `tessera init --usig` value of a MinBFT system.
+    fn usig(self) -> &'static str {
+        match self {
+            System::Unreplicated | System::Minbft => "hmac",
+            System::MinbftEd25519 => "ed25519",
+            System::MinbftUsigd => "usigd",
+            System::MinbftTpm => "tpm",
         }
     }
 }
@@ -179,7 +204,10 @@ async fn measure_system(
     dir: &Path,
     args: &BenchArgs,
 ) -> anyhow::Result<Measurement> {
-    initialise(executable, dir)?;
+    initialise(executable, dir, system.usig())?;
+    if let Some(window) = args.window {
+        set_window(dir, window)?;
+    }
     let (cluster, secrets) = load_cluster(dir, None)?;
     let options = ClientOptions {
         unreplicated: system == System::Unreplicated,
@@ -204,7 +232,7 @@ async fn measure_system(
                 (measurement, _) => measurement,
             }
         }
-        System::Minbft => {
+        System::Minbft | System::MinbftEd25519 | System::MinbftUsigd | System::MinbftTpm => {
             let mut local = crate::local::LocalCluster::start(dir, executable)?;
             // Waiting and stopping poll with sleeps; keep them off the async threads. Dropping
             // the cluster on any error path kills the replicas.
@@ -219,11 +247,25 @@ async fn measure_system(
     }
 }
 
+/// Rewrites `dir/cluster.toml` with `[protocol] window = window`.
+fn set_window(dir: &Path, window: u64) -> anyhow::Result<()> {
+    let mut cluster = crate::local::read_cluster(dir)?;
+    cluster.protocol.window = window;
+    cluster
+        .protocol
+        .validate()
+        .context("--window makes an invalid protocol config")?;
+    let path = dir.join("cluster.toml");
+    std::fs::write(&path, cluster.to_toml())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// First port of the benchmark's clusters (replicas, then clients at +100).
 const BENCH_BASE_PORT: u16 = 7600;
 
-/// Writes a fresh cluster (n=3, f=1, HMAC USIG: `tessera init`'s defaults) into `dir`.
-fn initialise(executable: &Path, dir: &Path) -> anyhow::Result<()> {
+/// Writes a fresh cluster (n=3, f=1: `tessera init`'s defaults) with the `usig` backend into
+/// `dir`.
+fn initialise(executable: &Path, dir: &Path, usig: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let output = Process::new(executable)
         .arg("init")
@@ -233,6 +275,7 @@ fn initialise(executable: &Path, dir: &Path) -> anyhow::Result<()> {
         // Away from `tessera up`'s default ports, so a running local cluster does not collide.
         .arg("--base-port")
         .arg(BENCH_BASE_PORT.to_string())
+        .args(["--usig", usig])
         .stdin(Stdio::null())
         .output()
         .context("cannot run `tessera init`")?;

@@ -16,7 +16,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
-use tessera_types::cluster::ClusterConfig;
+use tessera_types::cluster::{ClusterConfig, ReplicaSecrets, UsigKind};
 
 /// How long [`LocalCluster::stop`] waits after SIGTERM before killing.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -31,20 +31,24 @@ pub struct LocalCluster {
     binary: PathBuf,
     cluster: ClusterConfig,
     children: Vec<Option<Child>>,
+    usigs: UsigProcesses,
 }
 
 impl LocalCluster {
     /// Reads `dir/cluster.toml` and starts one `<binary> replica` process per replica.
     pub fn start(dir: &Path, binary: &Path) -> anyhow::Result<LocalCluster> {
-        let cluster = read_cluster(dir)?;
+        let mut cluster = read_cluster(dir)?;
         refuse_ports_in_use(&cluster)?;
         std::fs::create_dir_all(dir.join("logs"))
             .with_context(|| format!("cannot create {}", dir.join("logs").display()))?;
+        // usigd daemons or swtpms first: the replicas connect to them at start.
+        let usigs = UsigProcesses::start(dir, binary, &mut cluster)?;
         let mut local = LocalCluster {
             dir: dir.to_path_buf(),
             binary: binary.to_path_buf(),
             children: (0..cluster.replicas.len()).map(|_| None).collect(),
             cluster,
+            usigs,
         };
         for id in 0..local.children.len() as u32 {
             local.spawn(id)?;
@@ -214,6 +218,7 @@ impl LocalCluster {
                 let _ = child.wait();
             }
         }
+        self.usigs.stop();
         Ok(())
     }
 }
@@ -279,4 +284,234 @@ pub fn read_cluster(dir: &Path) -> anyhow::Result<ClusterConfig> {
         )
     })?;
     ClusterConfig::from_toml(&text).with_context(|| format!("invalid {}", path.display()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// USIGs outside the replica process: one usigd daemon or one swtpm per replica.
+
+/// swtpm of replica `id` serves on this port (and the next for control).
+pub fn tpm_port(base_port: u16, id: u32) -> anyhow::Result<u16> {
+    let port = u32::from(base_port) + 200 + 2 * id;
+    u16::try_from(port)
+        .ok()
+        .filter(|port| *port < u16::MAX)
+        .with_context(|| {
+            format!("swtpm port {port} of replica {id} is out of range; lower --base-port")
+        })
+}
+
+fn usigd_key_path(dir: &Path, id: u32) -> PathBuf {
+    dir.join(format!("usigd-{id}.key"))
+}
+
+fn usigd_counter_path(dir: &Path, id: u32) -> PathBuf {
+    dir.join(format!("usigd-{id}.counter"))
+}
+
+/// Writes a fresh usigd seed for replica `id` (mode 0600 before any byte) and returns its hex
+/// public key.
+fn write_usigd_key(dir: &Path, id: u32) -> anyhow::Result<String> {
+    use rand::RngCore;
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut seed = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut seed);
+    let path = usigd_key_path(dir, id);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(hex::encode(seed).as_bytes())?;
+    file.sync_all()?;
+    Ok(hex::encode(
+        tessera_crypto::SigningKey::from_seed(&seed)
+            .verifying_key()
+            .to_bytes(),
+    ))
+}
+
+/// At `init`: says where each replica reaches a usigd or TPM USIG, and writes usigd keys.
+pub fn place_external_usigs(
+    dir: &Path,
+    base_port: u16,
+    files: &mut tessera_node::setup::ClusterFiles,
+) -> anyhow::Result<()> {
+    for (id, secrets) in files.replicas.iter_mut().enumerate() {
+        let id = id as u32;
+        match files.cluster.usig {
+            UsigKind::Hmac | UsigKind::Ed25519 => {}
+            UsigKind::Usigd => {
+                secrets.usig_endpoint = dir.join(format!("usigd-{id}.sock")).display().to_string();
+                files.cluster.replicas[id as usize].usig_public_key = write_usigd_key(dir, id)?;
+                let _ = std::fs::remove_file(usigd_counter_path(dir, id));
+            }
+            UsigKind::Tpm => {
+                secrets.usig_endpoint = format!("swtpm:127.0.0.1:{}", tpm_port(base_port, id)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The usigd or swtpm processes of a local cluster.
+#[derive(Default)]
+struct UsigProcesses {
+    daemons: Vec<Child>,
+    tpms: Vec<tessera_tpm::Swtpm>,
+}
+
+impl UsigProcesses {
+    /// Starts what `cluster.usig` needs, and enrols it in `dir/cluster.toml`: each usigd gets a
+    /// fresh key and counter (replicas start with empty state, so their USIGs start fresh too,
+    /// and a new key means no counter value is ever reused under one key); each swtpm is
+    /// provisioned (idempotent) and enrolled at its current counter value.
+    fn start(
+        dir: &Path,
+        binary: &Path,
+        cluster: &mut ClusterConfig,
+    ) -> anyhow::Result<UsigProcesses> {
+        let mut processes = UsigProcesses::default();
+        if matches!(cluster.usig, UsigKind::Hmac | UsigKind::Ed25519) {
+            return Ok(processes);
+        }
+        let endpoints = (0..cluster.replicas.len() as u32)
+            .map(|id| read_usig_endpoint(dir, id, cluster))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for (id, endpoint) in endpoints.iter().enumerate() {
+            let id = id as u32;
+            match cluster.usig {
+                UsigKind::Usigd => {
+                    std::fs::remove_file(usigd_counter_path(dir, id)).or_else(|error| {
+                        if error.kind() == std::io::ErrorKind::NotFound {
+                            Ok(())
+                        } else {
+                            Err(error)
+                        }
+                    })?;
+                    cluster.replicas[id as usize].usig_public_key = write_usigd_key(dir, id)?;
+                }
+                UsigKind::Tpm => {
+                    let location: tessera_tpm::TpmLocation =
+                        endpoint.parse().map_err(anyhow::Error::msg)?;
+                    let tessera_tpm::TpmTarget::Swtpm(address) = location.target else {
+                        bail!("replica {id}: `tessera up` starts swtpm only; usig_endpoint is {endpoint}");
+                    };
+                    let swtpm =
+                        tessera_tpm::Swtpm::start(&dir.join(format!("tpm-{id}")), address.port())
+                            .with_context(|| format!("cannot start swtpm for replica {id}"))?;
+                    let enrollment = tessera_tpm::provision(
+                        &swtpm.target(),
+                        tessera_tpm::DEFAULT_NV_INDEX,
+                        location.ak_handle,
+                    )
+                    .with_context(|| format!("cannot provision the swtpm of replica {id}"))?;
+                    cluster.replicas[id as usize].usig_public_key = enrollment.to_text();
+                    processes.tpms.push(swtpm);
+                }
+                UsigKind::Hmac | UsigKind::Ed25519 => {}
+            }
+        }
+        let path = dir.join("cluster.toml");
+        std::fs::write(&path, cluster.to_toml())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        if cluster.usig == UsigKind::Usigd {
+            for (id, socket) in endpoints.iter().enumerate() {
+                let child =
+                    processes.spawn_usigd(dir, binary, cluster, id as u32, Path::new(socket))?;
+                processes.daemons.push(child);
+            }
+            for (id, socket) in endpoints.iter().enumerate() {
+                wait_for_socket(Path::new(socket), id as u32)?;
+            }
+        }
+        Ok(processes)
+    }
+
+    fn spawn_usigd(
+        &self,
+        dir: &Path,
+        binary: &Path,
+        cluster: &ClusterConfig,
+        id: u32,
+        socket: &Path,
+    ) -> anyhow::Result<Child> {
+        let log_path = dir.join("logs").join(format!("usigd-{id}.log"));
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("cannot open {}", log_path.display()))?;
+        let mut command = Command::new(binary);
+        command
+            .arg("usigd")
+            .arg("--socket")
+            .arg(socket)
+            .arg("--key-file")
+            .arg(usigd_key_path(dir, id))
+            .arg("--counter-file")
+            .arg(usigd_counter_path(dir, id))
+            .arg("--replica")
+            .arg(id.to_string());
+        for replica in &cluster.replicas {
+            command.arg("--public-key").arg(&replica.usig_public_key);
+        }
+        command
+            .stdin(Stdio::null())
+            .process_group(0)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start usigd for replica {id}"))
+    }
+
+    /// Stops the daemons (their counters are already durable) and shuts each swtpm down
+    /// gracefully, which keeps its counter exactly.
+    fn stop(&mut self) {
+        for mut daemon in self.daemons.drain(..) {
+            terminate(&daemon);
+            let _ = daemon.wait();
+        }
+        for (id, swtpm) in self.tpms.drain(..).enumerate() {
+            if let Err(error) = swtpm.stop() {
+                eprintln!("swtpm of replica {id} did not stop gracefully: {error}");
+            }
+        }
+    }
+}
+
+impl Drop for UsigProcesses {
+    fn drop(&mut self) {
+        for mut daemon in self.daemons.drain(..) {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+        }
+        // Dropping each Swtpm kills it.
+    }
+}
+
+fn read_usig_endpoint(dir: &Path, id: u32, cluster: &ClusterConfig) -> anyhow::Result<String> {
+    let path = dir.join(format!("replica-{id}.secret.toml"));
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let secrets = ReplicaSecrets::from_toml(&text, cluster)
+        .with_context(|| format!("invalid {}", path.display()))?;
+    Ok(secrets.usig_endpoint)
+}
+
+fn wait_for_socket(socket: &Path, id: u32) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        if Instant::now() >= deadline {
+            bail!(
+                "usigd of replica {id} did not open {} within 10 s",
+                socket.display()
+            );
+        }
+        std::thread::sleep(POLL);
+    }
+    Ok(())
 }

@@ -5,6 +5,7 @@ mod bench;
 mod gateway;
 mod kv;
 mod local;
+mod usig_bench;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -67,6 +68,43 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve Redis clients (RESP2/RESP3) on a TCP port, as one client of the cluster.
     Gateway(gateway::GatewayArgs),
+    /// Run the USIG daemon of one replica: it owns the USIG key and counter and serves the
+    /// replica over a Unix socket (see docs/OPERATIONS.md, "usigd").
+    Usigd(tessera_usigd::cli::UsigdOptions),
+    /// USIG hardware setup (TPM 2.0).
+    #[command(subcommand)]
+    Usig(UsigCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum UsigCommand {
+    /// Create the TPM USIG's counter index and restricted attestation key (or check existing
+    /// ones) and print the public data to enrol in cluster.toml. Safe to re-run.
+    Provision(ProvisionArgs),
+    /// Measure create_ui and verify_ui latency (p50, p99) of every USIG backend side by side
+    /// (starts its own usigd and swtpm).
+    Bench(usig_bench::UsigBenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ProvisionArgs {
+    /// The TPM: `swtpm:127.0.0.1:PORT` or a device such as `/dev/tpmrm0`.
+    #[arg(long)]
+    tpm: tessera_tpm::TpmTarget,
+    /// NV index of the counter (hex accepted with 0x).
+    #[arg(long, value_parser = parse_handle, default_value = "0x01500101")]
+    nv_index: u32,
+    /// Persistent handle of the attestation key (hex accepted with 0x).
+    #[arg(long, value_parser = parse_handle, default_value = "0x81010101")]
+    ak_handle: u32,
+}
+
+fn parse_handle(text: &str) -> Result<u32, String> {
+    let parsed = match text.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    parsed.map_err(|error| format!("`{text}`: {error}"))
 }
 
 /// USIG backends `tessera init` can configure.
@@ -76,6 +114,12 @@ enum UsigChoice {
     Hmac,
     /// In-process Ed25519 (public-key certificates; the key lives in the replica process).
     Ed25519,
+    /// Ed25519 from `tessera usigd`, one daemon per replica owning the key and a persisted
+    /// counter (`up` starts them; elsewhere run them under their own user).
+    Usigd,
+    /// TPM 2.0 (`up` starts and enrols one swtpm per replica; elsewhere run
+    /// `tessera usig provision`).
+    Tpm,
 }
 
 impl From<UsigChoice> for UsigKind {
@@ -83,6 +127,8 @@ impl From<UsigChoice> for UsigKind {
         match choice {
             UsigChoice::Hmac => UsigKind::Hmac,
             UsigChoice::Ed25519 => UsigKind::Ed25519,
+            UsigChoice::Usigd => UsigKind::Usigd,
+            UsigChoice::Tpm => UsigKind::Tpm,
         }
     }
 }
@@ -167,9 +213,11 @@ struct StatusArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_log_level = match cli.command {
-        Command::Replica(_) | Command::Unreplicated(_) | Command::Up(_) | Command::Gateway(_) => {
-            "info"
-        }
+        Command::Replica(_)
+        | Command::Unreplicated(_)
+        | Command::Up(_)
+        | Command::Gateway(_)
+        | Command::Usigd(_) => "info",
         _ => "warn",
     };
     init_logging(default_log_level);
@@ -216,6 +264,27 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Kv(args) => kv::run(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Gateway(args) => gateway::run(args).await,
+        // The daemon is synchronous (one thread per connection); keep it off the async workers.
+        Command::Usigd(options) => tokio::task::spawn_blocking(move || options.run())
+            .await
+            .context("usigd thread failed")?
+            .context("usigd"),
+        Command::Usig(UsigCommand::Provision(args)) => {
+            let enrollment = tokio::task::spawn_blocking(move || {
+                tessera_tpm::provision(&args.tpm, args.nv_index, args.ak_handle)
+            })
+            .await
+            .context("provisioning thread failed")?
+            .context("TPM provisioning")?;
+            println!("# TPM USIG enrolment: put this line in this replica's [[replicas]] entry of cluster.toml");
+            print!("{}", tessera_tpm::provision::enrollment_toml(&enrollment));
+            Ok(())
+        }
+        Command::Usig(UsigCommand::Bench(args)) => {
+            tokio::task::spawn_blocking(move || usig_bench::run(args))
+                .await
+                .context("benchmark thread failed")?
+        }
     }
 }
 
@@ -295,12 +364,13 @@ fn init(args: &InitArgs) -> anyhow::Result<ClusterConfig> {
         base_port: args.base_port,
         clients: args.clients,
     };
-    let files = generate_cluster(&spec, &mut OsRng).context("cannot create this cluster")?;
+    let mut files = generate_cluster(&spec, &mut OsRng).context("cannot create this cluster")?;
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("cannot create {}", args.dir.display()))?;
     if args.force {
         remove_old_secret_files(&args.dir)?;
     }
+    local::place_external_usigs(&args.dir, args.base_port, &mut files)?;
     write_file(&cluster_path, &files.cluster.to_toml(), 0o644)?;
     for secrets in &files.replicas {
         write_file(
@@ -334,8 +404,10 @@ fn remove_old_secret_files(dir: &Path) -> anyhow::Result<()> {
         let entry = entry?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        let is_secret = name.ends_with(".secret.toml")
-            && (name.starts_with("replica-") || name.starts_with("client-"));
+        let is_secret = (name.ends_with(".secret.toml")
+            && (name.starts_with("replica-") || name.starts_with("client-")))
+            || (name.starts_with("usigd-")
+                && (name.ends_with(".key") || name.ends_with(".counter")));
         if is_secret {
             std::fs::remove_file(entry.path())
                 .with_context(|| format!("cannot remove {}", entry.path().display()))?;
@@ -354,8 +426,11 @@ fn verify_written(dir: &Path, files: &ClusterFiles) -> anyhow::Result<ClusterCon
         let secrets = read_replica_secrets(dir, id, &cluster)?;
         tessera_node::ClientKeys::load(&cluster, &secrets)
             .context("replica secrets do not match cluster.toml")?;
-        tessera_node::build_usig(&cluster, &secrets, ReplicaId(id))
-            .context("USIG keys do not match cluster.toml")?;
+        // usigd and TPM USIGs live in processes that are not running yet (`up` starts them).
+        if matches!(cluster.usig, UsigKind::Hmac | UsigKind::Ed25519) {
+            tessera_node::build_usig(&cluster, &secrets, ReplicaId(id))
+                .context("USIG keys do not match cluster.toml")?;
+        }
     }
     for secrets in &files.clients {
         let path = client_secret_path(dir, secrets.id);

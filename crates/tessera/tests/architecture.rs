@@ -12,7 +12,13 @@ const PURE: &[&str] = &[
     "tessera-core",
     "tessera-kv",
 ];
-const IO_CRATES: &[&str] = &["tessera-node", "tessera-client", "tessera"];
+const IO_CRATES: &[&str] = &[
+    "tessera-node",
+    "tessera-client",
+    "tessera",
+    "tessera-usigd",
+    "tessera-tpm",
+];
 /// Packages that bring sockets, async runtimes, clocks, storage engines or OS randomness.
 const FORBIDDEN: &[&str] = &[
     "tokio",
