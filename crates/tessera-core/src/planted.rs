@@ -99,9 +99,9 @@ impl PlantedBug {
                  PREPARE, so requests no client signed are ordered and executed."
             }
             PlantedBug::TrustStateSnapshot => {
-                "A STATE-REPLY's snapshot is installed without checking that its digest matches \
-                 the (still checked) checkpoint certificate, so one faulty replica can plant any \
-                 state."
+                "A fetched partition is accepted without checking that its digest matches the \
+                 agreed one (the summary and its certificate are still checked), so one faulty \
+                 replica serving state can plant any content."
             }
             PlantedBug::NewViewFromOneViewChange => {
                 "A NEW-VIEW is built and accepted with one VIEW-CHANGE fewer than a quorum (f \

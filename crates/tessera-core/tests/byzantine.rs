@@ -653,3 +653,55 @@ fn a_checkpoint_near_the_end_of_the_sequence_space_does_not_overflow() {
         Some(Response::Ok)
     );
 }
+
+/// A faulty replica serving state holds its partitions with chunks that carry nothing but
+/// always promise more (found in review: each such chunk used to restart the source's timer, so
+/// the transfer never finished). An empty chunk that is not the last now marks its sender
+/// faulty; its partitions go to the correct replica, and the lagging replica ends with the
+/// agreed state.
+#[test]
+fn a_source_stalling_a_state_transfer_with_empty_chunks_is_routed_around() {
+    use tessera_types::ChunkBytes;
+
+    let mut cluster = Cluster::new(config(3, 1));
+    // Replica 2 hears only heartbeats and state transfer; replica 0 stalls every partition.
+    cluster.filter = Some(Box::new(|from, to, message| {
+        if from.0 != 2 && to.0 != 2 {
+            return Fate::Deliver;
+        }
+        match (from.0, message) {
+            (0, ReplicaMessage::PartitionReply(reply)) => {
+                let mut reply = reply.clone();
+                if reply.chunk.is_some() {
+                    reply.chunk = Some(ChunkBytes {
+                        bytes: tessera_types::encode(&Vec::<(Vec<u8>, Vec<u8>)>::new()),
+                        next: Some(b"more soon".to_vec()),
+                    });
+                }
+                Fate::Replace(ReplicaMessage::PartitionReply(reply))
+            }
+            (_, ReplicaMessage::Heartbeat(_))
+            | (_, ReplicaMessage::StateRequest(_))
+            | (_, ReplicaMessage::StateSummary(_))
+            | (_, ReplicaMessage::PartitionRequest(_))
+            | (_, ReplicaMessage::PartitionReply(_)) => Fate::Deliver,
+            _ => Fate::Drop,
+        }
+    }));
+    for number in 1..=40u64 {
+        let key = format!("key{}", number % 13);
+        assert!(cluster
+            .invoke(ClientId::new(0, 1), number, &set(&key, "v"), 5_000)
+            .is_some());
+    }
+    let target = cluster.replicas[1].stable_checkpoint().seq;
+    assert!(target.0 >= 32, "the others moved on: {target:?}");
+    cluster.run_for(5_000);
+    assert!(cluster.rejections(2, "partition-chunk-invalid") >= 1);
+    let lagging = &cluster.replicas[2];
+    assert!(lagging.last_executed() >= target, "{:?}", lagging.status());
+    assert_eq!(
+        lagging.status().stable_state_digest,
+        cluster.replicas[1].status().stable_state_digest
+    );
+}

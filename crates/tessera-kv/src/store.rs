@@ -216,25 +216,11 @@ impl KvStore {
     }
 
     fn check_key(&self, key: &[u8]) -> Result<(), KvError> {
-        let limit = self.limits.key_bytes_max;
-        if key.len() > limit {
-            return Err(KvError::KeyTooLarge {
-                size: key.len(),
-                limit,
-            });
-        }
-        Ok(())
+        check_key(&self.limits, key)
     }
 
     fn check_value(&self, value: &[u8]) -> Result<(), KvError> {
-        let limit = self.limits.value_bytes_max;
-        if value.len() > limit {
-            return Err(KvError::ValueTooLarge {
-                size: value.len(),
-                limit,
-            });
-        }
-        Ok(())
+        check_value(&self.limits, value)
     }
 
     fn check_key_count(&self, count: usize) -> Result<(), KvError> {
@@ -250,11 +236,7 @@ impl KvStore {
 
     /// Checks that the store may hold `needed` bytes.
     fn check_capacity(&self, needed: u64) -> Result<(), KvError> {
-        let limit = self.limits.total_bytes_max;
-        if needed > limit {
-            return Err(KvError::StoreFull { needed, limit });
-        }
-        Ok(())
+        check_capacity(&self.limits, needed)
     }
 
     /// Bytes stored after `key` is set to `value` (`None`: removed), all else unchanged.
@@ -757,12 +739,12 @@ impl StagedPartition for KvStaged {
         self.index
     }
 
-    fn append(&mut self, chunk: &[u8]) -> Result<(), RestoreError> {
+    fn append(&mut self, chunk: &[u8]) -> Result<u64, RestoreError> {
         // The chunk is already in memory and bounded by the transport; decoding never
         // pre-allocates more than its input justifies.
         let entries: Vec<(ByteBuf, ByteBuf)> = tessera_types::decode(chunk, usize::MAX)
             .map_err(|_| RestoreError("bytes are not a valid key-value chunk".into()))?;
-        let check = KvStore::new(self.limits);
+        let added = entries.len() as u64;
         for (key, value) in entries {
             let (key, value) = (key.0, value.0);
             let fail = |reason: String| {
@@ -772,7 +754,8 @@ impl StagedPartition for KvStaged {
                     self.entries.len()
                 )))
             };
-            if let Err(error) = check.check_key(&key).and(check.check_value(&value)) {
+            if let Err(error) = check_key(&self.limits, &key).and(check_value(&self.limits, &value))
+            {
                 return fail(error.to_string());
             }
             if partition_of(&key) != self.index as usize {
@@ -782,13 +765,13 @@ impl StagedPartition for KvStaged {
                 return fail("keys are not in strictly increasing order".into());
             }
             self.bytes = self.bytes.saturating_add(entry_bytes(&key, &value));
-            if let Err(error) = check.check_capacity(self.bytes) {
+            if let Err(error) = check_capacity(&self.limits, self.bytes) {
                 return fail(error.to_string());
             }
             self.sum.add(entry_hasher(), &[&key, &value]);
             self.entries.push((Arc::from(key), Arc::from(value)));
         }
-        Ok(())
+        Ok(added)
     }
 
     fn digest(&self) -> Digest {
@@ -798,6 +781,36 @@ impl StagedPartition for KvStaged {
     fn bytes(&self) -> u64 {
         self.bytes
     }
+}
+
+fn check_key(limits: &KvLimits, key: &[u8]) -> Result<(), KvError> {
+    let limit = limits.key_bytes_max;
+    if key.len() > limit {
+        return Err(KvError::KeyTooLarge {
+            size: key.len(),
+            limit,
+        });
+    }
+    Ok(())
+}
+
+fn check_value(limits: &KvLimits, value: &[u8]) -> Result<(), KvError> {
+    let limit = limits.value_bytes_max;
+    if value.len() > limit {
+        return Err(KvError::ValueTooLarge {
+            size: value.len(),
+            limit,
+        });
+    }
+    Ok(())
+}
+
+fn check_capacity(limits: &KvLimits, needed: u64) -> Result<(), KvError> {
+    let limit = limits.total_bytes_max;
+    if needed > limit {
+        return Err(KvError::StoreFull { needed, limit });
+    }
+    Ok(())
 }
 
 /// The element hasher of [`ENTRY_DOMAIN`], built once (deriving a domain key costs as much as

@@ -18,17 +18,17 @@ fn config_for(bug: PlantedBug, seed: u64) -> SimConfig {
 const CAUGHT_WITHIN: &[(PlantedBug, u64)] = &[
     (PlantedBug::SkipUiVerification, 30),   // first caught at seed 7
     (PlantedBug::ExecuteWithoutQuorum, 30), // seed 2
-    (PlantedBug::NewViewDropsLastEntry, 30), // seed 5
+    (PlantedBug::NewViewDropsLastEntry, 30), // seed 3
     (PlantedBug::IgnoreClientTable, 30),    // seed 0
     (PlantedBug::SkipRequestSignature, 30), // seed 0
     (PlantedBug::SkipFifoOrder, 30),        // seed 0
-    (PlantedBug::AcceptOldViewPrepare, 60), // seed 20
-    (PlantedBug::StableCheckpointOnF, 150), // seed 89
+    (PlantedBug::AcceptOldViewPrepare, 60), // seed 18
+    (PlantedBug::StableCheckpointOnF, 150), // seed 39
     // First caught at seed 96 until replicas fetched, at every heartbeat, what a peer reports
     // having processed (PROTOCOL.md §5): gaps now close before a view change, so a NEW-VIEW
     // built from one VIEW-CHANGE rarely misses a committed batch. Now seed 930.
     (PlantedBug::NewViewFromOneViewChange, 1200),
-    // Partition-wise transfer: a faulty server's tampered partition (seed 88).
+    // Partition-wise transfer: a faulty server's tampered partition (seed 95).
     (PlantedBug::TrustStateSnapshot, 200),
 ];
 

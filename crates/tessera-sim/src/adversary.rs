@@ -65,7 +65,7 @@ impl Usig for SharedUsig {
 /// about, or the view a view-change message is about.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 pub enum Round {
-    /// Sequence number `s` (PREPARE, COMMIT, CHECKPOINT, STATE-REPLY).
+    /// Sequence number `s` (PREPARE, COMMIT, CHECKPOINT, STATE-SUMMARY, PARTITION-REPLY).
     Seq(u64),
     /// View `v` (REQ-VIEW-CHANGE, VIEW-CHANGE, NEW-VIEW).
     View(u64),

@@ -512,6 +512,10 @@ pub struct PartitionRequest {
     pub replica: ReplicaId,
     /// The checkpoint whose state is fetched.
     pub seq: SeqNum,
+    /// Its certified state digest: a replica serves any state of its own at `seq` with this
+    /// digest, stable or not yet (a faulty replica may complete a certificate that the others
+    /// have not seen yet; the state is the same).
+    pub state_digest: Digest,
     /// Which partition.
     pub partition: u32,
     /// Where the chunk starts (`None`: at the beginning), as the previous reply said.

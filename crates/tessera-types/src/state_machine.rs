@@ -82,9 +82,11 @@ pub trait StagedPartition: Send + 'static {
     /// The partition index.
     fn index(&self) -> u32;
 
-    /// Appends the next chunk. An error means the sender is faulty (or its bytes are not this
-    /// service's encoding); the staged partition must then be discarded.
-    fn append(&mut self, chunk: &[u8]) -> Result<(), RestoreError>;
+    /// Appends the next chunk and returns how many items (entries) it held. An error means the
+    /// sender is faulty (or its bytes are not this service's encoding); the staged partition
+    /// must then be discarded. A chunk of no items that is not the last is a faulty sender's
+    /// way to stall the transfer; the caller refuses it.
+    fn append(&mut self, chunk: &[u8]) -> Result<u64, RestoreError>;
 
     /// The digest of everything appended, as [`StateMachine::partition_digest`] would compute
     /// it once installed.

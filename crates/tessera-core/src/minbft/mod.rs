@@ -305,6 +305,11 @@ pub struct Replica<S: StateMachine> {
     stable: CheckpointCertificate,
     /// The state at the stable checkpoint, served to replicas that fetch it.
     stable_state: CheckpointState<S::Frozen>,
+    /// The previous `stable_state` and the sequence number it was stable at, kept one more
+    /// checkpoint interval so a transfer of it under way when the group moved on can finish.
+    retired_state: Option<(SeqNum, CheckpointState<S::Frozen>)>,
+    /// The sequence number `stable_state` belongs to.
+    stable_state_seq: SeqNum,
     /// The state at each own checkpoint not yet stable (one becomes `stable_state`).
     own_checkpoints: BTreeMap<SeqNum, CheckpointState<S::Frozen>>,
     checkpoint_votes: BTreeMap<SeqNum, BTreeMap<ReplicaId, Checkpoint>>,
@@ -419,6 +424,8 @@ impl<S: StateMachine> Replica<S> {
                 checkpoints: Vec::new(),
             },
             stable_state,
+            retired_state: None,
+            stable_state_seq: SeqNum(0),
             own_checkpoints: BTreeMap::new(),
             checkpoint_votes: BTreeMap::new(),
             own_log: VecDeque::new(),
@@ -1369,10 +1376,21 @@ impl<S: StateMachine> Replica<S> {
         if seq == self.stable.seq && digest == self.stable.state_digest {
             // The group made this checkpoint stable before this replica reached it: this is
             // now the state to serve.
-            self.stable_state = state.clone();
+            self.set_stable_state(seq, state.clone());
         }
         self.own_checkpoints.insert(seq, state);
         self.send_checkpoint(seq, digest);
+    }
+
+    /// Makes `state` (this replica's state at `seq`) the one served as stable; the previous one
+    /// is retired, not dropped.
+    fn set_stable_state(&mut self, seq: SeqNum, state: CheckpointState<S::Frozen>) {
+        let previous = std::mem::replace(&mut self.stable_state, state);
+        let previous_seq = self.stable_state_seq;
+        self.stable_state_seq = seq;
+        if previous_seq < seq {
+            self.retired_state = Some((previous_seq, previous));
+        }
     }
 
     /// A frozen copy of the replicated state now, with its digest.
@@ -1492,7 +1510,8 @@ impl<S: StateMachine> Replica<S> {
         self.claim_checkpoint(self.id, seq);
         match self.own_checkpoints.get(&seq) {
             Some(state) if state.digest == certificate.state_digest => {
-                self.stable_state = state.clone();
+                let state = state.clone();
+                self.set_stable_state(seq, state);
             }
             Some(_) => {
                 tracing::error!(

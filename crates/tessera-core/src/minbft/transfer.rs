@@ -37,8 +37,8 @@ use crate::planted::PlantedBug;
 pub const CHUNK_BUDGET_BYTES: usize = 1 << 20;
 /// Largest chunk accepted: the budget plus one largest entry, with room to spare.
 pub const MAX_CHUNK_BYTES: usize = 4 << 20;
-/// Largest cursor accepted (a key-value cursor is one key).
-pub const MAX_CURSOR_BYTES: usize = 4096;
+/// Largest cursor accepted (a key-value cursor is one key, and a key fits in one operation).
+pub const MAX_CURSOR_BYTES: usize = tessera_types::limits::MAX_OPERATION_BYTES;
 /// Partitions fetched from one replica at a time.
 pub const IN_FLIGHT_PER_SOURCE: usize = 4;
 /// Heartbeat intervals a source may take to answer before its partitions go to others.
@@ -72,7 +72,10 @@ struct Fetching<P> {
     staged: P,
     /// The cursor of the chunk asked for.
     cursor: Option<Vec<u8>>,
-    asked_ms: u64,
+    /// When the source loses the partition: [`SOURCE_PATIENCE_HEARTBEATS`] after it was
+    /// assigned, plus one heartbeat interval per chunk received. A source answering quickly
+    /// never reaches it; one that drips a chunk now and then to hold the partition does.
+    deadline_ms: u64,
 }
 
 /// A state transfer in progress.
@@ -82,8 +85,13 @@ pub(super) struct Transfer<P> {
     leaves: Vec<Digest>,
     clients: ClientEntries,
     anchors: Vec<tessera_types::Checkpoint>,
-    /// Replicas that sent this checkpoint's summary and have not failed this transfer.
+    /// Replicas asked for partitions: every other replica at first (any that kept this
+    /// checkpoint's state can serve it, not only those that sent a summary), minus those that
+    /// answered `gone`, sent bytes that do not check, or let a deadline pass.
     sources: BTreeSet<ReplicaId>,
+    /// Sources that let a deadline pass: not asked again in this transfer unless no one else
+    /// is left.
+    timed_out: BTreeSet<ReplicaId>,
     /// Partitions to fetch, not yet asked for.
     needed: BTreeSet<u32>,
     fetching: BTreeMap<u32, Fetching<P>>,
@@ -174,8 +182,10 @@ impl<S: StateMachine> Replica<S> {
         }
         if let Some(transfer) = &mut self.transfer {
             if transfer.seq() == seq {
-                // Same checkpoint, same agreed digest: one more replica to fetch from.
-                transfer.sources.insert(from);
+                // Same checkpoint, same agreed digest: the sender has the state (or says so).
+                if !transfer.timed_out.contains(&from) || transfer.sources.is_empty() {
+                    transfer.sources.insert(from);
+                }
                 self.pump_transfer();
                 return;
             }
@@ -218,12 +228,17 @@ impl<S: StateMachine> Replica<S> {
             kept = kept.len(),
             "fetching state"
         );
+        let sources = (0..self.config.n)
+            .map(ReplicaId)
+            .filter(|replica| *replica != self.id && !self.transfer_blacklist.contains(replica))
+            .collect();
         self.transfer = Some(Transfer {
             certificate: summary.certificate,
             leaves,
             clients,
             anchors: summary.anchors,
-            sources: BTreeSet::from([from]),
+            sources,
+            timed_out: BTreeSet::new(),
             needed,
             fetching: BTreeMap::new(),
             done: kept,
@@ -236,6 +251,26 @@ impl<S: StateMachine> Replica<S> {
     fn serves_stable_state(&self) -> bool {
         self.last_executed >= self.stable.seq
             && self.stable_state.digest == self.stable.state_digest
+    }
+
+    /// This replica's own frozen state at `seq` if its digest is `digest`: the stable one, one
+    /// taken since (not yet stable here), or the previous stable one (kept one more interval so
+    /// a transfer under way when the group moves on can finish).
+    fn state_at(&self, seq: SeqNum, digest: &Digest) -> Option<&S::Frozen> {
+        let matches = |state: &&CheckpointState<S::Frozen>| state.digest == *digest;
+        if seq == self.stable.seq && self.serves_stable_state() {
+            return Some(&self.stable_state.frozen).filter(|_| self.stable_state.digest == *digest);
+        }
+        self.own_checkpoints
+            .get(&seq)
+            .filter(matches)
+            .or(self
+                .retired_state
+                .as_ref()
+                .filter(|(retired, _)| *retired == seq)
+                .map(|(_, state)| state)
+                .filter(matches))
+            .map(|state| &state.frozen)
     }
 
     /// The summary's partition digests and client table if they give its certified digest.
@@ -277,17 +312,19 @@ impl<S: StateMachine> Replica<S> {
             self.reject("partition-request-malformed");
             return;
         }
-        let chunk = (request.seq == self.stable.seq && self.serves_stable_state()).then(|| {
-            let chunk = self.stable_state.frozen.chunk(
-                request.partition,
-                request.cursor.as_deref(),
-                CHUNK_BUDGET_BYTES,
-            );
-            ChunkBytes {
-                bytes: chunk.bytes,
-                next: chunk.next,
-            }
-        });
+        let chunk = self
+            .state_at(request.seq, &request.state_digest)
+            .map(|frozen| {
+                let chunk = frozen.chunk(
+                    request.partition,
+                    request.cursor.as_deref(),
+                    CHUNK_BUDGET_BYTES,
+                );
+                ChunkBytes {
+                    bytes: chunk.bytes,
+                    next: chunk.next,
+                }
+            });
         self.actions.push(Action::Send {
             to: from,
             message: ReplicaMessage::PartitionReply(PartitionReply {
@@ -333,7 +370,14 @@ impl<S: StateMachine> Replica<S> {
             .fetching
             .get_mut(&partition)
             .expect("checked above");
-        if oversized || fetching.staged.append(&chunk.bytes).is_err() {
+        let added = if oversized {
+            Err(tessera_types::RestoreError("oversized".into()))
+        } else {
+            fetching.staged.append(&chunk.bytes)
+        };
+        // A chunk with nothing in it must be the last: otherwise a faulty source could hold
+        // the partition for ever with empty chunks.
+        if added.is_err() || (added == Ok(0) && chunk.next.is_some()) {
             self.reject("partition-chunk-invalid");
             self.distrust_source(from);
             return;
@@ -341,12 +385,13 @@ impl<S: StateMachine> Replica<S> {
         match chunk.next {
             Some(next) => {
                 fetching.cursor = Some(next.clone());
-                fetching.asked_ms = self.now_ms;
+                fetching.deadline_ms += self.config.heartbeat_interval_ms;
                 self.actions.push(Action::Send {
                     to: from,
                     message: ReplicaMessage::PartitionRequest(PartitionRequest {
                         replica: self.id,
                         seq: transfer.certificate.seq,
+                        state_digest: transfer.certificate.state_digest,
                         partition,
                         cursor: Some(next),
                     }),
@@ -399,23 +444,30 @@ impl<S: StateMachine> Replica<S> {
             return;
         };
         if transfer.seq() <= self.last_executed {
-            self.transfer = None;
+            self.drop_transfer();
             return;
         }
-        let patience = SOURCE_PATIENCE_HEARTBEATS * self.config.heartbeat_interval_ms;
         let now_ms = self.now_ms;
         let late: Vec<(u32, ReplicaId)> = transfer
             .fetching
             .iter()
-            .filter(|(_, fetching)| now_ms > fetching.asked_ms + patience)
+            .filter(|(_, fetching)| now_ms > fetching.deadline_ms)
             .map(|(index, fetching)| (*index, fetching.source))
             .collect();
         for (index, source) in late {
             transfer.fetching.remove(&index);
             transfer.needed.insert(index);
             transfer.sources.remove(&source);
+            transfer.timed_out.insert(source);
         }
         self.pump_transfer();
+    }
+
+    /// The replica caught up on its own: installing the transfer's older state would execute
+    /// requests again. A blacklist belongs to one transfer and its cascade.
+    fn drop_transfer(&mut self) {
+        self.transfer = None;
+        self.transfer_blacklist.clear();
     }
 
     /// Asks for needed partitions, least-loaded source first; finishes when all are in.
@@ -426,12 +478,13 @@ impl<S: StateMachine> Replica<S> {
         if transfer.seq() <= self.last_executed {
             // Caught up on its own meanwhile (installing now would execute requests again:
             // the simulator's integrity checker caught exactly that).
-            self.transfer = None;
+            self.drop_transfer();
             return;
         }
         if transfer.sources.is_empty() && transfer.missing() > 0 {
-            // Everyone offering this checkpoint failed or moved on: look for any stable
-            // checkpoint at least this recent (a newer one continues the transfer).
+            // Everyone failed or moved on: look for any stable checkpoint at least this recent
+            // (a summary of this one brings its sender back, a newer one continues the
+            // transfer).
             let seq = transfer.seq();
             self.request_state(seq);
             return;
@@ -443,6 +496,7 @@ impl<S: StateMachine> Replica<S> {
                 *count += 1;
             }
         }
+        let patience = SOURCE_PATIENCE_HEARTBEATS * self.config.heartbeat_interval_ms;
         while let Some(&index) = transfer.needed.first() {
             let Some((&source, &count)) = load
                 .iter()
@@ -461,7 +515,7 @@ impl<S: StateMachine> Replica<S> {
                     source,
                     staged: self.state_machine.stage(index),
                     cursor: None,
-                    asked_ms: self.now_ms,
+                    deadline_ms: self.now_ms + patience,
                 },
             );
             self.actions.push(Action::Send {
@@ -469,6 +523,7 @@ impl<S: StateMachine> Replica<S> {
                 message: ReplicaMessage::PartitionRequest(PartitionRequest {
                     replica: self.id,
                     seq: transfer.certificate.seq,
+                    state_digest: transfer.certificate.state_digest,
                     partition: index,
                     cursor: None,
                 }),
@@ -521,19 +576,17 @@ impl<S: StateMachine> Replica<S> {
         } else {
             digest
         };
-        if digest != certificate.state_digest {
-            // Every partition was checked, so only a faulty service implementation gets here;
-            // the differing partitions are fetched again.
-            tracing::error!(
-                replica = self.id.0,
-                seq = seq.0,
-                "transferred state does not match its checkpoint"
-            );
-            self.reject("state-transfer-digest");
-            self.state_request_ms = None;
-            self.request_state(seq);
-            return;
-        }
+        // Every installed partition matched its agreed digest and every other one was checked
+        // equal, so only a service that breaks the digest contract (`partition_digest` and
+        // `StagedPartition::digest` disagreeing, or `digest` not being the Merkle root of the
+        // partition digests) gets here. Going on would execute requests on a state that
+        // already holds some of their effects.
+        assert_eq!(
+            digest, certificate.state_digest,
+            "the service's digests break the StateMachine contract after installing checked \
+             partitions at seq {}",
+            seq.0
+        );
         tracing::info!(
             replica = self.id.0,
             seq = seq.0,
@@ -550,7 +603,7 @@ impl<S: StateMachine> Replica<S> {
         self.executed_digests.clear();
         let state = self.freeze_state();
         self.own_checkpoints.insert(seq, state.clone());
-        self.stable_state = state;
+        self.set_stable_state(seq, state);
         self.resume_streams(&transfer.anchors, seq);
         if seq > self.stable.seq {
             self.adopt_stable(certificate.clone());
