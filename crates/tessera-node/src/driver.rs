@@ -284,6 +284,7 @@ impl<S: StateMachine> CoreLoop<S> {
                 view: self.replica.view().0,
                 view_changing: self.replica.is_view_changing(),
                 stable_checkpoint: self.replica.stable_checkpoint().seq.0,
+                last_executed: self.replica.last_executed().0,
                 transferring: self.replica.is_transferring_state(),
                 rejections: self.replica.rejections(),
             },

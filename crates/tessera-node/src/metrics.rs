@@ -288,9 +288,7 @@ impl ReplicaMetrics {
 
     /// Sets the gauges from a published status.
     pub fn status(&self, status: &ReplicaStatus) {
-        self.view.set(gauge_value(status.view.0));
         self.primary.set(i64::from(status.primary.0));
-        self.last_executed.set(gauge_value(status.last_executed.0));
         self.pending_requests
             .set(gauge_value(status.pending_requests));
         self.usig_counter.set(gauge_value(status.usig_counter));
@@ -338,6 +336,8 @@ pub struct CoreSnapshot<'a> {
     pub view_changing: bool,
     /// `Replica::stable_checkpoint().seq`.
     pub stable_checkpoint: u64,
+    /// `Replica::last_executed`.
+    pub last_executed: u64,
     /// `Replica::is_transferring_state`.
     pub transferring: bool,
     /// `Replica::rejections`.
@@ -367,6 +367,9 @@ impl CoreObservation {
             }
         }
         metrics.view.set(gauge_value(snapshot.view));
+        metrics
+            .last_executed
+            .set(gauge_value(snapshot.last_executed));
         metrics.view_changing.set(i64::from(snapshot.view_changing));
         metrics
             .stable_checkpoint
@@ -672,6 +675,7 @@ mod tests {
                     view,
                     view_changing: changing,
                     stable_checkpoint: stable,
+                    last_executed: stable,
                     transferring,
                     rejections,
                 },
