@@ -211,7 +211,7 @@ impl ReplicaMetrics {
         );
         registry.register(
             "tessera_state_transfers_ended",
-            "State transfers that ended (installed, or given up for a newer checkpoint)",
+            "State transfers that ended: installed, refused, or dropped because the replica caught up by itself",
             self.state_transfers_ended.clone(),
         );
         registry.register(
