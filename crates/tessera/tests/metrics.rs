@@ -504,3 +504,49 @@ fn the_parser_refuses_what_the_format_forbids() {
         assert!(Scrape::parse(bad).is_err(), "accepted {bad:?}");
     }
 }
+
+/// Killing the primary shows a view change in the others' metrics: started, completed, and
+/// the new view.
+#[test]
+fn a_view_change_shows_in_the_metrics() {
+    let dir = ClusterDir::create(23_800, |protocol| {
+        protocol.request_timeout_ms = 1_000;
+        protocol.view_change_timeout_ms = 1_000;
+    });
+    let _logs = support::LogsOnPanic(&dir);
+    let metrics: Vec<String> = dir
+        .config
+        .replicas
+        .iter()
+        .map(|replica| replica.metrics_address.clone())
+        .collect();
+    // Separate process sets, so the primary can be killed alone (dropping kills).
+    let primary = support::ReplicaProcesses::start(&dir, &[0]);
+    let _backups = support::ReplicaProcesses::start(&dir, &[1, 2]);
+    run_bounded(Duration::from_secs(60), async {
+        let client = connect(&dir, 0).await;
+        let mut kv = KvClient::new(client.session());
+        kv.set(b"before".to_vec(), b"1".to_vec())
+            .await
+            .expect("SET in view 0");
+        for address in &metrics {
+            let scrape = scrape(address);
+            assert_eq!(scrape.value("tessera_view_changes_started_total", &[]), 0.0);
+        }
+        // Replica 0 is the primary of view 0; without it the other two change view.
+        drop(primary);
+        kv.set(b"after".to_vec(), b"2".to_vec())
+            .await
+            .expect("SET after the primary died");
+    });
+    for address in &metrics[1..] {
+        let after = scrape_until(address, "a completed view change", |scrape| {
+            scrape.value("tessera_view_changes_completed_total", &[]) >= 1.0
+                && scrape.value("tessera_primary", &[]) != 0.0
+        });
+        assert!(after.value("tessera_view", &[]) >= 1.0);
+        assert_eq!(after.value("tessera_view_changing", &[]), 0.0);
+        assert!(after.value("tessera_view_changes_started_total", &[]) >= 1.0);
+        assert!(after.value("tessera_requests_executed_total", &[]) >= 2.0);
+    }
+}
