@@ -345,15 +345,21 @@ pub struct CoreSnapshot<'a> {
 }
 
 impl CoreObservation {
-    /// Counts what changed since the previous snapshot. Sampling after every turn sees every
-    /// view change and transfer unless one starts and ends within one turn, which cannot
-    /// happen: both wait for messages from other replicas.
+    /// Counts what changed since the previous snapshot. A turn handles many events, so a view
+    /// change can begin and end within one (VIEW-CHANGEs and the NEW-VIEW drained together):
+    /// a higher view counts as started (and, when no longer changing, completed) even if the
+    /// changing state was never seen. A state transfer cannot: it waits for PARTITION-REPLYs
+    /// that its own requests, sent at the end of the turn, ask for.
     pub fn observe(&mut self, metrics: &ReplicaMetrics, snapshot: CoreSnapshot<'_>) {
         if self.started {
-            if snapshot.view_changing && !self.view_changing {
+            let higher_view = snapshot.view > self.view;
+            // A new attempt (a higher target view) while still changing is a new start too.
+            let started = (snapshot.view_changing && (!self.view_changing || higher_view))
+                || (!snapshot.view_changing && !self.view_changing && higher_view);
+            if started {
                 metrics.view_changes_started.inc();
             }
-            if !snapshot.view_changing && (self.view_changing || snapshot.view > self.view) {
+            if !snapshot.view_changing && (self.view_changing || higher_view) {
                 metrics.view_changes_completed.inc();
             }
             if snapshot.stable_checkpoint > self.stable_checkpoint {
@@ -687,17 +693,23 @@ mod tests {
         step(1, false, 8, true, &rejections);
         rejections.insert("bad-ui", 5);
         step(1, false, 16, false, &rejections);
+        // Into view 3 through 2 while changing (two starts), then view 4 begun and finished
+        // within one turn (one start, one completion).
+        step(2, true, 16, false, &rejections);
+        step(3, true, 16, false, &rejections);
+        step(3, false, 16, false, &rejections);
+        step(4, false, 16, false, &rejections);
         metrics.batch_executed(4, 3);
         let text = metrics.render();
         for line in [
-            "tessera_view_changes_started_total{replica=\"1\"} 1",
-            "tessera_view_changes_completed_total{replica=\"1\"} 1",
+            "tessera_view_changes_started_total{replica=\"1\"} 4",
+            "tessera_view_changes_completed_total{replica=\"1\"} 3",
             "tessera_checkpoints_stable_total{replica=\"1\"} 2",
             "tessera_state_transfers_started_total{replica=\"1\"} 1",
             "tessera_state_transfers_ended_total{replica=\"1\"} 1",
             "tessera_rejected_messages_total{replica=\"1\",reason=\"bad-ui\"} 5",
             "tessera_requests_executed_total{replica=\"1\"} 3",
-            "tessera_view{replica=\"1\"} 1",
+            "tessera_view{replica=\"1\"} 4",
             "tessera_dropped_total{replica=\"1\",reason=\"peer_queue_full\"} 0",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
