@@ -353,9 +353,13 @@ impl CoreObservation {
     pub fn observe(&mut self, metrics: &ReplicaMetrics, snapshot: CoreSnapshot<'_>) {
         if self.started {
             let higher_view = snapshot.view > self.view;
-            // A new attempt (a higher target view) while still changing is a new start too.
-            let started = (snapshot.view_changing && (!self.view_changing || higher_view))
-                || (!snapshot.view_changing && !self.view_changing && higher_view);
+            let started = if snapshot.view_changing {
+                // Entered, or a new attempt (a higher target view) while still changing.
+                !self.view_changing || higher_view
+            } else {
+                // Begun and finished within the turn.
+                !self.view_changing && higher_view
+            };
             if started {
                 metrics.view_changes_started.inc();
             }
