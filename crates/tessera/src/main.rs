@@ -147,7 +147,8 @@ struct InitArgs {
     /// USIG backend.
     #[arg(long, value_enum, default_value_t = UsigChoice::Hmac)]
     usig: UsigChoice,
-    /// Replica i listens for replicas on 127.0.0.1:BASE+i and for clients on 127.0.0.1:BASE+100+i.
+    /// Replica i listens for replicas on 127.0.0.1:BASE+i, for clients on 127.0.0.1:BASE+100+i
+    /// and for metrics scrapes on 127.0.0.1:BASE+150+i.
     #[arg(long, default_value_t = 7000)]
     base_port: u16,
     /// Number of client credentials to create (client-<id>.secret.toml, ids from 0).
