@@ -10,6 +10,12 @@ use crate::commands::{self, ClusterInfo, ConnectionState, Live, Shape, Step};
 use crate::dispatch::{self, Dispatcher};
 use crate::resp::{Protocol, Reply, RequestDecoder, RespLimits};
 use bytes::{Buf, BytesMut};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -106,6 +112,154 @@ struct Shared {
     options: GatewayOptions,
     connections: Arc<Semaphore>,
     next_connection_id: AtomicU64,
+    counters: GatewayCounters,
+}
+
+/// What the gateway counts for its metrics endpoint (plain relaxed atomics: read by humans and
+/// scrapers, never used to decide anything).
+#[derive(Default)]
+struct GatewayCounters {
+    connections_accepted: AtomicU64,
+    connections_refused: AtomicU64,
+    requests: AtomicU64,
+    errors: [AtomicU64; ErrorKind::ALL.len()],
+}
+
+/// Errors the gateway answered, by kind.
+#[derive(Clone, Copy)]
+enum ErrorKind {
+    /// Input that is not RESP, or breaks a decoder limit (the connection is closed).
+    Protocol,
+    /// A command larger than one signed request can carry.
+    TooLarge,
+    /// A replicated command without f+1 matching replies (outcome unknown to the client).
+    Unconfirmed,
+    /// A result from the cluster that did not decode, or was cut at the reply limit.
+    BadResult,
+}
+
+impl ErrorKind {
+    const ALL: [ErrorKind; 4] = [
+        ErrorKind::Protocol,
+        ErrorKind::TooLarge,
+        ErrorKind::Unconfirmed,
+        ErrorKind::BadResult,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            ErrorKind::Protocol => "protocol",
+            ErrorKind::TooLarge => "too_large",
+            ErrorKind::Unconfirmed => "unconfirmed",
+            ErrorKind::BadResult => "bad_result",
+        }
+    }
+}
+
+impl GatewayCounters {
+    fn add(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn error(&self, kind: ErrorKind) {
+        Self::add(&self.errors[kind as usize]);
+    }
+}
+
+/// Renders the gateway's Prometheus metrics; usable after [`Gateway::run`] took the gateway.
+#[derive(Clone)]
+pub struct GatewayMetrics {
+    registry: Arc<Registry>,
+}
+
+impl GatewayMetrics {
+    /// The metrics in the OpenMetrics text format.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// Reads the gateway's counters at scrape time.
+struct GatewayCollector(Arc<Shared>);
+
+impl std::fmt::Debug for GatewayCollector {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("GatewayCollector")
+    }
+}
+
+impl Collector for GatewayCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let shared = &self.0;
+        let live = shared.live();
+        let counters = &shared.counters;
+        let gauges = [
+            (
+                "tessera_gateway_connections",
+                "Redis connections open now",
+                live.connections,
+            ),
+            (
+                "tessera_gateway_view",
+                "The view the gateway's client believes current",
+                live.view,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        let totals = [
+            (
+                "tessera_gateway_connections_accepted",
+                "Redis connections accepted",
+                counters.connections_accepted.load(Ordering::Relaxed),
+            ),
+            (
+                "tessera_gateway_connections_refused",
+                "Redis connections refused because connections_max were open",
+                counters.connections_refused.load(Ordering::Relaxed),
+            ),
+            (
+                "tessera_gateway_requests",
+                "Redis commands read from connections (connection commands included)",
+                counters.requests.load(Ordering::Relaxed),
+            ),
+            (
+                "tessera_gateway_commands",
+                "Replicated commands sent to the cluster inside envelopes",
+                live.commands,
+            ),
+            (
+                "tessera_gateway_envelopes",
+                "Signed requests (envelopes) sent to the cluster",
+                live.envelopes,
+            ),
+        ];
+        for (name, help, value) in totals {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                counter.metric_type(),
+            )?)?;
+        }
+        let mut errors = encoder.encode_descriptor(
+            "tessera_gateway_errors",
+            "Error replies the gateway sent, by kind",
+            None,
+            MetricType::Counter,
+        )?;
+        for kind in ErrorKind::ALL {
+            let count = counters.errors[kind as usize].load(Ordering::Relaxed);
+            ConstCounter::new(count).encode(errors.encode_family(&[("kind", kind.name())])?)?;
+        }
+        Ok(())
+    }
 }
 
 impl Shared {
@@ -142,6 +296,7 @@ impl Gateway {
             connections: Arc::new(Semaphore::new(options.connections_max)),
             options,
             next_connection_id: AtomicU64::new(1),
+            counters: GatewayCounters::default(),
         });
         Ok(Gateway { listener, shared })
     }
@@ -149,6 +304,15 @@ impl Gateway {
     /// The address the gateway listens on.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// A handle that renders this gateway's Prometheus metrics.
+    pub fn metrics(&self) -> GatewayMetrics {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(GatewayCollector(Arc::clone(&self.shared))));
+        GatewayMetrics {
+            registry: Arc::new(registry),
+        }
     }
 
     /// Serves connections until `shutdown` completes.
@@ -183,11 +347,13 @@ async fn accept(
     shared: Arc<Shared>,
 ) -> std::io::Result<()> {
     let Ok(_permit) = Arc::clone(&shared.connections).try_acquire_owned() else {
+        GatewayCounters::add(&shared.counters.connections_refused);
         let mut out = Vec::new();
         Reply::error("max number of clients reached").encode(Protocol::Resp2, &mut out);
         stream.write_all(&out).await?;
         return Ok(());
     };
+    GatewayCounters::add(&shared.counters.connections_accepted);
     stream.set_nodelay(true)?;
     let id = shared.next_connection_id.fetch_add(1, Ordering::Relaxed);
     Connection {
@@ -292,6 +458,7 @@ impl Connection<'_> {
                     }
                 }
                 Err(error) => {
+                    self.shared.counters.error(ErrorKind::Protocol);
                     round
                         .pending
                         .push(Pending::Ready(Reply::error(error), self.state.protocol));
@@ -302,6 +469,7 @@ impl Connection<'_> {
             if arguments.is_empty() {
                 continue;
             }
+            GatewayCounters::add(&self.shared.counters.requests);
             let live = self.shared.live();
             match commands::plan(&arguments, &mut self.state, &self.shared.info, &live) {
                 Step::Reply(reply) => round
@@ -322,6 +490,7 @@ impl Connection<'_> {
                         || round.result_bytes.saturating_add(result_bytes)
                             <= self.shared.options.group_result_bytes_max;
                     if !dispatch::group_fits(1, cost) {
+                        self.shared.counters.error(ErrorKind::TooLarge);
                         let reply = Reply::error(format!(
                             "command of {} bytes exceeds the request limit of {} bytes",
                             operation.len(),
@@ -384,6 +553,7 @@ impl Connection<'_> {
                 Pending::Replicated(index, shape, protocol) => {
                     let reply = match &results {
                         Ok(results) if results[*index] == dispatch::ENVELOPE_CUT_RESULT => {
+                            self.shared.counters.error(ErrorKind::BadResult);
                             Reply::error(
                                 "this command executed, but the results of the commands sent with \
                              it passed the reply limit, so its result was dropped",
@@ -392,15 +562,19 @@ impl Connection<'_> {
                         Ok(results) => match Response::decode(&results[*index]) {
                             Ok(response) => commands::shape_reply(*shape, response),
                             Err(error) => {
+                                self.shared.counters.error(ErrorKind::BadResult);
                                 Reply::error(format!("malformed result from the cluster: {error}"))
                             }
                         },
                         // Without f+1 matching replies the outcome is unknown, and the client
                         // must be told so rather than assume either.
-                        Err(reason) => Reply::error(format!(
-                            "not confirmed by f+1 replicas (the command may or may not have \
+                        Err(reason) => {
+                            self.shared.counters.error(ErrorKind::Unconfirmed);
+                            Reply::error(format!(
+                                "not confirmed by f+1 replicas (the command may or may not have \
                              executed): {reason}"
-                        )),
+                            ))
+                        }
                     };
                     reply.encode(*protocol, output);
                 }

@@ -98,6 +98,8 @@ pub struct NodeCounters {
     peer_frames_sent: AtomicU64,
     client_requests_received: AtomicU64,
     replies_sent: AtomicU64,
+    core_events_queued: AtomicU64,
+    core_events_taken: AtomicU64,
 }
 
 impl NodeCounters {
@@ -154,6 +156,23 @@ impl NodeCounters {
     /// Replies written to clients.
     pub fn replies_sent_total(&self) -> u64 {
         self.replies_sent.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn core_event_queued(&self) {
+        self.core_events_queued.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn core_event_taken(&self) {
+        self.core_events_taken.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Events in the core's inbox: queued minus taken. The two loads are not one snapshot, so
+    /// the value is approximate (never negative).
+    pub fn core_inbox_events(&self) -> u64 {
+        let taken = self.core_events_taken.load(Ordering::Relaxed);
+        self.core_events_queued
+            .load(Ordering::Relaxed)
+            .saturating_sub(taken)
     }
 }
 

@@ -17,6 +17,7 @@ use tessera_types::{ReplicaId, ReplicaMessage, Request, StateMachine};
 use tracing::{debug, info};
 
 use crate::counters::{DropReason, NodeCounters};
+use crate::metrics::{CoreObservation, CoreSnapshot, ReplicaMetrics};
 use crate::routes::{ReplyRoutes, StatusBoard};
 use crate::transport::PeerSender;
 
@@ -74,7 +75,10 @@ impl CoreInbox {
     /// Queues an event if there is room; a full inbox drops and counts it.
     pub fn try_submit(&self, event: CoreEvent) -> Result<(), InboxError> {
         match self.sender.try_send(event) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.counters.core_event_queued();
+                Ok(())
+            }
             Err(TrySendError::Full(_)) => {
                 self.counters.dropped(DropReason::CoreQueueFull);
                 Err(InboxError::Full)
@@ -88,7 +92,10 @@ impl CoreInbox {
     pub async fn submit(&self, mut event: CoreEvent) -> Result<(), InboxError> {
         loop {
             match self.sender.try_send(event) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.counters.core_event_queued();
+                    return Ok(());
+                }
                 Err(TrySendError::Full(returned)) => {
                     event = returned;
                     tokio::time::sleep(INBOX_RETRY).await;
@@ -107,6 +114,10 @@ pub struct CoreOutputs {
     pub replies: Arc<ReplyRoutes>,
     /// Status snapshot for the client port.
     pub status: Arc<StatusBoard>,
+    /// Counts the events taken from the inbox (its depth is a metric).
+    pub counters: Arc<NodeCounters>,
+    /// Prometheus metrics.
+    pub metrics: Arc<ReplicaMetrics>,
 }
 
 /// Starts the core thread. It runs until it receives [`CoreEvent::Stop`] or every inbox
@@ -127,6 +138,7 @@ pub fn spawn_core_thread<S: StateMachine>(
                 outputs,
                 clock: Instant::now(),
                 timers: BTreeMap::new(),
+                observation: CoreObservation::default(),
             }
             .run(inbox);
         })
@@ -137,6 +149,7 @@ struct CoreLoop<S: StateMachine> {
     outputs: CoreOutputs,
     clock: Instant,
     timers: BTreeMap<Timer, u64>,
+    observation: CoreObservation,
 }
 
 impl<S: StateMachine> CoreLoop<S> {
@@ -152,7 +165,7 @@ impl<S: StateMachine> CoreLoop<S> {
         loop {
             self.fire_due_timers();
             if Instant::now() >= next_status {
-                self.outputs.status.publish(self.replica.status());
+                self.publish_status();
                 next_status = Instant::now() + STATUS_PERIOD;
             }
             let wait = self.time_until_next_deadline().min(STATUS_PERIOD);
@@ -181,16 +194,27 @@ impl<S: StateMachine> CoreLoop<S> {
             }
         }
         self.execute_actions();
-        self.outputs.status.publish(self.replica.status());
+        self.publish_status();
         info!(rejections = ?self.replica.rejections(), "core thread stopped");
+    }
+
+    fn publish_status(&mut self) {
+        let status = self.replica.status();
+        self.outputs.metrics.status(&status);
+        self.outputs
+            .metrics
+            .peer_queues(&self.outputs.peers.queue_depths());
+        self.outputs.status.publish(status);
     }
 
     /// Feeds one event to the core; false on `Stop`.
     fn handle(&mut self, event: CoreEvent) -> bool {
+        self.outputs.counters.core_event_taken();
         let now_ms = self.now_ms();
         match event {
             CoreEvent::Request(request) => self.replica.handle_request(now_ms, request),
             CoreEvent::Message { from, message } => {
+                self.outputs.metrics.message_received(&message);
                 self.replica.handle_message(now_ms, from, message)
             }
             CoreEvent::Stop => return false,
@@ -225,13 +249,16 @@ impl<S: StateMachine> CoreLoop<S> {
     }
 
     fn execute_actions(&mut self) {
+        let peers = u64::from(self.replica.config().n.saturating_sub(1));
         for action in self.replica.take_actions() {
             match action {
                 Action::Send { to, message } => {
+                    self.outputs.metrics.message_sent(&message, 1);
                     let frame = Bytes::from(tessera_types::encode(&message));
                     self.outputs.peers.send(to, frame);
                 }
                 Action::Broadcast { message } => {
+                    self.outputs.metrics.message_sent(&message, peers);
                     let frame = Bytes::from(tessera_types::encode(&message));
                     self.outputs.peers.broadcast(frame);
                 }
@@ -242,8 +269,25 @@ impl<S: StateMachine> CoreLoop<S> {
                 Action::CancelTimer(timer) => {
                     self.timers.remove(&timer);
                 }
-                Action::Executed { .. } => {}
+                Action::Executed {
+                    batch, executed, ..
+                } => self
+                    .outputs
+                    .metrics
+                    .batch_executed(batch.len(), executed.len()),
             }
         }
+        // Getters only: cheap enough for every turn, so no view change or checkpoint is missed.
+        self.observation.observe(
+            &self.outputs.metrics,
+            CoreSnapshot {
+                view: self.replica.view().0,
+                view_changing: self.replica.is_view_changing(),
+                stable_checkpoint: self.replica.stable_checkpoint().seq.0,
+                last_executed: self.replica.last_executed().0,
+                transferring: self.replica.is_transferring_state(),
+                rejections: self.replica.rejections(),
+            },
+        );
     }
 }

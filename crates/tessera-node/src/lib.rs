@@ -19,6 +19,7 @@ pub mod counters;
 pub mod driver;
 pub mod frame;
 pub mod keys;
+pub mod metrics;
 pub mod routes;
 pub mod setup;
 pub mod transport;
@@ -111,7 +112,8 @@ pub async fn run_replica(
         let counters = Arc::new(NodeCounters::default());
         let clients = Arc::new(ClientKeys::load(&cluster, &secrets)?);
         let cache = Arc::new(VerifiedCache::new(auth::VERIFIED_CACHE_ENTRIES_DEFAULT));
-        let usig = build_usig(&cluster, &secrets, me)?;
+        let metrics = Arc::new(metrics::ReplicaMetrics::new(me, counters.clone()));
+        let usig = metrics.metered_usig(build_usig(&cluster, &secrets, me)?);
         let authenticator = NodeAuthenticator::new(me, clients.clone(), cache.clone());
         let replica = Replica::new(
             me,
@@ -123,6 +125,11 @@ pub async fn run_replica(
         let endpoint = cluster.replica(me);
         let peer_listener = bind(&endpoint.replica_address, "replica traffic").await?;
         let client_listener = bind(&endpoint.client_address, "clients").await?;
+        let metrics_listener = if endpoint.metrics_address.is_empty() {
+            None
+        } else {
+            Some(bind(&endpoint.metrics_address, "Prometheus metrics").await?)
+        };
 
         let (inbox, inbox_receiver) =
             core_inbox(driver::CORE_INBOX_EVENTS_DEFAULT, counters.clone());
@@ -151,12 +158,18 @@ pub async fn run_replica(
             peers,
             replies: routes.clone(),
             status: status.clone(),
+            counters: counters.clone(),
+            metrics: metrics.clone(),
         };
         let core =
             spawn_core_thread(replica, inbox_receiver, outputs).map_err(NodeError::Thread)?;
 
         let mut servers = JoinSet::new();
         servers.spawn(report_drops(counters.clone()).in_current_span());
+        if let Some(listener) = metrics_listener {
+            let render: metrics::RenderMetrics = Arc::new(move || metrics.render());
+            servers.spawn(metrics::serve_metrics(listener, render).in_current_span());
+        }
         servers.spawn(
             accept_peers(
                 peer_listener,
@@ -188,6 +201,7 @@ pub async fn run_replica(
         info!(
             replica_address = %endpoint.replica_address,
             client_address = %endpoint.client_address,
+            metrics_address = %endpoint.metrics_address,
             usig = usig_name(cluster.usig),
             n = cluster.protocol.n,
             f = cluster.protocol.f,

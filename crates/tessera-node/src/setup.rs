@@ -20,6 +20,10 @@ use crate::NodeError;
 pub const CLIENTS_MAX: u32 = 10_000;
 /// Client ports are `base_port + CLIENT_PORT_OFFSET + replica id`.
 pub const CLIENT_PORT_OFFSET: u16 = 100;
+/// Metrics ports are `base_port + METRICS_PORT_OFFSET + replica id`. 150, not a multiple of
+/// 100: clusters are often laid out 100 or 200 ports apart (replica, client and swtpm ports
+/// at offsets 0, 100 and 200), and an offset of 150 stays clear of every neighbour's ports.
+pub const METRICS_PORT_OFFSET: u16 = 150;
 
 /// What cluster to generate.
 #[derive(Clone, Debug)]
@@ -30,8 +34,9 @@ pub struct ClusterSpec {
     pub usig: UsigKind,
     /// Host every replica listens on.
     pub host: String,
-    /// Replica `i` listens for replicas on `base_port + i` and for clients on
-    /// `base_port + CLIENT_PORT_OFFSET + i`.
+    /// Replica `i` listens for replicas on `base_port + i`, for clients on
+    /// `base_port + CLIENT_PORT_OFFSET + i` and for metrics scrapes on
+    /// `base_port + METRICS_PORT_OFFSET + i`.
     pub base_port: u16,
     /// Number of client credentials (ids `0..clients`).
     pub clients: u32,
@@ -68,13 +73,13 @@ pub fn generate_cluster<R: RngCore + CryptoRng>(
         )));
     }
     let n = spec.protocol.n as usize;
-    let highest_port =
-        u32::from(spec.base_port) + u32::from(CLIENT_PORT_OFFSET) + spec.protocol.n - 1;
+    let highest_offset = u32::from(CLIENT_PORT_OFFSET.max(METRICS_PORT_OFFSET));
+    let highest_port = u32::from(spec.base_port) + highest_offset + spec.protocol.n - 1;
     if highest_port > u32::from(u16::MAX) {
         return Err(NodeError::Config(format!(
-            "base port {} is too high: client ports would reach {highest_port}; use at most {}",
+            "base port {} is too high: replica ports would reach {highest_port}; use at most {}",
             spec.base_port,
-            u32::from(u16::MAX) + 1 - u32::from(CLIENT_PORT_OFFSET) - spec.protocol.n
+            u32::from(u16::MAX) + 1 - highest_offset - spec.protocol.n
         )));
     }
 
@@ -106,7 +111,11 @@ pub fn generate_cluster<R: RngCore + CryptoRng>(
                     spec.host,
                     port(u32::from(CLIENT_PORT_OFFSET), id)
                 ),
-                metrics_address: String::new(),
+                metrics_address: format!(
+                    "{}:{}",
+                    spec.host,
+                    port(u32::from(METRICS_PORT_OFFSET), id)
+                ),
                 usig_public_key: match spec.usig {
                     // usigd keys and TPM enrolments are made by whoever sets those up.
                     UsigKind::Hmac | UsigKind::Usigd | UsigKind::Tpm => String::new(),

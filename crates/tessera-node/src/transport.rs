@@ -229,6 +229,21 @@ impl PeerSender {
         }
     }
 
+    /// Frames waiting in each peer's outgoing queue.
+    pub fn queue_depths(&self) -> Vec<(ReplicaId, usize)> {
+        self.queues
+            .iter()
+            .enumerate()
+            .filter_map(|(index, queue)| {
+                let queue = queue.as_ref()?;
+                Some((
+                    ReplicaId(index as u32),
+                    queue.max_capacity() - queue.capacity(),
+                ))
+            })
+            .collect()
+    }
+
     /// Queues an encoded message for every peer.
     pub fn broadcast(&self, frame: Bytes) {
         for index in 0..self.queues.len() {

@@ -48,7 +48,8 @@ pub struct ReplicaEndpoint {
     pub replica_address: String,
     /// `host:port` for clients.
     pub client_address: String,
-    /// `host:port` for the Prometheus metrics endpoint (empty: none).
+    /// `host:port` for the Prometheus metrics endpoint (`GET /metrics`); empty: no endpoint.
+    /// Optional so cluster files written before metrics existed still parse.
     #[serde(default)]
     pub metrics_address: String,
     /// How to check the replica's USIG: hex Ed25519 public key (ed25519, usigd), the TPM
@@ -213,6 +214,7 @@ impl ClusterConfig {
                     "order [[replicas]] by id starting at 0",
                 ));
             }
+            check_metrics_address(index, replica)?;
             if matches!(self.usig, UsigKind::Ed25519 | UsigKind::Usigd) {
                 parse_key(
                     FILE,
@@ -235,6 +237,37 @@ impl ClusterConfig {
     pub fn replica(&self, id: ReplicaId) -> &ReplicaEndpoint {
         &self.replicas[id.0 as usize]
     }
+}
+
+/// An optional metrics address must be `host:port` with a port, and must not share the
+/// replica's other ports (the replica would fail to start with a less helpful error).
+fn check_metrics_address(index: usize, replica: &ReplicaEndpoint) -> Result<(), ClusterFileError> {
+    let address = replica.metrics_address.trim();
+    if address.is_empty() {
+        return Ok(());
+    }
+    let field = format!("replicas[{index}].metrics_address");
+    let port = address
+        .rsplit_once(':')
+        .filter(|(host, _)| !host.is_empty())
+        .and_then(|(_, port)| port.parse::<u16>().ok());
+    if port.is_none() {
+        return Err(invalid(
+            "cluster.toml",
+            &field,
+            format!("is `{address}`, not host:port"),
+            "write it as host:port (for example \"127.0.0.1:7150\"), or \"\" for no metrics endpoint",
+        ));
+    }
+    if address == replica.replica_address || address == replica.client_address {
+        return Err(invalid(
+            "cluster.toml",
+            &field,
+            format!("is `{address}`, which this replica already uses for other traffic"),
+            "give the metrics endpoint a port of its own, or \"\" for none",
+        ));
+    }
+    Ok(())
 }
 
 impl ReplicaSecrets {
@@ -325,5 +358,63 @@ impl ClientSecrets {
             ));
         }
         Ok(secrets)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(metrics_address: &str) -> ClusterConfig {
+        let protocol = ProtocolConfig::default();
+        ClusterConfig {
+            replicas: (0..protocol.n)
+                .map(|id| ReplicaEndpoint {
+                    id,
+                    replica_address: format!("127.0.0.1:{}", 7000 + id),
+                    client_address: format!("127.0.0.1:{}", 7100 + id),
+                    metrics_address: metrics_address.replace("ID", &id.to_string()),
+                    usig_public_key: String::new(),
+                })
+                .collect(),
+            protocol,
+            usig: UsigKind::Hmac,
+            clients: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn metrics_address_is_optional_and_old_files_parse() {
+        let mut text = cluster("").to_toml();
+        text = text.replace("metrics_address = \"\"\n", "");
+        assert!(!text.contains("metrics_address"), "{text}");
+        let parsed = ClusterConfig::from_toml(&text).expect("a file without the field parses");
+        assert!(parsed
+            .replicas
+            .iter()
+            .all(|replica| replica.metrics_address.is_empty()));
+        cluster("127.0.0.1:715ID")
+            .validate()
+            .expect("host:port is valid");
+        cluster("[::1]:715ID")
+            .validate()
+            .expect("IPv6 host:port is valid");
+    }
+
+    #[test]
+    fn bad_metrics_addresses_name_the_field_and_the_fix() {
+        for (address, problem) in [
+            ("7150", "not host:port"),
+            ("127.0.0.1:http", "not host:port"),
+            (":7150", "not host:port"),
+            ("127.0.0.1:710ID", "already uses"),
+        ] {
+            let error = cluster(address).validate().unwrap_err().to_string();
+            assert!(
+                error.contains("replicas[0].metrics_address") && error.contains(problem),
+                "{address}: {error}"
+            );
+            assert!(error.contains("\"\" for"), "the fix is given: {error}");
+        }
     }
 }

@@ -11,6 +11,8 @@ use tessera_gateway::{ClusterInfo, Gateway, GatewayOptions};
 /// Where `tessera up` and `tessera gateway` listen unless told otherwise (Redis's own port,
 /// 6379, plus one, so a local Redis and the gateway can run side by side).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:6380";
+/// Where `tessera up` serves the gateway's Prometheus metrics unless told otherwise.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:6390";
 
 #[derive(clap::Args, Debug)]
 pub struct GatewayArgs {
@@ -29,6 +31,25 @@ pub struct GatewayArgs {
     /// Most Redis connections open at once.
     #[arg(long, default_value_t = GatewayOptions::default().connections_max)]
     pub connections_max: usize,
+    /// Also serve Prometheus metrics (`GET /metrics`) on this address.
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+}
+
+/// Serves `gateway`'s metrics on `listen` in a background task; returns the bound address.
+pub async fn serve_metrics(gateway: &Gateway, listen: &str) -> anyhow::Result<SocketAddr> {
+    let listener = tessera_node::metrics::bind_metrics(listen)
+        .await
+        .with_context(|| {
+            format!("the gateway cannot serve metrics on {listen}; pick another address")
+        })?;
+    let address = listener.local_addr()?;
+    let metrics = gateway.metrics();
+    tokio::spawn(tessera_node::metrics::serve_metrics(
+        listener,
+        std::sync::Arc::new(move || metrics.render()),
+    ));
+    Ok(address)
 }
 
 /// Connects to the cluster in `dir` and binds the gateway on `listen`.
@@ -77,6 +98,10 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
         args.dir.display(),
         redis_cli_line(address)
     );
+    if let Some(listen) = &args.metrics_listen {
+        let metrics = serve_metrics(&gateway, listen).await?;
+        println!("Gateway metrics: http://{metrics}/metrics");
+    }
     gateway
         .run(crate::shutdown_signal())
         .await

@@ -238,7 +238,11 @@ impl Drop for LocalCluster {
 /// earlier from the same directory), which would otherwise look like a ready replica.
 fn refuse_ports_in_use(cluster: &ClusterConfig) -> anyhow::Result<()> {
     for replica in &cluster.replicas {
-        for address in [&replica.client_address, &replica.replica_address] {
+        let metrics = Some(&replica.metrics_address).filter(|address| !address.is_empty());
+        let addresses = [&replica.client_address, &replica.replica_address]
+            .into_iter()
+            .chain(metrics);
+        for address in addresses {
             let Some(socket) = address
                 .to_socket_addrs()
                 .ok()

@@ -147,7 +147,8 @@ struct InitArgs {
     /// USIG backend.
     #[arg(long, value_enum, default_value_t = UsigChoice::Hmac)]
     usig: UsigChoice,
-    /// Replica i listens for replicas on 127.0.0.1:BASE+i and for clients on 127.0.0.1:BASE+100+i.
+    /// Replica i listens for replicas on 127.0.0.1:BASE+i, for clients on 127.0.0.1:BASE+100+i
+    /// and for metrics scrapes on 127.0.0.1:BASE+150+i.
     #[arg(long, default_value_t = 7000)]
     base_port: u16,
     /// Number of client credentials to create (client-<id>.secret.toml, ids from 0).
@@ -198,6 +199,9 @@ struct UpArgs {
     /// Do not start the Redis gateway.
     #[arg(long)]
     no_gateway: bool,
+    /// Where the gateway serves Prometheus metrics (`GET /metrics`).
+    #[arg(long, default_value = gateway::DEFAULT_METRICS_LISTEN)]
+    gateway_metrics_listen: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -205,9 +209,36 @@ struct StatusArgs {
     /// Cluster directory written by `tessera init`.
     #[arg(long, default_value = ".tessera")]
     dir: PathBuf,
-    /// Refresh every second until Ctrl-C.
+    /// Redraw the table in place until Ctrl-C.
     #[arg(long)]
     watch: bool,
+    /// Time between redraws with --watch: seconds (`2`, `2s`) or milliseconds (`500ms`),
+    /// from 100ms to 1h.
+    #[arg(long, default_value = "1s", value_parser = parse_interval, requires = "watch")]
+    interval: Duration,
+}
+
+/// Parses a watch interval (`2`, `2s`, `500ms`) within [100 ms, 1 h].
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit_ms) = if let Some(number) = text.strip_suffix("ms") {
+        (number, 1)
+    } else if let Some(number) = text.strip_suffix('s') {
+        (number, 1000)
+    } else {
+        (text, 1000)
+    };
+    let interval = number
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|value| value.checked_mul(unit_ms))
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("`{text}` is not an interval; write e.g. 2s or 500ms"))?;
+    if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&interval) {
+        return Err(format!("`{text}` is outside 100ms..1h"));
+    }
+    Ok(interval)
 }
 
 fn main() -> ExitCode {
@@ -571,17 +602,28 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
 
 /// Starts the gateway in this process; a gateway that cannot start (its port is taken, say)
 /// is reported, and the cluster keeps running without it.
-async fn start_up_gateway(args: &UpArgs) -> Option<std::net::SocketAddr> {
+async fn start_up_gateway(args: &UpArgs) -> Option<UpGateway> {
     let options = tessera_gateway::GatewayOptions::default();
     let started = gateway::start(&args.dir, &args.gateway_listen, None, options).await;
     match started.and_then(|gateway| Ok((gateway.local_addr()?, gateway))) {
         Ok((address, gateway)) => {
+            // Metrics are an extra: a taken port costs the endpoint, not the gateway.
+            let metrics = match gateway::serve_metrics(&gateway, &args.gateway_metrics_listen).await
+            {
+                Ok(metrics) => Some(metrics),
+                Err(error) => {
+                    eprintln!(
+                        "warning: no gateway metrics: {error:#}; use --gateway-metrics-listen ADDRESS"
+                    );
+                    None
+                }
+            };
             tokio::spawn(async move {
                 if let Err(error) = gateway.run(std::future::pending()).await {
                     eprintln!("the Redis gateway stopped: {error}");
                 }
             });
-            Some(address)
+            Some(UpGateway { address, metrics })
         }
         Err(error) => {
             eprintln!(
@@ -592,7 +634,13 @@ async fn start_up_gateway(args: &UpArgs) -> Option<std::net::SocketAddr> {
     }
 }
 
-fn print_endpoints(local: &LocalCluster, gateway: Option<std::net::SocketAddr>) {
+/// Where the gateway `tessera up` started listens.
+struct UpGateway {
+    address: std::net::SocketAddr,
+    metrics: Option<std::net::SocketAddr>,
+}
+
+fn print_endpoints(local: &LocalCluster, gateway: Option<UpGateway>) {
     let cluster = local.cluster();
     let dir = local.dir();
     println!(
@@ -613,16 +661,28 @@ fn print_endpoints(local: &LocalCluster, gateway: Option<std::net::SocketAddr>) 
             local.log_path(replica.id).display()
         );
     }
+    let metrics: Vec<String> = cluster
+        .replicas
+        .iter()
+        .filter(|replica| !replica.metrics_address.is_empty())
+        .map(|replica| format!("http://{}/metrics", replica.metrics_address))
+        .collect();
+    if !metrics.is_empty() {
+        println!("Metrics: {}", metrics.join("  "));
+    }
     let shown_dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
     println!("Cluster directory: {}", shown_dir.display());
     println!("Try:   tessera kv --dir {} set hello world", dir.display());
     println!("       tessera kv --dir {} get hello", dir.display());
     println!("       tessera status --dir {}", dir.display());
-    if let Some(address) = gateway {
+    if let Some(UpGateway { address, metrics }) = gateway {
         println!(
             "Redis: {}   (gateway on {address})",
             gateway::redis_cli_line(address)
         );
+        if let Some(metrics) = metrics {
+            println!("Gateway metrics: http://{metrics}/metrics");
+        }
     }
     println!("Press Ctrl-C to stop.");
 }
@@ -660,17 +720,39 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
         print!("{}", status_table(&cluster).await);
         return Ok(());
     }
+    let terminal = std::io::stdout().is_terminal();
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let mut ticker = tokio::time::interval(args.interval);
+    // A slow round of queries delays the next redraw instead of bunching redraws up.
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stdout = std::io::stdout();
     loop {
         tokio::select! {
-            () = &mut shutdown => return Ok(()),
+            () = &mut shutdown => {
+                if terminal {
+                    // Show the cursor again and leave the prompt below the table.
+                    writeln!(stdout, "\x1b[?25h")?;
+                    stdout.flush()?;
+                }
+                return Ok(());
+            }
             _ = ticker.tick() => {
                 let table = status_table(&cluster).await;
-                // Clear the screen and home the cursor, then redraw.
-                println!("\x1b[2J\x1b[H{table}(refreshing every second; Ctrl-C to stop)");
-                std::io::stdout().flush()?;
+                let footer = format!(
+                    "(refreshing every {:?}; Ctrl-C to stop)\n",
+                    args.interval
+                );
+                if terminal {
+                    // Home the cursor and hide it, redraw over the old table, then clear
+                    // whatever the previous (longer) table left below: no flicker from a
+                    // full clear.
+                    write!(stdout, "\x1b[?25l\x1b[H{}{footer}\x1b[J", table.replace('\n', "\x1b[K\n"))?;
+                } else {
+                    // Not a terminal (a pipe or a file): one table after another.
+                    writeln!(stdout, "{table}")?;
+                }
+                stdout.flush()?;
             }
         }
     }
@@ -692,40 +774,59 @@ async fn status_table(cluster: &ClusterConfig) -> String {
     format_status_table(&rows)
 }
 
+/// A replica's health as the status table shows it.
+fn health(answer: &anyhow::Result<ReplicaStatus>) -> &'static str {
+    match answer {
+        Err(_) => "down",
+        Ok(status) if status.view_changing => "view-changing",
+        Ok(_) => "ok",
+    }
+}
+
+/// Renders the status table: one row per replica, with its lag behind the most advanced
+/// replica that answered (in executed sequence numbers).
 fn format_status_table(rows: &[(&ReplicaEndpoint, anyhow::Result<ReplicaStatus>)]) -> String {
+    let most_advanced = rows
+        .iter()
+        .filter_map(|(_, answer)| answer.as_ref().ok())
+        .map(|status| status.last_executed.0)
+        .max()
+        .unwrap_or(0);
     let mut table = format!(
-        "{:<7} {:<21} {:<5} {:>5} {:>7} {:>8} {:>13} {:>10} {:>10} {:>8} {:>10}\n",
+        "{:<7} {:<21} {:<13} {:>5} {:>7} {:>13} {:>10} {:>6} {:>8} {:>10} {:>10}\n",
         "replica",
         "address",
-        "state",
+        "health",
         "view",
         "primary",
-        "changing",
         "last executed",
         "stable",
-        "usig",
+        "lag",
         "pending",
+        "usig",
         "executed"
     );
     for (endpoint, answer) in rows {
         match answer {
             Ok(status) => table.push_str(&format!(
-                "{:<7} {:<21} {:<5} {:>5} {:>7} {:>8} {:>13} {:>10} {:>10} {:>8} {:>10}\n",
+                "{:<7} {:<21} {:<13} {:>5} {:>7} {:>13} {:>10} {:>6} {:>8} {:>10} {:>10}\n",
                 endpoint.id,
                 endpoint.client_address,
-                "alive",
+                health(answer),
                 status.view.0,
                 status.primary.0,
-                if status.view_changing { "yes" } else { "no" },
                 status.last_executed.0,
                 status.stable_checkpoint.0,
-                status.usig_counter,
+                most_advanced.saturating_sub(status.last_executed.0),
                 status.pending_requests,
+                status.usig_counter,
                 status.requests_executed
             )),
             Err(error) => table.push_str(&format!(
-                "{:<7} {:<21} {:<5} ({error:#})\n",
-                endpoint.id, endpoint.client_address, "down"
+                "{:<7} {:<21} {:<13} ({error:#})\n",
+                endpoint.id,
+                endpoint.client_address,
+                health(answer)
             )),
         }
     }
@@ -767,6 +868,7 @@ mod tests {
             let cluster = init(&args).unwrap();
             assert_eq!(cluster.usig, UsigKind::from(usig));
             assert_eq!(cluster.replicas[2].client_address, "127.0.0.1:7102");
+            assert_eq!(cluster.replicas[2].metrics_address, "127.0.0.1:7152");
             for path in [replica_secret_path(&dir, 0), client_secret_path(&dir, 1)] {
                 let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
                 assert_eq!(mode, 0o600, "{}", path.display());
@@ -814,24 +916,90 @@ mod tests {
         assert!(!temp.path().join("cluster.toml").exists());
     }
 
-    #[test]
-    fn status_table_shows_down_replicas() {
-        let endpoint = ReplicaEndpoint {
-            id: 0,
-            replica_address: "127.0.0.1:1".into(),
-            client_address: "127.0.0.1:2".into(),
-            metrics_address: String::new(),
+    fn endpoint(id: u32) -> ReplicaEndpoint {
+        ReplicaEndpoint {
+            id,
+            replica_address: format!("127.0.0.1:{}", 7000 + id),
+            client_address: format!("127.0.0.1:{}", 7100 + id),
+            metrics_address: format!("127.0.0.1:{}", 7150 + id),
             usig_public_key: String::new(),
-        };
+        }
+    }
+
+    fn status(id: u32, view: u64, changing: bool, last_executed: u64) -> ReplicaStatus {
+        ReplicaStatus {
+            replica: ReplicaId(id),
+            view: tessera_types::View(view),
+            primary: ReplicaId((view % 3) as u32),
+            view_changing: changing,
+            last_executed: tessera_types::SeqNum(last_executed),
+            stable_checkpoint: tessera_types::SeqNum(last_executed / 10 * 10),
+            pending_requests: 2,
+            ..ReplicaStatus::default()
+        }
+    }
+
+    #[test]
+    fn status_table_shows_health_and_lag_behind_the_most_advanced_replica() {
+        let endpoints: Vec<ReplicaEndpoint> = (0..4).map(endpoint).collect();
         let rows = vec![
-            (&endpoint, Ok(ReplicaStatus::default())),
-            (&endpoint, Err(anyhow::anyhow!("connection refused"))),
+            (&endpoints[0], Ok(status(0, 1, false, 57))),
+            (&endpoints[1], Ok(status(1, 1, false, 50))),
+            (&endpoints[2], Ok(status(2, 2, true, 44))),
+            (&endpoints[3], Err(anyhow::anyhow!("connection refused"))),
         ];
         let table = format_status_table(&rows);
-        assert!(table.contains("alive"));
-        assert!(
-            table.contains("down") && table.contains("connection refused"),
+        let lines: Vec<Vec<&str>> = table
+            .lines()
+            .map(|line| line.split_whitespace().collect())
+            .collect();
+        assert_eq!(lines.len(), 5, "{table}");
+        assert_eq!(lines[0][..3], ["replica", "address", "health"], "{table}");
+        // replica address health view primary last stable lag pending usig executed
+        assert_eq!(
+            lines[1],
+            [
+                "0",
+                "127.0.0.1:7100",
+                "ok",
+                "1",
+                "1",
+                "57",
+                "50",
+                "0",
+                "2",
+                "0",
+                "0"
+            ]
+        );
+        assert_eq!(lines[2][2..8], ["ok", "1", "1", "50", "50", "7"], "{table}");
+        assert_eq!(
+            lines[3][2..8],
+            ["view-changing", "2", "2", "44", "40", "13"],
             "{table}"
         );
+        assert_eq!(lines[4][..3], ["3", "127.0.0.1:7103", "down"], "{table}");
+        assert!(table.contains("connection refused"), "{table}");
+    }
+
+    #[test]
+    fn status_table_with_every_replica_down_has_no_lag_to_show() {
+        let endpoints: Vec<ReplicaEndpoint> = (0..2).map(endpoint).collect();
+        let rows: Vec<_> = endpoints
+            .iter()
+            .map(|endpoint| (endpoint, Err(anyhow::anyhow!("timed out"))))
+            .collect();
+        let table = format_status_table(&rows);
+        assert_eq!(table.matches("down").count(), 2, "{table}");
+    }
+
+    #[test]
+    fn watch_intervals_parse_with_units_and_bounds() {
+        assert_eq!(parse_interval("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_interval("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_interval("250ms"), Ok(Duration::from_millis(250)));
+        for bad in ["", "fast", "10ms", "2h", "5000s", "-1s"] {
+            assert!(parse_interval(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -79,7 +79,11 @@ fn cluster_serves(usig: &str, base_port: u16) {
         }
         assert_eq!(kv(&dir, &["get", "counter"]), "\"10\"");
         let status = run(&["status"], &dir);
-        assert_eq!(status.matches("alive").count(), 3, "{status}");
+        let healthy = status
+            .lines()
+            .filter(|line| line.split_whitespace().nth(2) == Some("ok"))
+            .count();
+        assert_eq!(healthy, 3, "{status}");
         local.stop().expect("stop");
     }
 }

@@ -502,6 +502,11 @@ impl<S: StateMachine> Replica<S> {
         }
     }
 
+    /// True while a state transfer is in progress (for metrics).
+    pub fn is_transferring_state(&self) -> bool {
+        self.transfer.is_some()
+    }
+
     /// Messages rejected so far, by reason (for metrics and tests).
     pub fn rejections(&self) -> &BTreeMap<&'static str, u64> {
         &self.rejections
