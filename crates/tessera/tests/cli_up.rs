@@ -4,11 +4,10 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use support::BINARY;
+use support::{read_up_until_ready, tessera_kv, BINARY};
 
 /// How long `up` may take to print its endpoints.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -54,22 +53,6 @@ fn process_is_running(pid: i32) -> bool {
     }
 }
 
-fn kv(dir: &Path, arguments: &[&str]) -> String {
-    let output = Command::new(BINARY)
-        .arg("kv")
-        .arg("--dir")
-        .arg(dir)
-        .args(arguments)
-        .output()
-        .expect("run tessera kv");
-    assert!(
-        output.status.success(),
-        "tessera kv {arguments:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
-}
-
 #[test]
 fn up_prints_endpoints_and_stops_on_sigint() {
     let temp = tempfile::tempdir().expect("create a temporary directory");
@@ -96,26 +79,7 @@ fn up_prints_endpoints_and_stops_on_sigint() {
         }
     });
 
-    let deadline = Instant::now() + READY_TIMEOUT;
-    let mut printed = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = lines
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("`up` printed no \"Press Ctrl-C\"; output: {printed:#?}"));
-        if let Some(pid) = line
-            .split_once(" pid ")
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .and_then(|pid| pid.parse().ok())
-        {
-            guard.replica_pids.push(pid);
-        }
-        let ready = line.contains("Press Ctrl-C");
-        printed.push(line);
-        if ready {
-            break;
-        }
-    }
+    let printed = read_up_until_ready(&lines, READY_TIMEOUT, &mut guard.replica_pids);
     let text = printed.join("\n");
     assert_eq!(guard.replica_pids.len(), 3, "three replica pids in {text}");
     for id in 0..3 {
@@ -126,8 +90,8 @@ fn up_prints_endpoints_and_stops_on_sigint() {
     }
     assert!(text.contains("tessera kv --dir"), "usage hints in {text}");
 
-    assert_eq!(kv(&dir, &["set", "a", "b"]), "OK");
-    assert_eq!(kv(&dir, &["get", "a"]), "\"b\"");
+    assert_eq!(tessera_kv(&dir, &["set", "a", "b"]), "OK");
+    assert_eq!(tessera_kv(&dir, &["get", "a"]), "\"b\"");
 
     signal(guard.up.id() as i32, libc::SIGINT);
     let deadline = Instant::now() + EXIT_TIMEOUT;

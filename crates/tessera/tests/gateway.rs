@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::{ClusterDir, RunningCluster, BINARY};
+use support::{read_up_until_ready, ClusterDir, RunningCluster, BINARY};
 use tessera_gateway::resp::{decode_reply, encode_request};
 use tessera_gateway::{Reply, RespLimits};
 
@@ -520,26 +520,7 @@ fn up_starts_a_gateway_and_prints_the_redis_cli_line() {
             }
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut printed = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = lines
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("`up` never became ready: {printed:#?}"));
-        if let Some(pid) = line
-            .split_once(" pid ")
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .and_then(|pid| pid.parse().ok())
-        {
-            process.replica_pids.push(pid);
-        }
-        let ready = line.contains("Press Ctrl-C");
-        printed.push(line);
-        if ready {
-            break;
-        }
-    }
+    let printed = read_up_until_ready(&lines, Duration::from_secs(30), &mut process.replica_pids);
     assert!(
         printed
             .iter()

@@ -50,7 +50,21 @@ fn thousand_mixed_operations_match_a_model() {
         );
         eprintln!("{checked} operations checked in {:?}", started.elapsed());
 
-        let statuses = wait_for_agreement(&cluster.dir, &[0, 1, 2], Duration::from_secs(15)).await;
+        // Statuses are published about every 100 ms, so an agreement can be seen in copies
+        // taken before the last requests executed (CI saw 923 of 1,050): wait for the count.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let statuses = loop {
+            let statuses =
+                wait_for_agreement(&cluster.dir, &[0, 1, 2], Duration::from_secs(15)).await;
+            if statuses
+                .iter()
+                .all(|status| status.requests_executed as usize >= checked)
+                || Instant::now() >= deadline
+            {
+                break statuses;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
         let first = &statuses[0];
         assert_eq!(first.view.0, 0, "no view change without faults");
         assert!(

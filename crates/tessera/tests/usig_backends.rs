@@ -9,7 +9,7 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-use support::{LocalCluster, BINARY};
+use support::{tessera_kv, LocalCluster, BINARY};
 
 fn run(arguments: &[&str], dir: &Path) -> String {
     let output = Command::new(BINARY)
@@ -21,21 +21,6 @@ fn run(arguments: &[&str], dir: &Path) -> String {
     assert!(
         output.status.success(),
         "tessera {arguments:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
-}
-
-fn kv(dir: &Path, arguments: &[&str]) -> String {
-    let output = Command::new(BINARY)
-        .args(["kv", "--dir"])
-        .arg(dir)
-        .args(arguments)
-        .output()
-        .expect("run tessera kv");
-    assert!(
-        output.status.success(),
-        "tessera kv {arguments:?} failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).trim().to_string()
@@ -72,12 +57,12 @@ fn cluster_serves(usig: &str, base_port: u16) {
             panic!("{usig} cluster not ready in round {round}: {error:#}");
         }
         let key = format!("key-{round}");
-        assert_eq!(kv(&dir, &["set", &key, usig]), "OK");
-        assert_eq!(kv(&dir, &["get", &key]), format!("\"{usig}\""));
+        assert_eq!(tessera_kv(&dir, &["set", &key, usig]), "OK");
+        assert_eq!(tessera_kv(&dir, &["get", &key]), format!("\"{usig}\""));
         for _ in 0..10 {
-            kv(&dir, &["incr", "counter"]);
+            tessera_kv(&dir, &["incr", "counter"]);
         }
-        assert_eq!(kv(&dir, &["get", "counter"]), "\"10\"");
+        assert_eq!(tessera_kv(&dir, &["get", "counter"]), "\"10\"");
         let status = run(&["status"], &dir);
         let healthy = status
             .lines()

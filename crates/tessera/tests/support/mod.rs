@@ -721,3 +721,52 @@ pub fn run_bounded<F: std::future::Future<Output = ()>>(limit: Duration, body: F
     // Connection tasks of dropped clients must not keep the test alive.
     runtime.shutdown_timeout(Duration::from_secs(1));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The CLI as a user runs it
+
+/// Runs `tessera kv --dir DIR ARGUMENTS...` and returns what it printed, trimmed; panics with
+/// its stderr if it failed.
+pub fn tessera_kv(dir: &Path, arguments: &[&str]) -> String {
+    let output = std::process::Command::new(BINARY)
+        .args(["kv", "--dir"])
+        .arg(dir)
+        .args(arguments)
+        .output()
+        .expect("run tessera kv");
+    assert!(
+        output.status.success(),
+        "tessera kv {arguments:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+/// Reads `tessera up`'s output lines until it says it is ready ("Press Ctrl-C"), collecting the
+/// replica pids it prints into `pids`; panics with what it printed after `timeout`.
+pub fn read_up_until_ready(
+    lines: &std::sync::mpsc::Receiver<String>,
+    timeout: Duration,
+    pids: &mut Vec<i32>,
+) -> Vec<String> {
+    let deadline = Instant::now() + timeout;
+    let mut printed = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("`up` never said it was ready; output: {printed:#?}"));
+        if let Some(pid) = line
+            .split_once(" pid ")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .and_then(|pid| pid.parse().ok())
+        {
+            pids.push(pid);
+        }
+        let ready = line.contains("Press Ctrl-C");
+        printed.push(line);
+        if ready {
+            return printed;
+        }
+    }
+}
