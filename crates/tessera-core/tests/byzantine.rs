@@ -705,3 +705,44 @@ fn a_source_stalling_a_state_transfer_with_empty_chunks_is_routed_around() {
         cluster.replicas[1].status().stable_state_digest
     );
 }
+
+/// The only summary a lagging replica gets is a faulty replica's (correct, so it passes), and
+/// that replica then never serves a chunk. Found in review: sources used to be only the
+/// replicas that sent a summary, so the transfer waited on the faulty one for good. Every other
+/// replica is a source now; the faulty one's partitions pass their deadline and go to the
+/// correct replica, which never sent a summary at all.
+#[test]
+fn a_transfer_completes_from_a_replica_that_sent_no_summary() {
+    let mut cluster = Cluster::new(config(3, 1));
+    cluster.filter = Some(Box::new(|from, to, message| {
+        if from.0 != 2 && to.0 != 2 {
+            return Fate::Deliver;
+        }
+        match (from.0, message) {
+            (0, ReplicaMessage::PartitionReply(_)) | (1, ReplicaMessage::StateSummary(_)) => {
+                Fate::Drop
+            }
+            (_, ReplicaMessage::Heartbeat(_))
+            | (_, ReplicaMessage::StateRequest(_))
+            | (_, ReplicaMessage::StateSummary(_))
+            | (_, ReplicaMessage::PartitionRequest(_))
+            | (_, ReplicaMessage::PartitionReply(_)) => Fate::Deliver,
+            _ => Fate::Drop,
+        }
+    }));
+    for number in 1..=40u64 {
+        let key = format!("key{}", number % 13);
+        assert!(cluster
+            .invoke(ClientId::new(0, 1), number, &set(&key, "v"), 5_000)
+            .is_some());
+    }
+    let target = cluster.replicas[1].stable_checkpoint().seq;
+    assert!(target.0 >= 32, "the others moved on: {target:?}");
+    cluster.run_for(10_000);
+    let lagging = &cluster.replicas[2];
+    assert!(lagging.last_executed() >= target, "{:?}", lagging.status());
+    assert_eq!(
+        lagging.status().stable_state_digest,
+        cluster.replicas[1].status().stable_state_digest
+    );
+}
