@@ -654,6 +654,52 @@ fn a_checkpoint_near_the_end_of_the_sequence_space_does_not_overflow() {
     );
 }
 
+/// Replica 2 hears only heartbeats and state-transfer messages (`twist` decides first about
+/// those sent to it by replica `from`) while the others execute 40 requests and move on by
+/// several checkpoints; returns the cluster and the stable checkpoint replica 2 must reach.
+fn replica_2_fetching_state(
+    twist: impl Fn(u32, &ReplicaMessage) -> Option<Fate> + 'static,
+) -> (Cluster, SeqNum) {
+    let mut cluster = Cluster::new(config(3, 1));
+    cluster.filter = Some(Box::new(move |from, to, message| {
+        if from.0 != 2 && to.0 != 2 {
+            return Fate::Deliver;
+        }
+        if to.0 == 2 {
+            if let Some(fate) = twist(from.0, message) {
+                return fate;
+            }
+        }
+        match message {
+            ReplicaMessage::Heartbeat(_)
+            | ReplicaMessage::StateRequest(_)
+            | ReplicaMessage::StateSummary(_)
+            | ReplicaMessage::PartitionRequest(_)
+            | ReplicaMessage::PartitionReply(_) => Fate::Deliver,
+            _ => Fate::Drop,
+        }
+    }));
+    for number in 1..=40u64 {
+        let key = format!("key{}", number % 13);
+        assert!(cluster
+            .invoke(ClientId::new(0, 1), number, &set(&key, "v"), 5_000)
+            .is_some());
+    }
+    let target = cluster.replicas[1].stable_checkpoint().seq;
+    assert!(target.0 >= 32, "the others moved on: {target:?}");
+    (cluster, target)
+}
+
+/// Replica 2 reached `target` with the state the correct replica 1 holds.
+fn assert_replica_2_caught_up(cluster: &Cluster, target: SeqNum) {
+    let lagging = &cluster.replicas[2];
+    assert!(lagging.last_executed() >= target, "{:?}", lagging.status());
+    assert_eq!(
+        lagging.status().stable_state_digest,
+        cluster.replicas[1].status().stable_state_digest
+    );
+}
+
 /// A faulty replica serving state holds its partitions with chunks that carry nothing but
 /// always promise more (found in review: each such chunk used to restart the source's timer, so
 /// the transfer never finished). An empty chunk that is not the last now marks its sender
@@ -663,47 +709,22 @@ fn a_checkpoint_near_the_end_of_the_sequence_space_does_not_overflow() {
 fn a_source_stalling_a_state_transfer_with_empty_chunks_is_routed_around() {
     use tessera_types::ChunkBytes;
 
-    let mut cluster = Cluster::new(config(3, 1));
-    // Replica 2 hears only heartbeats and state transfer; replica 0 stalls every partition.
-    cluster.filter = Some(Box::new(|from, to, message| {
-        if from.0 != 2 && to.0 != 2 {
-            return Fate::Deliver;
-        }
-        match (from.0, message) {
-            (0, ReplicaMessage::PartitionReply(reply)) => {
-                let mut reply = reply.clone();
-                if reply.chunk.is_some() {
-                    reply.chunk = Some(ChunkBytes {
-                        bytes: tessera_types::encode(&Vec::<(Vec<u8>, Vec<u8>)>::new()),
-                        next: Some(b"more soon".to_vec()),
-                    });
-                }
-                Fate::Replace(ReplicaMessage::PartitionReply(reply))
+    let (mut cluster, target) = replica_2_fetching_state(|from, message| match (from, message) {
+        (0, ReplicaMessage::PartitionReply(reply)) => {
+            let mut reply = reply.clone();
+            if reply.chunk.is_some() {
+                reply.chunk = Some(ChunkBytes {
+                    bytes: tessera_types::encode(&Vec::<(Vec<u8>, Vec<u8>)>::new()),
+                    next: Some(b"more soon".to_vec()),
+                });
             }
-            (_, ReplicaMessage::Heartbeat(_))
-            | (_, ReplicaMessage::StateRequest(_))
-            | (_, ReplicaMessage::StateSummary(_))
-            | (_, ReplicaMessage::PartitionRequest(_))
-            | (_, ReplicaMessage::PartitionReply(_)) => Fate::Deliver,
-            _ => Fate::Drop,
+            Some(Fate::Replace(ReplicaMessage::PartitionReply(reply)))
         }
-    }));
-    for number in 1..=40u64 {
-        let key = format!("key{}", number % 13);
-        assert!(cluster
-            .invoke(ClientId::new(0, 1), number, &set(&key, "v"), 5_000)
-            .is_some());
-    }
-    let target = cluster.replicas[1].stable_checkpoint().seq;
-    assert!(target.0 >= 32, "the others moved on: {target:?}");
+        _ => None,
+    });
     cluster.run_for(5_000);
     assert!(cluster.rejections(2, "partition-chunk-invalid") >= 1);
-    let lagging = &cluster.replicas[2];
-    assert!(lagging.last_executed() >= target, "{:?}", lagging.status());
-    assert_eq!(
-        lagging.status().stable_state_digest,
-        cluster.replicas[1].status().stable_state_digest
-    );
+    assert_replica_2_caught_up(&cluster, target);
 }
 
 /// The only summary a lagging replica gets is a faulty replica's (correct, so it passes), and
@@ -713,36 +734,12 @@ fn a_source_stalling_a_state_transfer_with_empty_chunks_is_routed_around() {
 /// correct replica, which never sent a summary at all.
 #[test]
 fn a_transfer_completes_from_a_replica_that_sent_no_summary() {
-    let mut cluster = Cluster::new(config(3, 1));
-    cluster.filter = Some(Box::new(|from, to, message| {
-        if from.0 != 2 && to.0 != 2 {
-            return Fate::Deliver;
+    let (mut cluster, target) = replica_2_fetching_state(|from, message| match (from, message) {
+        (0, ReplicaMessage::PartitionReply(_)) | (1, ReplicaMessage::StateSummary(_)) => {
+            Some(Fate::Drop)
         }
-        match (from.0, message) {
-            (0, ReplicaMessage::PartitionReply(_)) | (1, ReplicaMessage::StateSummary(_)) => {
-                Fate::Drop
-            }
-            (_, ReplicaMessage::Heartbeat(_))
-            | (_, ReplicaMessage::StateRequest(_))
-            | (_, ReplicaMessage::StateSummary(_))
-            | (_, ReplicaMessage::PartitionRequest(_))
-            | (_, ReplicaMessage::PartitionReply(_)) => Fate::Deliver,
-            _ => Fate::Drop,
-        }
-    }));
-    for number in 1..=40u64 {
-        let key = format!("key{}", number % 13);
-        assert!(cluster
-            .invoke(ClientId::new(0, 1), number, &set(&key, "v"), 5_000)
-            .is_some());
-    }
-    let target = cluster.replicas[1].stable_checkpoint().seq;
-    assert!(target.0 >= 32, "the others moved on: {target:?}");
+        _ => None,
+    });
     cluster.run_for(10_000);
-    let lagging = &cluster.replicas[2];
-    assert!(lagging.last_executed() >= target, "{:?}", lagging.status());
-    assert_eq!(
-        lagging.status().stable_state_digest,
-        cluster.replicas[1].status().stable_state_digest
-    );
+    assert_replica_2_caught_up(&cluster, target);
 }

@@ -364,18 +364,7 @@ pub fn build_usig(
         }
         UsigKind::Ed25519 => {
             let secret = parse_key(FILE, "usig_secret", &secrets.usig_secret)?;
-            let public_keys = cluster
-                .replicas
-                .iter()
-                .enumerate()
-                .map(|(index, replica)| {
-                    parse_key(
-                        "cluster.toml",
-                        &format!("replicas[{index}].usig_public_key"),
-                        &replica.usig_public_key,
-                    )
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let public_keys = usig_public_keys(cluster)?;
             Ok(Box::new(Ed25519Usig::new(identity, secret, public_keys)?))
         }
         UsigKind::Usigd => {

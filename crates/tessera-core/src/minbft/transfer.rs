@@ -83,7 +83,7 @@ pub(super) struct Transfer<P> {
     certificate: CheckpointCertificate,
     /// The agreed digest of every partition at the checkpoint.
     leaves: Vec<Digest>,
-    clients: ClientEntries,
+    clients: ClientTable,
     anchors: Vec<tessera_types::Checkpoint>,
     /// Replicas asked for partitions: every other replica at first (any that kept this
     /// checkpoint's state can serve it, not only those that sent a summary), minus those that
@@ -107,6 +107,22 @@ impl<P> Transfer<P> {
     /// Partitions still missing (needed or in flight).
     pub fn missing(&self) -> usize {
         self.needed.len() + self.fetching.len()
+    }
+
+    /// Stops asking `source`: it leaves the sources, and every partition it was serving goes
+    /// back to the queue for the others.
+    fn drop_source(&mut self, source: ReplicaId) {
+        self.sources.remove(&source);
+        let released: Vec<u32> = self
+            .fetching
+            .iter()
+            .filter(|(_, fetching)| fetching.source == source)
+            .map(|(index, _)| *index)
+            .collect();
+        for index in released {
+            self.fetching.remove(&index);
+            self.needed.insert(index);
+        }
     }
 }
 
@@ -274,7 +290,7 @@ impl<S: StateMachine> Replica<S> {
     }
 
     /// The summary's partition digests and client table if they give its certified digest.
-    fn check_summary(&mut self, summary: &StateSummary) -> Option<(Vec<Digest>, ClientEntries)> {
+    fn check_summary(&mut self, summary: &StateSummary) -> Option<(Vec<Digest>, ClientTable)> {
         if summary.partitions.len() != self.state_machine.partition_count() as usize {
             self.reject("state-summary-partitions");
             return None;
@@ -286,8 +302,7 @@ impl<S: StateMachine> Replica<S> {
             self.reject("state-summary-clients");
             return None;
         };
-        let Ok(clients) = ClientTable::from_entries(entries.clone(), self.config.client_table_max)
-        else {
+        let Ok(clients) = ClientTable::from_entries(entries, self.config.client_table_max) else {
             self.reject("state-summary-clients");
             return None;
         };
@@ -299,7 +314,7 @@ impl<S: StateMachine> Replica<S> {
             self.reject("state-summary-digest");
             return None;
         }
-        Some((summary.partitions.clone(), entries))
+        Some((summary.partitions.clone(), clients))
     }
 
     pub(super) fn on_partition_request(&mut self, from: ReplicaId, request: PartitionRequest) {
@@ -355,9 +370,7 @@ impl<S: StateMachine> Replica<S> {
         }
         let Some(chunk) = reply.chunk else {
             // The source moved on to a newer stable checkpoint and dropped this one.
-            transfer.sources.remove(&from);
-            transfer.fetching.remove(&partition);
-            transfer.needed.insert(partition);
+            transfer.drop_source(from);
             self.pump_transfer();
             return;
         };
@@ -422,17 +435,7 @@ impl<S: StateMachine> Replica<S> {
     fn distrust_source(&mut self, source: ReplicaId) {
         self.transfer_blacklist.insert(source);
         if let Some(transfer) = &mut self.transfer {
-            transfer.sources.remove(&source);
-            let dropped: Vec<u32> = transfer
-                .fetching
-                .iter()
-                .filter(|(_, fetching)| fetching.source == source)
-                .map(|(index, _)| *index)
-                .collect();
-            for index in dropped {
-                transfer.fetching.remove(&index);
-                transfer.needed.insert(index);
-            }
+            transfer.drop_source(source);
         }
         self.pump_transfer();
     }
@@ -448,16 +451,15 @@ impl<S: StateMachine> Replica<S> {
             return;
         }
         let now_ms = self.now_ms;
-        let late: Vec<(u32, ReplicaId)> = transfer
+        // A source that lets one deadline pass loses every partition it holds.
+        let late: BTreeSet<ReplicaId> = transfer
             .fetching
-            .iter()
-            .filter(|(_, fetching)| now_ms > fetching.deadline_ms)
-            .map(|(index, fetching)| (*index, fetching.source))
+            .values()
+            .filter(|fetching| now_ms > fetching.deadline_ms)
+            .map(|fetching| fetching.source)
             .collect();
-        for (index, source) in late {
-            transfer.fetching.remove(&index);
-            transfer.needed.insert(index);
-            transfer.sources.remove(&source);
+        for source in late {
+            transfer.drop_source(source);
             transfer.timed_out.insert(source);
         }
         self.pump_transfer();
@@ -553,8 +555,7 @@ impl<S: StateMachine> Replica<S> {
             self.pump_transfer();
             return;
         }
-        let clients = ClientTable::from_entries(transfer.clients, self.config.client_table_max)
-            .expect("checked with the summary");
+        let clients = transfer.clients;
         let partitions: Vec<S::Staged> = std::mem::take(&mut transfer.done).into_values().collect();
         let moved: u64 = partitions.iter().map(|partition| partition.bytes()).sum();
         if let Err(error) = self.state_machine.install(partitions) {
