@@ -6,6 +6,11 @@
 //! the same bytes are queued for every destination; replies go to [`ReplyRoutes`]. It never
 //! waits on a socket or a full queue: whatever cannot be queued is dropped and counted, and the
 //! protocol's retransmission recovers it. Signature checks happen before events get here.
+//!
+//! With a write-ahead log ([`crate::wal`]) every input is logged as it is handled, and each
+//! turn's actions are carried out only after the turn's inputs are durable (group commit). On
+//! start the loop first replays the log into the fresh core, discarding what the replayed core
+//! says except its timers, and continues the logged clock from where it stopped.
 
 use bytes::Bytes;
 use std::collections::BTreeMap;
@@ -14,12 +19,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tessera_core::{Action, Replica, Timer};
 use tessera_types::{ReplicaId, ReplicaMessage, Request, StateMachine};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::counters::{DropReason, NodeCounters};
 use crate::metrics::{CoreObservation, CoreSnapshot, ReplicaMetrics};
 use crate::routes::{ReplyRoutes, StatusBoard};
 use crate::transport::PeerSender;
+use crate::wal::{Mark, Record, RecordRef, Wal, WalError, WalReader};
 
 /// Default capacity of the core's inbox, in events.
 pub const CORE_INBOX_EVENTS_DEFAULT: usize = 65_536;
@@ -121,12 +127,14 @@ pub struct CoreOutputs {
 }
 
 /// Starts the core thread. It runs until it receives [`CoreEvent::Stop`] or every inbox
-/// sender is gone.
+/// sender is gone; with a log (`wal`), it first replays it. It stops with an error if the log
+/// cannot be replayed or written: without a durable log it must not say anything more.
 pub fn spawn_core_thread<S: StateMachine>(
     replica: Replica<S>,
     inbox: Receiver<CoreEvent>,
     outputs: CoreOutputs,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
+    wal: Option<WalReader>,
+) -> std::io::Result<std::thread::JoinHandle<Result<(), WalError>>> {
     let id = replica.id();
     std::thread::Builder::new()
         .name(format!("tessera-core-{id}"))
@@ -137,10 +145,12 @@ pub fn spawn_core_thread<S: StateMachine>(
                 replica,
                 outputs,
                 clock: Instant::now(),
+                clock_base_ms: 0,
                 timers: BTreeMap::new(),
                 observation: CoreObservation::default(),
+                wal: None,
             }
-            .run(inbox);
+            .run(inbox, wal)
         })
 }
 
@@ -148,22 +158,53 @@ struct CoreLoop<S: StateMachine> {
     replica: Replica<S>,
     outputs: CoreOutputs,
     clock: Instant,
+    /// Core time when `clock` started: the last logged time after a replay, so the core's
+    /// clock never goes back across a restart.
+    clock_base_ms: u64,
     timers: BTreeMap<Timer, u64>,
     observation: CoreObservation,
+    wal: Option<Wal>,
+}
+
+/// The log's code for each timer (part of the log format: never renumber).
+fn timer_code(timer: Timer) -> u8 {
+    match timer {
+        Timer::Request => 0,
+        Timer::ViewChange => 1,
+        Timer::Heartbeat => 2,
+    }
+}
+
+fn timer_of_code(code: u8) -> Option<Timer> {
+    match code {
+        0 => Some(Timer::Request),
+        1 => Some(Timer::ViewChange),
+        2 => Some(Timer::Heartbeat),
+        _ => None,
+    }
 }
 
 impl<S: StateMachine> CoreLoop<S> {
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX)
+        let elapsed = u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.clock_base_ms.saturating_add(elapsed)
     }
 
-    fn run(mut self, inbox: Receiver<CoreEvent>) {
+    fn run(mut self, inbox: Receiver<CoreEvent>, wal: Option<WalReader>) -> Result<(), WalError> {
         info!("core thread started");
-        self.replica.start(self.now_ms());
-        self.execute_actions();
+        let replayed = match wal {
+            Some(reader) => self.replay(reader)?,
+            None => 0,
+        };
+        if replayed == 0 {
+            let now_ms = self.now_ms();
+            self.log(|| RecordRef::Start { now_ms });
+            self.replica.start(now_ms);
+        }
+        self.execute_actions()?;
         let mut next_status = Instant::now();
         loop {
-            self.fire_due_timers();
+            self.fire_due_timers()?;
             if Instant::now() >= next_status {
                 self.publish_status();
                 next_status = Instant::now() + STATUS_PERIOD;
@@ -188,14 +229,103 @@ impl<S: StateMachine> CoreLoop<S> {
                     break;
                 }
             }
-            self.execute_actions();
+            self.execute_actions()?;
             if stop {
                 break;
             }
         }
-        self.execute_actions();
+        self.execute_actions()?;
         self.publish_status();
         info!(rejections = ?self.replica.rejections(), "core thread stopped");
+        Ok(())
+    }
+
+    /// Feeds the log's records to the fresh core and returns how many there were. What the
+    /// replayed core asks for is dropped (its messages went out before the crash or never: peers
+    /// fetch what they miss, clients retry), except its timers, which the loop must keep.
+    fn replay(&mut self, mut reader: WalReader) -> Result<u64, WalError> {
+        let started = Instant::now();
+        let mut last_ms = 0;
+        let mut marks = 0u64;
+        while let Some(record) = reader.next_record()? {
+            match record {
+                Record::Start { now_ms } => {
+                    last_ms = now_ms;
+                    self.replica.start(now_ms);
+                }
+                Record::Request { now_ms, request } => {
+                    last_ms = now_ms;
+                    self.replica.handle_request(now_ms, request);
+                }
+                Record::Message {
+                    now_ms,
+                    from,
+                    message,
+                } => {
+                    last_ms = now_ms;
+                    self.replica.handle_message(now_ms, from, message);
+                }
+                Record::Timer { now_ms, timer } => {
+                    last_ms = now_ms;
+                    let Some(timer) = timer_of_code(timer) else {
+                        return Err(WalError::Corrupt {
+                            path: reader.path().to_path_buf(),
+                            offset: 0,
+                            problem: format!("unknown timer code {timer}"),
+                        });
+                    };
+                    self.replica.handle_timer(now_ms, timer);
+                }
+                Record::Mark(expected) => {
+                    marks += 1;
+                    let actual = Mark::of(&self.replica.status());
+                    if actual != expected {
+                        return Err(WalError::Diverged {
+                            path: reader.path().to_path_buf(),
+                            record: reader.records(),
+                            expected,
+                            actual,
+                        });
+                    }
+                }
+            }
+            for action in self.replica.take_actions() {
+                match action {
+                    Action::SetTimer { timer, deadline_ms } => {
+                        self.timers.insert(timer, deadline_ms);
+                    }
+                    Action::CancelTimer(timer) => {
+                        self.timers.remove(&timer);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let records = reader.records();
+        if let Some(offset) = reader.torn_at() {
+            warn!(offset, "the log's last write was torn by a crash; cut off");
+        }
+        self.wal = Some(reader.into_wal()?);
+        self.clock_base_ms = last_ms;
+        self.clock = Instant::now();
+        if records > 0 {
+            info!(
+                records,
+                marks,
+                last_executed = self.replica.last_executed().0,
+                view = self.replica.view().0,
+                seconds = started.elapsed().as_secs_f64(),
+                "replayed the write-ahead log"
+            );
+        }
+        Ok(records)
+    }
+
+    /// Logs an input about to be handled (built lazily: nothing is encoded without a log).
+    fn log<'a>(&mut self, record: impl FnOnce() -> RecordRef<'a>) {
+        if let Some(wal) = self.wal.as_mut() {
+            wal.append(&record());
+        }
     }
 
     fn publish_status(&mut self) {
@@ -212,9 +342,20 @@ impl<S: StateMachine> CoreLoop<S> {
         self.outputs.counters.core_event_taken();
         let now_ms = self.now_ms();
         match event {
-            CoreEvent::Request(request) => self.replica.handle_request(now_ms, request),
+            CoreEvent::Request(request) => {
+                self.log(|| RecordRef::Request {
+                    now_ms,
+                    request: &request,
+                });
+                self.replica.handle_request(now_ms, request)
+            }
             CoreEvent::Message { from, message } => {
                 self.outputs.metrics.message_received(&message);
+                self.log(|| RecordRef::Message {
+                    now_ms,
+                    from,
+                    message: &message,
+                });
                 self.replica.handle_message(now_ms, from, message)
             }
             CoreEvent::Stop => return false,
@@ -230,7 +371,7 @@ impl<S: StateMachine> CoreLoop<S> {
         }
     }
 
-    fn fire_due_timers(&mut self) {
+    fn fire_due_timers(&mut self) -> Result<(), WalError> {
         // Bounded: each pass removes a timer before firing it; a handler that re-arms with a
         // past deadline waits for the next turn rather than looping here.
         let now_ms = self.now_ms();
@@ -243,12 +384,23 @@ impl<S: StateMachine> CoreLoop<S> {
         for timer in due {
             self.timers.remove(&timer);
             debug!(?timer, "timer fired");
+            let code = timer_code(timer);
+            self.log(|| RecordRef::Timer {
+                now_ms,
+                timer: code,
+            });
             self.replica.handle_timer(now_ms, timer);
         }
-        self.execute_actions();
+        self.execute_actions()
     }
 
-    fn execute_actions(&mut self) {
+    /// Carries out the core's actions — after making the inputs that led to them durable.
+    fn execute_actions(&mut self) -> Result<(), WalError> {
+        if let Some(wal) = self.wal.as_mut() {
+            if wal.has_pending() {
+                wal.commit(Mark::of(&self.replica.status()))?;
+            }
+        }
         let peers = u64::from(self.replica.config().n.saturating_sub(1));
         for action in self.replica.take_actions() {
             match action {
@@ -289,5 +441,6 @@ impl<S: StateMachine> CoreLoop<S> {
                 rejections: self.replica.rejections(),
             },
         );
+        Ok(())
     }
 }

@@ -24,6 +24,7 @@ pub mod routes;
 pub mod setup;
 pub mod transport;
 pub mod unreplicated;
+pub mod wal;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -85,6 +86,9 @@ pub enum NodeError {
     /// The executor thread could not be started.
     #[error("cannot start the executor thread: {0}")]
     Thread(std::io::Error),
+    /// The write-ahead log cannot be read back, replayed or written.
+    #[error(transparent)]
+    Wal(#[from] wal::WalError),
     /// The executor thread panicked.
     #[error("the executor thread stopped unexpectedly (panic); see the log above")]
     ExecutorPanicked,
@@ -92,11 +96,17 @@ pub enum NodeError {
 
 /// Runs replica `secrets.replica` of `cluster` until `shutdown` completes.
 ///
+/// With `wal`, the replica is durable: it logs every input there before acting on it, and on
+/// start replays what the log holds (see [`wal`]). Without, it starts empty every time — which
+/// is only safe for a replica whose USIG also starts afresh (a new key or a new counter), never
+/// for a restart under an in-process USIG whose key stays the same.
+///
 /// On shutdown it stops accepting connections, stops the core thread, and gives the peer
 /// writers a moment to flush what the core queued last.
 pub async fn run_replica(
     cluster: ClusterConfig,
     secrets: ReplicaSecrets,
+    wal: Option<&std::path::Path>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NodeError> {
     cluster.validate()?;
@@ -113,6 +123,10 @@ pub async fn run_replica(
         let clients = Arc::new(ClientKeys::load(&cluster, &secrets)?);
         let cache = Arc::new(VerifiedCache::new(auth::VERIFIED_CACHE_ENTRIES_DEFAULT));
         let metrics = Arc::new(metrics::ReplicaMetrics::new(me, counters.clone()));
+        let wal = match wal {
+            Some(path) => Some(open_wal(path, &cluster, &secrets, me)?),
+            None => None,
+        };
         let usig = metrics.metered_usig(build_usig(&cluster, &secrets, me)?);
         let authenticator = NodeAuthenticator::new(me, clients.clone(), cache.clone());
         let replica = Replica::new(
@@ -162,7 +176,7 @@ pub async fn run_replica(
             metrics: metrics.clone(),
         };
         let core =
-            spawn_core_thread(replica, inbox_receiver, outputs).map_err(NodeError::Thread)?;
+            spawn_core_thread(replica, inbox_receiver, outputs, wal).map_err(NodeError::Thread)?;
 
         let mut servers = JoinSet::new();
         servers.spawn(report_drops(counters.clone()).in_current_span());
@@ -208,7 +222,14 @@ pub async fn run_replica(
             "replica running"
         );
 
-        let result = serve_until(shutdown, core, servers, inbox).await;
+        let result = serve_until(
+            shutdown,
+            core,
+            |returned| returned.map_err(NodeError::Wal),
+            servers,
+            inbox,
+        )
+        .await;
         // The core thread owned the peer queues' senders: its exit closes them, so writers
         // drain what is queued and return. Writers still reconnecting are cut off.
         let flushed = tokio::time::timeout(SHUTDOWN_FLUSH, async {
@@ -279,7 +300,7 @@ pub async fn run_unreplicated(
             .in_current_span(),
         );
         info!(client_address = %endpoint.client_address, "unreplicated baseline running");
-        let result = serve_until(shutdown, executor, servers, inbox).await;
+        let result = serve_until(shutdown, executor, Ok, servers, inbox).await;
         log_counters(&counters);
         result
     }
@@ -289,9 +310,44 @@ pub async fn run_unreplicated(
 
 /// Waits for `shutdown` (or the executor thread's unexpected end), then stops the servers and
 /// the executor thread.
-async fn serve_until(
+/// Opens replica `me`'s log, refusing one it cannot replay.
+fn open_wal(
+    path: &std::path::Path,
+    cluster: &ClusterConfig,
+    secrets: &ReplicaSecrets,
+    me: ReplicaId,
+) -> Result<wal::WalReader, NodeError> {
+    if !matches!(cluster.usig, UsigKind::Hmac | UsigKind::Ed25519) {
+        // Replay re-creates every USIG certificate the replica made, which only an in-process
+        // USIG whose counter restarts with the replica can do. A usigd or TPM counter never
+        // goes back, so the replayed replica would certify under new counter values.
+        return Err(NodeError::Config(format!(
+            "a write-ahead log ({}) needs the hmac or ed25519 USIG; this cluster uses {}, whose \
+             counter survives restarts and cannot re-certify the log's messages; run the replica \
+             without a log",
+            path.display(),
+            usig_name(cluster.usig)
+        )));
+    }
+    let mut fingerprint = tessera_crypto::DigestBuilder::new("tessera.node.wal-owner.v1");
+    fingerprint
+        .bytes(cluster.to_toml().as_bytes())
+        .bytes(secrets.usig_secret.as_bytes());
+    Ok(wal::open(
+        path,
+        wal::WalOwner {
+            replica: me,
+            fingerprint: fingerprint.finish(),
+        },
+    )?)
+}
+
+/// Serves until `shutdown` or until the executor thread ends; `outcome` turns what the thread
+/// returned into the node's result.
+async fn serve_until<T: Send + 'static>(
     shutdown: impl Future<Output = ()>,
-    executor: std::thread::JoinHandle<()>,
+    executor: std::thread::JoinHandle<T>,
+    outcome: fn(T) -> Result<(), NodeError>,
     mut servers: JoinSet<()>,
     inbox: CoreInbox,
 ) -> Result<(), NodeError> {
@@ -304,23 +360,27 @@ async fn serve_until(
             // The executor drains the events queued before `Stop`, then exits.
             let _ = inbox.submit(CoreEvent::Stop).await;
             drop(inbox);
-            match (&mut executor).await {
-                Ok(Ok(())) => Ok(()),
-                _ => Err(NodeError::ExecutorPanicked),
-            }
+            executor_result((&mut executor).await, outcome)
         }
         joined = &mut executor => {
             servers.abort_all();
-            match joined {
-                Ok(Ok(())) => Ok(()),
-                _ => Err(NodeError::ExecutorPanicked),
-            }
+            executor_result(joined, outcome)
         }
     };
     // Connection tasks live inside the accept tasks' sets, so aborting the accept tasks ends
     // them too; wait for that to finish.
     while servers.join_next().await.is_some() {}
     result
+}
+
+fn executor_result<T>(
+    joined: Result<std::thread::Result<T>, tokio::task::JoinError>,
+    outcome: fn(T) -> Result<(), NodeError>,
+) -> Result<(), NodeError> {
+    match joined {
+        Ok(Ok(returned)) => outcome(returned),
+        _ => Err(NodeError::ExecutorPanicked),
+    }
 }
 
 async fn bind(address: &str, purpose: &'static str) -> Result<TcpListener, NodeError> {

@@ -61,6 +61,7 @@ fn start_replica(files: &ClusterFiles, id: usize) -> Node {
     let node = tokio::spawn(tessera_node::run_replica(
         files.cluster.clone(),
         files.replicas[id].clone(),
+        None,
         async move {
             let _ = stopped.await;
         },

@@ -277,6 +277,11 @@ fn terminate(child: &Child) {
     }
 }
 
+/// Where replica `id` of the cluster in `dir` keeps its write-ahead log by default.
+pub fn wal_path(dir: &Path, id: u32) -> PathBuf {
+    dir.join("data").join(format!("replica-{id}.wal"))
+}
+
 /// Reads and validates `dir/cluster.toml`.
 pub fn read_cluster(dir: &Path) -> anyhow::Result<ClusterConfig> {
     let path = dir.join("cluster.toml");

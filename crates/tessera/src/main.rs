@@ -167,6 +167,15 @@ struct ReplicaArgs {
     /// Which replica to run (reads replica-<ID>.secret.toml).
     #[arg(long)]
     id: u32,
+    /// The replica's write-ahead log [default: <DIR>/data/replica-<ID>.wal]. The replica logs
+    /// every input there before acting on it and replays it on start, so it survives kill -9.
+    /// Clusters with the usigd or tpm USIG run without one (their counters cannot replay).
+    #[arg(long, conflicts_with = "no_wal")]
+    wal: Option<PathBuf>,
+    /// Run without a write-ahead log: the replica starts empty each time. Only safe when its
+    /// USIG starts afresh too.
+    #[arg(long)]
+    no_wal: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -400,6 +409,12 @@ fn init(args: &InitArgs) -> anyhow::Result<ClusterConfig> {
         .with_context(|| format!("cannot create {}", args.dir.display()))?;
     if args.force {
         remove_old_secret_files(&args.dir)?;
+        // The old replicas' logs belong to the old keys: a new cluster starts empty.
+        let data = args.dir.join("data");
+        if data.exists() {
+            std::fs::remove_dir_all(&data)
+                .with_context(|| format!("cannot remove the old cluster's {}", data.display()))?;
+        }
     }
     local::place_external_usigs(&args.dir, args.base_port, &mut files)?;
     write_file(&cluster_path, &files.cluster.to_toml(), 0o644)?;
@@ -514,7 +529,13 @@ async fn run_replica(args: ReplicaArgs) -> anyhow::Result<()> {
         );
     }
     let secrets = read_replica_secrets(&args.dir, args.id, &cluster)?;
-    tessera_node::run_replica(cluster, secrets, shutdown_signal())
+    let wal = match (&args.wal, cluster.usig) {
+        _ if args.no_wal => None,
+        (Some(path), _) => Some(path.clone()),
+        (None, UsigKind::Hmac | UsigKind::Ed25519) => Some(local::wal_path(&args.dir, args.id)),
+        (None, UsigKind::Usigd | UsigKind::Tpm) => None,
+    };
+    tessera_node::run_replica(cluster, secrets, wal.as_deref(), shutdown_signal())
         .await
         .with_context(|| format!("replica {} failed", args.id))
 }

@@ -400,6 +400,40 @@ pub struct SessionHistory {
     pub chain: Vec<(Option<Vec<u8>>, Vec<u8>, Response)>,
     /// Values GET returned for [`CHAIN_KEY`].
     pub chain_reads: Vec<Option<Vec<u8>>>,
+    /// Every operation with when it was invoked and completed, for a linearizability check.
+    pub timeline: Vec<Timed>,
+}
+
+/// One operation as its client saw it. Times are microseconds since the test process started
+/// (one clock for every session).
+#[derive(Debug, Clone)]
+pub struct Timed {
+    pub command: Command,
+    pub invoked_us: u64,
+    pub completed_us: u64,
+    pub response: Response,
+}
+
+fn now_us() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_micros() as u64
+}
+
+/// Runs `command` and records it in `timeline`.
+async fn timed(
+    kv: &mut KvClient,
+    command: Command,
+    timeline: &mut Vec<Timed>,
+) -> Result<Response, ClientError> {
+    let invoked_us = now_us();
+    let response = execute(kv, &command).await?;
+    timeline.push(Timed {
+        command,
+        invoked_us,
+        completed_us: now_us(),
+        response: response.clone(),
+    });
+    Ok(response)
 }
 
 impl SessionHistory {
@@ -505,17 +539,30 @@ pub async fn run_session(
     for serial in 0..operations {
         match rng.gen_range(0..100) {
             0..=14 => {
-                let value = kv
-                    .incr(COUNTER_KEY.to_vec(), 1)
+                let increment = Command::Incr {
+                    key: COUNTER_KEY.to_vec(),
+                    delta: 1,
+                };
+                let value = match timed(&mut kv, increment, &mut history.timeline)
                     .await
-                    .map_err(|error| failed("INCR counter", error))?;
+                    .map_err(|error| failed("INCR counter", error))?
+                {
+                    Response::Integer(value) => value,
+                    other => return Err(format!("session {session}: INCR answered {other:?}")),
+                };
                 history.counter_values.push(value);
             }
             15..=19 => {
-                let current = kv
-                    .get(CHAIN_KEY.to_vec())
+                let read = Command::Get {
+                    key: CHAIN_KEY.to_vec(),
+                };
+                let current = match timed(&mut kv, read, &mut history.timeline)
                     .await
-                    .map_err(|error| failed("GET chain", error))?;
+                    .map_err(|error| failed("GET chain", error))?
+                {
+                    Response::Value(value) => value,
+                    other => return Err(format!("session {session}: GET answered {other:?}")),
+                };
                 history.chain_reads.push(current.clone());
                 let new = format!("link s{session} #{serial}").into_bytes();
                 let command = Command::CompareAndSet {
@@ -523,7 +570,7 @@ pub async fn run_session(
                     expected: current.clone(),
                     new: Some(new.clone()),
                 };
-                let outcome = execute(&mut kv, &command)
+                let outcome = timed(&mut kv, command, &mut history.timeline)
                     .await
                     .map_err(|error| failed("CAS chain", error))?;
                 history.chain.push((current, new, outcome));
@@ -533,7 +580,7 @@ pub async fn run_session(
                 // The model only steers the workload here (which compare-and-sets should
                 // succeed); `check_histories` compares every result afterwards.
                 model.apply(&command);
-                let response = execute(&mut kv, &command)
+                let response = timed(&mut kv, command.clone(), &mut history.timeline)
                     .await
                     .map_err(|error| failed(&format!("{command:?}"), error))?;
                 history.private.push((command, response));
@@ -656,6 +703,39 @@ async fn check_chain(histories: &[SessionHistory], reader: &mut KvClient) {
             );
         }
     }
+}
+
+/// Checks the sessions' operations, together, for linearizability with the simulator's
+/// checker (Wing–Gong search per key partition); panics with the violation it proves. Returns
+/// how many operations it placed. An inconclusive search (budget exhausted) is reported but
+/// does not fail: it is not evidence of a bug.
+pub fn check_linearizable(histories: &[SessionHistory]) -> usize {
+    use tessera_sim::linearizability::{check_history, Outcome};
+    use tessera_sim::workload::Operation;
+    let operations: Vec<Operation> = histories
+        .iter()
+        .flat_map(|history| {
+            history
+                .timeline
+                .iter()
+                .enumerate()
+                .map(|(index, timed)| Operation {
+                    client: tessera_types::ClientId::new(0, history.session as u32),
+                    request_number: index as u64 + 1,
+                    command: timed.command.clone(),
+                    invoke_ms: timed.invoked_us,
+                    completion: Some((timed.completed_us, timed.response.clone())),
+                })
+        })
+        .collect();
+    match check_history(&operations) {
+        Ok(Outcome::Linearizable(_)) => {}
+        Ok(Outcome::Inconclusive { undecided_keys, .. }) => {
+            eprintln!("linearizability: inconclusive for {undecided_keys:?}")
+        }
+        Err(violation) => panic!("the client history is not linearizable:\n{violation}"),
+    }
+    operations.len()
 }
 
 /// Runs `sessions` concurrent sessions (spread over `clients`) of `operations` each; returns

@@ -1,0 +1,778 @@
+//! The replica's write-ahead log: every input the core handled, made durable before any output
+//! the core produced from it leaves the process.
+//!
+//! The protocol core is deterministic: the same inputs (client requests, peer messages, timer
+//! firings, each with the time it was handled) produce the same state, the same USIG certificates
+//! and the same messages. So a replica that logs its inputs and, on restart, feeds them to a fresh
+//! core rebuilds exactly the replica it was — including every message it sent, which is what
+//! makes a restart safe: it can never send a message that contradicts one sent before the crash,
+//! because the restarted core *is* the old one, counter for counter.
+//!
+//! The one rule the driver must keep ([`crate::driver`]): outputs are carried out only after
+//! [`Wal::commit`] has made the inputs that produced them durable (group commit: one `fdatasync`
+//! per turn of the core thread, however many inputs it handled). A crash before the commit
+//! loses inputs whose outputs nobody saw — indistinguishable from network loss, which the
+//! protocol already recovers from — and any prefix of the log is a state the replica really
+//! went through.
+//!
+//! After each commit the log records a [`Mark`] (view, last executed, stable checkpoint, USIG
+//! counter). Replay checks every mark, so a log that does not rebuild the replica it was written
+//! by (corruption a checksum missed, an executable that is not deterministic, another cluster's
+//! USIG) stops the replica with an error instead of letting it speak from a different history.
+//!
+//! # Format
+//!
+//! A header (magic, format version, replica id, cluster fingerprint), then records, each
+//! `[length: u32 LE][check: 8 bytes][payload]`, where `check` is the first 8 bytes of
+//! BLAKE3(length ‖ payload) and the payload is the canonical encoding of a [`Record`]. A crash
+//! can leave the last write torn: a record cut short, or zero-filled, at the end of the file is
+//! discarded (its commit never returned, so nothing it led to was sent). A bad record anywhere
+//! else is corruption and the log is refused.
+//!
+//! # Why a plain file and not redb
+//!
+//! The log is append-only and read once, front to back, at start: a B-tree store adds a second
+//! write path (pages and a commit record) for no lookup we need. A file with checksummed records
+//! and `fdatasync` is the smallest thing that is durable and verifiable.
+
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, ErrorKind, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use tessera_crypto::Digest;
+use tessera_types::wire::ReplicaStatus;
+use tessera_types::{ReplicaId, ReplicaMessage, Request};
+use thiserror::Error;
+
+/// The file's first bytes.
+const MAGIC: &[u8; 12] = b"TESSERA-WAL\0";
+/// Bumped whenever the record encoding changes.
+const FORMAT_VERSION: u32 = 1;
+/// Magic, version, replica id, fingerprint.
+const HEADER_LEN: usize = 12 + 4 + 4 + 32;
+/// Length and check of a record.
+const RECORD_PREFIX_LEN: usize = 4 + 8;
+/// The largest record: a replica message of the largest frame plus the record's own fields.
+pub const RECORD_BYTES_MAX: usize = tessera_types::limits::MAX_FRAME_BYTES + 1024;
+
+/// One input the core handled, with the time (core milliseconds) it was handled at.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub enum Record {
+    /// The core was started (the first record of a log).
+    Start {
+        /// Time.
+        now_ms: u64,
+    },
+    /// A client request.
+    Request {
+        /// Time.
+        now_ms: u64,
+        /// The request.
+        request: Request,
+    },
+    /// A message from a peer.
+    Message {
+        /// Time.
+        now_ms: u64,
+        /// Sender.
+        from: ReplicaId,
+        /// The message.
+        message: ReplicaMessage,
+    },
+    /// A timer fired.
+    Timer {
+        /// Time.
+        now_ms: u64,
+        /// Which timer ([`crate::driver`] maps the core's timers to these codes).
+        timer: u8,
+    },
+    /// What the core reported after the inputs before it: replay must reach the same.
+    Mark(Mark),
+}
+
+/// The same layout as [`Record`], borrowing the payload, so logging a request or message does
+/// not clone it. A unit test checks both encode identically.
+#[derive(Serialize, Debug)]
+pub enum RecordRef<'a> {
+    /// See [`Record::Start`].
+    Start {
+        /// Time.
+        now_ms: u64,
+    },
+    /// See [`Record::Request`].
+    Request {
+        /// Time.
+        now_ms: u64,
+        /// The request.
+        request: &'a Request,
+    },
+    /// See [`Record::Message`].
+    Message {
+        /// Time.
+        now_ms: u64,
+        /// Sender.
+        from: ReplicaId,
+        /// The message.
+        message: &'a ReplicaMessage,
+    },
+    /// See [`Record::Timer`].
+    Timer {
+        /// Time.
+        now_ms: u64,
+        /// Which timer.
+        timer: u8,
+    },
+    /// See [`Record::Mark`].
+    Mark(Mark),
+}
+
+/// What replay must reproduce at each commit point.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    /// Current view.
+    pub view: u64,
+    /// True while a view change is in progress.
+    pub view_changing: bool,
+    /// Last executed sequence number.
+    pub last_executed: u64,
+    /// Latest stable checkpoint.
+    pub stable_checkpoint: u64,
+    /// Highest own USIG counter used: replay must have certified exactly as many messages.
+    pub usig_counter: u64,
+}
+
+impl Mark {
+    /// The mark of a replica's status.
+    pub fn of(status: &ReplicaStatus) -> Mark {
+        Mark {
+            view: status.view.0,
+            view_changing: status.view_changing,
+            last_executed: status.last_executed.0,
+            stable_checkpoint: status.stable_checkpoint.0,
+            usig_counter: status.usig_counter,
+        }
+    }
+}
+
+/// Who may use a log: a log is only ever replayed by the replica of the cluster that wrote it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WalOwner {
+    /// The replica.
+    pub replica: ReplicaId,
+    /// A digest of the cluster configuration and the replica's USIG identity.
+    pub fingerprint: Digest,
+}
+
+/// Why the log cannot be used.
+#[derive(Debug, Error)]
+pub enum WalError {
+    /// An IO error on the log file.
+    #[error("write-ahead log {path}: {action}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What was being done.
+        action: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not a log, or not this replica's.
+    #[error("write-ahead log {path} {problem}; {fix}")]
+    Foreign {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+        /// What to do.
+        fix: &'static str,
+    },
+    /// A record in the middle of the log is damaged.
+    #[error(
+        "write-ahead log {path} is corrupt at byte {offset}: {problem}; the replica must not \
+         restart from a log it cannot read in full (it could contradict messages it sent); \
+         restore the file from a backup, or retire the replica and add it back with a fresh USIG"
+    )]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Where the bad record starts.
+        offset: u64,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// Replay did not rebuild the replica that wrote the log.
+    #[error(
+        "replaying write-ahead log {path}: after record {record} the replica reports {actual:?} \
+         but the log recorded {expected:?}; the log and this executable or cluster do not match"
+    )]
+    Diverged {
+        /// The file.
+        path: PathBuf,
+        /// Index of the mark that failed.
+        record: u64,
+        /// What the log recorded.
+        expected: Mark,
+        /// What replay produced.
+        actual: Mark,
+    },
+}
+
+/// An open log, ready to append to.
+pub struct Wal {
+    file: File,
+    path: PathBuf,
+    /// Framed records not yet written.
+    buffer: Vec<u8>,
+    /// Bytes in the file (committed).
+    committed_bytes: u64,
+}
+
+/// A log being read back at start; [`WalReader::into_wal`] turns it into the log to append to.
+pub struct WalReader {
+    reader: BufReader<File>,
+    path: PathBuf,
+    file_len: u64,
+    /// Where the next record starts.
+    offset: u64,
+    /// Records read so far.
+    records: u64,
+    /// Where a torn tail starts, once found.
+    torn_at: Option<u64>,
+}
+
+/// Opens the log at `path` for `owner`, creating it if it does not exist.
+pub fn open(path: &Path, owner: WalOwner) -> Result<WalReader, WalError> {
+    let io = |action: &'static str| {
+        let path = path.to_path_buf();
+        move |source| WalError::Io {
+            path,
+            action,
+            source,
+        }
+    };
+    if !path.exists() {
+        create(path, owner)?;
+    }
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io("open"))?;
+    let file_len = file.metadata().map_err(io("stat"))?.len();
+    let mut header = [0u8; HEADER_LEN];
+    let foreign = |problem: String, fix: &'static str| WalError::Foreign {
+        path: path.to_path_buf(),
+        problem,
+        fix,
+    };
+    if file.read_exact(&mut header).is_err() {
+        return Err(foreign(
+            format!("is {file_len} bytes, shorter than a log header"),
+            "it was not written by Tessera: move it away",
+        ));
+    }
+    if &header[..12] != MAGIC {
+        return Err(foreign(
+            "does not start with Tessera's log header".into(),
+            "it is not a Tessera write-ahead log: move it away",
+        ));
+    }
+    let version = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes"));
+    if version != FORMAT_VERSION {
+        return Err(foreign(
+            format!("has format version {version}, this executable reads {FORMAT_VERSION}"),
+            "run the executable that wrote it",
+        ));
+    }
+    let replica = u32::from_le_bytes(header[16..20].try_into().expect("4 bytes"));
+    if replica != owner.replica.0 {
+        return Err(foreign(
+            format!("belongs to replica {replica}, not {}", owner.replica),
+            "give each replica its own log path",
+        ));
+    }
+    if header[20..52] != owner.fingerprint.0 {
+        return Err(foreign(
+            "was written for another cluster configuration or USIG key".into(),
+            "a log only replays under the cluster.toml and secret file that wrote it; \
+             remove it only together with a fresh `tessera init` of the whole cluster",
+        ));
+    }
+    Ok(WalReader {
+        reader: BufReader::with_capacity(1 << 20, file),
+        path: path.to_path_buf(),
+        file_len,
+        offset: HEADER_LEN as u64,
+        records: 0,
+        torn_at: None,
+    })
+}
+
+fn create(path: &Path, owner: WalOwner) -> Result<(), WalError> {
+    let io = |action: &'static str| {
+        let path = path.to_path_buf();
+        move |source| WalError::Io {
+            path,
+            action,
+            source,
+        }
+    };
+    let directory = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(directory).map_err(io("create its directory"))?;
+    // Written under a temporary name and renamed, so a crash never leaves a headerless log.
+    let temporary = path.with_extension("wal-new");
+    let mut file = File::create(&temporary).map_err(io("create"))?;
+    let mut header = Vec::with_capacity(HEADER_LEN);
+    header.extend_from_slice(MAGIC);
+    header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header.extend_from_slice(&owner.replica.0.to_le_bytes());
+    header.extend_from_slice(&owner.fingerprint.0);
+    file.write_all(&header).map_err(io("write the header"))?;
+    file.sync_all().map_err(io("sync the header"))?;
+    std::fs::rename(&temporary, path).map_err(io("rename into place"))?;
+    File::open(directory)
+        .and_then(|directory| directory.sync_all())
+        .map_err(io("sync its directory"))?;
+    Ok(())
+}
+
+impl WalReader {
+    /// The next record, or `None` at the end of the log (a torn last write counts as the end).
+    pub fn next_record(&mut self) -> Result<Option<Record>, WalError> {
+        if self.torn_at.is_some() || self.offset == self.file_len {
+            return Ok(None);
+        }
+        let start = self.offset;
+        let mut prefix = [0u8; RECORD_PREFIX_LEN];
+        if !self.read_fully(&mut prefix)? {
+            return self.torn(start);
+        }
+        let length = u32::from_le_bytes(prefix[..4].try_into().expect("4 bytes")) as usize;
+        let end = start + (RECORD_PREFIX_LEN + length) as u64;
+        if length > RECORD_BYTES_MAX {
+            return self.bad(start, format!("a record claims {length} bytes"));
+        }
+        if end > self.file_len {
+            return self.torn(start);
+        }
+        let mut payload = vec![0u8; length];
+        if !self.read_fully(&mut payload)? {
+            return self.torn(start);
+        }
+        if prefix[4..] != check(&prefix[..4], &payload) {
+            // A full-length record that fails its check at the very end is a torn write.
+            if end == self.file_len {
+                return self.torn(start);
+            }
+            return self.bad(start, "checksum mismatch".into());
+        }
+        // The check passed, so these are the bytes that were written: a record that does not
+        // decode is not a torn write.
+        let record =
+            tessera_types::decode::<Record>(&payload, RECORD_BYTES_MAX).map_err(|error| {
+                WalError::Corrupt {
+                    path: self.path.clone(),
+                    offset: start,
+                    problem: format!("undecodable record: {error}"),
+                }
+            })?;
+        self.offset = end;
+        self.records += 1;
+        Ok(Some(record))
+    }
+
+    /// Records read so far.
+    pub fn records(&self) -> u64 {
+        self.records
+    }
+
+    /// Where the torn tail began, if the log had one.
+    pub fn torn_at(&self) -> Option<u64> {
+        self.torn_at
+    }
+
+    /// The log's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Finishes reading: cuts off a torn tail and returns the log positioned for appending.
+    /// Refuses if records remain unread.
+    pub fn into_wal(mut self) -> Result<Wal, WalError> {
+        while self.next_record()?.is_some() {}
+        let end = self.torn_at.unwrap_or(self.offset);
+        let path = self.path.clone();
+        let io = |action: &'static str| {
+            let path = path.clone();
+            move |source| WalError::Io {
+                path,
+                action,
+                source,
+            }
+        };
+        let mut file = self.reader.into_inner();
+        if end < self.file_len {
+            file.set_len(end)
+                .map_err(io("cut off the torn last write"))?;
+            file.sync_all()
+                .map_err(io("sync after cutting the torn tail"))?;
+        }
+        file.seek(SeekFrom::Start(end)).map_err(io("seek"))?;
+        Ok(Wal {
+            file,
+            path: self.path,
+            buffer: Vec::new(),
+            committed_bytes: end,
+        })
+    }
+
+    /// Reads exactly `buffer.len()` bytes; false if the file ends first.
+    fn read_fully(&mut self, buffer: &mut [u8]) -> Result<bool, WalError> {
+        match self.reader.read_exact(buffer) {
+            Ok(()) => Ok(true),
+            Err(error) if error.kind() == ErrorKind::UnexpectedEof => Ok(false),
+            Err(source) => Err(WalError::Io {
+                path: self.path.clone(),
+                action: "read",
+                source,
+            }),
+        }
+    }
+
+    fn torn(&mut self, start: u64) -> Result<Option<Record>, WalError> {
+        self.torn_at = Some(start);
+        Ok(None)
+    }
+
+    /// A bad record: the torn tail of a crash if only zeros follow (a file system can extend a
+    /// file with zero-filled blocks whose data never reached the disk), corruption otherwise.
+    fn bad<T>(&mut self, start: u64, problem: String) -> Result<Option<T>, WalError> {
+        let mut file = self.reader.get_ref();
+        let io = |source| WalError::Io {
+            path: self.path.clone(),
+            action: "read",
+            source,
+        };
+        file.seek(SeekFrom::Start(start)).map_err(io)?;
+        let mut zeros = true;
+        let mut chunk = vec![0u8; 64 << 10];
+        loop {
+            let read = file.read(&mut chunk).map_err(io)?;
+            if read == 0 {
+                break;
+            }
+            if chunk[..read].iter().any(|byte| *byte != 0) {
+                zeros = false;
+                break;
+            }
+        }
+        if zeros {
+            self.torn_at = Some(start);
+            return Ok(None);
+        }
+        Err(WalError::Corrupt {
+            path: self.path.clone(),
+            offset: start,
+            problem,
+        })
+    }
+}
+
+fn check(length: &[u8], payload: &[u8]) -> [u8; 8] {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(length).update(payload);
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&hasher.finalize().as_bytes()[..8]);
+    out
+}
+
+impl Wal {
+    /// Queues a record; it is durable after the next [`Wal::commit`].
+    pub fn append(&mut self, record: &RecordRef<'_>) {
+        let payload = tessera_types::encode(record);
+        assert!(
+            payload.len() <= RECORD_BYTES_MAX,
+            "a core input of {} bytes exceeds the largest frame",
+            payload.len()
+        );
+        let length = (payload.len() as u32).to_le_bytes();
+        self.buffer.extend_from_slice(&length);
+        self.buffer.extend_from_slice(&check(&length, &payload));
+        self.buffer.extend_from_slice(&payload);
+    }
+
+    /// True if records wait for a commit.
+    pub fn has_pending(&self) -> bool {
+        !self.buffer.is_empty()
+    }
+
+    /// Appends `mark` and makes every queued record durable (one write, one `fdatasync`).
+    pub fn commit(&mut self, mark: Mark) -> Result<(), WalError> {
+        self.append(&RecordRef::Mark(mark));
+        let io = |action: &'static str| {
+            let path = self.path.clone();
+            move |source| WalError::Io {
+                path,
+                action,
+                source,
+            }
+        };
+        self.file
+            .write_all(&self.buffer)
+            .map_err(io("append (is the disk full?)"))?;
+        self.file.sync_data().map_err(io("sync"))?;
+        self.committed_bytes += self.buffer.len() as u64;
+        self.buffer.clear();
+        Ok(())
+    }
+
+    /// Bytes in the file, committed.
+    pub fn committed_bytes(&self) -> u64 {
+        self.committed_bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_types::{ClientId, Heartbeat, SeqNum, View};
+
+    fn owner() -> WalOwner {
+        WalOwner {
+            replica: ReplicaId(1),
+            fingerprint: Digest([7; 32]),
+        }
+    }
+
+    fn request(number: u64) -> Request {
+        Request {
+            client: ClientId(3),
+            request_number: number,
+            operation: vec![1, 2, 3],
+            signature: vec![9; 64],
+            macs: vec![[5; tessera_types::REQUEST_MAC_LEN]; 3],
+        }
+    }
+
+    fn mark(last_executed: u64) -> Mark {
+        Mark {
+            view: 0,
+            view_changing: false,
+            last_executed,
+            stable_checkpoint: 0,
+            usig_counter: last_executed * 2,
+        }
+    }
+
+    /// Writes `groups` commits of two requests each and returns the path.
+    fn write_log(directory: &Path, groups: u64) -> PathBuf {
+        let path = directory.join("replica-1.wal");
+        let mut wal = open(&path, owner()).unwrap().into_wal().unwrap();
+        wal.append(&RecordRef::Start { now_ms: 0 });
+        for group in 0..groups {
+            for number in [2 * group, 2 * group + 1] {
+                wal.append(&RecordRef::Request {
+                    now_ms: group,
+                    request: &request(number),
+                });
+            }
+            wal.commit(mark(group)).unwrap();
+        }
+        path
+    }
+
+    fn read_all(path: &Path) -> Result<Vec<Record>, WalError> {
+        let mut reader = open(path, owner())?;
+        let mut records = Vec::new();
+        while let Some(record) = reader.next_record()? {
+            records.push(record);
+        }
+        Ok(records)
+    }
+
+    #[test]
+    fn borrowed_and_owned_records_encode_identically() {
+        let request = request(5);
+        let message = ReplicaMessage::Heartbeat(Heartbeat {
+            replica: ReplicaId(2),
+            view: View(1),
+            head_counter: 7,
+            last_executed: SeqNum(3),
+            stable_checkpoint: SeqNum(0),
+            processed: vec![1, 2, 3],
+        });
+        let pairs = [
+            (
+                tessera_types::encode(&RecordRef::Request {
+                    now_ms: 9,
+                    request: &request,
+                }),
+                tessera_types::encode(&Record::Request {
+                    now_ms: 9,
+                    request: request.clone(),
+                }),
+            ),
+            (
+                tessera_types::encode(&RecordRef::Message {
+                    now_ms: 4,
+                    from: ReplicaId(2),
+                    message: &message,
+                }),
+                tessera_types::encode(&Record::Message {
+                    now_ms: 4,
+                    from: ReplicaId(2),
+                    message: message.clone(),
+                }),
+            ),
+            (
+                tessera_types::encode(&RecordRef::Timer {
+                    now_ms: 1,
+                    timer: 2,
+                }),
+                tessera_types::encode(&Record::Timer {
+                    now_ms: 1,
+                    timer: 2,
+                }),
+            ),
+            (
+                tessera_types::encode(&RecordRef::Mark(mark(3))),
+                tessera_types::encode(&Record::Mark(mark(3))),
+            ),
+            (
+                tessera_types::encode(&RecordRef::Start { now_ms: 8 }),
+                tessera_types::encode(&Record::Start { now_ms: 8 }),
+            ),
+        ];
+        for (borrowed, owned) in pairs {
+            assert_eq!(borrowed, owned);
+        }
+    }
+
+    #[test]
+    fn records_read_back_in_order_and_appending_continues_the_log() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = write_log(directory.path(), 3);
+        let records = read_all(&path).unwrap();
+        // Start, then per group two requests and a mark.
+        assert_eq!(records.len(), 1 + 3 * 3);
+        assert!(matches!(records[0], Record::Start { now_ms: 0 }));
+        let numbers: Vec<u64> = records
+            .iter()
+            .filter_map(|record| match record {
+                Record::Request { request, .. } => Some(request.request_number),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(numbers, vec![0, 1, 2, 3, 4, 5]);
+        assert!(matches!(records[9], Record::Mark(m) if m == mark(2)));
+
+        let mut wal = open(&path, owner()).unwrap().into_wal().unwrap();
+        wal.append(&RecordRef::Timer {
+            now_ms: 50,
+            timer: 1,
+        });
+        wal.commit(mark(9)).unwrap();
+        let records = read_all(&path).unwrap();
+        assert_eq!(records.len(), 12);
+        assert!(matches!(
+            records[10],
+            Record::Timer {
+                now_ms: 50,
+                timer: 1
+            }
+        ));
+    }
+
+    #[test]
+    fn uncommitted_records_are_not_in_the_file() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = write_log(directory.path(), 1);
+        let mut wal = open(&path, owner()).unwrap().into_wal().unwrap();
+        wal.append(&RecordRef::Start { now_ms: 1 });
+        assert!(wal.has_pending());
+        drop(wal);
+        assert_eq!(read_all(&path).unwrap().len(), 4);
+    }
+
+    #[test]
+    fn a_torn_last_write_is_cut_off_at_every_length() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = write_log(directory.path(), 2);
+        let full = std::fs::read(&path).unwrap();
+        let one_group = {
+            let shorter = write_log(&directory.path().join("one"), 1);
+            std::fs::read(shorter).unwrap().len()
+        };
+        // Every cut inside the second group's bytes reads back as a prefix of the log; after
+        // reopening, the file ends at a record boundary and appends work.
+        for cut in one_group..full.len() {
+            std::fs::write(&path, &full[..cut]).unwrap();
+            let records = read_all(&path).unwrap();
+            assert!(records.len() >= 4 && records.len() < 7, "cut at {cut}");
+            let mut wal = open(&path, owner()).unwrap().into_wal().unwrap();
+            wal.commit(mark(42)).unwrap();
+            let again = read_all(&path).unwrap();
+            assert_eq!(again.len(), records.len() + 1, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn a_zero_filled_tail_is_a_torn_write() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = write_log(directory.path(), 2);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let records = read_all(&path).unwrap().len();
+        bytes.extend(std::iter::repeat_n(0, 8192));
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(read_all(&path).unwrap().len(), records);
+        open(&path, owner()).unwrap().into_wal().unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            bytes.len() as u64 - 8192
+        );
+    }
+
+    #[test]
+    fn a_damaged_record_before_the_end_is_corruption() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = write_log(directory.path(), 3);
+        let mut bytes = std::fs::read(&path).unwrap();
+        // A byte inside the first request's payload.
+        let target = HEADER_LEN + RECORD_PREFIX_LEN + 3 + RECORD_PREFIX_LEN + 5;
+        bytes[target] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        match read_all(&path) {
+            Err(WalError::Corrupt { offset, .. }) => {
+                assert!(offset > HEADER_LEN as u64 && offset < target as u64)
+            }
+            other => panic!("expected corruption, got {other:?}"),
+        }
+        // The file is left as it was: nothing is cut off a corrupt log.
+        assert!(open(&path, owner()).unwrap().into_wal().is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    }
+
+    #[test]
+    fn another_replicas_or_clusters_log_is_refused() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = write_log(directory.path(), 1);
+        let other_replica = WalOwner {
+            replica: ReplicaId(2),
+            ..owner()
+        };
+        let other_cluster = WalOwner {
+            fingerprint: Digest([8; 32]),
+            ..owner()
+        };
+        for (who, expected) in [(other_replica, "replica 1"), (other_cluster, "another")] {
+            let error = open(&path, who).err().expect("refused").to_string();
+            assert!(error.contains(expected), "{error}");
+        }
+        std::fs::write(&path, b"not a log at all, but long enough for a header....").unwrap();
+        let error = open(&path, owner()).err().expect("refused").to_string();
+        assert!(error.contains("header"), "{error}");
+    }
+}
