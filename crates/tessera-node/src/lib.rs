@@ -329,10 +329,26 @@ fn open_wal(
             usig_name(cluster.usig)
         )));
     }
+    // What replay depends on: the protocol parameters (timeouts and windows steer the core),
+    // the USIG and client keys (every certificate and signature is verified again). Addresses
+    // are left out, so a replica can move to another host and keep its log.
     let mut fingerprint = tessera_crypto::DigestBuilder::new("tessera.node.wal-owner.v1");
     fingerprint
-        .bytes(cluster.to_toml().as_bytes())
+        .bytes(&tessera_types::encode(&cluster.protocol))
+        .bytes(usig_name(cluster.usig).as_bytes())
         .bytes(secrets.usig_secret.as_bytes());
+    for replica in &cluster.replicas {
+        fingerprint.bytes(replica.usig_public_key.as_bytes());
+    }
+    for client in &cluster.clients {
+        fingerprint.bytes(client.public_key.as_bytes());
+    }
+    for key in &secrets.usig_hmac_keys {
+        fingerprint.bytes(key.as_bytes());
+    }
+    for client in &secrets.client_keys {
+        fingerprint.bytes(client.key.as_bytes());
+    }
     Ok(wal::open(
         path,
         wal::WalOwner {

@@ -78,11 +78,28 @@ pub enum Violation {
     },
     /// The client history has no linearization (explanation from the checker).
     NotLinearizable { explanation: String },
+    /// A correct replica rebuilt from its input log after a crash is not the replica that
+    /// crashed (the core is not deterministic in its inputs, so a restart could contradict
+    /// what the replica said before).
+    ReplayDiverged {
+        replica: u32,
+        crashed: String,
+        replayed: String,
+    },
 }
 
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Violation::ReplayDiverged {
+                replica,
+                crashed,
+                replayed,
+            } => write!(
+                f,
+                "durability: replica {replica} replayed from its input log is {replayed}, \
+                 but it crashed as {crashed}"
+            ),
             Violation::StateDivergence { seq, first, second } => write!(
                 f,
                 "agreement: replica {} had state {} and replica {} had state {} after seq {seq}",

@@ -91,6 +91,18 @@ struct Node {
     timer_generations: [u64; TIMER_KINDS],
     /// Per timer kind, a firing that came while the node was down (it fires on restart).
     missed_timers: [bool; TIMER_KINDS],
+    /// A correct node's write-ahead log: every input its core handled, in order. A restart
+    /// rebuilds the core from it, as the real driver does (`tessera_node::wal`).
+    inputs: Vec<LoggedInput>,
+}
+
+/// One input of a node's log, with the logical time it was handled at.
+#[derive(Debug)]
+enum LoggedInput {
+    Start(u64),
+    Request(u64, Request),
+    Message(u64, u32, ReplicaMessage),
+    Timer(u64, Timer),
 }
 
 /// Something scheduled to happen at a logical time.
@@ -181,6 +193,8 @@ pub struct Stats {
     pub lost_to_crash: u64,
     /// Crashes (each followed by a restart).
     pub crashes: u64,
+    /// Inputs replayed to rebuild correct replicas after crashes.
+    pub replayed_inputs: u64,
     /// Malformed, forged or duplicate requests the rogue client sent.
     pub rogue_requests: u64,
     /// Client retransmissions.
@@ -319,7 +333,7 @@ impl Simulation {
             && faults.byzantine.is_empty()
             && SimRng::new(seed, STREAM_CRASH_STOP).chance(config.crash_stop_per_mille);
 
-        let usig_keys: Vec<[u8; 32]> = (0..n).map(|index| [index as u8 + 1; 32]).collect();
+        let usig_keys = usig_keys(n);
         let mut shared_usigs = BTreeMap::new();
         let mut nodes = Vec::new();
         for id in 0..n {
@@ -396,6 +410,9 @@ impl Simulation {
             config,
         };
         for node in 0..simulation.nodes.len() {
+            if simulation.nodes[node].role == Role::Correct {
+                simulation.nodes[node].inputs.push(LoggedInput::Start(0));
+            }
             simulation.nodes[node].replica.start(0);
             simulation.after_replica_step(node);
         }
@@ -549,6 +566,10 @@ impl Simulation {
                 }
                 self.stats.delivered += 1;
                 let now_ms = self.now_ms;
+                if self.nodes[to].role == Role::Correct {
+                    let input = LoggedInput::Message(now_ms, from, message.clone());
+                    self.nodes[to].inputs.push(input);
+                }
                 self.nodes[to]
                     .replica
                     .handle_message(now_ms, ReplicaId(from), message);
@@ -561,6 +582,10 @@ impl Simulation {
                 }
                 self.stats.delivered += 1;
                 let now_ms = self.now_ms;
+                if self.nodes[to].role == Role::Correct {
+                    let input = LoggedInput::Request(now_ms, request.clone());
+                    self.nodes[to].inputs.push(input);
+                }
                 self.nodes[to].replica.handle_request(now_ms, request);
                 self.after_replica_step(to);
             }
@@ -582,8 +607,7 @@ impl Simulation {
                     return;
                 }
                 let now_ms = self.now_ms;
-                self.nodes[node].replica.handle_timer(now_ms, timer);
-                self.after_replica_step(node);
+                self.handle_timer(node, now_ms, timer);
             }
             Event::ClientRetry { client, generation } => {
                 if self.clients[client].retry_generation == generation {
@@ -792,19 +816,79 @@ impl Simulation {
         *generation
     }
 
-    /// A crashed node comes back with its durable state (the whole core: issue 4 makes every
-    /// replica persist what it needs before acting on it). Its driver re-arms its timers; the
-    /// ones that expired while it was down fire now.
+    fn handle_timer(&mut self, node: usize, now_ms: u64, timer: Timer) {
+        if self.nodes[node].role == Role::Correct {
+            self.nodes[node]
+                .inputs
+                .push(LoggedInput::Timer(now_ms, timer));
+        }
+        self.nodes[node].replica.handle_timer(now_ms, timer);
+        self.after_replica_step(node);
+    }
+
+    /// A crashed node comes back. A correct one is rebuilt the way the real driver rebuilds it:
+    /// a fresh core (fresh USIG instance with the same key) is fed the node's logged inputs, and
+    /// what it says while replaying is dropped. Every input was logged before its outputs left
+    /// (each simulated step is atomic), so the rebuilt core must be the crashed one exactly;
+    /// a difference is a violation. Its driver re-arms its timers; the ones that expired while
+    /// it was down fire now.
     fn restart(&mut self, node: usize) {
         self.nodes[node].crashed = false;
+        if self.nodes[node].role == Role::Correct {
+            self.rebuild_from_log(node);
+        }
         let now_ms = self.now_ms;
         for timer in TIMERS {
             let kind = timer_index(timer);
             if std::mem::take(&mut self.nodes[node].missed_timers[kind]) {
-                self.nodes[node].replica.handle_timer(now_ms, timer);
-                self.after_replica_step(node);
+                self.handle_timer(node, now_ms, timer);
             }
         }
+    }
+
+    fn rebuild_from_log(&mut self, node: usize) {
+        let id = self.nodes[node].id;
+        let usig = Box::new(HmacUsig::new(
+            UsigIdentity {
+                replica: ReplicaId(id),
+                epoch: 0,
+            },
+            usig_keys(self.config.protocol.n),
+        ));
+        let mut fresh = new_node(&self.config, &self.client_key, id, Role::Correct, usig);
+        #[cfg(feature = "planted-bugs")]
+        if let Some(bug) = self.config.planted_bug {
+            fresh.replica.plant_bug(bug);
+        }
+        for input in &self.nodes[node].inputs {
+            match input {
+                LoggedInput::Start(now_ms) => fresh.replica.start(*now_ms),
+                LoggedInput::Request(now_ms, request) => {
+                    fresh.replica.handle_request(*now_ms, request.clone())
+                }
+                LoggedInput::Message(now_ms, from, message) => {
+                    fresh
+                        .replica
+                        .handle_message(*now_ms, ReplicaId(*from), message.clone())
+                }
+                LoggedInput::Timer(now_ms, timer) => fresh.replica.handle_timer(*now_ms, *timer),
+            }
+            // What the replayed core says went out before the crash (or is fetched again).
+            fresh.replica.take_actions();
+        }
+        let crashed = replica_fingerprint(&self.nodes[node].replica);
+        let replayed = replica_fingerprint(&fresh.replica);
+        if crashed != replayed {
+            self.checker.violations.push(Violation::ReplayDiverged {
+                replica: id,
+                crashed,
+                replayed,
+            });
+        }
+        self.stats.replayed_inputs += self.nodes[node].inputs.len() as u64;
+        // Timers armed before the crash keep their generations: the rebuilt core armed the
+        // same ones.
+        self.nodes[node].replica = fresh.replica;
     }
 
     // ------------------------------------------------------------------ network
@@ -1172,6 +1256,25 @@ impl Simulation {
     }
 }
 
+/// The replicas' USIG keys (the simulator's HMAC USIG shares one key set).
+fn usig_keys(n: u32) -> Vec<[u8; 32]> {
+    (0..n).map(|index| [index as u8 + 1; 32]).collect()
+}
+
+/// What a replay must reproduce: everything the core reports about itself.
+fn replica_fingerprint(replica: &Replica<KvStore>) -> String {
+    let stable = replica.stable_checkpoint();
+    format!(
+        "{:?} state {} stable {}@{} transferring {} view-changing {}",
+        replica.status(),
+        replica.state_digest(),
+        stable.state_digest,
+        stable.seq.0,
+        replica.is_transferring_state(),
+        replica.is_view_changing()
+    )
+}
+
 fn new_node(
     config: &SimConfig,
     client_key: &SigningKey,
@@ -1197,6 +1300,7 @@ fn new_node(
         crashed: false,
         timer_generations: [0; TIMER_KINDS],
         missed_timers: [false; TIMER_KINDS],
+        inputs: Vec::new(),
     }
 }
 
@@ -1313,5 +1417,66 @@ fn describe_message(message: &ReplicaMessage) -> String {
         ),
         ReplicaMessage::StateRequest(request) => format!("{kind} min s{}", request.min_seq.0),
         _ => kind.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `simulation` until node `node` has handled `inputs` inputs.
+    fn run_until_inputs(simulation: &mut Simulation, node: usize, inputs: usize) {
+        while simulation.nodes[node].inputs.len() < inputs {
+            let scheduled = simulation.queue.pop().expect("the run ended too early");
+            simulation.now_ms = scheduled.at_ms;
+            simulation.process(scheduled.event);
+        }
+    }
+
+    #[test]
+    fn a_replica_rebuilt_from_its_full_log_is_the_replica_that_crashed() {
+        let mut simulation = Simulation::new(SimConfig::default(), 7);
+        run_until_inputs(&mut simulation, 1, 400);
+        simulation.process(Event::Crash { node: 1 });
+        simulation.process(Event::Restart { node: 1 });
+        assert!(
+            simulation.checker.violations.is_empty(),
+            "{:?}",
+            simulation.checker.violations
+        );
+        assert!(simulation.stats.replayed_inputs >= 400);
+        assert!(simulation.nodes[1].replica.last_executed().0 > 0);
+    }
+
+    #[test]
+    fn a_replay_that_misses_inputs_is_caught() {
+        let mut simulation = Simulation::new(SimConfig::default(), 7);
+        run_until_inputs(&mut simulation, 1, 400);
+        // Lose every client request and PREPARE the log holds after its first 100 inputs: the
+        // replica that comes back has executed less than the one that crashed.
+        let kept: Vec<LoggedInput> = std::mem::take(&mut simulation.nodes[1].inputs)
+            .into_iter()
+            .enumerate()
+            .filter(|(index, input)| {
+                *index < 100
+                    || !matches!(
+                        input,
+                        LoggedInput::Request(..)
+                            | LoggedInput::Message(_, _, ReplicaMessage::Prepare(_))
+                    )
+            })
+            .map(|(_, input)| input)
+            .collect();
+        simulation.nodes[1].inputs = kept;
+        simulation.process(Event::Crash { node: 1 });
+        simulation.process(Event::Restart { node: 1 });
+        assert!(
+            matches!(
+                simulation.checker.violations.as_slice(),
+                [Violation::ReplayDiverged { replica: 1, .. }]
+            ),
+            "{:?}",
+            simulation.checker.violations
+        );
     }
 }

@@ -259,7 +259,7 @@ fn campaign_with_five_replicas_passes() {
 #[test]
 fn the_faults_actually_happen() {
     let config = SimConfig::default();
-    let mut totals = [0u64; 8];
+    let mut totals = [0u64; 9];
     for seed in 0..40 {
         let stats = run_seed(&config, seed).stats;
         totals[0] += stats.dropped;
@@ -270,6 +270,7 @@ fn the_faults_actually_happen() {
         totals[5] += stats.crashes;
         totals[6] += stats.lost_to_crash;
         totals[7] += stats.rogue_requests;
+        totals[8] += stats.replayed_inputs;
     }
     assert!(
         totals.iter().all(|total| *total > 0),
