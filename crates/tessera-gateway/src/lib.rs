@@ -24,4 +24,4 @@ pub mod server;
 
 pub use commands::ClusterInfo;
 pub use resp::{Protocol, Reply, RequestDecoder, RespError, RespLimits};
-pub use server::{Gateway, GatewayMetrics, GatewayOptions};
+pub use server::{CloseReason, Gateway, GatewayMetrics, GatewayOptions};

@@ -166,6 +166,13 @@ impl RequestDecoder {
         self.partial.as_ref().map_or(0, |partial| partial.bytes)
     }
 
+    /// True while the decoder holds part of an array request (its header at least). Its bytes
+    /// are out of the caller's input by then, so an empty input alone does not mean "between
+    /// requests".
+    pub fn is_mid_request(&self) -> bool {
+        self.partial.is_some()
+    }
+
     /// Decodes at most one request from the front of `input`. Returns how many bytes were
     /// consumed (drop them before the next call) and the request's arguments if one is
     /// complete; an empty request (`*0`, a blank line) comes back as an empty list. After an

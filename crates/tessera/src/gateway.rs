@@ -28,12 +28,63 @@ pub struct GatewayArgs {
     /// Signed requests in flight at once (each carries many Redis commands).
     #[arg(long, default_value_t = GatewayOptions::default().lanes)]
     pub lanes: usize,
-    /// Most Redis connections open at once.
+    /// Most Redis connections open at once; more get `-ERR max number of clients reached`.
     #[arg(long, default_value_t = GatewayOptions::default().connections_max)]
     pub connections_max: usize,
+    /// Close a connection that sends no request for this long after its last reply: seconds
+    /// (`300`, `300s`) or milliseconds (`500ms`); 0 never closes one.
+    #[arg(long, default_value_t = Timeout(GatewayOptions::default().idle_timeout_ms))]
+    pub idle_timeout: Timeout,
+    /// Answer a request begun but not complete after this long with an error, and close its
+    /// connection (slow senders); 0 disables.
+    #[arg(long, default_value_t = Timeout(GatewayOptions::default().frame_timeout_ms))]
+    pub frame_timeout: Timeout,
+    /// Reset a connection whose replies make no progress for this long (a client that stopped
+    /// reading); 0 disables.
+    #[arg(long, default_value_t = Timeout(GatewayOptions::default().write_timeout_ms))]
+    pub write_timeout: Timeout,
     /// Also serve Prometheus metrics (`GET /metrics`) on this address.
     #[arg(long)]
     pub metrics_listen: Option<String>,
+}
+
+/// A gateway timeout on the command line, in milliseconds: `300`/`300s` (seconds), `500ms`,
+/// or 0 (disabled). Its range is checked by `GatewayOptions::validate`, which names the flag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeout(pub u64);
+
+impl std::str::FromStr for Timeout {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Timeout, String> {
+        let text = text.trim();
+        let (number, unit_ms) = if let Some(number) = text.strip_suffix("ms") {
+            (number, 1)
+        } else if let Some(number) = text.strip_suffix('s') {
+            (number, 1000)
+        } else {
+            (text, 1000)
+        };
+        number
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .and_then(|value| value.checked_mul(unit_ms))
+            .map(Timeout)
+            .ok_or_else(|| {
+                format!("`{text}` is not a timeout; write e.g. 300s or 500ms, or 0 to disable it")
+            })
+    }
+}
+
+impl std::fmt::Display for Timeout {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_multiple_of(1000) {
+            write!(formatter, "{}s", self.0 / 1000)
+        } else {
+            write!(formatter, "{}ms", self.0)
+        }
+    }
 }
 
 /// Serves `gateway`'s metrics on `listen` in a background task; returns the bound address.
@@ -59,6 +110,8 @@ pub async fn start(
     client: Option<u32>,
     options: GatewayOptions,
 ) -> anyhow::Result<Gateway> {
+    // Before connecting: a bad option is the operator's to fix, whatever the cluster's state.
+    options.validate().map_err(anyhow::Error::msg)?;
     let (cluster, secrets) = load_cluster(dir, client)?;
     let info = ClusterInfo {
         replicas: cluster.protocol.n,
@@ -89,6 +142,9 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
     let options = GatewayOptions {
         lanes: args.lanes,
         connections_max: args.connections_max,
+        idle_timeout_ms: args.idle_timeout.0,
+        frame_timeout_ms: args.frame_timeout.0,
+        write_timeout_ms: args.write_timeout.0,
         ..GatewayOptions::default()
     };
     let gateway = start(&args.dir, &args.listen, args.client, options).await?;
@@ -106,4 +162,23 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
         .run(crate::shutdown_signal())
         .await
         .context("the gateway failed")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Timeout;
+
+    #[test]
+    fn timeouts_parse_with_units_and_print_back() {
+        assert_eq!("300".parse(), Ok(Timeout(300_000)));
+        assert_eq!("300s".parse(), Ok(Timeout(300_000)));
+        assert_eq!("250ms".parse(), Ok(Timeout(250)));
+        assert_eq!("0".parse(), Ok(Timeout(0)));
+        for bad in ["", "soon", "-1s", "1h", "99999999999999999999s"] {
+            assert!(bad.parse::<Timeout>().is_err(), "{bad}");
+        }
+        assert_eq!(Timeout(30_000).to_string(), "30s");
+        assert_eq!(Timeout(1_500).to_string(), "1500ms");
+        assert_eq!(Timeout(0).to_string(), "0s");
+    }
 }

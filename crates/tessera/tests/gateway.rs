@@ -33,6 +33,11 @@ struct GatewayProcess {
 
 impl GatewayProcess {
     fn start(cluster: &RunningCluster, port: u16) -> GatewayProcess {
+        GatewayProcess::start_with(cluster, port, &[])
+    }
+
+    /// Starts `tessera gateway` with `options` added to its command line.
+    fn start_with(cluster: &RunningCluster, port: u16, options: &[&str]) -> GatewayProcess {
         let log = cluster.dir.path.join("logs").join("gateway.log");
         let file = OpenOptions::new()
             .create(true)
@@ -42,6 +47,7 @@ impl GatewayProcess {
         let child = Command::new(BINARY)
             .args(["gateway", "--listen", &format!("127.0.0.1:{port}"), "--dir"])
             .arg(&cluster.dir.path)
+            .args(options)
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("clone a log handle"))
             .stderr(file)
@@ -673,4 +679,163 @@ fn results_past_the_reply_limit_continue_in_another_envelope() {
         "the GETDEL ran once"
     );
     assert_eq!(gateway.cli_text(&["STRLEN", "big9"]), "500000");
+}
+
+/// The gateway's Prometheus text from `GET /metrics` on `address`.
+fn gateway_metrics(address: &str) -> String {
+    let mut stream = TcpStream::connect(address).expect("connect to the metrics endpoint");
+    stream
+        .set_read_timeout(Some(SOCKET_TIMEOUT))
+        .expect("set a read timeout");
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: {address}\r\n\r\n").expect("send");
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .expect("read the metrics");
+    answer
+}
+
+/// The value of `sample` (a name with its labels) in a metrics text, 0 if absent.
+fn sample(text: &str, sample: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Reads until the gateway closes the connection (or resets it); returns what arrived and
+/// how long it took.
+fn read_until_closed(stream: &mut TcpStream) -> (Vec<u8>, Duration) {
+    stream
+        .set_read_timeout(Some(SOCKET_TIMEOUT))
+        .expect("set a read timeout");
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => return (answer, started.elapsed()),
+            Ok(read) => answer.extend_from_slice(&buffer[..read]),
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                panic!("the gateway kept the connection open for {SOCKET_TIMEOUT:?}")
+            }
+            Err(_) => return (answer, started.elapsed()),
+        }
+    }
+}
+
+/// `tessera gateway --idle-timeout --frame-timeout --write-timeout --connections-max` reach
+/// the gateway and bound what a connection holds (the in-process tests of
+/// `tessera-gateway/tests/connection_limits.rs` cover the behaviour in detail).
+#[test]
+fn gateway_timeouts_and_connection_cap_come_from_the_command_line() {
+    const METRICS: &str = "127.0.0.1:45391";
+    let cluster = RunningCluster::start(ClusterDir::create(45_200, |_| {}));
+    let gateway = GatewayProcess::start_with(
+        &cluster,
+        45_390,
+        &[
+            "--idle-timeout",
+            "400ms",
+            "--frame-timeout",
+            "300ms",
+            "--write-timeout",
+            "400ms",
+            "--connections-max",
+            "3",
+            "--metrics-listen",
+            METRICS,
+        ],
+    );
+    let connect = || TcpStream::connect(("127.0.0.1", gateway.port)).expect("connect");
+    // Connections just dropped (the readiness probe, a finished redis-cli) hold their slot
+    // until the gateway reads their end; each step starts once none is left.
+    let wait_until_no_connections = || {
+        let deadline = Instant::now() + SOCKET_TIMEOUT;
+        while sample(&gateway_metrics(METRICS), "tessera_gateway_connections") != 0 {
+            assert!(Instant::now() < deadline, "connections stay open");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    // Says nothing: closed silently after the idle timeout.
+    let (answer, waited) = read_until_closed(&mut connect());
+    assert_eq!(answer, b"");
+    assert!(
+        (Duration::from_millis(350)..Duration::from_secs(5)).contains(&waited),
+        "an idle connection closed after {waited:?}"
+    );
+
+    // Half a request: an error after the frame timeout.
+    let mut half = connect();
+    half.write_all(b"*2\r\n$3\r\nGET\r\n").expect("send");
+    let (answer, _) = read_until_closed(&mut half);
+    assert_eq!(
+        String::from_utf8_lossy(&answer),
+        "-ERR request not complete within the gateway's frame timeout of 300 ms; closing the \
+         connection\r\n"
+    );
+
+    // Pipelined GETs of a 500,000-byte value, never read: about 15 MB of replies in the
+    // first group, more than the sockets' buffers take, so the writes stop; the connection is
+    // reset after the write timeout while another client is served.
+    let mut set = Vec::new();
+    encode_request(
+        &[b"SET".to_vec(), b"big".to_vec(), vec![b'v'; 500_000]],
+        &mut set,
+    );
+    assert_eq!(replies(&gateway, &set, 1), vec![Reply::ok()]);
+    wait_until_no_connections();
+    let mut slow = connect();
+    slow.write_all(&b"GET big\r\n".repeat(100))
+        .expect("send the GETs");
+    let deadline = Instant::now() + SOCKET_TIMEOUT;
+    while sample(
+        &gateway_metrics(METRICS),
+        "tessera_gateway_connections_closed_total{reason=\"write_timeout\"}",
+    ) == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the slow reader was not cut off: {}",
+            gateway_metrics(METRICS)
+        );
+        assert_eq!(gateway.cli_text(&["PING"]), "PONG");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The cap: three connections held, a fourth refused with Redis's error.
+    wait_until_no_connections();
+    let mut held: Vec<TcpStream> = (0..3).map(|_| connect()).collect();
+    for stream in &mut held {
+        stream
+            .set_read_timeout(Some(SOCKET_TIMEOUT))
+            .expect("set a read timeout");
+        stream.write_all(b"PING\r\n").expect("send");
+        let mut pong = [0u8; 7];
+        stream.read_exact(&mut pong).expect("read PONG");
+        assert_eq!(&pong, b"+PONG\r\n");
+    }
+    let mut refused = connect();
+    refused.write_all(b"PING\r\n").expect("send");
+    let (answer, _) = read_until_closed(&mut refused);
+    assert_eq!(
+        String::from_utf8_lossy(&answer),
+        "-ERR max number of clients reached\r\n"
+    );
+    let metrics = gateway_metrics(METRICS);
+    for (name, minimum) in [
+        (
+            "tessera_gateway_connections_closed_total{reason=\"idle_timeout\"}",
+            1,
+        ),
+        (
+            "tessera_gateway_connections_closed_total{reason=\"frame_timeout\"}",
+            1,
+        ),
+        ("tessera_gateway_errors_total{kind=\"timeout\"}", 1),
+        ("tessera_gateway_connections_refused_total", 1),
+    ] {
+        assert!(sample(&metrics, name) >= minimum, "{name} in {metrics}");
+    }
 }

@@ -188,15 +188,38 @@ fn set_options_map_onto_store_commands() {
 
 #[test]
 fn expiry_is_refused_not_ignored() {
+    // Every way Redis sets an expiry is refused before anything reaches the cluster (an error
+    // reply is a `Step::Reply`): a write that silently dropped its expiry would keep a key the
+    // client believes gone.
     for words in [
         &["SET", "k", "v", "EX", "10"][..],
         &["SET", "k", "v", "px", "10"],
+        &["SET", "k", "v", "EXAT", "1700000000"],
+        &["SET", "k", "v", "PXAT", "1700000000000"],
+        &["SET", "k", "v", "NX", "GET", "EX", "10"],
+        &["SET", "k", "v", "EX", "soon"],
         &["EXPIRE", "k", "10"],
+        &["PEXPIRE", "k", "10"],
+        &["EXPIREAT", "k", "1700000000"],
+        &["PEXPIREAT", "k", "1700000000000"],
         &["SETEX", "k", "10", "v"],
+        &["psetex", "k", "10", "v"],
     ] {
         let text = error_text(run(&mut fresh(), words));
-        assert!(text.contains("expiry is not supported yet"), "{text}");
+        assert!(
+            text.starts_with("ERR key expiry is not supported yet")
+                && text.contains("agreed order"),
+            "{words:?}: {text}"
+        );
     }
+    // KEEPTTL keeps the expiry no key has: a plain write.
+    assert_eq!(
+        replicated(run(&mut fresh(), &["SET", "k", "v", "KEEPTTL"])).0,
+        Command::Set {
+            key: b"k".to_vec(),
+            value: b"v".to_vec()
+        }
+    );
 }
 
 #[test]

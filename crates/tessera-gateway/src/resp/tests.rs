@@ -304,3 +304,20 @@ fn simple_strings_with_line_breaks_are_refused() {
         Err(RespError::LineBreakInLine)
     );
 }
+
+#[test]
+fn a_consumed_array_header_leaves_the_decoder_mid_request() {
+    // The connection's frame timeout starts from this state: the input is empty, yet a
+    // request has begun.
+    let mut decoder = RequestDecoder::new(RespLimits::default());
+    assert!(!decoder.is_mid_request());
+    let (consumed, request) = decoder.decode(b"*2\r\n$3\r\nGET\r\n").unwrap();
+    assert_eq!((consumed, request), (13, None));
+    assert!(decoder.is_mid_request());
+    let (_, request) = decoder.decode(b"$1\r\nk\r\n").unwrap();
+    assert_eq!(request, Some(arguments(&["GET", "k"])));
+    assert!(!decoder.is_mid_request());
+    // An inline command is never held: its bytes stay in the caller's input until complete.
+    assert_eq!(decoder.decode(b"PIN").unwrap(), (0, None));
+    assert!(!decoder.is_mid_request());
+}
