@@ -8,12 +8,17 @@
 //! protocol's retransmission recovers it. Signature checks happen before events get here.
 //!
 //! With a write-ahead log ([`crate::wal`]) every input is logged as it is handled, and each
-//! turn's actions are carried out only after the turn's inputs are durable (group commit). On
-//! start the loop first replays the log into the fresh core, discarding what the replayed core
-//! says except its timers, and continues the logged clock from where it stopped.
+//! turn's messages and replies leave only after the turn's inputs are durable. The core thread
+//! does not wait for the disk: it hands each turn (its framed records and its outbound
+//! messages) to a writer thread, which writes and syncs turns in order — several per
+//! `fdatasync` when they queue up — and only then sends their messages. Timers stay on the core
+//! thread: they are not outputs anyone can see. On start the loop first replays the log into the
+//! fresh core, discarding what the replayed core says except its timers, and continues the
+//! logged clock from where it stopped.
 
 use bytes::Bytes;
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +30,7 @@ use crate::counters::{DropReason, NodeCounters};
 use crate::metrics::{CoreObservation, CoreSnapshot, ReplicaMetrics};
 use crate::routes::{ReplyRoutes, StatusBoard};
 use crate::transport::PeerSender;
-use crate::wal::{Mark, Record, RecordRef, Wal, WalError, WalReader};
+use crate::wal::{frame_record, Mark, Record, RecordRef, Wal, WalError, WalReader};
 
 /// Default capacity of the core's inbox, in events.
 pub const CORE_INBOX_EVENTS_DEFAULT: usize = 65_536;
@@ -35,6 +40,8 @@ const EVENTS_PER_TURN_MAX: usize = 1024;
 const STATUS_PERIOD: Duration = Duration::from_millis(100);
 /// How long an event source waits before retrying a full inbox.
 const INBOX_RETRY: Duration = Duration::from_millis(1);
+/// Turns waiting for the writer thread before the core thread waits for it (backpressure).
+const TURNS_QUEUED_MAX: usize = 64;
 
 /// An input for the core thread.
 #[derive(Debug)]
@@ -136,6 +143,12 @@ pub fn spawn_core_thread<S: StateMachine>(
     wal: Option<WalReader>,
 ) -> std::io::Result<std::thread::JoinHandle<Result<(), WalError>>> {
     let id = replica.id();
+    let dispatcher = Dispatcher {
+        peers: outputs.peers.clone(),
+        replies: outputs.replies.clone(),
+        metrics: outputs.metrics.clone(),
+        others: u64::from(replica.config().n.saturating_sub(1)),
+    };
     std::thread::Builder::new()
         .name(format!("tessera-core-{id}"))
         .spawn(move || {
@@ -144,26 +157,133 @@ pub fn spawn_core_thread<S: StateMachine>(
             CoreLoop {
                 replica,
                 outputs,
+                dispatcher,
                 clock: Instant::now(),
                 clock_base_ms: 0,
                 timers: BTreeMap::new(),
                 observation: CoreObservation::default(),
-                wal: None,
+                pending: None,
+                writer: None,
             }
             .run(inbox, wal)
         })
 }
 
+/// An output that must wait until the inputs it came from are durable.
+enum Outbound {
+    Send(ReplicaId, ReplicaMessage),
+    Broadcast(ReplicaMessage),
+    Reply(tessera_types::Reply),
+}
+
+/// Carries out outbound actions (on the core thread without a log, on the writer thread with).
+#[derive(Clone)]
+struct Dispatcher {
+    peers: PeerSender,
+    replies: Arc<ReplyRoutes>,
+    metrics: Arc<ReplicaMetrics>,
+    /// Number of other replicas (destinations of a broadcast).
+    others: u64,
+}
+
+impl Dispatcher {
+    fn carry_out(&self, outbound: Vec<Outbound>) {
+        for item in outbound {
+            match item {
+                Outbound::Send(to, message) => {
+                    self.metrics.message_sent(&message, 1);
+                    self.peers
+                        .send(to, Bytes::from(tessera_types::encode(&message)));
+                }
+                Outbound::Broadcast(message) => {
+                    self.metrics.message_sent(&message, self.others);
+                    self.peers
+                        .broadcast(Bytes::from(tessera_types::encode(&message)));
+                }
+                Outbound::Reply(reply) => self.replies.deliver(reply),
+            }
+        }
+    }
+}
+
+/// One turn of the core thread on its way to the disk: its framed records (ending with the
+/// turn's mark) and what it may send once they are durable.
+struct Turn {
+    records: Vec<u8>,
+    outbound: Vec<Outbound>,
+}
+
+/// The writer thread and the queue to it.
+struct WalWriter {
+    turns: SyncSender<Turn>,
+    thread: std::thread::JoinHandle<Result<(), WalError>>,
+}
+
+impl WalWriter {
+    fn spawn(mut wal: Wal, dispatcher: Dispatcher, id: ReplicaId) -> std::io::Result<WalWriter> {
+        let (turns, queue) = std::sync::mpsc::sync_channel::<Turn>(TURNS_QUEUED_MAX);
+        let thread = std::thread::Builder::new()
+            .name(format!("tessera-wal-{id}"))
+            .spawn(move || {
+                // Ends when the core thread drops its sender, after writing what it queued.
+                while let Ok(first) = queue.recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < TURNS_QUEUED_MAX {
+                        match queue.try_recv() {
+                            Ok(turn) => batch.push(turn),
+                            Err(_) => break,
+                        }
+                    }
+                    let parts: Vec<&[u8]> =
+                        batch.iter().map(|turn| turn.records.as_slice()).collect();
+                    // On an error nothing of these turns is sent, and the thread stops: the
+                    // core thread sees the queue close and stops the replica.
+                    wal.write_and_sync(&parts)?;
+                    for turn in batch {
+                        dispatcher.carry_out(turn.outbound);
+                    }
+                }
+                Ok(())
+            })?;
+        Ok(WalWriter { turns, thread })
+    }
+
+    /// Queues a turn; if the writer has stopped, returns its error.
+    fn submit(slot: &mut Option<WalWriter>, turn: Turn) -> Result<(), WalError> {
+        let writer = slot.as_ref().expect("a replica with a log has a writer");
+        if writer.turns.send(turn).is_ok() {
+            return Ok(());
+        }
+        Self::finish(slot.take())
+    }
+
+    /// Waits for the writer to write and send everything queued.
+    fn finish(writer: Option<WalWriter>) -> Result<(), WalError> {
+        let Some(WalWriter { turns, thread }) = writer else {
+            return Ok(());
+        };
+        drop(turns);
+        match thread.join() {
+            Ok(result) => result,
+            Err(_) => panic!("the write-ahead log's writer thread panicked"),
+        }
+    }
+}
+
 struct CoreLoop<S: StateMachine> {
     replica: Replica<S>,
     outputs: CoreOutputs,
+    dispatcher: Dispatcher,
     clock: Instant,
     /// Core time when `clock` started: the last logged time after a replay, so the core's
     /// clock never goes back across a restart.
     clock_base_ms: u64,
     timers: BTreeMap<Timer, u64>,
     observation: CoreObservation,
-    wal: Option<Wal>,
+    /// Records of the current turn, framed (`Some` when the replica keeps a log).
+    pending: Option<Vec<u8>>,
+    /// The thread that makes turns durable and then sends their outputs.
+    writer: Option<WalWriter>,
 }
 
 /// The log's code for each timer (part of the log format: never renumber).
@@ -235,6 +355,7 @@ impl<S: StateMachine> CoreLoop<S> {
             }
         }
         self.execute_actions()?;
+        WalWriter::finish(self.writer.take())?;
         self.publish_status();
         info!(rejections = ?self.replica.rejections(), "core thread stopped");
         Ok(())
@@ -305,7 +426,17 @@ impl<S: StateMachine> CoreLoop<S> {
         if let Some(offset) = reader.torn_at() {
             warn!(offset, "the log's last write was torn by a crash; cut off");
         }
-        self.wal = Some(reader.into_wal()?);
+        let wal = reader.into_wal()?;
+        self.writer = Some(
+            WalWriter::spawn(wal, self.dispatcher.clone(), self.replica.id()).map_err(
+                |source| WalError::Io {
+                    path: PathBuf::from("(writer thread)"),
+                    action: "start the log's writer thread",
+                    source,
+                },
+            )?,
+        );
+        self.pending = Some(Vec::new());
         self.clock_base_ms = last_ms;
         self.clock = Instant::now();
         if records > 0 {
@@ -323,8 +454,8 @@ impl<S: StateMachine> CoreLoop<S> {
 
     /// Logs an input about to be handled (built lazily: nothing is encoded without a log).
     fn log<'a>(&mut self, record: impl FnOnce() -> RecordRef<'a>) {
-        if let Some(wal) = self.wal.as_mut() {
-            wal.append(&record());
+        if let Some(pending) = self.pending.as_mut() {
+            frame_record(pending, &record());
         }
     }
 
@@ -394,27 +525,15 @@ impl<S: StateMachine> CoreLoop<S> {
         self.execute_actions()
     }
 
-    /// Carries out the core's actions — after making the inputs that led to them durable.
+    /// Carries out the core's actions: timers at once; messages and replies at once without a
+    /// log, or through the writer thread once the turn's inputs are durable.
     fn execute_actions(&mut self) -> Result<(), WalError> {
-        if let Some(wal) = self.wal.as_mut() {
-            if wal.has_pending() {
-                wal.commit(Mark::of(&self.replica.status()))?;
-            }
-        }
-        let peers = u64::from(self.replica.config().n.saturating_sub(1));
+        let mut outbound = Vec::new();
         for action in self.replica.take_actions() {
             match action {
-                Action::Send { to, message } => {
-                    self.outputs.metrics.message_sent(&message, 1);
-                    let frame = Bytes::from(tessera_types::encode(&message));
-                    self.outputs.peers.send(to, frame);
-                }
-                Action::Broadcast { message } => {
-                    self.outputs.metrics.message_sent(&message, peers);
-                    let frame = Bytes::from(tessera_types::encode(&message));
-                    self.outputs.peers.broadcast(frame);
-                }
-                Action::Reply(reply) => self.outputs.replies.deliver(reply),
+                Action::Send { to, message } => outbound.push(Outbound::Send(to, message)),
+                Action::Broadcast { message } => outbound.push(Outbound::Broadcast(message)),
+                Action::Reply(reply) => outbound.push(Outbound::Reply(reply)),
                 Action::SetTimer { timer, deadline_ms } => {
                     self.timers.insert(timer, deadline_ms);
                 }
@@ -427,6 +546,20 @@ impl<S: StateMachine> CoreLoop<S> {
                     .outputs
                     .metrics
                     .batch_executed(batch.len(), executed.len()),
+            }
+        }
+        match self.pending.as_mut() {
+            None => self.dispatcher.carry_out(outbound),
+            Some(pending) => {
+                // Every output comes from a logged input, but a turn with outputs and no new
+                // records still goes through the writer, behind the turns before it.
+                if !pending.is_empty() {
+                    frame_record(pending, &RecordRef::Mark(Mark::of(&self.replica.status())));
+                }
+                if !pending.is_empty() || !outbound.is_empty() {
+                    let records = std::mem::take(pending);
+                    WalWriter::submit(&mut self.writer, Turn { records, outbound })?;
+                }
             }
         }
         // Getters only: cheap enough for every turn, so no view change or checkpoint is missed.

@@ -489,19 +489,24 @@ fn check(length: &[u8], payload: &[u8]) -> [u8; 8] {
     out
 }
 
+/// Appends one framed record to `buffer` (what [`Wal::write_and_sync`] later writes).
+pub fn frame_record(buffer: &mut Vec<u8>, record: &RecordRef<'_>) {
+    let payload = tessera_types::encode(record);
+    assert!(
+        payload.len() <= RECORD_BYTES_MAX,
+        "a core input of {} bytes exceeds the largest frame",
+        payload.len()
+    );
+    let length = (payload.len() as u32).to_le_bytes();
+    buffer.extend_from_slice(&length);
+    buffer.extend_from_slice(&check(&length, &payload));
+    buffer.extend_from_slice(&payload);
+}
+
 impl Wal {
     /// Queues a record; it is durable after the next [`Wal::commit`].
     pub fn append(&mut self, record: &RecordRef<'_>) {
-        let payload = tessera_types::encode(record);
-        assert!(
-            payload.len() <= RECORD_BYTES_MAX,
-            "a core input of {} bytes exceeds the largest frame",
-            payload.len()
-        );
-        let length = (payload.len() as u32).to_le_bytes();
-        self.buffer.extend_from_slice(&length);
-        self.buffer.extend_from_slice(&check(&length, &payload));
-        self.buffer.extend_from_slice(&payload);
+        frame_record(&mut self.buffer, record);
     }
 
     /// True if records wait for a commit.
@@ -512,6 +517,13 @@ impl Wal {
     /// Appends `mark` and makes every queued record durable (one write, one `fdatasync`).
     pub fn commit(&mut self, mark: Mark) -> Result<(), WalError> {
         self.append(&RecordRef::Mark(mark));
+        let buffer = std::mem::take(&mut self.buffer);
+        self.write_and_sync(&[&buffer])
+    }
+
+    /// Writes framed records (from [`frame_record`]) in order and makes them durable with one
+    /// `fdatasync`.
+    pub fn write_and_sync(&mut self, parts: &[&[u8]]) -> Result<(), WalError> {
         let io = |action: &'static str| {
             let path = self.path.clone();
             move |source| WalError::Io {
@@ -520,12 +532,13 @@ impl Wal {
                 source,
             }
         };
-        self.file
-            .write_all(&self.buffer)
-            .map_err(io("append (is the disk full?)"))?;
+        for part in parts {
+            self.file
+                .write_all(part)
+                .map_err(io("append (is the disk full?)"))?;
+        }
         self.file.sync_data().map_err(io("sync"))?;
-        self.committed_bytes += self.buffer.len() as u64;
-        self.buffer.clear();
+        self.committed_bytes += parts.iter().map(|part| part.len() as u64).sum::<u64>();
         Ok(())
     }
 

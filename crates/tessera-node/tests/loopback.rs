@@ -28,6 +28,8 @@ async fn cluster(n: u32, usig: UsigKind) -> ClusterFiles {
     for replica in &mut files.cluster.replicas {
         replica.replica_address = free_address().await;
         replica.client_address = free_address().await;
+        // Tests in this file run in parallel: each cluster needs its own metrics ports too.
+        replica.metrics_address = free_address().await;
     }
     files
 }

@@ -101,7 +101,9 @@ fn replicas_killed_at_random_moments_restart_from_their_logs_and_lose_nothing() 
         assert!(checked >= SESSIONS * OPERATIONS_PER_SESSION, "{checked}");
         let placed = check_linearizable(&histories);
         assert_eq!(placed, checked, "every operation is in the timeline");
-        let statuses = wait_for_agreement(&cluster.dir, &[0, 1, 2], REJOIN_TIMEOUT).await;
+        // Generous: after a storm of kills a view change may be in its backoff (up to 16x the
+        // 1 s timeout) on a loaded machine.
+        let statuses = wait_for_agreement(&cluster.dir, &[0, 1, 2], Duration::from_secs(60)).await;
         eprintln!("agreement after the kills: {statuses:#?}");
     });
 
