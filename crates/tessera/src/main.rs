@@ -15,7 +15,7 @@ use std::io::{IsTerminal, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tessera_node::setup::{generate_cluster, ClusterFiles, ClusterSpec};
 use tessera_types::cluster::{
     ClientSecrets, ClusterConfig, ReplicaEndpoint, ReplicaSecrets, UsigKind,
@@ -211,6 +211,10 @@ struct UpArgs {
     /// Where the gateway serves Prometheus metrics (`GET /metrics`).
     #[arg(long, default_value = gateway::DEFAULT_METRICS_LISTEN)]
     gateway_metrics_listen: String,
+    /// Leave a replica that exits unexpectedly stopped. By default a replica of an hmac or
+    /// ed25519 cluster is restarted from its write-ahead log (at most 5 times a minute).
+    #[arg(long)]
+    no_restart: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -598,18 +602,49 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
     let mut ticker = tokio::time::interval(Duration::from_millis(250));
     let mut running = cluster.cluster().replicas.len();
+    // Only a replica with a write-ahead log can come back without contradicting itself.
+    let durable = matches!(cluster.cluster().usig, UsigKind::Hmac | UsigKind::Ed25519);
+    let disabled = if args.no_restart {
+        Some(" (--no-restart)")
+    } else if !durable {
+        Some(
+            " (replicas of usigd and tpm clusters keep no log and cannot rejoin; \
+             see docs/OPERATIONS.md §5)",
+        )
+    } else {
+        None
+    };
+    let mut supervisor = Supervisor::new(running, disabled);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             _ = ticker.tick() => {
                 for (id, status) in cluster.poll_exits() {
                     running -= 1;
-                    eprintln!(
-                        "replica {id} exited unexpectedly ({status}); the others keep running. Log: {}",
-                        cluster.log_path(id).display()
+                    let log = cluster.log_path(id);
+                    match supervisor.exited(id, Instant::now()) {
+                        Some(delay) => eprintln!(
+                            "replica {id} exited unexpectedly ({status}); restarting it from its \
+                             write-ahead log in {delay:?}. Log: {}",
+                            log.display()
+                        ),
+                        None => eprintln!(
+                            "replica {id} exited unexpectedly ({status}); the others keep running{}. \
+                             Log: {}",
+                            supervisor.why_not(id),
+                            log.display()
+                        ),
+                    }
+                }
+                for id in supervisor.due(Instant::now()) {
+                    cluster.restart_replica(id)?;
+                    running += 1;
+                    println!(
+                        "replica {id} restarted, pid {}",
+                        cluster.pid(id).map_or_else(|| "-".into(), |pid| pid.to_string())
                     );
                 }
-                if running == 0 {
+                if running == 0 && !supervisor.any_pending() {
                     bail!("every replica has exited; see the logs in {}", args.dir.join("logs").display());
                 }
             }
@@ -619,6 +654,74 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     cluster.stop()?;
     println!("Stopped.");
     Ok(())
+}
+
+/// How `tessera up` restarts replicas that exit: after 1 s, doubling with each restart in the
+/// last minute, and not at all after [`Supervisor::RESTARTS_PER_MINUTE_MAX`] of them (a replica
+/// that keeps failing — a corrupt log, a taken port — needs a person, not a loop).
+struct Supervisor {
+    /// Why replicas are not restarted at all, if they are not.
+    disabled: Option<&'static str>,
+    /// Per replica, when it was restarted in the last minute.
+    recent: Vec<Vec<Instant>>,
+    /// Per replica, when a scheduled restart is due.
+    pending: Vec<Option<Instant>>,
+}
+
+impl Supervisor {
+    const RESTARTS_PER_MINUTE_MAX: usize = 5;
+    const WINDOW: Duration = Duration::from_secs(60);
+    const FIRST_DELAY: Duration = Duration::from_secs(1);
+
+    fn new(replicas: usize, disabled: Option<&'static str>) -> Supervisor {
+        Supervisor {
+            disabled,
+            recent: vec![Vec::new(); replicas],
+            pending: vec![None; replicas],
+        }
+    }
+
+    /// Replica `id` exited at `now`: the delay before its restart, or `None` if it stays down.
+    fn exited(&mut self, id: u32, now: Instant) -> Option<Duration> {
+        if self.disabled.is_some() {
+            return None;
+        }
+        let recent = &mut self.recent[id as usize];
+        recent.retain(|at| now.duration_since(*at) < Self::WINDOW);
+        if recent.len() >= Self::RESTARTS_PER_MINUTE_MAX {
+            return None;
+        }
+        let delay = Self::FIRST_DELAY * 2u32.pow(recent.len() as u32);
+        recent.push(now + delay);
+        self.pending[id as usize] = Some(now + delay);
+        Some(delay)
+    }
+
+    fn why_not(&self, id: u32) -> String {
+        match self.disabled {
+            Some(reason) => reason.to_string(),
+            None => format!(
+                " (not restarted again: {} restarts within a minute)",
+                self.recent[id as usize].len()
+            ),
+        }
+    }
+
+    /// Replicas whose restart is due at `now` (each returned once).
+    fn due(&mut self, now: Instant) -> Vec<u32> {
+        let mut due = Vec::new();
+        for (id, pending) in self.pending.iter_mut().enumerate() {
+            if pending.is_some_and(|at| at <= now) {
+                *pending = None;
+                due.push(id as u32);
+            }
+        }
+        due
+    }
+
+    fn any_pending(&self) -> bool {
+        self.pending.iter().any(Option::is_some)
+    }
 }
 
 /// Starts the gateway in this process; a gateway that cannot start (its port is taken, say)
@@ -857,6 +960,40 @@ fn format_status_table(rows: &[(&ReplicaEndpoint, anyhow::Result<ReplicaStatus>)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_supervisor_backs_off_and_gives_up_on_a_replica_that_keeps_failing() {
+        let start = Instant::now();
+        let mut supervisor = Supervisor::new(3, None);
+        let mut now = start;
+        let mut delays = Vec::new();
+        while let Some(delay) = supervisor.exited(1, now) {
+            assert!(supervisor.due(now).is_empty(), "not due before its delay");
+            now += delay;
+            assert_eq!(
+                supervisor.due(now),
+                vec![1],
+                "due once its delay has passed"
+            );
+            assert!(supervisor.due(now).is_empty(), "returned once");
+            delays.push(delay.as_secs());
+        }
+        assert_eq!(delays, vec![1, 2, 4, 8, 16]);
+        assert!(supervisor.why_not(1).contains("5 restarts"));
+        // Another replica is not affected, and a minute later replica 1 may restart again.
+        assert_eq!(supervisor.exited(2, now), Some(Duration::from_secs(1)));
+        assert!(supervisor
+            .exited(1, now + Duration::from_secs(61))
+            .is_some());
+    }
+
+    #[test]
+    fn a_disabled_supervisor_restarts_nothing_and_says_why() {
+        let mut supervisor = Supervisor::new(3, Some(" (--no-restart)"));
+        assert_eq!(supervisor.exited(0, Instant::now()), None);
+        assert!(!supervisor.any_pending());
+        assert_eq!(supervisor.why_not(0), " (--no-restart)");
+    }
     use clap::CommandFactory;
 
     fn init_args(dir: &Path) -> InitArgs {

@@ -1,5 +1,6 @@
 //! `tessera up` as a user runs it: it writes a cluster, prints its endpoints, serves `tessera kv`,
-//! and on Ctrl-C stops every replica and exits cleanly.
+//! restarts a replica that is killed (from its write-ahead log), on Ctrl-C stops every replica
+//! and exits cleanly, and a second `up` in the same directory still has the data.
 
 mod support;
 
@@ -53,13 +54,11 @@ fn process_is_running(pid: i32) -> bool {
     }
 }
 
-#[test]
-fn up_prints_endpoints_and_stops_on_sigint() {
-    let temp = tempfile::tempdir().expect("create a temporary directory");
-    let dir = temp.path().join("cluster");
+/// Starts `tessera up` on `dir` and waits until it is ready; returns the guard and its output.
+fn start_up(dir: &std::path::Path) -> (UpGuard, mpsc::Receiver<String>, String) {
     let up = Command::new(BINARY)
         .args(["up", "--base-port", "21600", "--dir"])
-        .arg(&dir)
+        .arg(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -78,21 +77,12 @@ fn up_prints_endpoints_and_stops_on_sigint() {
             }
         }
     });
-
     let printed = read_up_until_ready(&lines, READY_TIMEOUT, &mut guard.replica_pids);
-    let text = printed.join("\n");
-    assert_eq!(guard.replica_pids.len(), 3, "three replica pids in {text}");
-    for id in 0..3 {
-        assert!(
-            text.contains(&format!("127.0.0.1:{}", 21_700 + id)),
-            "client endpoint of replica {id} in {text}"
-        );
-    }
-    assert!(text.contains("tessera kv --dir"), "usage hints in {text}");
+    (guard, lines, printed.join("\n"))
+}
 
-    assert_eq!(tessera_kv(&dir, &["set", "a", "b"]), "OK");
-    assert_eq!(tessera_kv(&dir, &["get", "a"]), "\"b\"");
-
+/// Sends SIGINT to `up` and checks that it stops every replica and exits cleanly.
+fn stop_up(mut guard: UpGuard, lines: mpsc::Receiver<String>) {
     signal(guard.up.id() as i32, libc::SIGINT);
     let deadline = Instant::now() + EXIT_TIMEOUT;
     let status = loop {
@@ -118,4 +108,62 @@ fn up_prints_endpoints_and_stops_on_sigint() {
         rest.iter().any(|line| line.contains("Stopped")),
         "`up` reports that it stopped: {rest:?}"
     );
+}
+
+#[test]
+fn up_prints_endpoints_restarts_a_killed_replica_and_keeps_data_across_runs() {
+    let temp = tempfile::tempdir().expect("create a temporary directory");
+    let dir = temp.path().join("cluster");
+    let (mut guard, lines, text) = start_up(&dir);
+    assert_eq!(guard.replica_pids.len(), 3, "three replica pids in {text}");
+    for id in 0..3 {
+        assert!(
+            text.contains(&format!("127.0.0.1:{}", 21_700 + id)),
+            "client endpoint of replica {id} in {text}"
+        );
+    }
+    assert!(text.contains("tessera kv --dir"), "usage hints in {text}");
+
+    assert_eq!(tessera_kv(&dir, &["set", "a", "b"]), "OK");
+    assert_eq!(tessera_kv(&dir, &["get", "a"]), "\"b\"");
+
+    // A crash: `up` restarts the replica, which replays its log and serves again.
+    signal(guard.replica_pids[1], libc::SIGKILL);
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let restarted = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .expect("`up` never said it restarted replica 1");
+        if line.starts_with("replica 1 restarted, pid ") {
+            break line;
+        }
+    };
+    let pid: i32 = restarted
+        .rsplit(' ')
+        .next()
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {restarted:?}"));
+    guard.replica_pids.push(pid);
+    assert!(process_is_running(pid), "the restarted replica runs");
+    assert_eq!(tessera_kv(&dir, &["set", "c", "d"]), "OK");
+    let log_path = dir.join("logs").join("replica-1.log");
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while !std::fs::read_to_string(&log_path)
+        .expect("read the replica's log")
+        .contains("replayed the write-ahead log")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "replica 1 did not come back through its write-ahead log"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop_up(guard, lines);
+
+    // Every replica replays its log: the data written in the first run is there.
+    let (guard, lines, _) = start_up(&dir);
+    assert_eq!(tessera_kv(&dir, &["get", "a"]), "\"b\"");
+    assert_eq!(tessera_kv(&dir, &["get", "c"]), "\"d\"");
+    stop_up(guard, lines);
 }
