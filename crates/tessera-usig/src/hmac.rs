@@ -56,6 +56,19 @@ impl HmacUsig {
         })
     }
 
+    /// Like [`HmacUsig::try_new`], but continuing after `last_counter` values were already
+    /// issued: for a replica restored from a snapshot of itself, whose earlier certificates were
+    /// all made by this same key (so continuing, never reissuing, is what keeps it a USIG).
+    pub fn resume(
+        identity: UsigIdentity,
+        keys: Vec<[u8; 32]>,
+        last_counter: u64,
+    ) -> Result<HmacUsig, UsigError> {
+        let mut usig = HmacUsig::try_new(identity, keys)?;
+        usig.last_counter = last_counter;
+        Ok(usig)
+    }
+
     /// Sets the epoch whose UIs this instance accepts from `replica` (0 until set). Epochs may
     /// only increase.
     pub fn set_peer_epoch(&mut self, replica: ReplicaId, epoch: u64) -> Result<(), UsigError> {

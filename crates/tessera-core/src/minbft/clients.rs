@@ -37,7 +37,7 @@ pub enum Freshness<'a> {
 }
 
 /// Bounded map from client to its latest executed request.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ClientTable {
     entries: BTreeMap<ClientId, ClientEntry>,
     by_age: BTreeSet<(SeqNum, ClientId)>,

@@ -25,10 +25,12 @@
 //! See `docs/PROTOCOL.md` for the rules and the safety argument.
 
 mod clients;
+mod snapshot;
 mod transfer;
 mod view_change;
 
 pub use clients::{ClientEntry, ClientTable, Freshness};
+pub use snapshot::{saved_usig_counter, SnapshotError};
 use transfer::{CheckpointState, Transfer};
 pub use transfer::{CHUNK_BUDGET_BYTES, IN_FLIGHT_PER_SOURCE, MAX_CHUNK_BYTES, MAX_CURSOR_BYTES};
 use view_change::{justification_pool, ANCHOR_NOT_YET_SEEN};
@@ -121,7 +123,7 @@ const STORE_PER_STREAM_MAX: usize = 4096;
 const FETCH_BACKOFF_MAX: u32 = 5;
 
 /// A certified message on its way through its sender's stream.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 enum Certified {
     Prepare(Prepare),
     Commit(Commit),
@@ -193,7 +195,7 @@ enum Outcome {
 }
 
 /// What this replica knows of one peer's certified message stream.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 struct PeerStream {
     /// The counter value the next processed message must carry.
     next_counter: u64,
@@ -233,7 +235,7 @@ struct PeerStream {
 const ANCHORS_KEPT: usize = 64;
 
 /// A sequence number being agreed in the current view.
-#[derive(Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 struct Slot {
     header: PrepareHeader,
     batch: Arc<Vec<Request>>,

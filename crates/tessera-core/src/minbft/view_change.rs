@@ -23,7 +23,7 @@ use crate::planted::{PlantedBug, PlantedBugs};
 /// The outcome of a view change: the checkpoint the new view starts from and, for every sequence
 /// number after it up to the highest candidate, the batch the new primary must re-propose
 /// (an empty batch where no candidate exists).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct NewViewPlan {
     /// The most recent valid checkpoint certificate among the VIEW-CHANGE messages.
     pub checkpoint: CheckpointCertificate,
