@@ -106,6 +106,10 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// First port of the clusters it starts (`tessera init --base-port`: replicas from here,
+    /// clients from +100, metrics from +150); away from `tessera up`'s 7000 by default.
+    #[arg(long, default_value_t = 7600, value_parser = clap::value_parser!(u16).range(1_024..=65_000))]
+    pub base_port: u16,
     /// Also write throughput over time (per 100 ms, warm-up included) as an SVG chart to this
     /// file, with view changes and replica restarts marked.
     #[arg(long)]
@@ -259,7 +263,7 @@ async fn measure_system(
     dir: &Path,
     args: &BenchArgs,
 ) -> anyhow::Result<Measurement> {
-    let mut servers = Servers::start(system, executable, dir, BENCH_BASE_PORT, args.window).await?;
+    let mut servers = Servers::start(system, executable, dir, args.base_port, args.window).await?;
     let (cluster, secrets) = load_cluster(dir, None)?;
     let options = ClientOptions {
         unreplicated: system == System::Unreplicated,
@@ -396,9 +400,6 @@ fn set_window(dir: &Path, window: u64) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// First port of `tessera bench`'s clusters (replicas, then clients at +100).
-const BENCH_BASE_PORT: u16 = 7600;
-
 /// Writes a fresh cluster (n=3, f=1: `tessera init`'s defaults) with the `usig` backend into
 /// `dir`, its ports from `base_port`.
 fn initialise(executable: &Path, dir: &Path, usig: &str, base_port: u16) -> anyhow::Result<()> {
@@ -408,7 +409,6 @@ fn initialise(executable: &Path, dir: &Path, usig: &str, base_port: u16) -> anyh
         .arg("--dir")
         .arg(dir)
         .arg("--force")
-        // Away from `tessera up`'s default ports, so a running local cluster does not collide.
         .arg("--base-port")
         .arg(base_port.to_string())
         .args(["--usig", usig])

@@ -332,7 +332,8 @@ pub fn format_value(value: f64) -> String {
     } else if magnitude >= 1e4 {
         trim_zero_decimals(format!("{:.1}", value / 1e3)) + "k"
     } else if magnitude >= 100.0 || value == value.trunc() {
-        format!("{value:.0}")
+        // Halves away from zero, as the tables round (formatting would round them to even).
+        format!("{:.0}", value.round())
     } else if magnitude >= 1.0 {
         format!("{value:.1}")
     } else {
@@ -650,6 +651,7 @@ mod tests {
         assert_eq!(format_value(50_000.0), "50k");
         assert_eq!(format_value(2_000_000.0), "2M");
         assert_eq!(format_value(950.4), "950");
+        assert_eq!(format_value(850.5), "851");
         assert_eq!(format_value(12.54), "12.5");
         assert_eq!(format_value(0.0), "0");
         assert_eq!(format_value(0.58), "0.58");
