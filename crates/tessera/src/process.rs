@@ -109,12 +109,15 @@ impl Drop for ChildGuard {
     }
 }
 
-/// Fails with a message naming `address` if something already listens there: a leftover
-/// server would otherwise be measured in place of the one the benchmark starts.
+/// Fails with a message naming `address` if it cannot be bound now: a leftover server would
+/// otherwise be measured in place of the one the benchmark starts, and a port held by any
+/// socket (a listener, or a connection's local port) would make the server fail to start.
+/// Binding, like the servers do (with SO_REUSEADDR, so connections in TIME_WAIT do not count),
+/// sees both; connecting would see only listeners.
 pub async fn refuse_port_in_use(address: &str, owner: &str) -> anyhow::Result<()> {
-    if tokio::net::TcpStream::connect(address).await.is_ok() {
+    if let Err(error) = tokio::net::TcpListener::bind(address).await {
         bail!(
-            "{address} (for {owner}) is already in use; stop what listens there or choose \
+            "{address} (for {owner}) is not free ({error}); stop what uses it or choose \
              another --base-port"
         );
     }
@@ -211,6 +214,24 @@ mod tests {
         };
         assert!(report.starts_with("the server exited"), "{report}");
         assert!(report.contains("first | port taken"), "{report}");
+    }
+
+    #[tokio::test]
+    async fn a_port_in_use_is_refused_and_a_free_one_accepted() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let error = refuse_port_in_use(&address, "the test server")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("for the test server) is not free"),
+            "{error}"
+        );
+        drop(listener);
+        refuse_port_in_use(&address, "the test server")
+            .await
+            .expect("free once the listener is gone");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! asserts nothing about speed.
 //!
 //! Needs `redis-server`, `redis-benchmark` and `etcd` (Debian: redis-server, redis-tools,
-//! etcd-server); CI installs them (`.ci/run`). Ports 41000–41552.
+//! etcd-server); CI installs them (`.ci/run`). Ports 62000–62552: above Linux's ephemeral range
+//! and away from `bench compare`'s default 61000.
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -41,7 +42,7 @@ fn compare_measures_every_system_and_workload_and_draws_them() {
             "--warmup",
             "500ms",
             "--base-port",
-            "41000",
+            "62000",
             "--json",
             "--dir",
             work.to_str().expect("a UTF-8 temporary path"),

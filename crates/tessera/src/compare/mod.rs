@@ -62,7 +62,9 @@ pub struct CompareArgs {
     pub warmup: Duration,
     /// First port of everything the comparison starts; it uses BASE..BASE+552 (Redis on BASE,
     /// the gateway on BASE+1, etcd on BASE+10.., Tessera clusters from BASE+100 and BASE+400).
-    #[arg(long, default_value_t = 40_000, value_parser = clap::value_parser!(u16).range(1_024..=64_900))]
+    /// The default lies above Linux's ephemeral range (32768–60999 unless tuned), where a
+    /// client connection's local port could take a server's port between check and bind.
+    #[arg(long, default_value_t = 61_000, value_parser = clap::value_parser!(u16).range(1_024..=64_900))]
     pub base_port: u16,
     /// Working directory for servers' data and logs (default: a fresh temporary directory,
     /// removed after a successful run).
