@@ -11,7 +11,7 @@
 //! `tessera bench compare` (module `compare`) reuses the server start-up and the load runtime
 //! from here.
 
-use crate::histogram::LatencyHistogram;
+use crate::histogram::Outcomes;
 use crate::json::json_string;
 use crate::kv::{load_cluster, parse_duration};
 use crate::process::{ChildGuard, Workspace};
@@ -489,9 +489,7 @@ const SERIES_SLACK_BUCKETS: usize = 600;
 
 /// Results of all sessions of one run.
 struct Tally {
-    latency: LatencyHistogram,
-    errors: u64,
-    last_error: Option<String>,
+    outcomes: Outcomes,
     /// Completed requests per [`SERIES_BUCKET`] since the origin, warm-up included.
     series: Vec<u64>,
 }
@@ -513,9 +511,7 @@ async fn drive(client: Client, args: &BenchArgs, origin: Instant) -> anyhow::Res
     // One tally for all sessions: a lock taken once per request, uncontended on the default
     // single-threaded load runtime, and memory that does not grow with the session count.
     let tally = Arc::new(Mutex::new(Tally {
-        latency: LatencyHistogram::new(),
-        errors: 0,
-        last_error: None,
+        outcomes: Outcomes::new(),
         series: vec![0; buckets],
     }));
     let mut tasks = Vec::with_capacity(args.clients as usize);
@@ -550,18 +546,8 @@ async fn drive(client: Client, args: &BenchArgs, origin: Instant) -> anyhow::Res
     let tally = tally
         .lock()
         .map_err(|_| anyhow!("a load session panicked"))?;
-    let operations = tally.latency.count();
-    if operations == 0 {
-        bail!(
-            "no request completed in {:?}{}",
-            args.warmup + args.duration,
-            tally
-                .last_error
-                .as_ref()
-                .map(|error| format!(" (last error: {error})"))
-                .unwrap_or_default()
-        );
-    }
+    let outcomes = &tally.outcomes;
+    let operations = outcomes.successes(&format!("{:?}", args.warmup + args.duration))?;
     let mut series = tally.series.clone();
     // Drop the unused slack, keeping the series up to its last completion.
     let used = series
@@ -571,12 +557,12 @@ async fn drive(client: Client, args: &BenchArgs, origin: Instant) -> anyhow::Res
     series.truncate(used);
     Ok(Measurement {
         operations,
-        errors: tally.errors,
+        errors: outcomes.errors,
         ops_per_sec: operations as f64 / args.duration.as_secs_f64(),
-        p50_us: tally.latency.quantile(0.5),
-        p99_us: tally.latency.quantile(0.99),
-        p999_us: tally.latency.quantile(0.999),
-        last_error: tally.last_error.clone(),
+        p50_us: outcomes.latency.quantile(0.5),
+        p99_us: outcomes.latency.quantile(0.99),
+        p999_us: outcomes.latency.quantile(0.999),
+        last_error: outcomes.last_error.clone(),
         stats: client.stats(),
         series,
         measure_from_s: (measure_from - origin).as_secs_f64(),
@@ -611,18 +597,13 @@ async fn run_session(
         let measured = window.measure_from <= done && done <= window.end;
         let outcome = outcome.and_then(|bytes| check_response(&bytes, is_write));
         let Ok(mut tally) = tally.lock() else { return };
-        match outcome {
-            Ok(()) => {
-                tally.count_completion(done - window.origin);
-                if measured {
-                    tally.latency.record((done - sent).as_micros() as u64);
-                }
-            }
-            Err(error) => {
-                tally.errors += u64::from(measured);
-                tally.last_error = Some(error.to_string());
-            }
+        if outcome.is_ok() {
+            tally.count_completion(done - window.origin);
         }
+        let outcome = outcome
+            .map(|()| (done - sent).as_micros() as u64)
+            .map_err(|error| error.to_string());
+        tally.outcomes.record(outcome, measured);
     }
 }
 
@@ -654,9 +635,7 @@ struct Workload {
 impl Workload {
     fn new(args: &BenchArgs, session_index: u32) -> Workload {
         Workload {
-            random: SplitMix64(
-                args.seed ^ (u64::from(session_index) + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15),
-            ),
+            random: SplitMix64::for_session(args.seed, session_index),
             keys: args.keys,
             key_size: args.key_size as usize,
             value: vec![b'v'; args.value_size as usize],
@@ -700,9 +679,15 @@ pub(crate) fn key_bytes(index: u64, size: usize) -> Vec<u8> {
 }
 
 /// SplitMix64: tiny, fast and good enough to choose keys; seeded, so runs repeat.
-pub(crate) struct SplitMix64(pub(crate) u64);
+pub(crate) struct SplitMix64(u64);
 
 impl SplitMix64 {
+    /// The generator of session `index` of a run seeded with `seed`: sessions draw different
+    /// sequences, and the same seed repeats them.
+    pub(crate) fn for_session(seed: u64, index: u32) -> SplitMix64 {
+        SplitMix64(seed ^ (u64::from(index) + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    }
+
     pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut mixed = self.0;

@@ -1,5 +1,6 @@
-//! Latency histogram of the load generators (`tessera bench`, and the etcd load of
-//! `tessera bench compare`): fixed memory, whatever the number of samples.
+//! What the load generators (`tessera bench`, and the etcd load of `tessera bench compare`)
+//! count: a latency histogram of fixed memory, whatever the number of samples, and the
+//! outcomes of a run's requests.
 
 /// Latency histogram in microseconds, log-linear like HDR histograms: exact below 128 µs,
 /// then 64 buckets per power of two (relative error under 1.6%), up to 2^32 µs.
@@ -71,6 +72,55 @@ impl LatencyHistogram {
     }
 }
 
+/// The outcomes of one run's requests: latencies of those that succeeded inside the measured
+/// window, and failures.
+pub struct Outcomes {
+    pub latency: LatencyHistogram,
+    /// Failures inside the measured window.
+    pub errors: u64,
+    /// The latest failure, measured or not (a warm-up failure explains an empty run too).
+    pub last_error: Option<String>,
+}
+
+impl Outcomes {
+    pub fn new() -> Outcomes {
+        Outcomes {
+            latency: LatencyHistogram::new(),
+            errors: 0,
+            last_error: None,
+        }
+    }
+
+    /// Counts a request that completed inside the measured window or not (`measured`); a
+    /// success carries its latency in µs.
+    pub fn record(&mut self, outcome: Result<u64, String>, measured: bool) {
+        match outcome {
+            Ok(latency_us) if measured => self.latency.record(latency_us),
+            Ok(_) => {}
+            Err(error) => {
+                self.errors += u64::from(measured);
+                self.last_error = Some(error);
+            }
+        }
+    }
+
+    /// The number of measured successes, or an error naming the last failure when there is
+    /// none. `span` says over what time nothing succeeded.
+    pub fn successes(&self, span: &str) -> anyhow::Result<u64> {
+        let successes = self.latency.count();
+        if successes == 0 {
+            anyhow::bail!(
+                "no request completed in {span}{}",
+                self.last_error
+                    .as_ref()
+                    .map(|error| format!(" (last error: {error})"))
+                    .unwrap_or_default()
+            );
+        }
+        Ok(successes)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,5 +151,23 @@ mod tests {
         assert_eq!(*bounds.last().unwrap(), LATENCY_MAX_US);
         histogram.record(u64::MAX);
         assert_eq!(histogram.quantile(1.0), LATENCY_MAX_US);
+    }
+
+    #[test]
+    fn outcomes_count_only_the_measured_window_and_keep_the_last_error() {
+        let mut outcomes = Outcomes::new();
+        outcomes.record(Err("warm-up refused".into()), false);
+        outcomes.record(Ok(5), false);
+        let error = outcomes.successes("1s").unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "no request completed in 1s (last error: warm-up refused)"
+        );
+        outcomes.record(Ok(7), true);
+        outcomes.record(Err("timed out".into()), true);
+        assert_eq!(outcomes.successes("1s").unwrap(), 1);
+        assert_eq!(outcomes.latency.quantile(1.0), 7);
+        assert_eq!(outcomes.errors, 1);
+        assert_eq!(outcomes.last_error.as_deref(), Some("timed out"));
     }
 }

@@ -17,7 +17,7 @@
 
 use super::{CompareArgs, Measurement, Operation, Workload};
 use crate::bench::{key_bytes, on_load_runtime, SplitMix64};
-use crate::histogram::LatencyHistogram;
+use crate::histogram::Outcomes;
 use crate::process::{find_program, refuse_port_in_use, ChildGuard};
 use anyhow::{anyhow, bail, Context};
 use std::path::Path;
@@ -302,13 +302,6 @@ struct Plan {
     seed: u64,
 }
 
-/// Results of all clients.
-struct Tally {
-    latency: LatencyHistogram,
-    errors: u64,
-    last_error: Option<String>,
-}
-
 async fn drive(endpoints: Vec<String>, plan: Plan) -> anyhow::Result<Measurement> {
     let mut channels = Vec::with_capacity(endpoints.len());
     for endpoint in &endpoints {
@@ -316,17 +309,14 @@ async fn drive(endpoints: Vec<String>, plan: Plan) -> anyhow::Result<Measurement
     }
     let measure_from = Instant::now() + plan.warmup;
     let end = measure_from + plan.duration;
-    let tally = Arc::new(Mutex::new(Tally {
-        latency: LatencyHistogram::new(),
-        errors: 0,
-        last_error: None,
-    }));
+    // One tally for all clients: a lock taken once per request, uncontended on the
+    // single-threaded load runtime.
+    let tally = Arc::new(Mutex::new(Outcomes::new()));
     let plan = Arc::new(plan);
     let mut clients = Vec::with_capacity(plan.workload.clients as usize);
     for index in 0..plan.workload.clients {
         let grpc = tonic::client::Grpc::new(channels[index as usize % channels.len()].clone());
-        let random =
-            SplitMix64(plan.seed ^ (u64::from(index) + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let random = SplitMix64::for_session(plan.seed, index);
         clients.push(tokio::spawn(run_client(
             grpc,
             random,
@@ -343,18 +333,7 @@ async fn drive(endpoints: Vec<String>, plan: Plan) -> anyhow::Result<Measurement
     let tally = tally
         .lock()
         .map_err(|_| anyhow!("an etcd load client panicked"))?;
-    let requests = tally.latency.count();
-    if requests == 0 {
-        bail!(
-            "no etcd request completed in the measured {:?}{}",
-            plan.duration,
-            tally
-                .last_error
-                .as_ref()
-                .map(|error| format!(" (last error: {error})"))
-                .unwrap_or_default()
-        );
-    }
+    let requests = tally.successes(&format!("the measured {:?}", plan.duration))?;
     Ok(Measurement {
         ops_per_sec: requests as f64 / plan.duration.as_secs_f64(),
         p50_ms: tally.latency.quantile(0.5) as f64 / 1000.0,
@@ -371,7 +350,7 @@ async fn run_client(
     mut random: SplitMix64,
     plan: Arc<Plan>,
     (measure_from, end): (Instant, Instant),
-    tally: Arc<Mutex<Tally>>,
+    tally: Arc<Mutex<Outcomes>>,
 ) {
     let mut batch = tokio::task::JoinSet::new();
     while Instant::now() < end {
@@ -397,14 +376,10 @@ async fn run_client(
             });
             let measured = measure_from <= done && done <= end;
             let Ok(mut tally) = tally.lock() else { return };
-            match outcome {
-                Ok(()) if measured => tally.latency.record((done - started).as_micros() as u64),
-                Ok(()) => {}
-                Err(error) => {
-                    tally.errors += u64::from(measured);
-                    tally.last_error = Some(format!("{error:#}"));
-                }
-            }
+            let outcome = outcome
+                .map(|()| (done - started).as_micros() as u64)
+                .map_err(|error| format!("{error:#}"));
+            tally.record(outcome, measured);
         }
     }
 }

@@ -599,7 +599,7 @@ fn json_report(args: &CompareArgs, rows: &[Row], goals: &[Goal]) -> String {
     let config = format!(
         "{{\"systems\":[{}],\"clients\":{},\"pipeline\":{},\"keys\":{},\"value_size\":{},\
          \"duration_s\":{},\"warmup_s\":{},\"redis\":{{\"save\":\"\",\"appendonly\":\"yes\",\
-         \"appendfsync\":\"everysec\"}},\"etcd\":{{\"members\":{},\"in_flight_per_client\":{}}},\
+         \"appendfsync\":\"everysec\"}},\"etcd\":{{\"members\":{},\"pipelined_in_flight_per_client\":{}}},\
          \"tessera\":{{\"n\":3,\"f\":1,\"usig\":\"hmac\",\"through\":\"tessera gateway\"}}}}",
         systems.join(","),
         args.clients,
