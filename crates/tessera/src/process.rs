@@ -124,6 +124,16 @@ pub async fn refuse_port_in_use(address: &str, owner: &str) -> anyhow::Result<()
     Ok(())
 }
 
+/// Removes `path` (a directory) if it exists: a server's data from an earlier run in the same
+/// `--dir` would otherwise be loaded, or, for etcd, rejoin an old cluster.
+pub fn remove_old_data(path: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(error).with_context(|| format!("cannot remove {}", path.display())),
+    }
+}
+
 /// The first `name` on `PATH` that is a file, like a shell's command lookup.
 pub fn find_program(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;

@@ -18,7 +18,7 @@
 use super::{CompareArgs, Measurement, Operation, Workload};
 use crate::bench::{key_bytes, on_load_runtime, SplitMix64};
 use crate::histogram::Outcomes;
-use crate::process::{find_program, refuse_port_in_use, ChildGuard};
+use crate::process::{find_program, refuse_port_in_use, remove_old_data, ChildGuard};
 use anyhow::{anyhow, bail, Context};
 use std::path::Path;
 use std::process::Command;
@@ -206,6 +206,7 @@ impl EtcdCluster {
         }
         let mut members = Vec::with_capacity(MEMBERS as usize);
         for index in 0..MEMBERS {
+            remove_old_data(&dir.join(format!("member-{index}")))?;
             members.push(ChildGuard::spawn(
                 &mut member_command(&etcd, dir, index, client_base, peer_base),
                 &format!("etcd member {index}"),

@@ -6,7 +6,7 @@
 //! warm-up's rate to last about `--duration`. Its `--csv` line gives rps, p50 and p99.
 
 use super::{CompareArgs, Measurement, Workload};
-use crate::process::{refuse_port_in_use, ChildGuard};
+use crate::process::{refuse_port_in_use, remove_old_data, ChildGuard};
 use anyhow::{bail, Context};
 use std::path::Path;
 use std::process::Command;
@@ -49,6 +49,7 @@ pub fn server_command(dir: &Path, port: u16) -> Command {
 pub async fn start_server(dir: &Path, port: u16) -> anyhow::Result<ChildGuard> {
     let address = format!("127.0.0.1:{port}");
     refuse_port_in_use(&address, "redis-server").await?;
+    remove_old_data(&dir.join("appendonlydir"))?;
     let mut server = ChildGuard::spawn(
         &mut server_command(dir, port),
         "redis-server",
