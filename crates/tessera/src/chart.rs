@@ -76,7 +76,8 @@ pub struct LineChart {
 
 // Bar chart geometry, px.
 const PANEL_LEFT: f64 = 64.0;
-const PANEL_TOP: f64 = 44.0;
+// Room above the plot for the title, the unit and the value label of a bar that reaches the top.
+const PANEL_TOP: f64 = 56.0;
 const PANEL_PLOT_HEIGHT: f64 = 180.0;
 const PANEL_BOTTOM: f64 = 16.0;
 const BAR_WIDTH: f64 = 36.0;
