@@ -3,22 +3,61 @@
 //!
 //! Each system gets its own freshly initialised cluster directory. Every process started here
 //! is killed when its guard is dropped, on success, on error and on panic alike.
+//!
+//! With `--svg`, it also draws throughput over time (per 100 ms) with the events it saw by
+//! polling the replicas' status: view changes, and replicas that stopped answering or came
+//! back with a lower executed count (a restart).
+//!
+//! `tessera bench compare` (module `compare`) reuses the server start-up and the load runtime
+//! from here.
 
+use crate::histogram::Outcomes;
+use crate::json::json_string;
 use crate::kv::{load_cluster, parse_duration};
+use crate::process::{ChildGuard, Workspace};
 use anyhow::{anyhow, bail, Context};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command as Process, Stdio};
+use std::process::{Command as Process, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tessera_client::{Client, ClientError, ClientOptions, ClientStats};
 use tessera_kv::{Command, Response};
+use tessera_types::wire::ReplicaStatus;
 use tokio::time::Instant;
+
+/// `tessera bench`: its own arguments, or a subcommand.
+#[derive(clap::Args, Debug)]
+#[command(
+    about = "Measure throughput and latency: unreplicated baseline vs. a local MinBFT cluster \
+             (`tessera bench compare`: against Redis and etcd)",
+    args_conflicts_with_subcommands = true
+)]
+pub struct BenchCommand {
+    #[command(subcommand)]
+    pub subcommand: Option<BenchSubcommand>,
+    #[command(flatten)]
+    pub args: BenchArgs,
+}
+
+/// Subcommands of `tessera bench`.
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchSubcommand {
+    /// Run one redis-benchmark workload against Redis, a 3-member etcd cluster (through
+    /// Tessera's own gRPC load generator), Tessera unreplicated and a MinBFT cluster (both
+    /// through `tessera gateway`), one after another; print one table and write an SVG chart.
+    Compare(crate::compare::CompareArgs),
+}
+
+/// Runs `tessera bench` or its subcommand.
+pub async fn run_command(command: BenchCommand) -> anyhow::Result<()> {
+    match command.subcommand {
+        Some(BenchSubcommand::Compare(args)) => crate::compare::run(args).await,
+        None => run(command.args).await,
+    }
+}
 
 /// Arguments of `tessera bench`.
 #[derive(clap::Args, Debug, Clone)]
-#[command(
-    about = "Measure throughput and latency: unreplicated baseline vs. a local MinBFT cluster"
-)]
 pub struct BenchArgs {
     /// Concurrent sessions, each with one request in flight (closed loop).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=10_000))]
@@ -67,6 +106,14 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// First port of the clusters it starts (`tessera init --base-port`: replicas from here,
+    /// clients from +100, metrics from +150); away from `tessera up`'s 7000 by default.
+    #[arg(long, default_value_t = 7600, value_parser = clap::value_parser!(u16).range(1_024..=65_000))]
+    pub base_port: u16,
+    /// Also write throughput over time (per 100 ms, warm-up included) as an SVG chart to this
+    /// file, with view changes and replica restarts marked.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
 }
 
 /// How a load session reaches the cluster.
@@ -100,7 +147,7 @@ pub enum System {
 }
 
 impl System {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             System::Unreplicated => "unreplicated",
             System::Minbft => "minbft",
@@ -132,6 +179,12 @@ struct Measurement {
     p999_us: u64,
     last_error: Option<String>,
     stats: ClientStats,
+    /// Completed requests per 100 ms since the load started, warm-up included.
+    series: Vec<u64>,
+    /// When the measured window began, in seconds since the load started.
+    measure_from_s: f64,
+    /// What the status poller saw (only with `--svg`).
+    events: Vec<Event>,
 }
 
 /// Runs `tessera bench`.
@@ -147,7 +200,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let executable =
         std::env::current_exe().context("cannot find the tessera executable to start servers")?;
-    let workspace = Workspace::new(args.dir.clone())?;
+    let workspace = Workspace::new(args.dir.clone(), "bench")?;
     let mut results: Vec<(System, anyhow::Result<Measurement>)> = Vec::new();
     let mut interrupted_any = false;
     for &system in &args.systems {
@@ -183,6 +236,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     report(&args, &results);
+    if let Some(path) = &args.svg {
+        write_svg(
+            path,
+            &crate::chart::line_chart(&throughput_chart(&args, &results)),
+        )?;
+    }
     let failed: Vec<&str> = results
         .iter()
         .filter(|(_, result)| result.is_err())
@@ -204,10 +263,7 @@ async fn measure_system(
     dir: &Path,
     args: &BenchArgs,
 ) -> anyhow::Result<Measurement> {
-    initialise(executable, dir, system.usig())?;
-    if let Some(window) = args.window {
-        set_window(dir, window)?;
-    }
+    let mut servers = Servers::start(system, executable, dir, args.base_port, args.window).await?;
     let (cluster, secrets) = load_cluster(dir, None)?;
     let options = ClientOptions {
         unreplicated: system == System::Unreplicated,
@@ -215,37 +271,121 @@ async fn measure_system(
         connect_timeout: Duration::from_secs(20),
         ..ClientOptions::default()
     };
-    match system {
-        System::Unreplicated => {
-            let mut server = ChildGuard::spawn(
+    let origin = Instant::now();
+    // Events are only drawn on the chart, so only a run that writes one polls for them.
+    let watcher = (args.svg.is_some() && system != System::Unreplicated).then(|| {
+        let addresses = cluster
+            .replicas
+            .iter()
+            .map(|replica| replica.client_address.clone())
+            .collect();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        (stop, tokio::spawn(watch_events(addresses, origin, stopped)))
+    });
+    let measurement = generate_load(cluster, secrets, options, args, origin).await;
+    let events = match watcher {
+        Some((stop, task)) => {
+            drop(stop);
+            task.await
+                .map_err(|error| anyhow!("the status poller panicked: {error}"))?
+        }
+        None => Vec::new(),
+    };
+    let measurement = match (measurement, servers.exit_report()?) {
+        (Err(error), Some(report)) => Err(error.context(report)),
+        (measurement, _) => measurement,
+    };
+    servers.stop().await?;
+    measurement.map(|measurement| Measurement {
+        events,
+        ..measurement
+    })
+}
+
+/// The running servers of one Tessera system; dropping this kills them.
+pub(crate) enum Servers {
+    /// `tessera unreplicated`.
+    Unreplicated(ChildGuard),
+    /// A local MinBFT cluster (`tessera up`'s machinery).
+    Cluster(crate::local::LocalCluster),
+}
+
+impl Servers {
+    /// Writes a fresh cluster for `system` into `dir` (ports from `base_port`, see
+    /// `tessera init --base-port`), starts it, and waits until every client port accepts
+    /// connections.
+    pub(crate) async fn start(
+        system: System,
+        executable: &Path,
+        dir: &Path,
+        base_port: u16,
+        window: Option<u64>,
+    ) -> anyhow::Result<Servers> {
+        initialise(executable, dir, system.usig(), base_port)?;
+        if let Some(window) = window {
+            set_window(dir, window)?;
+        }
+        if system == System::Unreplicated {
+            let cluster = crate::local::read_cluster(dir)?;
+            let mut server = ChildGuard::spawn_tessera(
                 executable,
                 &["unreplicated", "--dir"],
                 dir,
                 "unreplicated.log",
             )?;
             server
-                .wait_listening(&cluster.replicas[0].client_address, Duration::from_secs(20))
+                .wait_listening(&cluster.replicas[0].client_address, READY_TIMEOUT)
                 .await?;
-            let measurement = generate_load(cluster, secrets, options, args).await;
-            match (measurement, server.exit_report()?) {
-                (Err(error), Some(report)) => Err(error.context(report)),
-                (measurement, _) => measurement,
+            return Ok(Servers::Unreplicated(server));
+        }
+        let local = crate::local::LocalCluster::start(dir, executable)?;
+        // Waiting and stopping poll with sleeps; keep them off the async threads. Dropping the
+        // cluster on any error path kills the replicas.
+        let local =
+            tokio::task::spawn_blocking(move || local_ready(local, READY_TIMEOUT)).await??;
+        Ok(Servers::Cluster(local))
+    }
+
+    /// If a server has exited: what it said last.
+    pub(crate) fn exit_report(&mut self) -> anyhow::Result<Option<String>> {
+        match self {
+            Servers::Unreplicated(server) => server.exit_report(),
+            Servers::Cluster(local) => {
+                Ok(local.poll_exits().into_iter().next().map(|(id, status)| {
+                    format!(
+                        "replica {id} exited ({status}); see {}",
+                        local.log_path(id).display()
+                    )
+                }))
             }
         }
-        System::Minbft | System::MinbftEd25519 | System::MinbftUsigd | System::MinbftTpm => {
-            let mut local = crate::local::LocalCluster::start(dir, executable)?;
-            // Waiting and stopping poll with sleeps; keep them off the async threads. Dropping
-            // the cluster on any error path kills the replicas.
-            let mut local = tokio::task::spawn_blocking(move || {
-                local.wait_ready(Duration::from_secs(30)).map(|()| local)
-            })
-            .await??;
-            let measurement = generate_load(cluster, secrets, options, args).await;
-            tokio::task::spawn_blocking(move || local.stop()).await??;
-            measurement
+    }
+
+    /// Stops the servers: replicas gracefully (SIGTERM, then SIGKILL after a grace period),
+    /// the unreplicated server at once.
+    pub(crate) async fn stop(self) -> anyhow::Result<()> {
+        match self {
+            Servers::Unreplicated(server) => {
+                drop(server);
+                Ok(())
+            }
+            Servers::Cluster(mut local) => {
+                tokio::task::spawn_blocking(move || local.stop()).await?
+            }
         }
     }
 }
+
+fn local_ready(
+    mut local: crate::local::LocalCluster,
+    timeout: Duration,
+) -> anyhow::Result<crate::local::LocalCluster> {
+    local.wait_ready(timeout)?;
+    Ok(local)
+}
+
+/// How long servers may take to open their client ports.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Rewrites `dir/cluster.toml` with `[protocol] window = window`.
 fn set_window(dir: &Path, window: u64) -> anyhow::Result<()> {
@@ -260,21 +400,17 @@ fn set_window(dir: &Path, window: u64) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// First port of the benchmark's clusters (replicas, then clients at +100).
-const BENCH_BASE_PORT: u16 = 7600;
-
 /// Writes a fresh cluster (n=3, f=1: `tessera init`'s defaults) with the `usig` backend into
-/// `dir`.
-fn initialise(executable: &Path, dir: &Path, usig: &str) -> anyhow::Result<()> {
+/// `dir`, its ports from `base_port`.
+fn initialise(executable: &Path, dir: &Path, usig: &str, base_port: u16) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let output = Process::new(executable)
         .arg("init")
         .arg("--dir")
         .arg(dir)
         .arg("--force")
-        // Away from `tessera up`'s default ports, so a running local cluster does not collide.
         .arg("--base-port")
-        .arg(BENCH_BASE_PORT.to_string())
+        .arg(base_port.to_string())
         .args(["--usig", usig])
         .stdin(Stdio::null())
         .output()
@@ -289,37 +425,36 @@ fn initialise(executable: &Path, dir: &Path, usig: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the load generator on its own runtime (by default single-threaded, so it takes at most
-/// one core away from the servers it measures).
-async fn generate_load(
-    cluster: tessera_types::cluster::ClusterConfig,
-    secrets: tessera_types::cluster::ClientSecrets,
-    options: ClientOptions,
-    args: &BenchArgs,
-) -> anyhow::Result<Measurement> {
-    let args = args.clone();
+/// Runs a load generator on its own runtime with `threads` worker threads (1: a
+/// single-threaded runtime, so it takes at most one core away from the servers it measures).
+/// `load` builds the generator's future on that runtime.
+pub(crate) async fn on_load_runtime<T, Load, Generator>(
+    threads: u32,
+    load: Load,
+) -> anyhow::Result<T>
+where
+    T: Send + 'static,
+    Load: FnOnce() -> Generator + Send + 'static,
+    Generator: std::future::Future<Output = anyhow::Result<T>>,
+{
     // Dropping this future (Ctrl-C) drops `_stop`, which ends the load runtime at once rather
     // than at the end of the measurement.
     let (_stop, mut stopped) = tokio::sync::watch::channel(());
     tokio::task::spawn_blocking(move || {
-        let runtime = if args.load_threads == 1 {
+        let runtime = if threads == 1 {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
         } else {
             tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(args.load_threads as usize)
+                .worker_threads(threads as usize)
                 .enable_all()
                 .build()
         }
         .context("cannot start the load generator's runtime")?;
         runtime.block_on(async move {
-            let load = async {
-                let client = Client::connect(cluster, secrets, options).await?;
-                drive(client, &args).await
-            };
             tokio::select! {
-                result = load => result,
+                result = load() => result,
                 // Only fails, when the sender is dropped: nothing is ever sent.
                 _ = stopped.changed() => Err(anyhow!("stopped")),
             }
@@ -329,23 +464,55 @@ async fn generate_load(
     .map_err(|error| anyhow!("load generator panicked: {error}"))?
 }
 
-/// Results of all sessions of one run.
-struct Tally {
-    latency: LatencyHistogram,
-    errors: u64,
-    last_error: Option<String>,
+/// Runs the load generator of `tessera bench` against one system; `origin` is time zero of
+/// its throughput series.
+async fn generate_load(
+    cluster: tessera_types::cluster::ClusterConfig,
+    secrets: tessera_types::cluster::ClientSecrets,
+    options: ClientOptions,
+    args: &BenchArgs,
+    origin: Instant,
+) -> anyhow::Result<Measurement> {
+    let args = args.clone();
+    on_load_runtime(args.load_threads, move || async move {
+        let client = Client::connect(cluster, secrets, options).await?;
+        drive(client, &args, origin).await
+    })
+    .await
 }
 
-async fn drive(client: Client, args: &BenchArgs) -> anyhow::Result<Measurement> {
+/// Width of one bucket of the throughput series.
+const SERIES_BUCKET: Duration = Duration::from_millis(100);
+/// Buckets kept beyond warm-up plus duration (connecting, slow last replies); later
+/// completions all count in the last one.
+const SERIES_SLACK_BUCKETS: usize = 600;
+
+/// Results of all sessions of one run.
+struct Tally {
+    outcomes: Outcomes,
+    /// Completed requests per [`SERIES_BUCKET`] since the origin, warm-up included.
+    series: Vec<u64>,
+}
+
+impl Tally {
+    fn count_completion(&mut self, since_origin: Duration) {
+        let bucket = (since_origin.as_millis() / SERIES_BUCKET.as_millis()) as usize;
+        let last = self.series.len() - 1;
+        self.series[bucket.min(last)] += 1;
+    }
+}
+
+async fn drive(client: Client, args: &BenchArgs, origin: Instant) -> anyhow::Result<Measurement> {
     let started = Instant::now();
     let measure_from = started + args.warmup;
     let end = measure_from + args.duration;
+    let buckets =
+        ((end - origin).as_millis() / SERIES_BUCKET.as_millis()) as usize + SERIES_SLACK_BUCKETS;
     // One tally for all sessions: a lock taken once per request, uncontended on the default
     // single-threaded load runtime, and memory that does not grow with the session count.
     let tally = Arc::new(Mutex::new(Tally {
-        latency: LatencyHistogram::new(),
-        errors: 0,
-        last_error: None,
+        outcomes: Outcomes::new(),
+        series: vec![0; buckets],
     }));
     let mut tasks = Vec::with_capacity(args.clients as usize);
     let batcher = (args.envelope_lanes > 0).then(|| {
@@ -360,11 +527,15 @@ async fn drive(client: Client, args: &BenchArgs) -> anyhow::Result<Measurement> 
             None => Invoker::Session(client.session()),
         };
         let workload = Workload::new(args, index);
+        let window = Window {
+            origin,
+            measure_from,
+            end,
+        };
         tasks.push(tokio::spawn(run_session(
             session,
             workload,
-            measure_from,
-            end,
+            window,
             Arc::clone(&tally),
         )));
     }
@@ -375,28 +546,39 @@ async fn drive(client: Client, args: &BenchArgs) -> anyhow::Result<Measurement> 
     let tally = tally
         .lock()
         .map_err(|_| anyhow!("a load session panicked"))?;
-    let operations = tally.latency.count();
-    if operations == 0 {
-        bail!(
-            "no request completed in {:?}{}",
-            args.warmup + args.duration,
-            tally
-                .last_error
-                .as_ref()
-                .map(|error| format!(" (last error: {error})"))
-                .unwrap_or_default()
-        );
-    }
+    let outcomes = &tally.outcomes;
+    let operations = outcomes.successes(&format!("{:?}", args.warmup + args.duration))?;
+    let mut series = tally.series.clone();
+    // Drop the unused slack, keeping the series up to its last completion.
+    let used = series
+        .iter()
+        .rposition(|&count| count > 0)
+        .map_or(0, |last| last + 1);
+    series.truncate(used);
     Ok(Measurement {
         operations,
-        errors: tally.errors,
+        errors: outcomes.errors,
         ops_per_sec: operations as f64 / args.duration.as_secs_f64(),
-        p50_us: tally.latency.quantile(0.5),
-        p99_us: tally.latency.quantile(0.99),
-        p999_us: tally.latency.quantile(0.999),
-        last_error: tally.last_error.clone(),
+        p50_us: outcomes.latency.quantile(0.5),
+        p99_us: outcomes.latency.quantile(0.99),
+        p999_us: outcomes.latency.quantile(0.999),
+        last_error: outcomes.last_error.clone(),
         stats: client.stats(),
+        series,
+        measure_from_s: (measure_from - origin).as_secs_f64(),
+        events: Vec::new(),
     })
+}
+
+/// When a session's requests count.
+#[derive(Clone, Copy)]
+struct Window {
+    /// Time zero of the throughput series.
+    origin: Instant,
+    /// Completions before this are warm-up: in the series, not in the measurement.
+    measure_from: Instant,
+    /// No request starts after this.
+    end: Instant,
 }
 
 /// One session's closed loop: a request, its reply, the next request. Requests that complete
@@ -404,29 +586,24 @@ async fn drive(client: Client, args: &BenchArgs) -> anyhow::Result<Measurement> 
 async fn run_session(
     mut session: Invoker,
     mut workload: Workload,
-    measure_from: Instant,
-    end: Instant,
+    window: Window,
     tally: Arc<Mutex<Tally>>,
 ) {
-    while Instant::now() < end {
+    while Instant::now() < window.end {
         let (command, is_write) = workload.next_command();
         let sent = Instant::now();
         let outcome = session.invoke(command.encode()).await;
         let done = Instant::now();
-        let measured = measure_from <= done && done <= end;
+        let measured = window.measure_from <= done && done <= window.end;
         let outcome = outcome.and_then(|bytes| check_response(&bytes, is_write));
-        match outcome {
-            Ok(()) if measured => {
-                let Ok(mut tally) = tally.lock() else { return };
-                tally.latency.record((done - sent).as_micros() as u64);
-            }
-            Ok(()) => {}
-            Err(error) => {
-                let Ok(mut tally) = tally.lock() else { return };
-                tally.errors += u64::from(measured);
-                tally.last_error = Some(error.to_string());
-            }
+        let Ok(mut tally) = tally.lock() else { return };
+        if outcome.is_ok() {
+            tally.count_completion(done - window.origin);
         }
+        let outcome = outcome
+            .map(|()| (done - sent).as_micros() as u64)
+            .map_err(|error| error.to_string());
+        tally.outcomes.record(outcome, measured);
     }
 }
 
@@ -458,9 +635,7 @@ struct Workload {
 impl Workload {
     fn new(args: &BenchArgs, session_index: u32) -> Workload {
         Workload {
-            random: SplitMix64(
-                args.seed ^ (u64::from(session_index) + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15),
-            ),
+            random: SplitMix64::for_session(args.seed, session_index),
             keys: args.keys,
             key_size: args.key_size as usize,
             value: vec![b'v'; args.value_size as usize],
@@ -488,7 +663,7 @@ impl Workload {
 
 /// `key:<index>` zero-padded (or cut) to exactly `size` bytes; distinct indexes stay distinct
 /// whenever `size` leaves room for their digits.
-fn key_bytes(index: u64, size: usize) -> Vec<u8> {
+pub(crate) fn key_bytes(index: u64, size: usize) -> Vec<u8> {
     let digits = index.to_string();
     let mut key = Vec::with_capacity(size.max(digits.len()));
     if size > digits.len() + 4 {
@@ -504,16 +679,203 @@ fn key_bytes(index: u64, size: usize) -> Vec<u8> {
 }
 
 /// SplitMix64: tiny, fast and good enough to choose keys; seeded, so runs repeat.
-struct SplitMix64(u64);
+pub(crate) struct SplitMix64(u64);
 
 impl SplitMix64 {
-    fn next(&mut self) -> u64 {
+    /// The generator of session `index` of a run seeded with `seed`: sessions draw different
+    /// sequences, and the same seed repeats them.
+    pub(crate) fn for_session(seed: u64, index: u32) -> SplitMix64 {
+        SplitMix64(seed ^ (u64::from(index) + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    }
+
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut mixed = self.0;
         mixed = (mixed ^ (mixed >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         mixed = (mixed ^ (mixed >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         mixed ^ (mixed >> 31)
     }
+}
+
+/// Something that happened to the cluster during a run, `at_s` seconds after the load started.
+#[derive(Debug, Clone, PartialEq)]
+struct Event {
+    at_s: f64,
+    label: String,
+}
+
+/// How often the status poller asks every replica.
+const STATUS_POLL: Duration = Duration::from_millis(200);
+/// Events kept per run; a flapping cluster would otherwise grow the list without bound.
+const EVENTS_MAX: usize = 200;
+
+/// Polls every replica's status until `stop` fires (or its sender is dropped) and returns what
+/// [`EventDetector`] made of the answers.
+async fn watch_events(
+    addresses: Vec<String>,
+    origin: Instant,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Vec<Event> {
+    let mut detector = EventDetector::new(addresses.len());
+    let mut events = Vec::new();
+    let mut ticker = tokio::time::interval(STATUS_POLL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return events,
+            _ = ticker.tick() => {}
+        }
+        let at_s = origin.elapsed().as_secs_f64();
+        let queries: Vec<_> = addresses
+            .iter()
+            .map(|address| {
+                let address = address.clone();
+                tokio::spawn(async move { crate::query_status(&address).await.ok() })
+            })
+            .collect();
+        for (replica, query) in queries.into_iter().enumerate() {
+            let status = query.await.ok().flatten();
+            for label in detector.observe(replica, status.as_ref()) {
+                if events.len() < EVENTS_MAX {
+                    events.push(Event { at_s, label });
+                }
+            }
+        }
+    }
+}
+
+/// What the poller last knew of one replica.
+#[derive(Debug, Clone, Copy)]
+enum ReplicaSeen {
+    Unknown,
+    Answering { executed: u64 },
+    Silent { executed_before: Option<u64> },
+}
+
+/// Turns successive status answers into events. A view change shows as a higher view than any
+/// replica reported before. A restart shows as a replica answering again with a lower
+/// `requests_executed` (it counts from the process start); a replica that stops answering is
+/// reported at once, since a status query is cheap and answered even under load.
+struct EventDetector {
+    view: Option<u64>,
+    replicas: Vec<ReplicaSeen>,
+}
+
+impl EventDetector {
+    fn new(replicas: usize) -> EventDetector {
+        EventDetector {
+            view: None,
+            replicas: vec![ReplicaSeen::Unknown; replicas],
+        }
+    }
+
+    /// The events `status` (`None`: no answer) of `replica` reveals.
+    fn observe(&mut self, replica: usize, status: Option<&ReplicaStatus>) -> Vec<String> {
+        let mut events = Vec::new();
+        let Some(seen) = self.replicas.get_mut(replica) else {
+            return events;
+        };
+        let Some(status) = status else {
+            if let ReplicaSeen::Answering { executed } = *seen {
+                events.push(format!("replica {replica} not answering"));
+                *seen = ReplicaSeen::Silent {
+                    executed_before: Some(executed),
+                };
+            } else if let ReplicaSeen::Unknown = *seen {
+                *seen = ReplicaSeen::Silent {
+                    executed_before: None,
+                };
+            }
+            return events;
+        };
+        let executed = status.requests_executed;
+        match *seen {
+            ReplicaSeen::Answering { executed: before } if executed < before => {
+                events.push(format!("replica {replica} restarted"));
+            }
+            ReplicaSeen::Silent {
+                executed_before: Some(before),
+            } => events.push(if executed < before {
+                format!("replica {replica} restarted")
+            } else {
+                format!("replica {replica} answering again")
+            }),
+            _ => {}
+        }
+        *seen = ReplicaSeen::Answering { executed };
+        let view = status.view.0;
+        match self.view {
+            Some(known) if view > known => {
+                events.push(format!("view {view} (primary {})", status.primary.0));
+                self.view = Some(view);
+            }
+            None => self.view = Some(view),
+            Some(_) => {}
+        }
+        events
+    }
+}
+
+/// Throughput over time of every system that produced a series, with its events and the end of
+/// the warm-up marked.
+fn throughput_chart(
+    args: &BenchArgs,
+    results: &[(System, anyhow::Result<Measurement>)],
+) -> crate::chart::LineChart {
+    use crate::chart::{LineChart, Marker, Series};
+    let bucket_s = SERIES_BUCKET.as_secs_f64();
+    let mut series = Vec::new();
+    let mut markers = Vec::new();
+    for (system, result) in results {
+        let Ok(measurement) = result else { continue };
+        let index = series.len();
+        series.push(Series {
+            name: system.name().to_string(),
+            points: measurement
+                .series
+                .iter()
+                .enumerate()
+                .map(|(bucket, &count)| ((bucket as f64 + 0.5) * bucket_s, count as f64 / bucket_s))
+                .collect(),
+        });
+        if index == 0 {
+            markers.push(Marker {
+                x: measurement.measure_from_s,
+                label: "warm-up ends".into(),
+                series: None,
+            });
+        }
+        markers.extend(measurement.events.iter().map(|event| Marker {
+            x: event.at_s,
+            label: format!("{}: {}", system.name(), event.label),
+            series: Some(index),
+        }));
+    }
+    let sessions = if args.envelope_lanes > 0 {
+        format!(
+            "{} sessions, {} envelope lanes",
+            args.clients, args.envelope_lanes
+        )
+    } else {
+        format!("{} sessions", args.clients)
+    };
+    LineChart {
+        title: format!(
+            "tessera bench: throughput per 100 ms ({sessions}, {:.0}% writes)",
+            args.writes * 100.0
+        ),
+        x_label: "seconds since the load started".into(),
+        y_label: "completed operations per second".into(),
+        series,
+        markers,
+    }
+}
+
+/// Writes `svg` to `path` and says so on stderr.
+pub(crate) fn write_svg(path: &Path, svg: &str) -> anyhow::Result<()> {
+    std::fs::write(path, svg).with_context(|| format!("cannot write {}", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
 }
 
 fn report(args: &BenchArgs, results: &[(System, anyhow::Result<Measurement>)]) {
@@ -610,210 +972,6 @@ fn json_report(
     format!("{{\"config\":{config},\"systems\":{{{systems}}},\"ratio\":{ratio}}}")
 }
 
-/// A JSON string literal.
-fn json_string(text: &str) -> String {
-    let mut quoted = String::with_capacity(text.len() + 2);
-    quoted.push('"');
-    for character in text.chars() {
-        match character {
-            '"' => quoted.push_str("\\\""),
-            '\\' => quoted.push_str("\\\\"),
-            '\n' => quoted.push_str("\\n"),
-            '\r' => quoted.push_str("\\r"),
-            '\t' => quoted.push_str("\\t"),
-            control if (control as u32) < 0x20 => {
-                quoted.push_str(&format!("\\u{:04x}", control as u32))
-            }
-            other => quoted.push(other),
-        }
-    }
-    quoted.push('"');
-    quoted
-}
-
-/// Latency histogram in microseconds, log-linear like HDR histograms: exact below 128 µs,
-/// then 64 buckets per power of two (relative error under 1.6%), up to 2^32 µs.
-struct LatencyHistogram {
-    counts: Vec<u64>,
-    total: u64,
-}
-
-/// Values below this are counted exactly.
-const EXACT_BELOW: u64 = 128;
-/// Buckets per power of two above [`EXACT_BELOW`].
-const BUCKETS_PER_OCTAVE: u64 = 64;
-/// Largest recordable value; larger ones count as this.
-const LATENCY_MAX_US: u64 = (1 << 32) - 1;
-
-impl LatencyHistogram {
-    fn new() -> LatencyHistogram {
-        LatencyHistogram {
-            counts: vec![0; Self::index(LATENCY_MAX_US) + 1],
-            total: 0,
-        }
-    }
-
-    fn index(value: u64) -> usize {
-        if value < EXACT_BELOW {
-            return value as usize;
-        }
-        let magnitude = 63 - u64::from(value.leading_zeros()); // floor(log2 value) >= 7
-        let shift = magnitude - 6;
-        let top = value >> shift; // in [64, 128)
-        (EXACT_BELOW + (magnitude - 7) * BUCKETS_PER_OCTAVE + (top - BUCKETS_PER_OCTAVE)) as usize
-    }
-
-    /// The highest value that falls in bucket `index`.
-    fn highest_in(index: usize) -> u64 {
-        let index = index as u64;
-        if index < EXACT_BELOW {
-            return index;
-        }
-        let octave = (index - EXACT_BELOW) / BUCKETS_PER_OCTAVE;
-        let top = BUCKETS_PER_OCTAVE + (index - EXACT_BELOW) % BUCKETS_PER_OCTAVE;
-        let shift = octave + 1;
-        ((top + 1) << shift) - 1
-    }
-
-    fn record(&mut self, value_us: u64) {
-        self.counts[Self::index(value_us.min(LATENCY_MAX_US))] += 1;
-        self.total += 1;
-    }
-
-    fn count(&self) -> u64 {
-        self.total
-    }
-
-    /// The smallest bucket bound at or below which `quantile` of the values lie.
-    fn quantile(&self, quantile: f64) -> u64 {
-        if self.total == 0 {
-            return 0;
-        }
-        let rank = ((quantile * self.total as f64).ceil() as u64).clamp(1, self.total);
-        let mut seen = 0;
-        for (index, &count) in self.counts.iter().enumerate() {
-            seen += count;
-            if seen >= rank {
-                return Self::highest_in(index);
-            }
-        }
-        LATENCY_MAX_US
-    }
-}
-
-/// The benchmark's working directory: a given one, or a temporary one removed at the end.
-struct Workspace {
-    path: PathBuf,
-    remove: std::cell::Cell<bool>,
-}
-
-impl Workspace {
-    fn new(dir: Option<PathBuf>) -> anyhow::Result<Workspace> {
-        let (path, remove) = match dir {
-            Some(path) => (path, false),
-            None => {
-                let unique = format!(
-                    "tessera-bench-{}-{}",
-                    std::process::id(),
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|elapsed| elapsed.as_nanos())
-                        .unwrap_or(0)
-                );
-                (std::env::temp_dir().join(unique), true)
-            }
-        };
-        std::fs::create_dir_all(&path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        Ok(Workspace {
-            path,
-            remove: std::cell::Cell::new(remove),
-        })
-    }
-
-    fn keep(&self) {
-        if self.remove.replace(false) {
-            eprintln!("keeping {} for its logs", self.path.display());
-        }
-    }
-}
-
-impl Drop for Workspace {
-    fn drop(&mut self) {
-        if self.remove.get() {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
-/// A child process killed (and reaped) when dropped.
-struct ChildGuard {
-    child: Child,
-    log_path: PathBuf,
-}
-
-impl ChildGuard {
-    /// Starts `executable <arguments> <dir>` with its output in `dir/<log>`.
-    fn spawn(
-        executable: &Path,
-        arguments: &[&str],
-        dir: &Path,
-        log: &str,
-    ) -> anyhow::Result<ChildGuard> {
-        let log_path = dir.join(log);
-        let log_file = std::fs::File::create(&log_path)
-            .with_context(|| format!("cannot create {}", log_path.display()))?;
-        let child = Process::new(executable)
-            .args(arguments)
-            .arg(dir)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file)
-            .spawn()
-            .with_context(|| format!("cannot start `tessera {}`", arguments.join(" ")))?;
-        Ok(ChildGuard { child, log_path })
-    }
-
-    /// If the process has exited: its status and the end of its log.
-    fn exit_report(&mut self) -> anyhow::Result<Option<String>> {
-        let Some(status) = self.child.try_wait()? else {
-            return Ok(None);
-        };
-        let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-        let mut tail: Vec<&str> = log.lines().rev().take(5).collect();
-        tail.reverse();
-        Ok(Some(format!(
-            "the server exited ({status}): {}",
-            tail.join(" | ")
-        )))
-    }
-
-    /// Waits until `address` accepts connections, failing early (with the end of the log) if
-    /// the process exits first — e.g. because another process holds its port.
-    async fn wait_listening(&mut self, address: &str, timeout: Duration) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(report) = self.exit_report()? {
-                bail!("{report} before listening on {address}");
-            }
-            if tokio::net::TcpStream::connect(address).await.is_ok() {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!("the server did not listen on {address} within {timeout:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -846,6 +1004,7 @@ mod tests {
         assert_eq!(args.systems, vec![System::Minbft]);
         assert_eq!(args.duration, Duration::from_millis(500));
         assert!(args.json);
+        assert_eq!(args.svg, None);
     }
 
     #[test]
@@ -889,34 +1048,6 @@ mod tests {
     }
 
     #[test]
-    fn the_histogram_is_exact_when_small_and_within_two_percent_above() {
-        let mut histogram = LatencyHistogram::new();
-        assert_eq!(histogram.quantile(0.5), 0);
-        for value in 1..=100 {
-            histogram.record(value);
-        }
-        assert_eq!(histogram.count(), 100);
-        assert_eq!(histogram.quantile(0.5), 50);
-        assert_eq!(histogram.quantile(0.99), 99);
-        assert_eq!(histogram.quantile(1.0), 100);
-        for value in [128, 1_000, 12_345, 999_999, 60_000_000, LATENCY_MAX_US] {
-            let bound = LatencyHistogram::highest_in(LatencyHistogram::index(value));
-            assert!(
-                bound >= value && (bound - value) as f64 <= value as f64 * 0.016,
-                "{value} -> {bound}"
-            );
-        }
-        // Bucket bounds increase strictly, so quantiles are monotonic.
-        let bounds: Vec<u64> = (0..histogram.counts.len())
-            .map(LatencyHistogram::highest_in)
-            .collect();
-        assert!(bounds.windows(2).all(|pair| pair[0] < pair[1]));
-        assert_eq!(*bounds.last().unwrap(), LATENCY_MAX_US);
-        histogram.record(u64::MAX);
-        assert_eq!(histogram.quantile(1.0), LATENCY_MAX_US);
-    }
-
-    #[test]
     fn json_report_has_the_documented_shape() {
         let args = parse(&[]);
         let measurement = Measurement {
@@ -928,6 +1059,9 @@ mod tests {
             p999_us: 30,
             last_error: None,
             stats: ClientStats::default(),
+            series: vec![1, 2],
+            measure_from_s: 2.0,
+            events: Vec::new(),
         };
         let results = vec![
             (System::Unreplicated, Ok(measurement)),
@@ -945,5 +1079,110 @@ mod tests {
         );
         assert!(text.ends_with("\"ratio\":null}"), "{text}");
         assert_eq!(text.matches('{').count(), text.matches('}').count());
+    }
+
+    fn status(view: u64, executed: u64) -> ReplicaStatus {
+        ReplicaStatus {
+            view: tessera_types::View(view),
+            primary: tessera_types::ReplicaId((view % 3) as u32),
+            requests_executed: executed,
+            ..ReplicaStatus::default()
+        }
+    }
+
+    #[test]
+    fn the_detector_reports_view_changes_once_and_restarts() {
+        let mut detector = EventDetector::new(3);
+        // First answers set the baseline: nothing happened yet.
+        assert!(detector.observe(0, Some(&status(0, 10))).is_empty());
+        assert!(detector.observe(1, Some(&status(0, 10))).is_empty());
+        assert!(detector.observe(2, None).is_empty());
+        // The first replica in a new view reports it; the others' later answers do not.
+        assert_eq!(
+            detector.observe(1, Some(&status(1, 20))),
+            ["view 1 (primary 1)"]
+        );
+        assert!(detector.observe(0, Some(&status(1, 21))).is_empty());
+        // Replica 0 stops answering, then comes back having executed less: a restart.
+        assert_eq!(detector.observe(0, None), ["replica 0 not answering"]);
+        assert!(detector.observe(0, None).is_empty());
+        assert_eq!(
+            detector.observe(0, Some(&status(1, 3))),
+            ["replica 0 restarted"]
+        );
+        // Restarted between two polls: only the lower count shows it.
+        assert_eq!(
+            detector.observe(1, Some(&status(1, 2))),
+            ["replica 1 restarted"]
+        );
+        // A pause without a restart.
+        assert!(detector.observe(1, Some(&status(1, 40))).is_empty());
+        assert_eq!(detector.observe(1, None), ["replica 1 not answering"]);
+        assert_eq!(
+            detector.observe(1, Some(&status(2, 41))),
+            ["replica 1 answering again", "view 2 (primary 2)"]
+        );
+        // A replica that was never seen answering is not "back".
+        assert!(detector.observe(2, Some(&status(2, 0))).is_empty());
+        assert!(detector.observe(7, None).is_empty());
+    }
+
+    #[test]
+    fn the_throughput_chart_has_a_line_per_system_and_marks_events() {
+        let args = parse(&["--svg", "x.svg"]);
+        let measurement = |series: Vec<u64>, events: Vec<Event>| Measurement {
+            operations: 10,
+            errors: 0,
+            ops_per_sec: 1.0,
+            p50_us: 1,
+            p99_us: 1,
+            p999_us: 1,
+            last_error: None,
+            stats: ClientStats::default(),
+            series,
+            measure_from_s: 2.0,
+            events,
+        };
+        let results = vec![
+            (
+                System::Unreplicated,
+                Ok(measurement(vec![5, 10, 10], Vec::new())),
+            ),
+            (System::MinbftTpm, Err(anyhow!("no swtpm"))),
+            (
+                System::Minbft,
+                Ok(measurement(
+                    vec![1, 2],
+                    vec![Event {
+                        at_s: 1.5,
+                        label: "view 1 (primary 1)".into(),
+                    }],
+                )),
+            ),
+        ];
+        let chart = throughput_chart(&args, &results);
+        assert_eq!(chart.series.len(), 2);
+        let expected = [(0.05, 50.0), (0.15, 100.0), (0.25, 100.0)];
+        assert_eq!(chart.series[0].points.len(), expected.len());
+        for (point, wanted) in chart.series[0].points.iter().zip(expected) {
+            assert!(
+                (point.0 - wanted.0).abs() < 1e-9 && (point.1 - wanted.1).abs() < 1e-6,
+                "{point:?} is not {wanted:?}"
+            );
+        }
+        assert_eq!(chart.series[1].name, "minbft");
+        let labels: Vec<(&str, Option<usize>)> = chart
+            .markers
+            .iter()
+            .map(|marker| (marker.label.as_str(), marker.series))
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                ("warm-up ends", None),
+                ("minbft: view 1 (primary 1)", Some(1))
+            ]
+        );
+        roxmltree::Document::parse(&crate::chart::line_chart(&chart)).expect("well-formed");
     }
 }

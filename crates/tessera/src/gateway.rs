@@ -46,6 +46,10 @@ pub struct GatewayArgs {
     /// Also serve Prometheus metrics (`GET /metrics`) on this address.
     #[arg(long)]
     pub metrics_listen: Option<String>,
+    /// Front `tessera unreplicated` (replica 0 only, its single reply accepted) instead of a
+    /// replicated cluster: the baseline of `tessera bench compare`.
+    #[arg(long)]
+    pub unreplicated: bool,
 }
 
 /// A gateway timeout on the command line, in milliseconds: `300`/`300s` (seconds), `500ms`,
@@ -103,22 +107,36 @@ pub async fn serve_metrics(gateway: &Gateway, listen: &str) -> anyhow::Result<So
     Ok(address)
 }
 
-/// Connects to the cluster in `dir` and binds the gateway on `listen`.
+/// Connects to the cluster in `dir` (to its unreplicated server if `unreplicated`) and binds
+/// the gateway on `listen`.
 pub async fn start(
     dir: &Path,
     listen: &str,
     client: Option<u32>,
     options: GatewayOptions,
+    unreplicated: bool,
 ) -> anyhow::Result<Gateway> {
     // Before connecting: a bad option is the operator's to fix, whatever the cluster's state.
     options.validate().map_err(anyhow::Error::msg)?;
     let (cluster, secrets) = load_cluster(dir, client)?;
-    let info = ClusterInfo {
-        replicas: cluster.protocol.n,
-        f: cluster.protocol.f,
-        protocol: format!("{:?}", cluster.protocol.protocol).to_lowercase(),
+    let info = if unreplicated {
+        ClusterInfo {
+            replicas: 1,
+            f: 0,
+            protocol: "unreplicated".into(),
+        }
+    } else {
+        ClusterInfo {
+            replicas: cluster.protocol.n,
+            f: cluster.protocol.f,
+            protocol: format!("{:?}", cluster.protocol.protocol).to_lowercase(),
+        }
     };
-    let client = Client::connect(cluster, secrets, ClientOptions::default())
+    let client_options = ClientOptions {
+        unreplicated,
+        ..ClientOptions::default()
+    };
+    let client = Client::connect(cluster, secrets, client_options)
         .await
         .context("the gateway cannot reach the cluster")?;
     Gateway::bind(listen, client, info, options)
@@ -147,7 +165,14 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<()> {
         write_timeout_ms: args.write_timeout.0,
         ..GatewayOptions::default()
     };
-    let gateway = start(&args.dir, &args.listen, args.client, options).await?;
+    let gateway = start(
+        &args.dir,
+        &args.listen,
+        args.client,
+        options,
+        args.unreplicated,
+    )
+    .await?;
     let address = gateway.local_addr()?;
     println!(
         "Gateway for {} listening on {address}; try: {}",

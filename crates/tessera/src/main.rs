@@ -2,9 +2,14 @@
 //! talk to it (`kv`, `bench`).
 
 mod bench;
+mod chart;
+mod compare;
 mod gateway;
+mod histogram;
+mod json;
 mod kv;
 mod local;
+mod process;
 mod usig_bench;
 
 use anyhow::{bail, Context};
@@ -64,8 +69,9 @@ enum Command {
     Status(StatusArgs),
     /// Run one key-value command against the cluster.
     Kv(kv::KvArgs),
-    /// Benchmark the cluster against the unreplicated baseline.
-    Bench(bench::BenchArgs),
+    /// Benchmark the cluster against the unreplicated baseline (`bench compare`: against Redis
+    /// and etcd too).
+    Bench(bench::BenchCommand),
     /// Serve Redis clients (RESP2/RESP3) on a TCP port, as one client of the cluster.
     Gateway(gateway::GatewayArgs),
     /// Run the USIG daemon of one replica: it owns the USIG key and counter and serves the
@@ -306,7 +312,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Up(args) => up(args).await,
         Command::Status(args) => status(args).await,
         Command::Kv(args) => kv::run(args).await,
-        Command::Bench(args) => bench::run(args).await,
+        Command::Bench(command) => bench::run_command(command).await,
         Command::Gateway(args) => gateway::run(args).await,
         // The daemon is synchronous (one thread per connection); keep it off the async workers.
         Command::Usigd(options) => tokio::task::spawn_blocking(move || options.run())
@@ -728,7 +734,7 @@ impl Supervisor {
 /// is reported, and the cluster keeps running without it.
 async fn start_up_gateway(args: &UpArgs) -> Option<UpGateway> {
     let options = tessera_gateway::GatewayOptions::default();
-    let started = gateway::start(&args.dir, &args.gateway_listen, None, options).await;
+    let started = gateway::start(&args.dir, &args.gateway_listen, None, options, false).await;
     match started.and_then(|gateway| Ok((gateway.local_addr()?, gateway))) {
         Ok((address, gateway)) => {
             // Metrics are an extra: a taken port costs the endpoint, not the gateway.
@@ -815,7 +821,7 @@ fn print_endpoints(local: &LocalCluster, gateway: Option<UpGateway>) {
 // status
 
 /// Asks one replica for its status.
-async fn query_status(address: &str) -> anyhow::Result<ReplicaStatus> {
+pub(crate) async fn query_status(address: &str) -> anyhow::Result<ReplicaStatus> {
     let exchange = async {
         let stream = TcpStream::connect(address)
             .await
