@@ -30,7 +30,7 @@ use crate::counters::{DropReason, NodeCounters};
 use crate::metrics::{CoreObservation, CoreSnapshot, ReplicaMetrics};
 use crate::routes::{ReplyRoutes, StatusBoard};
 use crate::transport::PeerSender;
-use crate::wal::{frame_record, Mark, Record, RecordRef, Wal, WalError, WalReader};
+use crate::wal::{frame_record, Mark, Record, RecordRef, Snapshot, Wal, WalError, WalReader};
 
 /// Default capacity of the core's inbox, in events.
 pub const CORE_INBOX_EVENTS_DEFAULT: usize = 65_536;
@@ -133,6 +133,26 @@ pub struct CoreOutputs {
     pub metrics: Arc<ReplicaMetrics>,
 }
 
+/// What a durable replica's core thread starts from.
+pub struct WalStart {
+    /// The log to replay (positioned at its first record) and then append to.
+    pub log: WalReader,
+    /// The snapshot the replica was restored from.
+    pub restored: Option<Restored>,
+    /// See [`crate::Durability::snapshot_after_log_bytes`].
+    pub snapshot_after_log_bytes: u64,
+}
+
+/// What the driver needs of the snapshot a replica was restored from.
+pub struct Restored {
+    /// Its number.
+    pub generation: u64,
+    /// The core clock when it was taken.
+    pub clock_ms: u64,
+    /// The driver's armed timers then (code, deadline).
+    pub timers: Vec<(u8, u64)>,
+}
+
 /// Starts the core thread. It runs until it receives [`CoreEvent::Stop`] or every inbox
 /// sender is gone; with a log (`wal`), it first replays it. It stops with an error if the log
 /// cannot be replayed or written: without a durable log it must not say anything more.
@@ -140,7 +160,7 @@ pub fn spawn_core_thread<S: StateMachine>(
     replica: Replica<S>,
     inbox: Receiver<CoreEvent>,
     outputs: CoreOutputs,
-    wal: Option<WalReader>,
+    wal: Option<WalStart>,
 ) -> std::io::Result<std::thread::JoinHandle<Result<(), WalError>>> {
     let id = replica.id();
     let dispatcher = Dispatcher {
@@ -164,6 +184,7 @@ pub fn spawn_core_thread<S: StateMachine>(
                 observation: CoreObservation::default(),
                 pending: None,
                 writer: None,
+                snapshots: SnapshotPolicy::default(),
             }
             .run(inbox, wal)
         })
@@ -213,24 +234,65 @@ struct Turn {
     outbound: Vec<Outbound>,
 }
 
+/// What the writer thread takes, in order.
+enum Written {
+    Turn(Turn),
+    /// A snapshot covering every turn before it: the log is replaced (see [`Wal::rotate`]).
+    Snapshot(Snapshot),
+}
+
+/// When the core thread takes a snapshot.
+#[derive(Default)]
+struct SnapshotPolicy {
+    /// Log bytes after which to take one (0: never).
+    after_log_bytes: u64,
+    /// Bytes logged since the last one.
+    logged: u64,
+    /// Size of the last one.
+    last_bytes: u64,
+    /// Number of the last one (0: none yet).
+    generation: u64,
+}
+
 /// The writer thread and the queue to it.
 struct WalWriter {
-    turns: SyncSender<Turn>,
+    turns: SyncSender<Written>,
     thread: std::thread::JoinHandle<Result<(), WalError>>,
 }
 
 impl WalWriter {
     fn spawn(mut wal: Wal, dispatcher: Dispatcher, id: ReplicaId) -> std::io::Result<WalWriter> {
-        let (turns, queue) = std::sync::mpsc::sync_channel::<Turn>(TURNS_QUEUED_MAX);
+        let (turns, queue) = std::sync::mpsc::sync_channel::<Written>(TURNS_QUEUED_MAX);
         let thread = std::thread::Builder::new()
             .name(format!("tessera-wal-{id}"))
             .spawn(move || {
                 // Ends when the core thread drops its sender, after writing what it queued.
-                while let Ok(first) = queue.recv() {
+                let mut next = queue.recv().ok();
+                while let Some(item) = next.take() {
+                    let first = match item {
+                        Written::Turn(turn) => turn,
+                        Written::Snapshot(snapshot) => {
+                            let started = Instant::now();
+                            wal.rotate(&snapshot)?;
+                            info!(
+                                generation = snapshot.generation,
+                                bytes = snapshot.core.len(),
+                                seconds = started.elapsed().as_secs_f64(),
+                                "took a snapshot; the log starts over"
+                            );
+                            next = queue.recv().ok();
+                            continue;
+                        }
+                    };
+                    // Turns queued behind each other share one sync, up to a snapshot.
                     let mut batch = vec![first];
                     while batch.len() < TURNS_QUEUED_MAX {
                         match queue.try_recv() {
-                            Ok(turn) => batch.push(turn),
+                            Ok(Written::Turn(turn)) => batch.push(turn),
+                            Ok(snapshot) => {
+                                next = Some(snapshot);
+                                break;
+                            }
                             Err(_) => break,
                         }
                     }
@@ -242,16 +304,19 @@ impl WalWriter {
                     for turn in batch {
                         dispatcher.carry_out(turn.outbound);
                     }
+                    if next.is_none() {
+                        next = queue.recv().ok();
+                    }
                 }
                 Ok(())
             })?;
         Ok(WalWriter { turns, thread })
     }
 
-    /// Queues a turn; if the writer has stopped, returns its error.
-    fn submit(slot: &mut Option<WalWriter>, turn: Turn) -> Result<(), WalError> {
+    /// Queues a turn or snapshot; if the writer has stopped, returns its error.
+    fn submit(slot: &mut Option<WalWriter>, item: Written) -> Result<(), WalError> {
         let writer = slot.as_ref().expect("a replica with a log has a writer");
-        if writer.turns.send(turn).is_ok() {
+        if writer.turns.send(item).is_ok() {
             return Ok(());
         }
         Self::finish(slot.take())
@@ -284,6 +349,7 @@ struct CoreLoop<S: StateMachine> {
     pending: Option<Vec<u8>>,
     /// The thread that makes turns durable and then sends their outputs.
     writer: Option<WalWriter>,
+    snapshots: SnapshotPolicy,
 }
 
 /// The log's code for each timer (part of the log format: never renumber).
@@ -310,13 +376,37 @@ impl<S: StateMachine> CoreLoop<S> {
         self.clock_base_ms.saturating_add(elapsed)
     }
 
-    fn run(mut self, inbox: Receiver<CoreEvent>, wal: Option<WalReader>) -> Result<(), WalError> {
+    fn run(mut self, inbox: Receiver<CoreEvent>, wal: Option<WalStart>) -> Result<(), WalError> {
         info!("core thread started");
+        let mut restored = false;
         let replayed = match wal {
-            Some(reader) => self.replay(reader)?,
+            Some(start) => {
+                self.snapshots.after_log_bytes = start.snapshot_after_log_bytes;
+                if let Some(Restored {
+                    generation,
+                    clock_ms,
+                    timers,
+                }) = start.restored
+                {
+                    restored = true;
+                    self.snapshots.generation = generation;
+                    self.clock_base_ms = clock_ms;
+                    for (code, deadline_ms) in timers {
+                        if let Some(timer) = timer_of_code(code) {
+                            self.timers.insert(timer, deadline_ms);
+                        }
+                    }
+                    info!(
+                        generation,
+                        last_executed = self.replica.last_executed().0,
+                        "restored from a snapshot"
+                    );
+                }
+                self.replay(start.log)?
+            }
             None => 0,
         };
-        if replayed == 0 {
+        if replayed == 0 && !restored {
             let now_ms = self.now_ms();
             self.log(|| RecordRef::Start { now_ms });
             self.replica.start(now_ms);
@@ -366,7 +456,7 @@ impl<S: StateMachine> CoreLoop<S> {
     /// fetch what they miss, clients retry), except its timers, which the loop must keep.
     fn replay(&mut self, mut reader: WalReader) -> Result<u64, WalError> {
         let started = Instant::now();
-        let mut last_ms = 0;
+        let mut last_ms = self.clock_base_ms;
         let mut marks = 0u64;
         while let Some(record) = reader.next_record()? {
             match record {
@@ -450,6 +540,38 @@ impl<S: StateMachine> CoreLoop<S> {
             );
         }
         Ok(records)
+    }
+
+    /// Replaces the log with a snapshot once it has grown past the policy's bound and past the
+    /// last snapshot's size (so rewriting the state costs no more than the log it replaces).
+    fn snapshot_if_due(&mut self) -> Result<(), WalError> {
+        let policy = &self.snapshots;
+        let due = policy.after_log_bytes > 0
+            && policy.logged >= policy.after_log_bytes.max(policy.last_bytes);
+        if !due || !self.replica.can_snapshot() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let core = self.replica.snapshot();
+        let snapshot = Snapshot {
+            generation: self.snapshots.generation + 1,
+            clock_ms: self.now_ms(),
+            timers: self
+                .timers
+                .iter()
+                .map(|(timer, deadline_ms)| (timer_code(*timer), *deadline_ms))
+                .collect(),
+            core,
+        };
+        debug!(
+            bytes = snapshot.core.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "snapshot encoded"
+        );
+        self.snapshots.generation = snapshot.generation;
+        self.snapshots.last_bytes = snapshot.core.len() as u64;
+        self.snapshots.logged = 0;
+        WalWriter::submit(&mut self.writer, Written::Snapshot(snapshot))
     }
 
     /// Logs an input about to be handled (built lazily: nothing is encoded without a log).
@@ -558,8 +680,10 @@ impl<S: StateMachine> CoreLoop<S> {
                 }
                 if !pending.is_empty() || !outbound.is_empty() {
                     let records = std::mem::take(pending);
-                    WalWriter::submit(&mut self.writer, Turn { records, outbound })?;
+                    self.snapshots.logged += records.len() as u64;
+                    WalWriter::submit(&mut self.writer, Written::Turn(Turn { records, outbound }))?;
                 }
+                self.snapshot_if_due()?;
             }
         }
         // Getters only: cheap enough for every turn, so no view change or checkpoint is missed.

@@ -89,14 +89,31 @@ pub enum NodeError {
     /// The write-ahead log cannot be read back, replayed or written.
     #[error(transparent)]
     Wal(#[from] wal::WalError),
+    /// The replica's snapshot cannot be restored.
+    #[error("cannot restore the replica's snapshot: {0}")]
+    Snapshot(#[from] tessera_core::minbft::SnapshotError),
     /// The executor thread panicked.
     #[error("the executor thread stopped unexpectedly (panic); see the log above")]
     ExecutorPanicked,
 }
 
+/// Log bytes after which a durable replica replaces its log with a snapshot, by default.
+pub const SNAPSHOT_AFTER_LOG_BYTES_DEFAULT: u64 = 64 << 20;
+
+/// Where and how a replica keeps itself durable.
+#[derive(Clone, Debug)]
+pub struct Durability {
+    /// The write-ahead log (its snapshot lives beside it: [`wal::snapshot_path`]).
+    pub log: std::path::PathBuf,
+    /// The replica takes a snapshot and starts an empty log once its log holds this many bytes
+    /// and at least as many as its last snapshot (so snapshots cost at most as much writing as
+    /// the log they replace); 0 never.
+    pub snapshot_after_log_bytes: u64,
+}
+
 /// Runs replica `secrets.replica` of `cluster` until `shutdown` completes.
 ///
-/// With `wal`, the replica is durable: it logs every input there before acting on it, and on
+/// With `durability`, the replica is durable: it logs every input there before acting on it, and on
 /// start replays what the log holds (see [`wal`]). Without, it starts empty every time — which
 /// is only safe for a replica whose USIG also starts afresh (a new key or a new counter), never
 /// for a restart under an in-process USIG whose key stays the same.
@@ -106,7 +123,7 @@ pub enum NodeError {
 pub async fn run_replica(
     cluster: ClusterConfig,
     secrets: ReplicaSecrets,
-    wal: Option<&std::path::Path>,
+    durability: Option<Durability>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NodeError> {
     cluster.validate()?;
@@ -123,19 +140,51 @@ pub async fn run_replica(
         let clients = Arc::new(ClientKeys::load(&cluster, &secrets)?);
         let cache = Arc::new(VerifiedCache::new(auth::VERIFIED_CACHE_ENTRIES_DEFAULT));
         let metrics = Arc::new(metrics::ReplicaMetrics::new(me, counters.clone()));
-        let wal = match wal {
-            Some(path) => Some(open_wal(path, &cluster, &secrets, me)?),
+        let recovery = match &durability {
+            Some(durability) => Some(open_wal(&durability.log, &cluster, &secrets, me)?),
             None => None,
         };
-        let usig = metrics.metered_usig(build_usig(&cluster, &secrets, me)?);
-        let authenticator = NodeAuthenticator::new(me, clients.clone(), cache.clone());
-        let replica = Replica::new(
-            me,
-            cluster.protocol.clone(),
-            usig,
-            Box::new(authenticator),
-            Envelope::new(key_value_store()),
-        )?;
+        let authenticator = Box::new(NodeAuthenticator::new(me, clients.clone(), cache.clone()));
+        let snapshot = recovery
+            .as_ref()
+            .and_then(|recovery| recovery.snapshot.as_ref());
+        let replica = match snapshot {
+            Some(snapshot) => {
+                // The USIG continues exactly where the snapshot's replica stopped: everything it
+                // certified after that is in the log, and replay certifies it again.
+                let counter = tessera_core::minbft::saved_usig_counter(&snapshot.core)?;
+                let usig = metrics.metered_usig(build_usig_at(&cluster, &secrets, me, counter)?);
+                Replica::restore(
+                    me,
+                    cluster.protocol.clone(),
+                    usig,
+                    authenticator,
+                    Envelope::new(key_value_store()),
+                    &snapshot.core,
+                )?
+            }
+            None => {
+                let usig = metrics.metered_usig(build_usig(&cluster, &secrets, me)?);
+                Replica::new(
+                    me,
+                    cluster.protocol.clone(),
+                    usig,
+                    authenticator,
+                    Envelope::new(key_value_store()),
+                )?
+            }
+        };
+        let wal = recovery.map(|recovery| driver::WalStart {
+            restored: recovery.snapshot.map(|snapshot| driver::Restored {
+                generation: snapshot.generation,
+                clock_ms: snapshot.clock_ms,
+                timers: snapshot.timers,
+            }),
+            log: recovery.log,
+            snapshot_after_log_bytes: durability
+                .as_ref()
+                .map_or(0, |durability| durability.snapshot_after_log_bytes),
+        });
         let endpoint = cluster.replica(me);
         let peer_listener = bind(&endpoint.replica_address, "replica traffic").await?;
         let client_listener = bind(&endpoint.client_address, "clients").await?;
@@ -316,7 +365,7 @@ fn open_wal(
     cluster: &ClusterConfig,
     secrets: &ReplicaSecrets,
     me: ReplicaId,
-) -> Result<wal::WalReader, NodeError> {
+) -> Result<wal::Recovery, NodeError> {
     if !matches!(cluster.usig, UsigKind::Hmac | UsigKind::Ed25519) {
         // Replay re-creates every USIG certificate the replica made, which only an in-process
         // USIG whose counter restarts with the replica can do. A usigd or TPM counter never
@@ -349,7 +398,7 @@ fn open_wal(
     for client in &secrets.client_keys {
         fingerprint.bytes(client.key.as_bytes());
     }
-    Ok(wal::open(
+    Ok(wal::recover(
         path,
         wal::WalOwner {
             replica: me,
@@ -415,6 +464,18 @@ pub fn build_usig(
     secrets: &ReplicaSecrets,
     me: ReplicaId,
 ) -> Result<Box<dyn Usig>, NodeError> {
+    build_usig_at(cluster, secrets, me, 0)
+}
+
+/// Like [`build_usig`], continuing after `last_counter` values (for a replica restored from a
+/// snapshot of itself). Only the in-process USIGs can be told where to continue; an external
+/// one continues from its own durable counter, so `last_counter` must then be 0.
+pub fn build_usig_at(
+    cluster: &ClusterConfig,
+    secrets: &ReplicaSecrets,
+    me: ReplicaId,
+    last_counter: u64,
+) -> Result<Box<dyn Usig>, NodeError> {
     const FILE: &str = "replica secret file";
     // Every instance starts at epoch 0; a fresh epoch per restart comes with proactive
     // recovery, which hands replicas new USIG keys.
@@ -436,13 +497,23 @@ pub fn build_usig(
                     "{FILE}: `usig_secret` differs from `usig_hmac_keys[{me}]`; regenerate with `tessera init --force`"
                 )));
             }
-            Ok(Box::new(HmacUsig::try_new(identity, keys)?))
+            Ok(Box::new(HmacUsig::resume(identity, keys, last_counter)?))
         }
         UsigKind::Ed25519 => {
             let secret = parse_key(FILE, "usig_secret", &secrets.usig_secret)?;
             let public_keys = usig_public_keys(cluster)?;
-            Ok(Box::new(Ed25519Usig::new(identity, secret, public_keys)?))
+            Ok(Box::new(Ed25519Usig::resume(
+                identity,
+                secret,
+                public_keys,
+                last_counter,
+            )?))
         }
+        UsigKind::Usigd | UsigKind::Tpm if last_counter != 0 => Err(NodeError::Config(
+            "an external USIG continues from its own counter and cannot be resumed from a \
+             snapshot"
+                .into(),
+        )),
         UsigKind::Usigd => {
             let public_keys = usig_public_keys(cluster)?;
             let socket = std::path::Path::new(&secrets.usig_endpoint);

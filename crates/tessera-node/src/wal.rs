@@ -47,9 +47,13 @@ use thiserror::Error;
 /// The file's first bytes.
 const MAGIC: &[u8; 12] = b"TESSERA-WAL\0";
 /// Bumped whenever the record encoding changes.
-const FORMAT_VERSION: u32 = 1;
-/// Magic, version, replica id, fingerprint.
-const HEADER_LEN: usize = 12 + 4 + 4 + 32;
+const FORMAT_VERSION: u32 = 2;
+/// Magic, version, replica id, fingerprint, generation.
+const HEADER_LEN: usize = 12 + 4 + 4 + 32 + 8;
+/// The snapshot file's first bytes.
+const SNAPSHOT_MAGIC: &[u8; 12] = b"TESSERA-SNAP";
+/// Magic, version, replica id, fingerprint, payload length, payload digest.
+const SNAPSHOT_HEADER_LEN: usize = 12 + 4 + 4 + 32 + 8 + 32;
 /// Length and check of a record.
 const RECORD_PREFIX_LEN: usize = 4 + 8;
 /// The largest record: a replica message of the largest frame plus the record's own fields.
@@ -221,6 +225,9 @@ pub enum WalError {
 pub struct Wal {
     file: File,
     path: PathBuf,
+    owner: WalOwner,
+    /// Which snapshot the log continues (0: none, the log starts at the beginning).
+    generation: u64,
     /// Framed records not yet written.
     buffer: Vec<u8>,
     /// Bytes in the file (committed).
@@ -231,6 +238,8 @@ pub struct Wal {
 pub struct WalReader {
     reader: BufReader<File>,
     path: PathBuf,
+    owner: WalOwner,
+    generation: u64,
     file_len: u64,
     /// Where the next record starts.
     offset: u64,
@@ -240,8 +249,158 @@ pub struct WalReader {
     torn_at: Option<u64>,
 }
 
-/// Opens the log at `path` for `owner`, creating it if it does not exist.
-pub fn open(path: &Path, owner: WalOwner) -> Result<WalReader, WalError> {
+/// What a replica restarts from: its latest snapshot, if it took one, and the log of the inputs
+/// after it.
+pub struct Recovery {
+    /// The snapshot (see [`Snapshot`]).
+    pub snapshot: Option<Snapshot>,
+    /// The log continuing it, positioned at its first record.
+    pub log: WalReader,
+}
+
+/// A snapshot of a replica, as the driver keeps it beside the log.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Snapshot {
+    /// Counts snapshots; the log that follows this one carries the same number.
+    pub generation: u64,
+    /// The core's clock when it was taken.
+    pub clock_ms: u64,
+    /// The driver's armed timers (code, deadline), which the core does not hold.
+    pub timers: Vec<(u8, u64)>,
+    /// [`tessera_core::Replica::snapshot`].
+    #[serde(with = "serde_bytes")]
+    pub core: Vec<u8>,
+}
+
+/// Where the snapshot beside the log at `log` lives.
+pub fn snapshot_path(log: &Path) -> PathBuf {
+    log.with_extension("snapshot")
+}
+
+fn temporary_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".new");
+    PathBuf::from(name)
+}
+
+fn io_error(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> WalError {
+    let path = path.to_path_buf();
+    move |source| WalError::Io {
+        path,
+        action,
+        source,
+    }
+}
+
+fn sync_directory_of(path: &Path) -> Result<(), WalError> {
+    let directory = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    File::open(directory)
+        .and_then(|directory| directory.sync_all())
+        .map_err(io_error(path, "sync its directory"))
+}
+
+/// Opens what replica `owner` restarts from: the snapshot beside `path` (if any) and the log at
+/// `path` (created if missing). A log older than the snapshot — a crash between the two renames
+/// of [`Wal::rotate`] — holds nothing the snapshot lacks and is replaced by an empty one.
+pub fn recover(path: &Path, owner: WalOwner) -> Result<Recovery, WalError> {
+    for leftover in [temporary_path(path), temporary_path(&snapshot_path(path))] {
+        if leftover.exists() {
+            std::fs::remove_file(&leftover).map_err(io_error(&leftover, "remove"))?;
+        }
+    }
+    let snapshot = read_snapshot(&snapshot_path(path), owner)?;
+    let expected = snapshot.as_ref().map_or(0, |snapshot| snapshot.generation);
+    if !path.exists() {
+        create(path, owner, expected)?;
+    }
+    let mut log = open(path, owner)?;
+    if log.generation < expected {
+        drop(log);
+        std::fs::remove_file(path).map_err(io_error(path, "remove the superseded log"))?;
+        create(path, owner, expected)?;
+        log = open(path, owner)?;
+    }
+    if log.generation != expected {
+        return Err(WalError::Corrupt {
+            path: path.to_path_buf(),
+            offset: 0,
+            problem: format!(
+                "the log continues snapshot {} but the snapshot beside it is {}",
+                log.generation,
+                match &snapshot {
+                    Some(snapshot) => format!("number {}", snapshot.generation),
+                    None => "missing".into(),
+                }
+            ),
+        });
+    }
+    Ok(Recovery { snapshot, log })
+}
+
+fn read_snapshot(path: &Path, owner: WalOwner) -> Result<Option<Snapshot>, WalError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(io_error(path, "read")(source)),
+    };
+    let corrupt = |problem: String| WalError::Corrupt {
+        path: path.to_path_buf(),
+        offset: 0,
+        problem,
+    };
+    if bytes.len() < SNAPSHOT_HEADER_LEN || &bytes[..12] != SNAPSHOT_MAGIC {
+        return Err(corrupt("not a Tessera snapshot".into()));
+    }
+    let version = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
+    let replica = u32::from_le_bytes(bytes[16..20].try_into().expect("4 bytes"));
+    if version != FORMAT_VERSION
+        || replica != owner.replica.0
+        || bytes[20..52] != owner.fingerprint.0
+    {
+        return Err(WalError::Foreign {
+            path: path.to_path_buf(),
+            problem: format!(
+                "is a snapshot of format {version} of replica {replica} under another \
+                 configuration or key, or of another format"
+            ),
+            fix: "a snapshot only restores under the executable, cluster.toml and secret file \
+                  that wrote it",
+        });
+    }
+    let length = u64::from_le_bytes(bytes[52..60].try_into().expect("8 bytes")) as usize;
+    let payload = &bytes[SNAPSHOT_HEADER_LEN..];
+    if payload.len() != length || blake3::hash(payload).as_bytes()[..] != bytes[60..92] {
+        return Err(corrupt(format!(
+            "{} payload bytes do not match the {length} bytes and digest recorded",
+            payload.len()
+        )));
+    }
+    let snapshot = tessera_types::decode::<Snapshot>(payload, usize::MAX)
+        .map_err(|error| corrupt(format!("undecodable snapshot: {error}")))?;
+    Ok(Some(snapshot))
+}
+
+fn write_snapshot(path: &Path, owner: WalOwner, snapshot: &Snapshot) -> Result<(), WalError> {
+    let payload = tessera_types::encode(snapshot);
+    let mut file = File::create(path).map_err(io_error(path, "create"))?;
+    let mut header = Vec::with_capacity(SNAPSHOT_HEADER_LEN);
+    header.extend_from_slice(SNAPSHOT_MAGIC);
+    header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    header.extend_from_slice(&owner.replica.0.to_le_bytes());
+    header.extend_from_slice(&owner.fingerprint.0);
+    header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    header.extend_from_slice(blake3::hash(&payload).as_bytes());
+    file.write_all(&header)
+        .and_then(|()| file.write_all(&payload))
+        .map_err(io_error(path, "write (is the disk full?)"))?;
+    file.sync_all().map_err(io_error(path, "sync"))
+}
+
+/// Opens the log at `path` for `owner` (it must exist; see [`recover`]).
+fn open(path: &Path, owner: WalOwner) -> Result<WalReader, WalError> {
     let io = |action: &'static str| {
         let path = path.to_path_buf();
         move |source| WalError::Io {
@@ -250,9 +409,6 @@ pub fn open(path: &Path, owner: WalOwner) -> Result<WalReader, WalError> {
             source,
         }
     };
-    if !path.exists() {
-        create(path, owner)?;
-    }
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -298,9 +454,12 @@ pub fn open(path: &Path, owner: WalOwner) -> Result<WalReader, WalError> {
              remove it only together with a fresh `tessera init` of the whole cluster",
         ));
     }
+    let generation = u64::from_le_bytes(header[52..60].try_into().expect("8 bytes"));
     Ok(WalReader {
         reader: BufReader::with_capacity(1 << 20, file),
         path: path.to_path_buf(),
+        owner,
+        generation,
         file_len,
         offset: HEADER_LEN as u64,
         records: 0,
@@ -308,35 +467,33 @@ pub fn open(path: &Path, owner: WalOwner) -> Result<WalReader, WalError> {
     })
 }
 
-fn create(path: &Path, owner: WalOwner) -> Result<(), WalError> {
-    let io = |action: &'static str| {
-        let path = path.to_path_buf();
-        move |source| WalError::Io {
-            path,
-            action,
-            source,
-        }
-    };
-    let directory = path
+/// Creates an empty log for `generation` at `path`, atomically (a crash never leaves a log
+/// without its header).
+fn create(path: &Path, owner: WalOwner, generation: u64) -> Result<(), WalError> {
+    if let Some(directory) = path
         .parent()
         .filter(|parent| !parent.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(directory).map_err(io("create its directory"))?;
-    // Written under a temporary name and renamed, so a crash never leaves a headerless log.
-    let temporary = path.with_extension("wal-new");
-    let mut file = File::create(&temporary).map_err(io("create"))?;
+    {
+        std::fs::create_dir_all(directory).map_err(io_error(path, "create its directory"))?;
+    }
+    let temporary = temporary_path(path);
+    write_header(&temporary, owner, generation)?;
+    std::fs::rename(&temporary, path).map_err(io_error(path, "rename into place"))?;
+    sync_directory_of(path)
+}
+
+fn write_header(path: &Path, owner: WalOwner, generation: u64) -> Result<File, WalError> {
+    let mut file = File::create(path).map_err(io_error(path, "create"))?;
     let mut header = Vec::with_capacity(HEADER_LEN);
     header.extend_from_slice(MAGIC);
     header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     header.extend_from_slice(&owner.replica.0.to_le_bytes());
     header.extend_from_slice(&owner.fingerprint.0);
-    file.write_all(&header).map_err(io("write the header"))?;
-    file.sync_all().map_err(io("sync the header"))?;
-    std::fs::rename(&temporary, path).map_err(io("rename into place"))?;
-    File::open(directory)
-        .and_then(|directory| directory.sync_all())
-        .map_err(io("sync its directory"))?;
-    Ok(())
+    header.extend_from_slice(&generation.to_le_bytes());
+    file.write_all(&header)
+        .map_err(io_error(path, "write the header"))?;
+    file.sync_all().map_err(io_error(path, "sync the header"))?;
+    Ok(file)
 }
 
 impl WalReader {
@@ -384,6 +541,11 @@ impl WalReader {
         Ok(Some(record))
     }
 
+    /// The snapshot this log continues (0: none).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// Records read so far.
     pub fn records(&self) -> u64 {
         self.records
@@ -424,6 +586,8 @@ impl WalReader {
         Ok(Wal {
             file,
             path: self.path,
+            owner: self.owner,
+            generation: self.generation,
             buffer: Vec::new(),
             committed_bytes: end,
         })
@@ -546,6 +710,40 @@ impl Wal {
     pub fn committed_bytes(&self) -> u64 {
         self.committed_bytes
     }
+
+    /// The snapshot this log continues (0: none).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Makes `snapshot` the replica's restart point and starts an empty log after it. Every
+    /// record written so far must be covered by the snapshot.
+    ///
+    /// Both files are written under temporary names and synced, then renamed: the snapshot
+    /// first, then the log. A crash before the first rename leaves the old pair; between the
+    /// two, [`recover`] finds a log older than the snapshot and replaces it; after both, the new
+    /// pair. At no point is there a log whose snapshot is missing.
+    pub fn rotate(&mut self, snapshot: &Snapshot) -> Result<(), WalError> {
+        assert!(
+            snapshot.generation > self.generation,
+            "snapshots are numbered upwards"
+        );
+        assert!(self.buffer.is_empty(), "records queued before a snapshot");
+        let snapshot_file = snapshot_path(&self.path);
+        let new_snapshot = temporary_path(&snapshot_file);
+        let new_log = temporary_path(&self.path);
+        write_snapshot(&new_snapshot, self.owner, snapshot)?;
+        let file = write_header(&new_log, self.owner, snapshot.generation)?;
+        std::fs::rename(&new_snapshot, &snapshot_file)
+            .map_err(io_error(&snapshot_file, "rename into place"))?;
+        sync_directory_of(&snapshot_file)?;
+        std::fs::rename(&new_log, &self.path).map_err(io_error(&self.path, "rename into place"))?;
+        sync_directory_of(&self.path)?;
+        self.file = file;
+        self.generation = snapshot.generation;
+        self.committed_bytes = HEADER_LEN as u64;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -583,7 +781,7 @@ mod tests {
     /// Writes `groups` commits of two requests each and returns the path.
     fn write_log(directory: &Path, groups: u64) -> PathBuf {
         let path = directory.join("replica-1.wal");
-        let mut wal = open(&path, owner()).unwrap().into_wal().unwrap();
+        let mut wal = recover(&path, owner()).unwrap().log.into_wal().unwrap();
         wal.append(&RecordRef::Start { now_ms: 0 });
         for group in 0..groups {
             for number in [2 * group, 2 * group + 1] {
@@ -598,7 +796,7 @@ mod tests {
     }
 
     fn read_all(path: &Path) -> Result<Vec<Record>, WalError> {
-        let mut reader = open(path, owner())?;
+        let mut reader = recover(path, owner())?.log;
         let mut records = Vec::new();
         while let Some(record) = reader.next_record()? {
             records.push(record);
@@ -682,7 +880,7 @@ mod tests {
         assert_eq!(numbers, vec![0, 1, 2, 3, 4, 5]);
         assert!(matches!(records[9], Record::Mark(m) if m == mark(2)));
 
-        let mut wal = open(&path, owner()).unwrap().into_wal().unwrap();
+        let mut wal = recover(&path, owner()).unwrap().log.into_wal().unwrap();
         wal.append(&RecordRef::Timer {
             now_ms: 50,
             timer: 1,
@@ -703,7 +901,7 @@ mod tests {
     fn uncommitted_records_are_not_in_the_file() {
         let directory = tempfile::tempdir().unwrap();
         let path = write_log(directory.path(), 1);
-        let mut wal = open(&path, owner()).unwrap().into_wal().unwrap();
+        let mut wal = recover(&path, owner()).unwrap().log.into_wal().unwrap();
         wal.append(&RecordRef::Start { now_ms: 1 });
         assert!(wal.has_pending());
         drop(wal);
@@ -725,7 +923,7 @@ mod tests {
             std::fs::write(&path, &full[..cut]).unwrap();
             let records = read_all(&path).unwrap();
             assert!(records.len() >= 4 && records.len() < 7, "cut at {cut}");
-            let mut wal = open(&path, owner()).unwrap().into_wal().unwrap();
+            let mut wal = recover(&path, owner()).unwrap().log.into_wal().unwrap();
             wal.commit(mark(42)).unwrap();
             let again = read_all(&path).unwrap();
             assert_eq!(again.len(), records.len() + 1, "cut at {cut}");
@@ -741,7 +939,7 @@ mod tests {
         bytes.extend(std::iter::repeat_n(0, 8192));
         std::fs::write(&path, &bytes).unwrap();
         assert_eq!(read_all(&path).unwrap().len(), records);
-        open(&path, owner()).unwrap().into_wal().unwrap();
+        recover(&path, owner()).unwrap().log.into_wal().unwrap();
         assert_eq!(
             std::fs::metadata(&path).unwrap().len(),
             bytes.len() as u64 - 8192
@@ -764,7 +962,7 @@ mod tests {
             other => panic!("expected corruption, got {other:?}"),
         }
         // The file is left as it was: nothing is cut off a corrupt log.
-        assert!(open(&path, owner()).unwrap().into_wal().is_err());
+        assert!(recover(&path, owner()).unwrap().log.into_wal().is_err());
         assert_eq!(std::fs::read(&path).unwrap(), bytes);
     }
 
@@ -781,11 +979,113 @@ mod tests {
             ..owner()
         };
         for (who, expected) in [(other_replica, "replica 1"), (other_cluster, "another")] {
-            let error = open(&path, who).err().expect("refused").to_string();
+            let error = recover(&path, who).err().expect("refused").to_string();
             assert!(error.contains(expected), "{error}");
         }
         std::fs::write(&path, b"not a log at all, but long enough for a header....").unwrap();
-        let error = open(&path, owner()).err().expect("refused").to_string();
+        let error = recover(&path, owner()).err().expect("refused").to_string();
         assert!(error.contains("header"), "{error}");
+    }
+
+    fn snapshot(generation: u64) -> Snapshot {
+        Snapshot {
+            generation,
+            clock_ms: 77 * generation,
+            timers: vec![(2, 100 * generation)],
+            core: vec![generation as u8; 1000],
+        }
+    }
+
+    #[test]
+    fn a_snapshot_replaces_the_log_and_restarts_begin_from_it() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = write_log(directory.path(), 2);
+        let mut wal = recover(&path, owner()).unwrap().log.into_wal().unwrap();
+        wal.rotate(&snapshot(1)).unwrap();
+        wal.append(&RecordRef::Timer {
+            now_ms: 90,
+            timer: 2,
+        });
+        wal.commit(mark(5)).unwrap();
+        drop(wal);
+
+        let recovery = recover(&path, owner()).unwrap();
+        let restored = recovery.snapshot.expect("the snapshot");
+        assert_eq!(restored.generation, 1);
+        assert_eq!(restored.core, snapshot(1).core);
+        assert_eq!(restored.timers, snapshot(1).timers);
+        assert_eq!(recovery.log.generation(), 1);
+        // Only what was logged after the snapshot is left to replay.
+        let mut reader = recovery.log;
+        let mut records = Vec::new();
+        while let Some(record) = reader.next_record().unwrap() {
+            records.push(record);
+        }
+        assert!(matches!(
+            records.as_slice(),
+            [Record::Timer { now_ms: 90, .. }, Record::Mark(_)]
+        ));
+    }
+
+    #[test]
+    fn a_crash_in_the_middle_of_a_snapshot_leaves_a_usable_pair() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = write_log(directory.path(), 2);
+        let logged = read_all(&path).unwrap().len();
+        let mut wal = recover(&path, owner()).unwrap().log.into_wal().unwrap();
+        wal.rotate(&snapshot(1)).unwrap();
+        drop(wal);
+        let snapshot_file = snapshot_path(&path);
+
+        // Before the first rename: only temporary files are new; they are removed, and the old
+        // snapshot and log stand.
+        std::fs::write(temporary_path(&snapshot_file), b"half a snapshot").unwrap();
+        std::fs::write(temporary_path(&path), b"half a log").unwrap();
+        let recovery = recover(&path, owner()).unwrap();
+        assert_eq!(recovery.snapshot.unwrap().generation, 1);
+        assert!(!temporary_path(&snapshot_file).exists() && !temporary_path(&path).exists());
+
+        // Between the renames: a newer snapshot beside an older log; the log holds nothing the
+        // snapshot lacks and is replaced by an empty one.
+        let mut wal = recover(&path, owner()).unwrap().log.into_wal().unwrap();
+        let old_log = std::fs::read(&path).unwrap();
+        wal.rotate(&snapshot(2)).unwrap();
+        drop(wal);
+        std::fs::write(&path, &old_log).unwrap();
+        let recovery = recover(&path, owner()).unwrap();
+        assert_eq!(recovery.snapshot.unwrap().generation, 2);
+        assert_eq!(recovery.log.generation(), 2);
+        assert!(read_all(&path).unwrap().is_empty());
+        assert!(logged > 0);
+    }
+
+    #[test]
+    fn a_log_without_its_snapshot_or_a_damaged_snapshot_is_refused() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = write_log(directory.path(), 1);
+        let mut wal = recover(&path, owner()).unwrap().log.into_wal().unwrap();
+        wal.rotate(&snapshot(1)).unwrap();
+        drop(wal);
+        let snapshot_file = snapshot_path(&path);
+        let good = std::fs::read(&snapshot_file).unwrap();
+
+        let mut damaged = good.clone();
+        let last = damaged.len() - 1;
+        damaged[last] ^= 1;
+        std::fs::write(&snapshot_file, &damaged).unwrap();
+        let error = recover(&path, owner()).err().expect("refused").to_string();
+        assert!(error.contains("do not match"), "{error}");
+
+        std::fs::remove_file(&snapshot_file).unwrap();
+        let error = recover(&path, owner()).err().expect("refused").to_string();
+        assert!(error.contains("missing"), "{error}");
+
+        std::fs::write(&snapshot_file, &good).unwrap();
+        let other = WalOwner {
+            fingerprint: Digest([9; 32]),
+            ..owner()
+        };
+        assert!(recover(&path, other).is_err());
+        assert!(recover(&path, owner()).is_ok());
     }
 }

@@ -307,7 +307,7 @@ pub(crate) enum Servers {
     /// `tessera unreplicated`.
     Unreplicated(ChildGuard),
     /// A local MinBFT cluster (`tessera up`'s machinery).
-    Cluster(crate::local::LocalCluster),
+    Cluster(Box<crate::local::LocalCluster>),
 }
 
 impl Servers {
@@ -343,7 +343,7 @@ impl Servers {
         // cluster on any error path kills the replicas.
         let local =
             tokio::task::spawn_blocking(move || local_ready(local, READY_TIMEOUT)).await??;
-        Ok(Servers::Cluster(local))
+        Ok(Servers::Cluster(Box::new(local)))
     }
 
     /// If a server has exited: what it said last.

@@ -29,6 +29,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(200);
 pub struct LocalCluster {
     dir: PathBuf,
     binary: PathBuf,
+    /// Extra arguments for every `tessera replica` (tests and benchmarks).
+    replica_arguments: Vec<String>,
     cluster: ClusterConfig,
     children: Vec<Option<Child>>,
     usigs: UsigProcesses,
@@ -37,6 +39,16 @@ pub struct LocalCluster {
 impl LocalCluster {
     /// Reads `dir/cluster.toml` and starts one `<binary> replica` process per replica.
     pub fn start(dir: &Path, binary: &Path) -> anyhow::Result<LocalCluster> {
+        LocalCluster::start_with(dir, binary, Vec::new())
+    }
+
+    /// Like [`LocalCluster::start`], passing `replica_arguments` to every replica (also when
+    /// one is restarted).
+    pub fn start_with(
+        dir: &Path,
+        binary: &Path,
+        replica_arguments: Vec<String>,
+    ) -> anyhow::Result<LocalCluster> {
         let mut cluster = read_cluster(dir)?;
         refuse_ports_in_use(&cluster)?;
         std::fs::create_dir_all(dir.join("logs"))
@@ -46,6 +58,7 @@ impl LocalCluster {
         let mut local = LocalCluster {
             dir: dir.to_path_buf(),
             binary: binary.to_path_buf(),
+            replica_arguments,
             children: (0..cluster.replicas.len()).map(|_| None).collect(),
             cluster,
             usigs,
@@ -89,6 +102,7 @@ impl LocalCluster {
             .arg(&self.dir)
             .arg("--id")
             .arg(id.to_string())
+            .args(&self.replica_arguments)
             .stdin(Stdio::null())
             // Own process group: a terminal's Ctrl-C reaches only the parent, which then stops
             // the replicas in order instead of racing them.

@@ -182,6 +182,32 @@ struct ReplicaArgs {
     /// USIG starts afresh too.
     #[arg(long)]
     no_wal: bool,
+    /// Replace the log with a snapshot of the replica (beside it, `.snapshot`) once the log
+    /// holds this many bytes and at least as many as the last snapshot; 0: never (the log
+    /// grows for ever). Suffixes: KiB, MiB, GiB.
+    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    snapshot_after: u64,
+}
+
+/// Parses a byte count: a number with an optional KiB, MiB or GiB suffix.
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(split) => text.split_at(split),
+        None => (text, ""),
+    };
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown unit {other:?}: use B, KiB, MiB or GiB")),
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|number| number.checked_mul(scale))
+        .ok_or_else(|| format!("{text:?} is not a byte count like 65536, 64KiB or 64MiB"))
 }
 
 #[derive(clap::Args, Debug)]
@@ -545,7 +571,11 @@ async fn run_replica(args: ReplicaArgs) -> anyhow::Result<()> {
         (None, UsigKind::Hmac | UsigKind::Ed25519) => Some(local::wal_path(&args.dir, args.id)),
         (None, UsigKind::Usigd | UsigKind::Tpm) => None,
     };
-    tessera_node::run_replica(cluster, secrets, wal.as_deref(), shutdown_signal())
+    let durability = wal.map(|log| tessera_node::Durability {
+        log,
+        snapshot_after_log_bytes: args.snapshot_after,
+    });
+    tessera_node::run_replica(cluster, secrets, durability, shutdown_signal())
         .await
         .with_context(|| format!("replica {} failed", args.id))
 }
@@ -991,6 +1021,18 @@ mod tests {
         assert!(supervisor
             .exited(1, now + Duration::from_secs(61))
             .is_some());
+    }
+
+    #[test]
+    fn byte_counts_take_binary_suffixes_and_refuse_nonsense() {
+        assert_eq!(parse_bytes("65536"), Ok(65_536));
+        assert_eq!(parse_bytes("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_bytes("0"), Ok(0));
+        for bad in ["", "MiB", "64MB", "-1", "99999999999GiB", "1.5MiB"] {
+            assert!(parse_bytes(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

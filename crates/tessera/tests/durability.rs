@@ -2,7 +2,8 @@
 //! run, and restarted at once. Each restart replays the replica's write-ahead log; the client
 //! history must be linearizable, no executed request may be lost (the per-session models, the
 //! shared counter and the compare-and-set chain all check the final state), and every replica
-//! must end with the same state digest.
+//! must end with the same state digest. The replicas replace their logs with snapshots every
+//! 64 KiB of log, so kills also land during snapshots and restarts begin from them.
 
 mod support;
 
@@ -34,7 +35,9 @@ fn replicas_killed_at_random_moments_restart_from_their_logs_and_lose_nothing() 
         protocol.request_timeout_ms = 1_000;
         protocol.view_change_timeout_ms = 1_000;
     });
-    let mut cluster = RunningCluster::start(dir);
+    // Tiny snapshots: every replica replaces its log with a snapshot many times during the run,
+    // so kills also land in the middle of a snapshot and restarts begin from one.
+    let mut cluster = RunningCluster::start_with(dir, &["--snapshot-after", "64KiB"]);
     let seed = seed();
     let mut rng = StdRng::seed_from_u64(seed);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -107,14 +110,21 @@ fn replicas_killed_at_random_moments_restart_from_their_logs_and_lose_nothing() 
         eprintln!("agreement after the kills: {statuses:#?}");
     });
 
-    // Every killed replica came back through its log, not as an empty replica.
+    // Every killed replica came back through its log, not as an empty replica, and restarts
+    // began from snapshots.
+    let mut restored_from_snapshots = 0;
     for (victim, _) in &kills {
         let log = std::fs::read_to_string(cluster.dir.log_path(*victim)).expect("read a log");
         assert!(
             log.contains("replayed the write-ahead log"),
             "replica {victim} restarted without replaying its log"
         );
+        restored_from_snapshots += log.matches("restored from a snapshot").count();
     }
+    assert!(
+        restored_from_snapshots > 0,
+        "no restart began from a snapshot"
+    );
     runtime.shutdown_timeout(Duration::from_secs(1));
 }
 

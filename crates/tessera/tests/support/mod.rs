@@ -126,8 +126,17 @@ pub struct RunningCluster {
 
 impl RunningCluster {
     pub fn start(dir: ClusterDir) -> RunningCluster {
-        let mut local =
-            LocalCluster::start(&dir.path, Path::new(BINARY)).expect("start the replicas");
+        RunningCluster::start_with(dir, &[])
+    }
+
+    /// Starts the cluster with `replica_arguments` added to every `tessera replica`.
+    pub fn start_with(dir: ClusterDir, replica_arguments: &[&str]) -> RunningCluster {
+        let arguments = replica_arguments
+            .iter()
+            .map(|text| text.to_string())
+            .collect();
+        let mut local = LocalCluster::start_with(&dir.path, Path::new(BINARY), arguments)
+            .expect("start the replicas");
         if let Err(error) = local.wait_ready(Duration::from_secs(20)) {
             dir.print_log_tails();
             panic!("replicas not ready: {error:#}");
