@@ -4,7 +4,7 @@
 //! The gateway runs in-process in front of Tessera's unreplicated key-value server (also
 //! in-process): the backend's protocol does not matter here, only what the gateway does with
 //! its sockets. Timeouts are a few hundred milliseconds, so each test takes about a second.
-//! Each test's server uses its own fixed client port in 45000–46000; the gateway takes a free
+//! Each test's server uses its own fixed client port in 25100–25104 (below the ephemeral range); the gateway takes a free
 //! port.
 
 use std::net::SocketAddr;
@@ -40,7 +40,7 @@ impl Harness {
             },
             usig: UsigKind::Hmac,
             host: "127.0.0.1".into(),
-            base_port: 45_000,
+            base_port: 25_000,
             clients: 1,
         };
         let mut files = generate_cluster(&spec, &mut rand::rngs::OsRng).expect("a cluster");
@@ -202,7 +202,7 @@ fn timeouts_out_of_range_are_refused_naming_the_flag() {
 async fn a_silent_connection_is_closed_after_the_idle_timeout() {
     let idle = Duration::from_millis(400);
     let harness = Harness::start(
-        45_101,
+        25_101,
         GatewayOptions {
             idle_timeout_ms: 400,
             ..options()
@@ -246,7 +246,7 @@ async fn a_silent_connection_is_closed_after_the_idle_timeout() {
 async fn a_dribbled_request_gets_an_error_after_the_frame_timeout() {
     let frame = Duration::from_millis(300);
     let harness = Harness::start(
-        45_102,
+        25_102,
         GatewayOptions {
             idle_timeout_ms: 60_000,
             frame_timeout_ms: 300,
@@ -324,7 +324,7 @@ async fn a_client_that_never_reads_is_bounded_and_reset_after_the_write_timeout(
     let write_timeout = Duration::from_millis(500);
     let defaults = options();
     let harness = Harness::start(
-        45_103,
+        25_103,
         GatewayOptions {
             write_timeout_ms: 500,
             ..options()
@@ -393,7 +393,7 @@ async fn a_client_that_never_reads_is_bounded_and_reset_after_the_write_timeout(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_cap_are_refused_with_the_redis_error() {
     let harness = Harness::start(
-        45_104,
+        25_104,
         GatewayOptions {
             connections_max: 2,
             ..options()

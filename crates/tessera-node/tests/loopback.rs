@@ -7,12 +7,14 @@ use tessera_types::cluster::UsigKind;
 use tessera_types::wire::{ClientToReplica, ReplicaToClient};
 use tessera_types::ProtocolConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-/// A cluster on free loopback ports.
-async fn cluster(n: u32, usig: UsigKind) -> ClusterFiles {
+/// A cluster on loopback ports from `base_port`: every test its own range, below Linux's
+/// ephemeral ports (32768 and up), where a port released by a test could be taken as the local
+/// port of some other connection before the replica binds it (seen as "address in use").
+fn cluster(n: u32, usig: UsigKind, base_port: u16) -> ClusterFiles {
     let spec = ClusterSpec {
         protocol: ProtocolConfig {
             n,
@@ -21,24 +23,10 @@ async fn cluster(n: u32, usig: UsigKind) -> ClusterFiles {
         },
         usig,
         host: "127.0.0.1".into(),
-        base_port: 7000,
+        base_port,
         clients: 2,
     };
-    let mut files = generate_cluster(&spec, &mut rand::rngs::OsRng).unwrap();
-    for replica in &mut files.cluster.replicas {
-        replica.replica_address = free_address().await;
-        replica.client_address = free_address().await;
-        // Tests in this file run in parallel: each cluster needs its own metrics ports too.
-        replica.metrics_address = free_address().await;
-    }
-    files
-}
-
-async fn free_address() -> String {
-    // Bind to port 0 and release it: another process could take it in between, which is
-    // unlikely enough on a test machine.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap().to_string()
+    generate_cluster(&spec, &mut rand::rngs::OsRng).unwrap()
 }
 
 type Node = (
@@ -96,7 +84,7 @@ async fn kv_client(files: &ClusterFiles, unreplicated: bool) -> (Client, KvClien
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreplicated_baseline_serves_the_kv_client() {
-    let files = cluster(3, UsigKind::Hmac).await;
+    let files = cluster(3, UsigKind::Hmac, 24_000);
     let node = start_unreplicated(&files);
     let (_client, mut kv) = kv_client(&files, true).await;
     kv.set("hello", "world").await.unwrap();
@@ -132,7 +120,7 @@ fn frame(message: &ClientToReplica) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_port_refuses_bad_input_with_an_error_and_closes() {
-    let files = cluster(3, UsigKind::Hmac).await;
+    let files = cluster(3, UsigKind::Hmac, 24_200);
     let address = files.cluster.replicas[0].client_address.clone();
     let node = start_unreplicated(&files);
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -169,8 +157,8 @@ async fn client_port_refuses_bad_input_with_an_error_and_closes() {
     stop(node).await;
 }
 
-async fn replicated_round_trip(usig: UsigKind) {
-    let files = cluster(3, usig).await;
+async fn replicated_round_trip(usig: UsigKind, base_port: u16) {
+    let files = cluster(3, usig, base_port);
     let nodes: Vec<Node> = (0..3).map(|id| start_replica(&files, id)).collect();
     let (_client, mut kv) = kv_client(&files, false).await;
     kv.set("hello", "world").await.unwrap();
@@ -185,10 +173,10 @@ async fn replicated_round_trip(usig: UsigKind) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicated_cluster_serves_the_kv_client_with_hmac_usig() {
-    replicated_round_trip(UsigKind::Hmac).await;
+    replicated_round_trip(UsigKind::Hmac, 24_400).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicated_cluster_serves_the_kv_client_with_ed25519_usig() {
-    replicated_round_trip(UsigKind::Ed25519).await;
+    replicated_round_trip(UsigKind::Ed25519, 24_600).await;
 }

@@ -26,7 +26,7 @@ fn replicas_killed_at_random_moments_restart_from_their_logs_and_lose_nothing() 
     const SESSIONS: usize = 6;
     const OPERATIONS_PER_SESSION: usize = 800;
     const KILLS_MIN: usize = 6;
-    let dir = ClusterDir::create(21_400, |protocol| {
+    let dir = ClusterDir::create(24_800, |protocol| {
         // Small checkpoints and windows: the kills land before, during and after checkpoints
         // and garbage collection, and a restarted replica may have to fetch state.
         protocol.checkpoint_interval = 8;

@@ -729,11 +729,11 @@ fn read_until_closed(stream: &mut TcpStream) -> (Vec<u8>, Duration) {
 /// `tessera-gateway/tests/connection_limits.rs` cover the behaviour in detail).
 #[test]
 fn gateway_timeouts_and_connection_cap_come_from_the_command_line() {
-    const METRICS: &str = "127.0.0.1:45391";
-    let cluster = RunningCluster::start(ClusterDir::create(45_200, |_| {}));
+    const METRICS: &str = "127.0.0.1:25391";
+    let cluster = RunningCluster::start(ClusterDir::create(25_200, |_| {}));
     let gateway = GatewayProcess::start_with(
         &cluster,
-        45_390,
+        25_390,
         &[
             "--idle-timeout",
             "400ms",
