@@ -14,11 +14,39 @@ use tessera_client::{Client, ClientError, ClientOptions, ClientStats};
 use tessera_kv::{Command, Response};
 use tokio::time::Instant;
 
+/// `tessera bench`: its own arguments, or a subcommand.
+#[derive(clap::Args, Debug)]
+#[command(
+    about = "Measure throughput and latency: unreplicated baseline vs. a local MinBFT cluster \
+             (`tessera bench state-transfer`: how fast a wiped replica fetches the state)",
+    args_conflicts_with_subcommands = true
+)]
+pub struct BenchCommand {
+    #[command(subcommand)]
+    pub subcommand: Option<BenchSubcommand>,
+    #[command(flatten)]
+    pub args: BenchArgs,
+}
+
+/// Subcommands of `tessera bench`.
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchSubcommand {
+    /// Build a state of --size bytes in a fresh local cluster, wipe one backup and time how long
+    /// it takes to fetch and install the state, and how long a backup restarted with its
+    /// write-ahead log takes to replay it, next to this machine's disk and hashing limits.
+    StateTransfer(crate::transfer_bench::StateTransferArgs),
+}
+
+/// Runs `tessera bench` or its subcommand.
+pub async fn run_command(command: BenchCommand) -> anyhow::Result<()> {
+    match command.subcommand {
+        Some(BenchSubcommand::StateTransfer(args)) => crate::transfer_bench::run(args).await,
+        None => run(command.args).await,
+    }
+}
+
 /// Arguments of `tessera bench`.
 #[derive(clap::Args, Debug, Clone)]
-#[command(
-    about = "Measure throughput and latency: unreplicated baseline vs. a local MinBFT cluster"
-)]
 pub struct BenchArgs {
     /// Concurrent sessions, each with one request in flight (closed loop).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=10_000))]
@@ -204,7 +232,7 @@ async fn measure_system(
     dir: &Path,
     args: &BenchArgs,
 ) -> anyhow::Result<Measurement> {
-    initialise(executable, dir, system.usig())?;
+    initialise(executable, dir, system.usig(), BENCH_BASE_PORT)?;
     if let Some(window) = args.window {
         set_window(dir, window)?;
     }
@@ -264,8 +292,13 @@ fn set_window(dir: &Path, window: u64) -> anyhow::Result<()> {
 const BENCH_BASE_PORT: u16 = 7600;
 
 /// Writes a fresh cluster (n=3, f=1: `tessera init`'s defaults) with the `usig` backend into
-/// `dir`.
-fn initialise(executable: &Path, dir: &Path, usig: &str) -> anyhow::Result<()> {
+/// `dir`, its ports from `base_port`.
+pub(crate) fn initialise(
+    executable: &Path,
+    dir: &Path,
+    usig: &str,
+    base_port: u16,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let output = Process::new(executable)
         .arg("init")
@@ -274,7 +307,7 @@ fn initialise(executable: &Path, dir: &Path, usig: &str) -> anyhow::Result<()> {
         .arg("--force")
         // Away from `tessera up`'s default ports, so a running local cluster does not collide.
         .arg("--base-port")
-        .arg(BENCH_BASE_PORT.to_string())
+        .arg(base_port.to_string())
         .args(["--usig", usig])
         .stdin(Stdio::null())
         .output()
@@ -702,13 +735,13 @@ impl LatencyHistogram {
 }
 
 /// The benchmark's working directory: a given one, or a temporary one removed at the end.
-struct Workspace {
-    path: PathBuf,
+pub(crate) struct Workspace {
+    pub(crate) path: PathBuf,
     remove: std::cell::Cell<bool>,
 }
 
 impl Workspace {
-    fn new(dir: Option<PathBuf>) -> anyhow::Result<Workspace> {
+    pub(crate) fn new(dir: Option<PathBuf>) -> anyhow::Result<Workspace> {
         let (path, remove) = match dir {
             Some(path) => (path, false),
             None => {
@@ -731,7 +764,7 @@ impl Workspace {
         })
     }
 
-    fn keep(&self) {
+    pub(crate) fn keep(&self) {
         if self.remove.replace(false) {
             eprintln!("keeping {} for its logs", self.path.display());
         }

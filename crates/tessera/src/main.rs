@@ -5,6 +5,7 @@ mod bench;
 mod gateway;
 mod kv;
 mod local;
+mod transfer_bench;
 mod usig_bench;
 
 use anyhow::{bail, Context};
@@ -64,8 +65,9 @@ enum Command {
     Status(StatusArgs),
     /// Run one key-value command against the cluster.
     Kv(kv::KvArgs),
-    /// Benchmark the cluster against the unreplicated baseline.
-    Bench(bench::BenchArgs),
+    /// Benchmark the cluster against the unreplicated baseline (`bench state-transfer`: state
+    /// transfer and log replay of a large state).
+    Bench(bench::BenchCommand),
     /// Serve Redis clients (RESP2/RESP3) on a TCP port, as one client of the cluster.
     Gateway(gateway::GatewayArgs),
     /// Run the USIG daemon of one replica: it owns the USIG key and counter and serves the
@@ -302,7 +304,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Up(args) => up(args).await,
         Command::Status(args) => status(args).await,
         Command::Kv(args) => kv::run(args).await,
-        Command::Bench(args) => bench::run(args).await,
+        Command::Bench(command) => bench::run_command(command).await,
         Command::Gateway(args) => gateway::run(args).await,
         // The daemon is synchronous (one thread per connection); keep it off the async workers.
         Command::Usigd(options) => tokio::task::spawn_blocking(move || options.run())
