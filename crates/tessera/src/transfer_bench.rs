@@ -658,14 +658,7 @@ async fn complete_checkpoint(
 
 /// Asks every replica for its status; fails if one does not answer.
 async fn all_statuses(cluster: &ClusterConfig) -> anyhow::Result<Vec<ReplicaStatus>> {
-    let mut statuses = Vec::with_capacity(cluster.replicas.len());
-    for replica in &cluster.replicas {
-        let status = crate::query_status(&replica.client_address)
-            .await
-            .with_context(|| format!("replica {} did not answer a status query", replica.id))?;
-        statuses.push(status);
-    }
-    Ok(statuses)
+    all_statuses_except(cluster, None).await
 }
 
 fn describe(statuses: &[ReplicaStatus]) -> String {
@@ -723,6 +716,7 @@ async fn agreed_status(
     }
 }
 
+/// Asks every replica but `except` for its status; fails if one does not answer.
 async fn all_statuses_except(
     cluster: &ClusterConfig,
     except: Option<u32>,
