@@ -495,28 +495,14 @@ async fn measure(
             layout.bytes()
         ),
     );
-    let build_started = Instant::now();
-    let (client_cluster, secrets) = load_cluster(dir, None)?;
-    let options = ClientOptions {
-        connect_timeout: Duration::from_secs(20),
-        ..ClientOptions::default()
-    };
-    let client = Client::connect(client_cluster, secrets, options)
-        .await
-        .context("cannot connect to the benchmark cluster")?;
-    write_state(&client, &layout, &pattern, args.in_flight).await?;
-    let (stable_checkpoint, filler_writes) = complete_checkpoint(&client, &cluster).await?;
-    let build = Build {
-        seconds: build_started.elapsed().as_secs_f64(),
-        stable_checkpoint,
-        filler_writes,
-    };
-    drop(client);
+    let build = build_state(dir, &cluster, &layout, &pattern, args.in_flight).await?;
     let agreed = agreed_status(&cluster, None).await?;
     let backups: Vec<u32> = (0..cluster.replicas.len() as u32)
         .filter(|id| *id != agreed.primary.0)
         .collect();
-    let (wiped, validated) = (backups[0], backups[1]);
+    let [wiped, validated] = backups[..] else {
+        bail!("expected two backups, found {backups:?}");
+    };
 
     progress(
         args,
@@ -544,6 +530,32 @@ async fn measure(
         build,
         validation,
         transfers,
+    })
+}
+
+/// Writes the state through the client library and completes a stable checkpoint covering it.
+async fn build_state(
+    dir: &Path,
+    cluster: &ClusterConfig,
+    layout: &StateLayout,
+    pattern: &Arc<Pattern>,
+    in_flight: u32,
+) -> anyhow::Result<Build> {
+    let started = Instant::now();
+    let (client_cluster, secrets) = load_cluster(dir, None)?;
+    let options = ClientOptions {
+        connect_timeout: Duration::from_secs(20),
+        ..ClientOptions::default()
+    };
+    let client = Client::connect(client_cluster, secrets, options)
+        .await
+        .context("cannot connect to the benchmark cluster")?;
+    write_state(&client, layout, pattern, in_flight).await?;
+    let (stable_checkpoint, filler_writes) = complete_checkpoint(&client, cluster).await?;
+    Ok(Build {
+        seconds: started.elapsed().as_secs_f64(),
+        stable_checkpoint,
+        filler_writes,
     })
 }
 
