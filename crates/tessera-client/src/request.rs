@@ -210,6 +210,7 @@ pub(crate) mod tests {
                 })
                 .collect(),
             clients: vec![ClientPublic { id: 5, public_key }],
+            store: Default::default(),
         }
     }
 

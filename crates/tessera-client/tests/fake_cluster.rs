@@ -98,6 +98,7 @@ impl FakeCluster {
                 id: CREDENTIAL,
                 public_key,
             }],
+            store: Default::default(),
         };
         FakeCluster {
             cluster,

@@ -33,7 +33,7 @@ use tessera_core::Envelope;
 use tessera_core::Replica;
 use tessera_kv::{KvLimits, KvStore};
 use tessera_types::cluster::{
-    parse_key, ClusterConfig, ClusterFileError, ReplicaSecrets, UsigKind,
+    parse_key, ClusterConfig, ClusterFileError, ReplicaSecrets, StoreConfig, UsigKind,
 };
 use tessera_types::{ConfigError, ReplicaId};
 use tessera_usig::{Ed25519Usig, HmacUsig, Usig, UsigError, UsigIdentity};
@@ -159,7 +159,7 @@ pub async fn run_replica(
                     cluster.protocol.clone(),
                     usig,
                     authenticator,
-                    Envelope::new(key_value_store()),
+                    Envelope::new(key_value_store(&cluster.store)),
                     &snapshot.core,
                 )?
             }
@@ -170,7 +170,7 @@ pub async fn run_replica(
                     cluster.protocol.clone(),
                     usig,
                     authenticator,
-                    Envelope::new(key_value_store()),
+                    Envelope::new(key_value_store(&cluster.store)),
                 )?
             }
         };
@@ -324,7 +324,7 @@ pub async fn run_unreplicated(
         ));
         let status = Arc::new(StatusBoard::new(me));
         let executor = unreplicated::spawn_unreplicated_executor(
-            Envelope::new(key_value_store()),
+            Envelope::new(key_value_store(&cluster.store)),
             inbox_receiver,
             routes.clone(),
             status.clone(),
@@ -625,16 +625,18 @@ fn log_counters(counters: &NodeCounters) {
         );
     }
 }
-/// Total bytes the replicated store may hold by default: 1 GiB. State transfer moves the store
-/// partition by partition in chunks of about 1 MiB (`docs/STATE.md`), so no message grows with
-/// the store; the limit bounds memory (every replica holds the whole state).
-pub const STORE_TOTAL_BYTES_DEFAULT: u64 = 1 << 30;
+/// Total bytes the replicated store may hold by default: 1 GiB (`[store] total_bytes_max` in
+/// cluster.toml changes it). State transfer moves the store partition by partition in chunks of
+/// about 1 MiB (`docs/STATE.md`), so no message grows with the store; the limit bounds memory
+/// (every replica holds the whole state).
+pub const STORE_TOTAL_BYTES_DEFAULT: u64 = tessera_types::cluster::STORE_TOTAL_BYTES_DEFAULT;
 
 /// The key-value store every replica (and the unreplicated baseline) serves, behind envelopes so
-/// a client can put many operations under one signature (`tessera_core::envelope`).
-fn key_value_store() -> KvStore {
+/// a client can put many operations under one signature (`tessera_core::envelope`). Its limits
+/// come from the cluster file, so every replica refuses exactly the same writes.
+fn key_value_store(store: &StoreConfig) -> KvStore {
     KvStore::new(KvLimits {
-        total_bytes_max: STORE_TOTAL_BYTES_DEFAULT,
+        total_bytes_max: store.total_bytes_max,
         ..KvLimits::default()
     })
 }

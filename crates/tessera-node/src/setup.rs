@@ -131,6 +131,7 @@ pub fn generate_cluster<R: RngCore + CryptoRng>(
                 public_key: public_key_of(seed),
             })
             .collect(),
+        store: Default::default(),
     };
     let replicas = (0..n)
         .map(|replica| ReplicaSecrets {

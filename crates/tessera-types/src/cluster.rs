@@ -36,6 +36,47 @@ pub struct ClusterConfig {
     pub replicas: Vec<ReplicaEndpoint>,
     /// Registered client credentials.
     pub clients: Vec<ClientPublic>,
+    /// Limits of the replicated store. Optional (files written before it existed parse), and
+    /// left out of the file while it holds the defaults, so such files read and write back
+    /// byte for byte (a replica's write-ahead log is tied to the exact text).
+    #[serde(default, skip_serializing_if = "StoreConfig::is_default")]
+    pub store: StoreConfig,
+}
+
+/// Default of [`StoreConfig::total_bytes_max`]: 1 GiB.
+pub const STORE_TOTAL_BYTES_DEFAULT: u64 = 1 << 30;
+/// Smallest accepted [`StoreConfig::total_bytes_max`]: 1 KiB.
+pub const STORE_TOTAL_BYTES_MIN: u64 = 1 << 10;
+/// Largest accepted [`StoreConfig::total_bytes_max`]: 1 TiB. Every replica holds the whole
+/// store in memory, and a replica fetching state stages what it receives in memory too, so a
+/// limit beyond any machine's memory would only move the failure from config load to run time.
+pub const STORE_TOTAL_BYTES_MAX: u64 = 1 << 40;
+
+/// The `[store]` section: limits of the replicated key-value store.
+///
+/// Cluster-wide, not per replica: a write one replica refuses as over the limit and another
+/// accepts would split their states, so every replica must read the same numbers.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Most bytes stored: the sum of the lengths of every key and value. A write that would
+    /// exceed it is refused, and so is a transferred state that would.
+    pub total_bytes_max: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> StoreConfig {
+        StoreConfig {
+            total_bytes_max: STORE_TOTAL_BYTES_DEFAULT,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// True when every field holds its default (the section is then not written).
+    pub fn is_default(&self) -> bool {
+        *self == StoreConfig::default()
+    }
 }
 
 /// Where a replica listens and how to check its USIG.
@@ -193,6 +234,18 @@ impl ClusterConfig {
                 problem: error.problem,
                 fix: error.fix,
             })?;
+        let total = self.store.total_bytes_max;
+        if !(STORE_TOTAL_BYTES_MIN..=STORE_TOTAL_BYTES_MAX).contains(&total) {
+            return Err(invalid(
+                FILE,
+                "store.total_bytes_max",
+                format!("is {total}"),
+                &format!(
+                    "give between {STORE_TOTAL_BYTES_MIN} and {STORE_TOTAL_BYTES_MAX} bytes \
+                     (every replica holds the whole store in memory)"
+                ),
+            ));
+        }
         if self.replicas.len() != self.protocol.n as usize {
             return Err(invalid(
                 FILE,
@@ -380,7 +433,35 @@ mod tests {
             protocol,
             usig: UsigKind::Hmac,
             clients: Vec::new(),
+            store: StoreConfig::default(),
         }
+    }
+
+    #[test]
+    fn the_store_section_is_optional_bounded_and_written_only_when_changed() {
+        let default = cluster("");
+        let text = default.to_toml();
+        assert!(!text.contains("[store]"), "{text}");
+        assert_eq!(ClusterConfig::from_toml(&text).unwrap(), default);
+        let mut raised = cluster("");
+        raised.store.total_bytes_max = 3 << 30;
+        let text = raised.to_toml();
+        assert!(
+            text.contains("[store]\ntotal_bytes_max = 3221225472"),
+            "{text}"
+        );
+        assert_eq!(ClusterConfig::from_toml(&text).unwrap(), raised);
+        for bad in [0, STORE_TOTAL_BYTES_MIN - 1, STORE_TOTAL_BYTES_MAX + 1] {
+            let mut config = cluster("");
+            config.store.total_bytes_max = bad;
+            let error = config.validate().unwrap_err().to_string();
+            assert!(
+                error.contains("store.total_bytes_max") && error.contains(&format!("is {bad}")),
+                "{error}"
+            );
+        }
+        let unknown = format!("{}\n[store]\ntotal_bytes = 5\n", cluster("").to_toml());
+        assert!(ClusterConfig::from_toml(&unknown).is_err());
     }
 
     #[test]

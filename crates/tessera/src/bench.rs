@@ -29,7 +29,8 @@ use tokio::time::Instant;
 #[derive(clap::Args, Debug)]
 #[command(
     about = "Measure throughput and latency: unreplicated baseline vs. a local MinBFT cluster \
-             (`tessera bench compare`: against Redis and etcd)",
+             (`tessera bench compare`: against Redis and etcd; `tessera bench state-transfer`: \
+             how fast a wiped replica fetches the state)",
     args_conflicts_with_subcommands = true
 )]
 pub struct BenchCommand {
@@ -46,12 +47,17 @@ pub enum BenchSubcommand {
     /// Tessera's own gRPC load generator), Tessera unreplicated and a MinBFT cluster (both
     /// through `tessera gateway`), one after another; print one table and write an SVG chart.
     Compare(crate::compare::CompareArgs),
+    /// Build a state of --size bytes in a fresh local cluster, wipe one backup and time how long
+    /// it takes to fetch and install the state, and how long a backup restarted with its
+    /// write-ahead log takes to replay it, next to this machine's disk and hashing limits.
+    StateTransfer(crate::transfer_bench::StateTransferArgs),
 }
 
 /// Runs `tessera bench` or its subcommand.
 pub async fn run_command(command: BenchCommand) -> anyhow::Result<()> {
     match command.subcommand {
         Some(BenchSubcommand::Compare(args)) => crate::compare::run(args).await,
+        Some(BenchSubcommand::StateTransfer(args)) => crate::transfer_bench::run(args).await,
         None => run(command.args).await,
     }
 }
@@ -402,7 +408,12 @@ fn set_window(dir: &Path, window: u64) -> anyhow::Result<()> {
 
 /// Writes a fresh cluster (n=3, f=1: `tessera init`'s defaults) with the `usig` backend into
 /// `dir`, its ports from `base_port`.
-fn initialise(executable: &Path, dir: &Path, usig: &str, base_port: u16) -> anyhow::Result<()> {
+pub(crate) fn initialise(
+    executable: &Path,
+    dir: &Path,
+    usig: &str,
+    base_port: u16,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let output = Process::new(executable)
         .arg("init")

@@ -10,6 +10,7 @@ mod json;
 mod kv;
 mod local;
 mod process;
+mod transfer_bench;
 mod usig_bench;
 
 use anyhow::{bail, Context};
@@ -70,7 +71,7 @@ enum Command {
     /// Run one key-value command against the cluster.
     Kv(kv::KvArgs),
     /// Benchmark the cluster against the unreplicated baseline (`bench compare`: against Redis
-    /// and etcd too).
+    /// and etcd too; `bench state-transfer`: state transfer and log replay of a large state).
     Bench(bench::BenchCommand),
     /// Serve Redis clients (RESP2/RESP3) on a TCP port, as one client of the cluster.
     Gateway(gateway::GatewayArgs),
@@ -185,29 +186,8 @@ struct ReplicaArgs {
     /// Replace the log with a snapshot of the replica (beside it, `.snapshot`) once the log
     /// holds this many bytes and at least as many as the last snapshot; 0: never (the log
     /// grows for ever). Suffixes: KiB, MiB, GiB.
-    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    #[arg(long, default_value = "64MiB", value_parser = transfer_bench::parse_size)]
     snapshot_after: u64,
-}
-
-/// Parses a byte count: a number with an optional KiB, MiB or GiB suffix.
-fn parse_bytes(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
-        Some(split) => text.split_at(split),
-        None => (text, ""),
-    };
-    let scale: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        other => return Err(format!("unknown unit {other:?}: use B, KiB, MiB or GiB")),
-    };
-    number
-        .parse::<u64>()
-        .ok()
-        .and_then(|number| number.checked_mul(scale))
-        .ok_or_else(|| format!("{text:?} is not a byte count like 65536, 64KiB or 64MiB"))
 }
 
 #[derive(clap::Args, Debug)]
@@ -1021,18 +1001,6 @@ mod tests {
         assert!(supervisor
             .exited(1, now + Duration::from_secs(61))
             .is_some());
-    }
-
-    #[test]
-    fn byte_counts_take_binary_suffixes_and_refuse_nonsense() {
-        assert_eq!(parse_bytes("65536"), Ok(65_536));
-        assert_eq!(parse_bytes("64KiB"), Ok(64 << 10));
-        assert_eq!(parse_bytes("64MiB"), Ok(64 << 20));
-        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
-        assert_eq!(parse_bytes("0"), Ok(0));
-        for bad in ["", "MiB", "64MB", "-1", "99999999999GiB", "1.5MiB"] {
-            assert!(parse_bytes(bad).is_err(), "{bad:?}");
-        }
     }
 
     #[test]
