@@ -228,8 +228,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_port_in_use_is_refused_and_a_free_one_accepted() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let address = listener.local_addr().unwrap().to_string();
+        // A fixed port below the ephemeral range: a port the kernel handed out could be taken
+        // by another test's outgoing connection once released (docs/TESTING.md).
+        let address = "127.0.0.1:27990".to_string();
+        let listener = std::net::TcpListener::bind(&address).unwrap();
         let error = refuse_port_in_use(&address, "the test server")
             .await
             .unwrap_err()
