@@ -197,6 +197,33 @@ enum Outbound {
     Reply(tessera_types::Reply),
 }
 
+impl Outbound {
+    /// True for messages that may leave before the inputs that led to them are durable: if the
+    /// replica crashes and forgets those inputs, nothing it sent contradicts what it says after
+    /// the restart, nothing a peer relies on is lost, and no client saw a result. That holds
+    /// for requests (FETCH, FETCH-NEW-VIEW, STATE-REQUEST, PARTITION-REQUEST) and for answers
+    /// that carry state certified by `f + 1` replicas (STATE-SUMMARY, PARTITION-REPLY), which
+    /// the asker checks against that certificate. Everything certified by the USIG, every
+    /// HEARTBEAT (its acknowledgements let peers drop messages this replica might need again)
+    /// and every client reply waits. State transfer is what this speeds up: its chunks are
+    /// logged as inputs, and the next requests need not wait for their `fdatasync`.
+    fn may_precede_durability(&self) -> bool {
+        let message = match self {
+            Outbound::Send(_, message) | Outbound::Broadcast(message) => message,
+            Outbound::Reply(_) => return false,
+        };
+        matches!(
+            message,
+            ReplicaMessage::Fetch(_)
+                | ReplicaMessage::FetchNewView { .. }
+                | ReplicaMessage::StateRequest(_)
+                | ReplicaMessage::StateSummary(_)
+                | ReplicaMessage::PartitionRequest(_)
+                | ReplicaMessage::PartitionReply(_)
+        )
+    }
+}
+
 /// Carries out outbound actions (on the core thread without a log, on the writer thread with).
 #[derive(Clone)]
 struct Dispatcher {
@@ -673,6 +700,13 @@ impl<S: StateMachine> CoreLoop<S> {
         match self.pending.as_mut() {
             None => self.dispatcher.carry_out(outbound),
             Some(pending) => {
+                // Requests for data and answers that carry only certified state commit the
+                // replica to nothing: they leave now, without waiting for the disk.
+                let (early, outbound): (Vec<Outbound>, Vec<Outbound>) =
+                    outbound.into_iter().partition(Outbound::may_precede_durability);
+                if !early.is_empty() {
+                    self.dispatcher.carry_out(early);
+                }
                 // Every output comes from a logged input, but a turn with outputs and no new
                 // records still goes through the writer, behind the turns before it.
                 if !pending.is_empty() {
