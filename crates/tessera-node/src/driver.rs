@@ -30,7 +30,10 @@ use crate::counters::{DropReason, NodeCounters};
 use crate::metrics::{CoreObservation, CoreSnapshot, ReplicaMetrics};
 use crate::routes::{ReplyRoutes, StatusBoard};
 use crate::transport::PeerSender;
-use crate::wal::{frame_record, Mark, Record, RecordRef, Snapshot, Wal, WalError, WalReader};
+use crate::wal::{
+    frame_record, prepare_log, Mark, PreparedLog, Record, RecordRef, Snapshot, Wal, WalError,
+    WalReader,
+};
 
 /// Default capacity of the core's inbox, in events.
 pub const CORE_INBOX_EVENTS_DEFAULT: usize = 65_536;
@@ -151,6 +154,8 @@ pub struct Restored {
     pub clock_ms: u64,
     /// The driver's armed timers then (code, deadline).
     pub timers: Vec<(u8, u64)>,
+    /// Its size.
+    pub bytes: u64,
 }
 
 /// Starts the core thread. It runs until it receives [`CoreEvent::Stop`] or every inbox
@@ -264,9 +269,30 @@ struct Turn {
 /// What the writer thread takes, in order.
 enum Written {
     Turn(Turn),
-    /// A snapshot covering every turn before it: the log is replaced (see [`Wal::rotate`]).
-    Snapshot(Snapshot),
+    /// A snapshot covering every turn before it: written on its own thread while turns go on,
+    /// then the log is replaced (see [`Wal::finish_rotation`]).
+    Snapshot(PendingSnapshot),
 }
+
+/// A snapshot captured by the core thread, still to be encoded.
+struct PendingSnapshot {
+    generation: u64,
+    clock_ms: u64,
+    timers: Vec<(u8, u64)>,
+    encode: Box<dyn FnOnce() -> Vec<u8> + Send>,
+}
+
+/// A snapshot being encoded and written on its own thread.
+struct SnapshotInFlight {
+    /// The log's length when it was taken: what it covers.
+    cut: u64,
+    generation: u64,
+    started: Instant,
+    done: Receiver<Result<(PreparedLog, usize), WalError>>,
+}
+
+/// How often the writer looks at a snapshot in flight while no turn arrives.
+const SNAPSHOT_POLL: Duration = Duration::from_millis(20);
 
 /// When the core thread takes a snapshot.
 #[derive(Default)]
@@ -275,10 +301,77 @@ struct SnapshotPolicy {
     after_log_bytes: u64,
     /// Bytes logged since the last one.
     logged: u64,
-    /// Size of the last one.
-    last_bytes: u64,
+    /// Size of the last one, set by the writer once it is written.
+    last_bytes: Arc<std::sync::atomic::AtomicU64>,
     /// Number of the last one (0: none yet).
     generation: u64,
+}
+
+/// Starts encoding and writing `pending` on its own thread; it covers the log as it is now.
+fn start_snapshot(wal: &Wal, pending: PendingSnapshot) -> Result<SnapshotInFlight, WalError> {
+    let (log_path, owner) = wal.target();
+    let (sender, done) = std::sync::mpsc::channel();
+    let generation = pending.generation;
+    std::thread::Builder::new()
+        .name("tessera-snapshot".into())
+        .spawn(move || {
+            let core = (pending.encode)();
+            let bytes = core.len();
+            let snapshot = Snapshot {
+                generation: pending.generation,
+                clock_ms: pending.clock_ms,
+                timers: pending.timers,
+                core,
+            };
+            let prepared = prepare_log(&log_path, owner, &snapshot).map(|log| (log, bytes));
+            let _ = sender.send(prepared);
+        })
+        .map_err(|source| WalError::Io {
+            path: wal.target().0,
+            action: "start the snapshot thread",
+            source,
+        })?;
+    Ok(SnapshotInFlight {
+        cut: wal.committed_bytes(),
+        generation,
+        started: Instant::now(),
+        done,
+    })
+}
+
+/// Replaces the log if the snapshot in flight is written (waiting for it if `wait`); returns it
+/// if it is still being written.
+fn finish_snapshot(
+    wal: &mut Wal,
+    snapshot: SnapshotInFlight,
+    wait: bool,
+    last_snapshot_bytes: &std::sync::atomic::AtomicU64,
+) -> Result<Option<SnapshotInFlight>, WalError> {
+    let result = if wait {
+        snapshot.done.recv().ok()
+    } else {
+        match snapshot.done.try_recv() {
+            Ok(result) => Some(result),
+            Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(Some(snapshot)),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => None,
+        }
+    };
+    let Some(result) = result else {
+        warn!("the snapshot thread stopped without a result; the log keeps growing");
+        return Ok(None);
+    };
+    let (prepared, bytes) = result?;
+    wal.finish_rotation(prepared, snapshot.cut)?;
+    // The next snapshot waits until the log is at least this large again, so rewriting the
+    // state costs at most what writing the log does.
+    last_snapshot_bytes.store(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+    info!(
+        generation = snapshot.generation,
+        bytes,
+        seconds = snapshot.started.elapsed().as_secs_f64(),
+        "took a snapshot; the log starts over"
+    );
+    Ok(None)
 }
 
 /// The writer thread and the queue to it.
@@ -288,52 +381,67 @@ struct WalWriter {
 }
 
 impl WalWriter {
-    fn spawn(mut wal: Wal, dispatcher: Dispatcher, id: ReplicaId) -> std::io::Result<WalWriter> {
+    fn spawn(
+        mut wal: Wal,
+        dispatcher: Dispatcher,
+        id: ReplicaId,
+        last_snapshot_bytes: Arc<std::sync::atomic::AtomicU64>,
+    ) -> std::io::Result<WalWriter> {
         let (turns, queue) = std::sync::mpsc::sync_channel::<Written>(TURNS_QUEUED_MAX);
         let thread = std::thread::Builder::new()
             .name(format!("tessera-wal-{id}"))
             .spawn(move || {
+                let mut in_flight: Option<SnapshotInFlight> = None;
+                let mut next: Option<Written> = None;
                 // Ends when the core thread drops its sender, after writing what it queued.
-                let mut next = queue.recv().ok();
-                while let Some(item) = next.take() {
-                    let first = match item {
-                        Written::Turn(turn) => turn,
-                        Written::Snapshot(snapshot) => {
-                            let started = Instant::now();
-                            wal.rotate(&snapshot)?;
-                            info!(
-                                generation = snapshot.generation,
-                                bytes = snapshot.core.len(),
-                                seconds = started.elapsed().as_secs_f64(),
-                                "took a snapshot; the log starts over"
-                            );
-                            next = queue.recv().ok();
-                            continue;
-                        }
+                loop {
+                    let item = match next.take() {
+                        Some(item) => Some(item),
+                        None => match queue.recv_timeout(SNAPSHOT_POLL) {
+                            Ok(item) => Some(item),
+                            Err(RecvTimeoutError::Timeout) => None,
+                            Err(RecvTimeoutError::Disconnected) => break,
+                        },
                     };
-                    // Turns queued behind each other share one sync, up to a snapshot.
-                    let mut batch = vec![first];
-                    while batch.len() < TURNS_QUEUED_MAX {
-                        match queue.try_recv() {
-                            Ok(Written::Turn(turn)) => batch.push(turn),
-                            Ok(snapshot) => {
-                                next = Some(snapshot);
-                                break;
+                    match item {
+                        None => {}
+                        Some(Written::Snapshot(pending)) => {
+                            if in_flight.is_some() {
+                                debug!("a snapshot is still being written; skipping this one");
+                            } else {
+                                in_flight = Some(start_snapshot(&wal, pending)?);
                             }
-                            Err(_) => break,
+                        }
+                        Some(Written::Turn(first)) => {
+                            // Turns queued behind each other share one sync.
+                            let mut batch = vec![first];
+                            while batch.len() < TURNS_QUEUED_MAX {
+                                match queue.try_recv() {
+                                    Ok(Written::Turn(turn)) => batch.push(turn),
+                                    Ok(snapshot) => {
+                                        next = Some(snapshot);
+                                        break;
+                                    }
+                                    Err(_) => break,
+                                }
+                            }
+                            let parts: Vec<&[u8]> =
+                                batch.iter().map(|turn| turn.records.as_slice()).collect();
+                            // On an error nothing of these turns is sent, and the thread stops:
+                            // the core thread sees the queue close and stops the replica.
+                            wal.write_and_sync(&parts)?;
+                            for turn in batch {
+                                dispatcher.carry_out(turn.outbound);
+                            }
                         }
                     }
-                    let parts: Vec<&[u8]> =
-                        batch.iter().map(|turn| turn.records.as_slice()).collect();
-                    // On an error nothing of these turns is sent, and the thread stops: the
-                    // core thread sees the queue close and stops the replica.
-                    wal.write_and_sync(&parts)?;
-                    for turn in batch {
-                        dispatcher.carry_out(turn.outbound);
+                    if let Some(snapshot) = in_flight.take() {
+                        in_flight =
+                            finish_snapshot(&mut wal, snapshot, false, &last_snapshot_bytes)?;
                     }
-                    if next.is_none() {
-                        next = queue.recv().ok();
-                    }
+                }
+                if let Some(snapshot) = in_flight.take() {
+                    finish_snapshot(&mut wal, snapshot, true, &last_snapshot_bytes)?;
                 }
                 Ok(())
             })?;
@@ -413,9 +521,13 @@ impl<S: StateMachine> CoreLoop<S> {
                     generation,
                     clock_ms,
                     timers,
+                    bytes,
                 }) = start.restored
                 {
                     restored = true;
+                    self.snapshots
+                        .last_bytes
+                        .store(bytes, std::sync::atomic::Ordering::Relaxed);
                     self.snapshots.generation = generation;
                     self.clock_base_ms = clock_ms;
                     for (code, deadline_ms) in timers {
@@ -545,13 +657,17 @@ impl<S: StateMachine> CoreLoop<S> {
         }
         let wal = reader.into_wal()?;
         self.writer = Some(
-            WalWriter::spawn(wal, self.dispatcher.clone(), self.replica.id()).map_err(
-                |source| WalError::Io {
-                    path: PathBuf::from("(writer thread)"),
-                    action: "start the log's writer thread",
-                    source,
-                },
-            )?,
+            WalWriter::spawn(
+                wal,
+                self.dispatcher.clone(),
+                self.replica.id(),
+                self.snapshots.last_bytes.clone(),
+            )
+            .map_err(|source| WalError::Io {
+                path: PathBuf::from("(writer thread)"),
+                action: "start the log's writer thread",
+                source,
+            })?,
         );
         self.pending = Some(Vec::new());
         self.clock_base_ms = last_ms;
@@ -573,14 +689,16 @@ impl<S: StateMachine> CoreLoop<S> {
     /// last snapshot's size (so rewriting the state costs no more than the log it replaces).
     fn snapshot_if_due(&mut self) -> Result<(), WalError> {
         let policy = &self.snapshots;
-        let due = policy.after_log_bytes > 0
-            && policy.logged >= policy.after_log_bytes.max(policy.last_bytes);
+        let last_bytes = policy.last_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let due =
+            policy.after_log_bytes > 0 && policy.logged >= policy.after_log_bytes.max(last_bytes);
         if !due || !self.replica.can_snapshot() {
             return Ok(());
         }
-        let started = Instant::now();
-        let core = self.replica.snapshot();
-        let snapshot = Snapshot {
+        // Only the capture happens here (copy-on-write freezes and a copy of the protocol
+        // state); encoding and writing, proportional to the state, happen on another thread.
+        let capture = self.replica.capture();
+        let pending = PendingSnapshot {
             generation: self.snapshots.generation + 1,
             clock_ms: self.now_ms(),
             timers: self
@@ -588,17 +706,11 @@ impl<S: StateMachine> CoreLoop<S> {
                 .iter()
                 .map(|(timer, deadline_ms)| (timer_code(*timer), *deadline_ms))
                 .collect(),
-            core,
+            encode: Box::new(move || capture.encode()),
         };
-        debug!(
-            bytes = snapshot.core.len(),
-            seconds = started.elapsed().as_secs_f64(),
-            "snapshot encoded"
-        );
-        self.snapshots.generation = snapshot.generation;
-        self.snapshots.last_bytes = snapshot.core.len() as u64;
+        self.snapshots.generation = pending.generation;
         self.snapshots.logged = 0;
-        WalWriter::submit(&mut self.writer, Written::Snapshot(snapshot))
+        WalWriter::submit(&mut self.writer, Written::Snapshot(pending))
     }
 
     /// Logs an input about to be handled (built lazily: nothing is encoded without a log).
@@ -702,8 +814,9 @@ impl<S: StateMachine> CoreLoop<S> {
             Some(pending) => {
                 // Requests for data and answers that carry only certified state commit the
                 // replica to nothing: they leave now, without waiting for the disk.
-                let (early, outbound): (Vec<Outbound>, Vec<Outbound>) =
-                    outbound.into_iter().partition(Outbound::may_precede_durability);
+                let (early, outbound): (Vec<Outbound>, Vec<Outbound>) = outbound
+                    .into_iter()
+                    .partition(Outbound::may_precede_durability);
                 if !early.is_empty() {
                     self.dispatcher.carry_out(early);
                 }

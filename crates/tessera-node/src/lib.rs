@@ -178,6 +178,7 @@ pub async fn run_replica(
             restored: recovery.snapshot.map(|snapshot| driver::Restored {
                 generation: snapshot.generation,
                 clock_ms: snapshot.clock_ms,
+                bytes: snapshot.core.len() as u64,
                 timers: snapshot.timers,
             }),
             log: recovery.log,

@@ -48,12 +48,10 @@ use thiserror::Error;
 const MAGIC: &[u8; 12] = b"TESSERA-WAL\0";
 /// Bumped whenever the record encoding changes.
 const FORMAT_VERSION: u32 = 2;
-/// Magic, version, replica id, fingerprint, generation.
-const HEADER_LEN: usize = 12 + 4 + 4 + 32 + 8;
-/// The snapshot file's first bytes.
-const SNAPSHOT_MAGIC: &[u8; 12] = b"TESSERA-SNAP";
-/// Magic, version, replica id, fingerprint, payload length, payload digest.
-const SNAPSHOT_HEADER_LEN: usize = 12 + 4 + 4 + 32 + 8 + 32;
+/// Magic, version, replica id, fingerprint, generation, snapshot length.
+const HEADER_LEN: usize = 12 + 4 + 4 + 32 + 8 + 8;
+/// The digest in front of a snapshot.
+const SNAPSHOT_DIGEST_LEN: usize = 32;
 /// Length and check of a record.
 const RECORD_PREFIX_LEN: usize = 4 + 8;
 /// The largest record: a replica message of the largest frame plus the record's own fields.
@@ -249,19 +247,20 @@ pub struct WalReader {
     torn_at: Option<u64>,
 }
 
-/// What a replica restarts from: its latest snapshot, if it took one, and the log of the inputs
-/// after it.
+/// What a replica restarts from: the snapshot its log starts with, if any, and the log's
+/// records after it.
 pub struct Recovery {
     /// The snapshot (see [`Snapshot`]).
     pub snapshot: Option<Snapshot>,
-    /// The log continuing it, positioned at its first record.
+    /// The log, positioned at its first record.
     pub log: WalReader,
 }
 
-/// A snapshot of a replica, as the driver keeps it beside the log.
+/// A snapshot of a replica, as the driver keeps it: at the start of a log, whose records are the
+/// inputs after it.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct Snapshot {
-    /// Counts snapshots; the log that follows this one carries the same number.
+    /// Counts snapshots; the log that starts with this one carries the same number.
     pub generation: u64,
     /// The core's clock when it was taken.
     pub clock_ms: u64,
@@ -272,12 +271,8 @@ pub struct Snapshot {
     pub core: Vec<u8>,
 }
 
-/// Where the snapshot beside the log at `log` lives.
-pub fn snapshot_path(log: &Path) -> PathBuf {
-    log.with_extension("snapshot")
-}
-
-fn temporary_path(path: &Path) -> PathBuf {
+/// Where a log's replacement is written before it is renamed into place.
+pub fn temporary_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(".new");
     PathBuf::from(name)
@@ -302,105 +297,54 @@ fn sync_directory_of(path: &Path) -> Result<(), WalError> {
         .map_err(io_error(path, "sync its directory"))
 }
 
-/// Opens what replica `owner` restarts from: the snapshot beside `path` (if any) and the log at
-/// `path` (created if missing). A log older than the snapshot — a crash between the two renames
-/// of [`Wal::rotate`] — holds nothing the snapshot lacks and is replaced by an empty one.
+/// Opens what replica `owner` restarts from: the log at `path` (created empty if missing) and
+/// the snapshot it starts with. A replacement log left half-written by a crash
+/// ([`Wal::finish_rotation`] had not renamed it yet) is removed: the log in place holds
+/// everything.
 pub fn recover(path: &Path, owner: WalOwner) -> Result<Recovery, WalError> {
-    for leftover in [temporary_path(path), temporary_path(&snapshot_path(path))] {
-        if leftover.exists() {
-            std::fs::remove_file(&leftover).map_err(io_error(&leftover, "remove"))?;
-        }
+    let leftover = temporary_path(path);
+    if leftover.exists() {
+        std::fs::remove_file(&leftover).map_err(io_error(&leftover, "remove"))?;
     }
-    let snapshot = read_snapshot(&snapshot_path(path), owner)?;
-    let expected = snapshot.as_ref().map_or(0, |snapshot| snapshot.generation);
     if !path.exists() {
-        create(path, owner, expected)?;
+        create(path, owner)?;
     }
-    let mut log = open(path, owner)?;
-    if log.generation < expected {
-        drop(log);
-        std::fs::remove_file(path).map_err(io_error(path, "remove the superseded log"))?;
-        create(path, owner, expected)?;
-        log = open(path, owner)?;
-    }
-    if log.generation != expected {
-        return Err(WalError::Corrupt {
-            path: path.to_path_buf(),
-            offset: 0,
-            problem: format!(
-                "the log continues snapshot {} but the snapshot beside it is {}",
-                log.generation,
-                match &snapshot {
-                    Some(snapshot) => format!("number {}", snapshot.generation),
-                    None => "missing".into(),
-                }
-            ),
-        });
-    }
-    Ok(Recovery { snapshot, log })
+    open(path, owner)
 }
 
-fn read_snapshot(path: &Path, owner: WalOwner) -> Result<Option<Snapshot>, WalError> {
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(error) if error.kind() == ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(io_error(path, "read")(source)),
-    };
-    let corrupt = |problem: String| WalError::Corrupt {
-        path: path.to_path_buf(),
-        offset: 0,
-        problem,
-    };
-    if bytes.len() < SNAPSHOT_HEADER_LEN || &bytes[..12] != SNAPSHOT_MAGIC {
-        return Err(corrupt("not a Tessera snapshot".into()));
-    }
-    let version = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
-    let replica = u32::from_le_bytes(bytes[16..20].try_into().expect("4 bytes"));
-    if version != FORMAT_VERSION
-        || replica != owner.replica.0
-        || bytes[20..52] != owner.fingerprint.0
-    {
-        return Err(WalError::Foreign {
-            path: path.to_path_buf(),
-            problem: format!(
-                "is a snapshot of format {version} of replica {replica} under another \
-                 configuration or key, or of another format"
-            ),
-            fix: "a snapshot only restores under the executable, cluster.toml and secret file \
-                  that wrote it",
-        });
-    }
-    let length = u64::from_le_bytes(bytes[52..60].try_into().expect("8 bytes")) as usize;
-    let payload = &bytes[SNAPSHOT_HEADER_LEN..];
-    if payload.len() != length || blake3::hash(payload).as_bytes()[..] != bytes[60..92] {
-        return Err(corrupt(format!(
-            "{} payload bytes do not match the {length} bytes and digest recorded",
-            payload.len()
-        )));
-    }
-    let snapshot = tessera_types::decode::<Snapshot>(payload, usize::MAX)
-        .map_err(|error| corrupt(format!("undecodable snapshot: {error}")))?;
-    Ok(Some(snapshot))
+/// A replacement log being written: header and snapshot, to which [`Wal::finish_rotation`]
+/// appends the records logged meanwhile before renaming it into place.
+pub struct PreparedLog {
+    file: File,
+    path: PathBuf,
+    bytes: u64,
+    generation: u64,
 }
 
-fn write_snapshot(path: &Path, owner: WalOwner, snapshot: &Snapshot) -> Result<(), WalError> {
+/// Writes the start of a replacement log for the log at `log_path`: header and `snapshot`
+/// (not yet synced). Runs on any thread.
+pub fn prepare_log(
+    log_path: &Path,
+    owner: WalOwner,
+    snapshot: &Snapshot,
+) -> Result<PreparedLog, WalError> {
+    let path = temporary_path(log_path);
     let payload = tessera_types::encode(snapshot);
-    let mut file = File::create(path).map_err(io_error(path, "create"))?;
-    let mut header = Vec::with_capacity(SNAPSHOT_HEADER_LEN);
-    header.extend_from_slice(SNAPSHOT_MAGIC);
-    header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    header.extend_from_slice(&owner.replica.0.to_le_bytes());
-    header.extend_from_slice(&owner.fingerprint.0);
-    header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    header.extend_from_slice(blake3::hash(&payload).as_bytes());
-    file.write_all(&header)
+    let (mut file, header_bytes) =
+        write_header(&path, owner, snapshot.generation, payload.len() as u64)?;
+    file.write_all(blake3::hash(&payload).as_bytes())
         .and_then(|()| file.write_all(&payload))
-        .map_err(io_error(path, "write (is the disk full?)"))?;
-    file.sync_all().map_err(io_error(path, "sync"))
+        .map_err(io_error(&path, "write the snapshot (is the disk full?)"))?;
+    Ok(PreparedLog {
+        file,
+        path,
+        bytes: header_bytes + (SNAPSHOT_DIGEST_LEN + payload.len()) as u64,
+        generation: snapshot.generation,
+    })
 }
 
 /// Opens the log at `path` for `owner` (it must exist; see [`recover`]).
-fn open(path: &Path, owner: WalOwner) -> Result<WalReader, WalError> {
+fn open(path: &Path, owner: WalOwner) -> Result<Recovery, WalError> {
     let io = |action: &'static str| {
         let path = path.to_path_buf();
         move |source| WalError::Io {
@@ -455,21 +399,58 @@ fn open(path: &Path, owner: WalOwner) -> Result<WalReader, WalError> {
         ));
     }
     let generation = u64::from_le_bytes(header[52..60].try_into().expect("8 bytes"));
-    Ok(WalReader {
-        reader: BufReader::with_capacity(1 << 20, file),
+    let snapshot_len = u64::from_le_bytes(header[60..68].try_into().expect("8 bytes"));
+    let corrupt = |problem: String| WalError::Corrupt {
         path: path.to_path_buf(),
-        owner,
-        generation,
-        file_len,
         offset: HEADER_LEN as u64,
-        records: 0,
-        torn_at: None,
+        problem,
+    };
+    let mut offset = HEADER_LEN as u64;
+    let snapshot = if snapshot_len == 0 {
+        None
+    } else {
+        let end = offset + SNAPSHOT_DIGEST_LEN as u64 + snapshot_len;
+        if end > file_len {
+            return Err(corrupt(format!(
+                "the log is {file_len} bytes but its snapshot claims {snapshot_len}"
+            )));
+        }
+        let mut digest = [0u8; SNAPSHOT_DIGEST_LEN];
+        let mut payload = vec![0u8; snapshot_len as usize];
+        file.read_exact(&mut digest)
+            .and_then(|()| file.read_exact(&mut payload))
+            .map_err(io("read the snapshot"))?;
+        if blake3::hash(&payload).as_bytes() != &digest {
+            return Err(corrupt("the snapshot does not match its digest".into()));
+        }
+        let snapshot = tessera_types::decode::<Snapshot>(&payload, usize::MAX)
+            .map_err(|error| corrupt(format!("undecodable snapshot: {error}")))?;
+        if snapshot.generation != generation {
+            return Err(corrupt(format!(
+                "the log is number {generation} but its snapshot number {}",
+                snapshot.generation
+            )));
+        }
+        offset = end;
+        Some(snapshot)
+    };
+    Ok(Recovery {
+        snapshot,
+        log: WalReader {
+            reader: BufReader::with_capacity(1 << 20, file),
+            path: path.to_path_buf(),
+            owner,
+            generation,
+            file_len,
+            offset,
+            records: 0,
+            torn_at: None,
+        },
     })
 }
 
-/// Creates an empty log for `generation` at `path`, atomically (a crash never leaves a log
-/// without its header).
-fn create(path: &Path, owner: WalOwner, generation: u64) -> Result<(), WalError> {
+/// Creates an empty log at `path`, atomically (a crash never leaves a log without its header).
+fn create(path: &Path, owner: WalOwner) -> Result<(), WalError> {
     if let Some(directory) = path
         .parent()
         .filter(|parent| !parent.as_os_str().is_empty())
@@ -477,12 +458,19 @@ fn create(path: &Path, owner: WalOwner, generation: u64) -> Result<(), WalError>
         std::fs::create_dir_all(directory).map_err(io_error(path, "create its directory"))?;
     }
     let temporary = temporary_path(path);
-    write_header(&temporary, owner, generation)?;
+    let (file, _) = write_header(&temporary, owner, 0, 0)?;
+    file.sync_all().map_err(io_error(path, "sync the header"))?;
     std::fs::rename(&temporary, path).map_err(io_error(path, "rename into place"))?;
     sync_directory_of(path)
 }
 
-fn write_header(path: &Path, owner: WalOwner, generation: u64) -> Result<File, WalError> {
+/// Creates `path` with a log header; returns the file and the header's length.
+fn write_header(
+    path: &Path,
+    owner: WalOwner,
+    generation: u64,
+    snapshot_len: u64,
+) -> Result<(File, u64), WalError> {
     let mut file = File::create(path).map_err(io_error(path, "create"))?;
     let mut header = Vec::with_capacity(HEADER_LEN);
     header.extend_from_slice(MAGIC);
@@ -490,10 +478,10 @@ fn write_header(path: &Path, owner: WalOwner, generation: u64) -> Result<File, W
     header.extend_from_slice(&owner.replica.0.to_le_bytes());
     header.extend_from_slice(&owner.fingerprint.0);
     header.extend_from_slice(&generation.to_le_bytes());
+    header.extend_from_slice(&snapshot_len.to_le_bytes());
     file.write_all(&header)
         .map_err(io_error(path, "write the header"))?;
-    file.sync_all().map_err(io_error(path, "sync the header"))?;
-    Ok(file)
+    Ok((file, HEADER_LEN as u64))
 }
 
 impl WalReader {
@@ -716,33 +704,58 @@ impl Wal {
         self.generation
     }
 
-    /// Makes `snapshot` the replica's restart point and starts an empty log after it. Every
-    /// record written so far must be covered by the snapshot.
-    ///
-    /// Both files are written under temporary names and synced, then renamed: the snapshot
-    /// first, then the log. A crash before the first rename leaves the old pair; between the
-    /// two, [`recover`] finds a log older than the snapshot and replaces it; after both, the new
-    /// pair. At no point is there a log whose snapshot is missing.
-    pub fn rotate(&mut self, snapshot: &Snapshot) -> Result<(), WalError> {
+    /// The log's path and owner, for [`prepare_log`] on another thread.
+    pub fn target(&self) -> (PathBuf, WalOwner) {
+        (self.path.clone(), self.owner)
+    }
+
+    /// Replaces the log with `prepared`, whose snapshot covers every record up to byte `cut` of
+    /// this log: the records after `cut` (logged while the snapshot was being written) are
+    /// copied behind it, the file is synced and renamed over the log. The rename is the one
+    /// moment of change: a crash before it leaves the old log, which holds everything; after
+    /// it, the new one, which holds everything that matters.
+    pub fn finish_rotation(&mut self, mut prepared: PreparedLog, cut: u64) -> Result<(), WalError> {
+        assert!(self.buffer.is_empty(), "records queued during a rotation");
         assert!(
-            snapshot.generation > self.generation,
+            prepared.generation > self.generation,
             "snapshots are numbered upwards"
         );
-        assert!(self.buffer.is_empty(), "records queued before a snapshot");
-        let snapshot_file = snapshot_path(&self.path);
-        let new_snapshot = temporary_path(&snapshot_file);
-        let new_log = temporary_path(&self.path);
-        write_snapshot(&new_snapshot, self.owner, snapshot)?;
-        let file = write_header(&new_log, self.owner, snapshot.generation)?;
-        std::fs::rename(&new_snapshot, &snapshot_file)
-            .map_err(io_error(&snapshot_file, "rename into place"))?;
-        sync_directory_of(&snapshot_file)?;
-        std::fs::rename(&new_log, &self.path).map_err(io_error(&self.path, "rename into place"))?;
+        assert!(cut <= self.committed_bytes, "the cut is inside the log");
+        let mut old = File::open(&self.path).map_err(io_error(&self.path, "open"))?;
+        old.seek(SeekFrom::Start(cut))
+            .map_err(io_error(&self.path, "seek"))?;
+        let suffix = self.committed_bytes - cut;
+        let copied =
+            std::io::copy(&mut Read::take(old, suffix), &mut prepared.file).map_err(io_error(
+                &prepared.path,
+                "copy the latest records (is the disk full?)",
+            ))?;
+        if copied != suffix {
+            return Err(WalError::Corrupt {
+                path: self.path.clone(),
+                offset: cut,
+                problem: format!("{copied} of the {suffix} bytes after the snapshot were there"),
+            });
+        }
+        prepared
+            .file
+            .sync_all()
+            .map_err(io_error(&prepared.path, "sync"))?;
+        std::fs::rename(&prepared.path, &self.path)
+            .map_err(io_error(&self.path, "rename into place"))?;
         sync_directory_of(&self.path)?;
-        self.file = file;
-        self.generation = snapshot.generation;
-        self.committed_bytes = HEADER_LEN as u64;
+        self.file = prepared.file;
+        self.generation = prepared.generation;
+        self.committed_bytes = prepared.bytes + suffix;
         Ok(())
+    }
+
+    /// Replaces the log with one that starts with `snapshot`, which must cover every record
+    /// logged so far (the synchronous form of [`prepare_log`] and [`Wal::finish_rotation`]).
+    pub fn rotate(&mut self, snapshot: &Snapshot) -> Result<(), WalError> {
+        let prepared = prepare_log(&self.path, self.owner, snapshot)?;
+        let cut = self.committed_bytes;
+        self.finish_rotation(prepared, cut)
     }
 }
 
@@ -1028,64 +1041,77 @@ mod tests {
     }
 
     #[test]
-    fn a_crash_in_the_middle_of_a_snapshot_leaves_a_usable_pair() {
+    fn records_logged_while_a_snapshot_is_written_follow_it_into_the_new_log() {
         let directory = tempfile::tempdir().unwrap();
         let path = write_log(directory.path(), 2);
-        let logged = read_all(&path).unwrap().len();
         let mut wal = recover(&path, owner()).unwrap().log.into_wal().unwrap();
-        wal.rotate(&snapshot(1)).unwrap();
+        // The snapshot covers the log up to here...
+        let cut = wal.committed_bytes();
+        let prepared = prepare_log(&path, owner(), &snapshot(1)).unwrap();
+        // ...and these records arrive while it is being written.
+        wal.append(&RecordRef::Timer {
+            now_ms: 500,
+            timer: 1,
+        });
+        wal.commit(mark(8)).unwrap();
+        // A crash now would leave the old log, with everything, and a half-made replacement
+        // that the restart removes (the next test).
+        assert!(temporary_path(&path).exists());
+        let before = std::fs::metadata(&path).unwrap().len();
+        wal.finish_rotation(prepared, cut).unwrap();
+        assert!(!temporary_path(&path).exists());
         drop(wal);
-        let snapshot_file = snapshot_path(&path);
-
-        // Before the first rename: only temporary files are new; they are removed, and the old
-        // snapshot and log stand.
-        std::fs::write(temporary_path(&snapshot_file), b"half a snapshot").unwrap();
-        std::fs::write(temporary_path(&path), b"half a log").unwrap();
         let recovery = recover(&path, owner()).unwrap();
         assert_eq!(recovery.snapshot.unwrap().generation, 1);
-        assert!(!temporary_path(&snapshot_file).exists() && !temporary_path(&path).exists());
-
-        // Between the renames: a newer snapshot beside an older log; the log holds nothing the
-        // snapshot lacks and is replaced by an empty one.
-        let mut wal = recover(&path, owner()).unwrap().log.into_wal().unwrap();
-        let old_log = std::fs::read(&path).unwrap();
-        wal.rotate(&snapshot(2)).unwrap();
-        drop(wal);
-        std::fs::write(&path, &old_log).unwrap();
-        let recovery = recover(&path, owner()).unwrap();
-        assert_eq!(recovery.snapshot.unwrap().generation, 2);
-        assert_eq!(recovery.log.generation(), 2);
-        assert!(read_all(&path).unwrap().is_empty());
-        assert!(logged > 0);
+        let mut reader = recovery.log;
+        let mut records = Vec::new();
+        while let Some(record) = reader.next_record().unwrap() {
+            records.push(record);
+        }
+        assert!(
+            matches!(
+                records.as_slice(),
+                [Record::Timer { now_ms: 500, .. }, Record::Mark(_)]
+            ),
+            "{records:?}"
+        );
+        assert!(before > cut);
     }
 
     #[test]
-    fn a_log_without_its_snapshot_or_a_damaged_snapshot_is_refused() {
+    fn a_half_written_replacement_is_removed_and_the_old_log_stands() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = write_log(directory.path(), 2);
+        let logged = read_all(&path).unwrap().len();
+        std::fs::write(temporary_path(&path), b"half a new log").unwrap();
+        let recovery = recover(&path, owner()).unwrap();
+        assert!(recovery.snapshot.is_none());
+        assert!(!temporary_path(&path).exists());
+        assert_eq!(read_all(&path).unwrap().len(), logged);
+    }
+
+    #[test]
+    fn a_damaged_snapshot_or_another_owners_log_is_refused() {
         let directory = tempfile::tempdir().unwrap();
         let path = write_log(directory.path(), 1);
         let mut wal = recover(&path, owner()).unwrap().log.into_wal().unwrap();
         wal.rotate(&snapshot(1)).unwrap();
         drop(wal);
-        let snapshot_file = snapshot_path(&path);
-        let good = std::fs::read(&snapshot_file).unwrap();
-
-        let mut damaged = good.clone();
-        let last = damaged.len() - 1;
-        damaged[last] ^= 1;
-        std::fs::write(&snapshot_file, &damaged).unwrap();
-        let error = recover(&path, owner()).err().expect("refused").to_string();
-        assert!(error.contains("do not match"), "{error}");
-
-        std::fs::remove_file(&snapshot_file).unwrap();
-        let error = recover(&path, owner()).err().expect("refused").to_string();
-        assert!(error.contains("missing"), "{error}");
-
-        std::fs::write(&snapshot_file, &good).unwrap();
+        let good = std::fs::read(&path).unwrap();
         let other = WalOwner {
             fingerprint: Digest([9; 32]),
             ..owner()
         };
         assert!(recover(&path, other).is_err());
-        assert!(recover(&path, owner()).is_ok());
+
+        let mut damaged = good.clone();
+        damaged[HEADER_LEN + SNAPSHOT_DIGEST_LEN + 10] ^= 1;
+        std::fs::write(&path, &damaged).unwrap();
+        let error = recover(&path, owner()).err().expect("refused").to_string();
+        assert!(error.contains("does not match its digest"), "{error}");
+
+        std::fs::write(&path, &good[..HEADER_LEN + 40]).unwrap();
+        let error = recover(&path, owner()).err().expect("refused").to_string();
+        assert!(error.contains("its snapshot claims"), "{error}");
     }
 }

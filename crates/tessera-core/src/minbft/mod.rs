@@ -30,7 +30,7 @@ mod transfer;
 mod view_change;
 
 pub use clients::{ClientEntry, ClientTable, Freshness};
-pub use snapshot::{saved_usig_counter, SnapshotError};
+pub use snapshot::{saved_usig_counter, Capture, SnapshotError};
 use transfer::{CheckpointState, Transfer};
 pub use transfer::{CHUNK_BUDGET_BYTES, IN_FLIGHT_PER_SOURCE, MAX_CHUNK_BYTES, MAX_CURSOR_BYTES};
 use view_change::{justification_pool, ANCHOR_NOT_YET_SEEN};

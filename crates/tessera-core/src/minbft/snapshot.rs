@@ -211,13 +211,35 @@ struct Saved {
     waiting: BTreeMap<ClientId, (u64, u64)>,
 }
 
-fn save_checkpoint<F: FrozenState>(
-    states: &mut SavedStates,
+/// A replica captured for a snapshot but not yet encoded: the protocol state copied and the
+/// application states frozen (copy-on-write, cheap to take). Encoding — the part proportional to
+/// the state — can then run on another thread ([`Capture::encode`]).
+pub struct Capture<F> {
+    saved: Saved,
+    /// The frozen application states; `saved` refers to them by index.
+    frozen: Vec<F>,
+}
+
+impl<F: FrozenState> Capture<F> {
+    /// The snapshot's bytes (what [`Replica::restore`] reads).
+    pub fn encode(self) -> Vec<u8> {
+        let Capture { mut saved, frozen } = self;
+        for (index, state) in frozen.iter().enumerate() {
+            let saved_index = saved.states.save(state);
+            debug_assert_eq!(saved_index, index);
+        }
+        tessera_types::encode(&saved)
+    }
+}
+
+fn capture_checkpoint<F: FrozenState>(
+    frozen: &mut Vec<F>,
     checkpoint: &CheckpointState<F>,
 ) -> SavedCheckpointState {
+    frozen.push(checkpoint.frozen.clone());
     SavedCheckpointState {
         digest: checkpoint.digest,
-        state: states.save(&checkpoint.frozen),
+        state: frozen.len() - 1,
         clients: checkpoint.clients.as_ref().clone(),
     }
 }
@@ -237,12 +259,18 @@ impl<S: StateMachine> Replica<S> {
     /// The replica as bytes (see the module documentation). Panics unless
     /// [`Replica::can_snapshot`].
     pub fn snapshot(&mut self) -> Vec<u8> {
+        self.capture().encode()
+    }
+
+    /// The replica captured for a snapshot, to be encoded later, possibly on another thread.
+    /// Panics unless [`Replica::can_snapshot`].
+    pub fn capture(&mut self) -> Capture<S::Frozen> {
         assert!(
             self.can_snapshot(),
             "snapshot while a transfer or actions are pending"
         );
         let usig_counter = self.head_counter();
-        let live = self.state_machine.freeze();
+        let mut frozen = vec![self.state_machine.freeze()];
         // Every field is named, so a new one does not compile until it is saved here (or
         // consciously left out, like the ones bound to `_`).
         let Replica {
@@ -298,8 +326,7 @@ impl<S: StateMachine> Replica<S> {
             #[cfg(feature = "planted-bugs")]
                 planted: _,
         } = self;
-        let mut states = SavedStates::default();
-        let live_state = states.save(&live);
+        let live_state = 0;
         let saved = Saved {
             version: SNAPSHOT_VERSION,
             id: *id,
@@ -328,14 +355,14 @@ impl<S: StateMachine> Replica<S> {
             suspected_at_ms: *suspected_at_ms,
             genesis_digest: *genesis_digest,
             stable: stable.clone(),
-            stable_state: save_checkpoint(&mut states, stable_state),
+            stable_state: capture_checkpoint(&mut frozen, stable_state),
             retired_state: retired_state
                 .as_ref()
-                .map(|(seq, state)| (*seq, save_checkpoint(&mut states, state))),
+                .map(|(seq, state)| (*seq, capture_checkpoint(&mut frozen, state))),
             stable_state_seq: *stable_state_seq,
             own_checkpoints: own_checkpoints
                 .iter()
-                .map(|(seq, state)| (*seq, save_checkpoint(&mut states, state)))
+                .map(|(seq, state)| (*seq, capture_checkpoint(&mut frozen, state)))
                 .collect(),
             checkpoint_votes: checkpoint_votes.clone(),
             own_log: own_log.clone(),
@@ -352,9 +379,9 @@ impl<S: StateMachine> Replica<S> {
             // Sorted, so the bytes do not depend on a hash seed.
             pending_keys: pending_keys.iter().copied().collect(),
             waiting: waiting.clone(),
-            states,
+            states: SavedStates::default(),
         };
-        tessera_types::encode(&saved)
+        Capture { saved, frozen }
     }
 
     /// Rebuilds a replica from [`Replica::snapshot`]'s bytes. `usig` must continue after
