@@ -103,7 +103,7 @@ pub const SNAPSHOT_AFTER_LOG_BYTES_DEFAULT: u64 = 64 << 20;
 /// Where and how a replica keeps itself durable.
 #[derive(Clone, Debug)]
 pub struct Durability {
-    /// The write-ahead log (its snapshot lives beside it: [`wal::snapshot_path`]).
+    /// The write-ahead log (a snapshot, once taken, heads it).
     pub log: std::path::PathBuf,
     /// The replica takes a snapshot and starts an empty log once its log holds this many bytes
     /// and at least as many as its last snapshot (so snapshots cost at most as much writing as

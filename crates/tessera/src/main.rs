@@ -183,7 +183,7 @@ struct ReplicaArgs {
     /// USIG starts afresh too.
     #[arg(long)]
     no_wal: bool,
-    /// Replace the log with a snapshot of the replica (beside it, `.snapshot`) once the log
+    /// Replace the log with one that starts with a snapshot of the replica once the log
     /// holds this many bytes and at least as many as the last snapshot; 0: never (the log
     /// grows for ever). Suffixes: KiB, MiB, GiB.
     #[arg(long, default_value = "64MiB", value_parser = transfer_bench::parse_size)]
