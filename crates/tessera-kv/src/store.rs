@@ -576,7 +576,7 @@ impl StateMachine for KvStore {
     type Frozen = KvFrozen;
     type Staged = KvStaged;
 
-    fn execute(&mut self, operation: &[u8]) -> Vec<u8> {
+    fn execute(&mut self, operation: &[u8], _time_ms: u64) -> Vec<u8> {
         let response = match Command::decode(operation) {
             Ok(command) => self.apply(command),
             Err(error) => Response::Error(error),

@@ -283,7 +283,7 @@ proptest! {
         let mut store = KvStore::new(LIMITS);
         let mut model = Model::default();
         for command in &commands {
-            let result = store.execute(&command.encode());
+            let result = store.execute(&command.encode(), 0);
             let response = Response::decode(&result).expect("results always decode");
             prop_assert_eq!(&response, &model.apply(command), "after {:?}", command);
             prop_assert_eq!(store.len(), model.map.len());
@@ -360,7 +360,7 @@ proptest! {
             store.apply(command);
         }
         let before = store.snapshot();
-        let response = Response::decode(&store.execute(&operation)).expect("results always decode");
+        let response = Response::decode(&store.execute(&operation, 0)).expect("results always decode");
         if let Response::Error(_) = response {
             prop_assert_eq!(store.snapshot(), before);
         }

@@ -1319,7 +1319,7 @@ mod tests {
             let (mut store, mut model) = (KvStore::default(), State::new());
             for _ in 0..200 {
                 let command = random_any_command(&mut rng);
-                let expected = Response::decode(&store.execute(&command.encode()));
+                let expected = Response::decode(&store.execute(&command.encode(), 0));
                 let got = apply(&mut model, &command);
                 assert_eq!(Ok(got), expected, "run {run}: {command:?}");
             }

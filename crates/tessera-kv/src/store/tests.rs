@@ -15,7 +15,8 @@ fn small_limits() -> KvLimits {
 
 /// Applies through `execute`, so every test also covers the encoding, and checks invariants.
 fn run(store: &mut KvStore, command: Command) -> Response {
-    let response = Response::decode(&store.execute(&command.encode())).expect("a valid response");
+    let response =
+        Response::decode(&store.execute(&command.encode(), 0)).expect("a valid response");
     store.check_invariants();
     response
 }
@@ -553,7 +554,7 @@ fn undecodable_operations_are_malformed_and_change_nothing() {
     set(&mut store, "a", "1");
     let before = store.snapshot();
     for operation in [&[][..], &[0xff][..], &[8, 0][..], &[0, 5, 1][..]] {
-        let response = Response::decode(&store.execute(operation)).unwrap();
+        let response = Response::decode(&store.execute(operation, 0)).unwrap();
         assert!(
             matches!(response, Response::Error(KvError::Malformed(_))),
             "{operation:?}"
