@@ -63,7 +63,7 @@ mod command;
 mod limits;
 mod store;
 
-pub use command::{Command, KvError, Response, SetCondition};
+pub use command::{Command, ExpireCondition, Expiry, KvError, Response, SetCondition};
 pub use limits::{InvalidKvLimits, KvLimits};
 pub use store::{KvStore, ENTRY_DOMAIN, PARTITIONS, PARTITION_DIGEST_DOMAIN, PARTITION_OF_DOMAIN};
 pub use tessera_types::StateMachine;
