@@ -161,6 +161,8 @@ pub enum ExpireCondition {
     IfLater,
     /// Only if the new expiry is earlier than the current one; a key without one always (`LT`).
     IfEarlier,
+    /// Only if the key has an expiry and the new one is earlier (`XX` with `LT`).
+    IfEarlierWithExpiry,
 }
 
 /// When [`Command::SetIf`] writes.

@@ -499,6 +499,9 @@ impl KvStore {
             // A key without an expiry counts as expiring never: later than any time.
             (ExpireCondition::IfLater, current) => current.is_some_and(|current| new > current),
             (ExpireCondition::IfEarlier, current) => current.is_none_or(|current| new < current),
+            (ExpireCondition::IfEarlierWithExpiry, current) => {
+                current.is_some_and(|current| new < current)
+            }
         };
         if !applies {
             return Ok(Response::Integer(0));

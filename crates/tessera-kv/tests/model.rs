@@ -143,6 +143,9 @@ impl Model {
                         ExpireCondition::IfEarlier => {
                             current.is_none_or(|current| at.max(0) < current)
                         }
+                        ExpireCondition::IfEarlierWithExpiry => {
+                            current.is_some_and(|current| at.max(0) < current)
+                        }
                     };
                     if applies && at <= now {
                         next.remove(key);
@@ -476,6 +479,7 @@ fn expire_condition() -> impl Strategy<Value = ExpireCondition> {
         ExpireCondition::IfSome,
         ExpireCondition::IfLater,
         ExpireCondition::IfEarlier,
+        ExpireCondition::IfEarlierWithExpiry,
     ])
 }
 
