@@ -1208,6 +1208,9 @@ impl<S: StateMachine> Replica<S> {
             .view_plan
             .as_ref()
             .and_then(|plan| plan.digest_at(header.seq));
+        // A re-proposal's time was judged when it was new (it may be older than this view's
+        // floor, and far older than this replica's clock): only new batches are timed here.
+        let fixed_by_plan = planned.is_some();
         #[cfg(feature = "planted-bugs")]
         // PLANTED BUG (skip-plan-match): re-proposals are not compared with the NEW-VIEW plan.
         let planned = planned.filter(|_| !self.planted(PlantedBug::SkipPlanMatch));
@@ -1238,7 +1241,7 @@ impl<S: StateMachine> Replica<S> {
             self.suspect_primary();
             return Outcome::Done;
         }
-        if planned.is_none() {
+        if !fixed_by_plan {
             if let Err(reason) = self.check_prepare_time(header.time_ms) {
                 self.reject(reason);
                 self.suspect_primary();
