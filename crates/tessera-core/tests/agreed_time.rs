@@ -8,10 +8,10 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use common::{
-    broadcast_from, config, forge_prepare_at, incr, set, sign_request, usig_of, Cluster, Fate,
+    broadcast_from, config, forge_prepare_at, get, incr, set, sign_request, usig_of, Cluster, Fate,
     WALL_BASE_MS,
 };
-use tessera_kv::Response;
+use tessera_kv::{Command, Expiry, Response, SetCondition};
 use tessera_types::{ClientId, ReplicaMessage, SeqNum, View};
 
 fn client(index: u32) -> ClientId {
@@ -257,4 +257,55 @@ fn after_a_view_change_time_keeps_increasing() {
     assert!(after >= before);
     assert_eq!(after, cluster.replicas[2].agreed_time_ms());
     cluster.assert_histories_agree();
+}
+
+#[test]
+fn state_transfer_carries_the_agreed_clock_and_keys_expire_alike_everywhere() {
+    let mut cluster = Cluster::new(config(3, 1));
+    cluster.wall_skew_ms = vec![700, 0, -700];
+    let expiring = Command::SetWithExpiry {
+        key: b"session".to_vec(),
+        value: b"open".to_vec(),
+        condition: SetCondition::Always,
+        get: false,
+        expiry: Expiry::InMs(500),
+    };
+    assert_eq!(
+        cluster.invoke(client(1), 1, &expiring, 5_000),
+        Some(Response::Ok)
+    );
+    cluster.isolated[2] = true;
+    for number in 2..=30 {
+        assert!(cluster
+            .invoke(client(1), number, &incr("n"), 5_000)
+            .is_some());
+    }
+    assert_eq!(cluster.replicas[2].last_executed(), SeqNum(1));
+    cluster.isolated[2] = false;
+    cluster.run_for(2_000);
+    assert!(cluster.replicas[2].last_executed() >= SeqNum(24));
+    // The fetched state brought the agreed clock with it (it is in the checkpoint digest).
+    assert_eq!(
+        cluster.invoke(client(1), 31, &get("session"), 10_000),
+        Some(Response::Value(None)),
+        "expired 500 ms after the agreed time of its SET"
+    );
+    cluster.run_for(500);
+    cluster.assert_all_caught_up();
+    cluster.assert_histories_agree();
+    let clocks: Vec<u64> = cluster
+        .replicas
+        .iter()
+        .map(|replica| replica.agreed_time_ms())
+        .collect();
+    assert!(clocks.iter().all(|clock| *clock == clocks[0]), "{clocks:?}");
+    for replica in &cluster.replicas {
+        assert_eq!(replica.state_machine().get(b"session"), None);
+    }
+    for replica in 0..3 {
+        assert_eq!(
+            cluster.rejections(replica, "prepare-time-ahead-of-clock"),
+            0
+        );
+    }
 }
