@@ -153,6 +153,12 @@ fn command_name(command: &Command) -> &'static str {
         Command::GetDel { .. } => "GETDEL",
         Command::DbSize => "DBSIZE",
         Command::FlushDb => "FLUSHDB",
+        Command::SetWithExpiry { .. } => "SET",
+        Command::Expire { .. } => "PEXPIRE",
+        Command::Ttl { .. } => "PTTL",
+        Command::Persist { .. } => "PERSIST",
+        Command::GetEx { .. } => "GETEX",
+        Command::ExpireTime { .. } => "PEXPIRETIME",
     }
 }
 

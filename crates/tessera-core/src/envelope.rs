@@ -60,7 +60,7 @@ impl<S: StateMachine> Envelope<S> {
         &self.inner
     }
 
-    fn execute_envelope(&mut self, operation: &[u8]) -> EnvelopeResult {
+    fn execute_envelope(&mut self, operation: &[u8], time_ms: u64) -> EnvelopeResult {
         let operations: Vec<serde_bytes::ByteBuf> =
             tessera_types::decode(operation, MAX_OPERATION_BYTES)
                 .map_err(|error| format!("malformed envelope: {error}"))?;
@@ -73,7 +73,8 @@ impl<S: StateMachine> Envelope<S> {
         let mut results = Vec::with_capacity(operations.len());
         let mut result_bytes = 0usize;
         for operation in &operations {
-            let result = self.inner.execute(operation);
+            // Every operation of an envelope runs at its batch's agreed time.
+            let result = self.inner.execute(operation, time_ms);
             result_bytes += result.len() + 8;
             if result_bytes > MAX_RESULT_BYTES {
                 // Deterministic on every replica; the operations before this one did execute.
@@ -90,8 +91,8 @@ impl<S: StateMachine> StateMachine for Envelope<S> {
     type Frozen = S::Frozen;
     type Staged = S::Staged;
 
-    fn execute(&mut self, operation: &[u8]) -> Vec<u8> {
-        let results = self.execute_envelope(operation);
+    fn execute(&mut self, operation: &[u8], time_ms: u64) -> Vec<u8> {
+        let results = self.execute_envelope(operation, time_ms);
         let results = results.map(|results| {
             results
                 .into_iter()
@@ -149,11 +150,10 @@ mod tests {
     #[test]
     fn executes_inner_operations_in_order() {
         let mut machine = Envelope::new(KvStore::default());
-        let result = machine.execute(&encode_operations(&[
-            set("a", "1"),
-            get("a"),
-            set("a", "2"),
-        ]));
+        let result = machine.execute(
+            &encode_operations(&[set("a", "1"), get("a"), set("a", "2")]),
+            0,
+        );
         let results = decode_results(&result).unwrap().unwrap();
         assert_eq!(results[0], Response::Ok.encode());
         assert_eq!(results[1], Response::Value(Some(b"1".to_vec())).encode());
@@ -165,10 +165,10 @@ mod tests {
     fn refuses_malformed_and_empty_envelopes_without_executing() {
         let mut machine = Envelope::new(KvStore::default());
         let empty = machine.digest();
-        assert!(decode_results(&machine.execute(b"\xff\xff\xff"))
+        assert!(decode_results(&machine.execute(b"\xff\xff\xff", 0))
             .unwrap()
             .is_err());
-        assert!(decode_results(&machine.execute(&encode_operations(&[])))
+        assert!(decode_results(&machine.execute(&encode_operations(&[]), 0))
             .unwrap()
             .is_err());
         assert!(machine.inner().is_empty());

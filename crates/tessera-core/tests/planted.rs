@@ -13,8 +13,8 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use common::{
-    broadcast_from, config, forge_prepare, get, incr, set, sign_request, usig_of, value, Cluster,
-    Fate,
+    broadcast_from, config, forge_prepare, forge_prepare_at, get, incr, set, sign_request, usig_of,
+    value, Cluster, Fate,
 };
 use tessera_core::PlantedBug;
 use tessera_kv::Response;
@@ -330,9 +330,9 @@ fn forged_state_transfer(planted: bool) -> Cluster {
             (0, 2, ReplicaMessage::PartitionReply(reply)) => {
                 let mut reply = reply.clone();
                 if let Some(chunk) = &mut reply.chunk {
-                    let mut entries: Vec<(Vec<u8>, Vec<u8>)> =
+                    let mut entries: Vec<(Vec<u8>, Vec<u8>, Option<u64>)> =
                         tessera_types::decode(&chunk.bytes, 1 << 20).expect("a key-value chunk");
-                    for (_, value) in &mut entries {
+                    for (_, value, _) in &mut entries {
                         *value = b"1000000".to_vec();
                     }
                     chunk.bytes = tessera_types::encode(&entries);
@@ -617,7 +617,10 @@ fn prepare_from_the_replaced_primary(planted: bool) -> Cluster {
     }
     let mut old_primary = usig_of(0, 3);
     let batch = vec![sign_request(client(2), 1, set("x", "old").encode())];
-    let prepare = forge_prepare(&mut old_primary, View(0), SeqNum(2), batch);
+    // Timed now, so only the view rule can refuse it (an older time would be refused as
+    // going back in time, which would hide the planted bug).
+    let now = cluster.wall_ms(2);
+    let prepare = forge_prepare_at(&mut old_primary, View(0), SeqNum(2), batch, now);
     cluster.inject(0, 2, ReplicaMessage::Prepare(prepare));
     cluster
 }

@@ -5,9 +5,13 @@
 //! without the cluster), or a key-value [`Command`] to order through the replicas with the
 //! [`Shape`] that turns its agreed [`Response`] into a Redis reply. Every command that reads or
 //! writes keys is replicated — reads included, so they are linearizable. Pure: no IO, no clock.
+//!
+//! Expiry: relative times (`EX`, `PX`, `EXPIRE`, ...) travel as they are, in milliseconds, and
+//! the store makes them absolute at the agreed time of the batch that executes them; a gateway
+//! that did it with its own clock would make the expiry depend on which gateway sent it.
 
 use crate::resp::{Protocol, Reply};
-use tessera_kv::{Command, KvError, KvLimits, Response, SetCondition};
+use tessera_kv::{Command, ExpireCondition, Expiry, KvError, KvLimits, Response, SetCondition};
 
 /// What the gateway knows of the cluster, for `INFO`.
 #[derive(Clone, Debug)]
@@ -74,8 +78,10 @@ pub enum Step {
 pub enum Shape {
     /// The natural mapping: `Ok` → `+OK`, values → bulk strings or nulls, counts → integers.
     Direct,
-    /// `TTL`/`PTTL` through `EXISTS`: an existing key has no expiry (-1), a missing one -2.
-    Ttl,
+    /// `TTL`: the store's milliseconds rounded to seconds as Redis does (-1 and -2 unchanged).
+    TtlSeconds,
+    /// `EXPIRETIME`: the store's milliseconds truncated to seconds (-1 and -2 unchanged).
+    Seconds,
     /// `FLUSHDB`: the deleted count becomes `+OK`.
     Ok,
 }
@@ -94,10 +100,12 @@ pub const COMMAND_NAMES: &[&str] = &[
     "exists",
     "expire",
     "expireat",
+    "expiretime",
     "flushall",
     "flushdb",
     "get",
     "getdel",
+    "getex",
     "getset",
     "hello",
     "incr",
@@ -105,8 +113,10 @@ pub const COMMAND_NAMES: &[&str] = &[
     "info",
     "mget",
     "mset",
+    "persist",
     "pexpire",
     "pexpireat",
+    "pexpiretime",
     "ping",
     "psetex",
     "pttl",
@@ -118,10 +128,6 @@ pub const COMMAND_NAMES: &[&str] = &[
     "ttl",
     "unlink",
 ];
-
-/// Why expiry options are refused rather than ignored.
-const EXPIRY_UNSUPPORTED: &str = "key expiry is not supported yet: it must be decided from the \
-     agreed order, not a replica's clock, and Tessera does not order time yet; keys never expire";
 
 /// Decides what one request means. Changes `state` for connection commands.
 pub fn plan(
@@ -254,11 +260,43 @@ fn plan_known(
             })
         }),
         "ttl" | "pttl" => exactly(name, arguments, 1).map(|()| Step::Replicated {
-            command: Command::Exists {
-                keys: vec![arguments[0].clone()],
+            command: Command::Ttl {
+                key: arguments[0].clone(),
             },
-            shape: Shape::Ttl,
+            shape: if name == "ttl" {
+                Shape::TtlSeconds
+            } else {
+                Shape::Direct
+            },
         }),
+        "expiretime" | "pexpiretime" => exactly(name, arguments, 1).map(|()| Step::Replicated {
+            command: Command::ExpireTime {
+                key: arguments[0].clone(),
+            },
+            shape: if name == "expiretime" {
+                Shape::Seconds
+            } else {
+                Shape::Direct
+            },
+        }),
+        "persist" => exactly(name, arguments, 1).and_then(|()| {
+            replicated(Command::Persist {
+                key: arguments[0].clone(),
+            })
+        }),
+        "expire" | "pexpire" | "expireat" | "pexpireat" => expire(name, arguments),
+        "setex" | "psetex" => exactly(name, arguments, 3).and_then(|()| {
+            let unit_ms = if name == "setex" { 1000 } else { 1 };
+            let ms = positive_expiry_ms(name, &arguments[1], unit_ms)?;
+            replicated(Command::SetWithExpiry {
+                key: arguments[0].clone(),
+                value: arguments[2].clone(),
+                condition: SetCondition::Always,
+                get: false,
+                expiry: Expiry::InMs(ms),
+            })
+        }),
+        "getex" => getex(arguments),
         "dbsize" => exactly(name, arguments, 0).and_then(|()| replicated(Command::DbSize)),
         "flushdb" | "flushall" => match arguments {
             [] => Ok(()),
@@ -270,9 +308,6 @@ fn plan_known(
             command: Command::FlushDb,
             shape: Shape::Ok,
         }),
-        "expire" | "pexpire" | "expireat" | "pexpireat" | "setex" | "psetex" => {
-            Err(Reply::error(EXPIRY_UNSUPPORTED))
-        }
         _ => return None,
     };
     Some(planned)
@@ -513,7 +548,7 @@ fn info_text(info: &ClusterInfo, live: &Live, state: &ConnectionState) -> String
         format!("view:{view}"),
         format!("primary:{}", view % u64::from(info.replicas.max(1))),
         format!("protocol:{}", info.protocol),
-        "expiry:unsupported".to_string(),
+        "expiry:agreed-time".to_string(),
         String::new(),
         "# Gateway".to_string(),
         format!("connected_clients:{}", live.connections),
@@ -526,13 +561,15 @@ fn info_text(info: &ClusterInfo, live: &Live, state: &ConnectionState) -> String
     text
 }
 
-/// `SET key value [NX|XX] [GET] [KEEPTTL]`; expiry options are refused.
+/// `SET key value [NX|XX] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL]`.
 fn set(arguments: &[Vec<u8>]) -> Planned {
     let [key, value, options @ ..] = arguments else {
         return Err(wrong_arity("set"));
     };
     let mut condition = SetCondition::Always;
     let mut get = false;
+    // A plain SET removes any expiry (Redis semantics); KEEPTTL or a time say otherwise.
+    let mut expiry: Option<Expiry> = None;
     let mut rest = options;
     while let Some((option, after)) = rest.split_first() {
         let option = String::from_utf8_lossy(option).to_ascii_lowercase();
@@ -544,13 +581,31 @@ fn set(arguments: &[Vec<u8>]) -> Planned {
             "nx" => condition = SetCondition::IfAbsent,
             "xx" => condition = SetCondition::IfPresent,
             "get" => get = true,
-            // No key has an expiry, so keeping it changes nothing.
-            "keepttl" => {}
-            "ex" | "px" | "exat" | "pxat" if !rest.is_empty() => {
-                return Err(Reply::error(EXPIRY_UNSUPPORTED))
+            "keepttl" | "ex" | "px" | "exat" | "pxat" if expiry.is_some() => {
+                return Err(Reply::error("syntax error"))
+            }
+            "keepttl" => expiry = Some(Expiry::Keep),
+            "ex" | "px" | "exat" | "pxat" => {
+                let Some((time, after)) = rest.split_first() else {
+                    return Err(Reply::error("syntax error"));
+                };
+                rest = after;
+                expiry = Some(timed_expiry("set", &option, time)?);
             }
             _ => return Err(Reply::error("syntax error")),
         }
+    }
+    if let Some(expiry) = expiry {
+        return Ok(Step::Replicated {
+            command: Command::SetWithExpiry {
+                key: key.clone(),
+                value: value.clone(),
+                condition,
+                get,
+                expiry,
+            },
+            shape: Shape::Direct,
+        });
     }
     let command = if condition == SetCondition::Always && !get {
         Command::Set {
@@ -571,6 +626,130 @@ fn set(arguments: &[Vec<u8>]) -> Planned {
     })
 }
 
+/// The expiry an `EX`/`PX`/`EXAT`/`PXAT` option with argument `time` gives, for `SET` and
+/// `GETEX`: like Redis, the time must be a positive integer, and in milliseconds fit 64 bits.
+fn timed_expiry(command: &str, option: &str, time: &[u8]) -> Result<Expiry, Reply> {
+    let unit_ms = if matches!(option, "ex" | "exat") {
+        1000
+    } else {
+        1
+    };
+    let ms = positive_expiry_ms(command, time, unit_ms)?;
+    Ok(if matches!(option, "ex" | "px") {
+        Expiry::InMs(ms)
+    } else {
+        Expiry::AtMs(ms)
+    })
+}
+
+/// A positive integer time argument in `unit_ms`, in milliseconds.
+fn positive_expiry_ms(command: &str, time: &[u8], unit_ms: i64) -> Result<i64, Reply> {
+    let time = integer_argument(time)?;
+    if time <= 0 {
+        return Err(invalid_expire_time(command));
+    }
+    time.checked_mul(unit_ms)
+        .ok_or_else(|| invalid_expire_time(command))
+}
+
+fn invalid_expire_time(command: &str) -> Reply {
+    Reply::error(format!("invalid expire time in '{command}' command"))
+}
+
+/// `EXPIRE`/`PEXPIRE key time` and `EXPIREAT`/`PEXPIREAT key timestamp`, with `NX`, `XX`,
+/// `GT`, `LT` (Redis 7). A time of 0 or less, or a timestamp already past, deletes the key.
+fn expire(name: &str, arguments: &[Vec<u8>]) -> Planned {
+    let [key, time, options @ ..] = arguments else {
+        return Err(wrong_arity(name));
+    };
+    let time = integer_argument(time)?;
+    let unit_ms = if matches!(name, "expire" | "expireat") {
+        1000
+    } else {
+        1
+    };
+    let ms = time
+        .checked_mul(unit_ms)
+        .ok_or_else(|| invalid_expire_time(name))?;
+    let (mut nx, mut xx, mut gt, mut lt) = (false, false, false, false);
+    for option in options {
+        match String::from_utf8_lossy(option)
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "nx" => nx = true,
+            "xx" => xx = true,
+            "gt" => gt = true,
+            "lt" => lt = true,
+            _ => {
+                return Err(Reply::error(format!(
+                    "Unsupported option {}",
+                    String::from_utf8_lossy(option)
+                )))
+            }
+        }
+    }
+    if nx && (xx || gt || lt) {
+        return Err(Reply::error(
+            "NX and XX, GT or LT options at the same time are not compatible",
+        ));
+    }
+    if gt && lt {
+        return Err(Reply::error(
+            "GT and LT options at the same time are not compatible",
+        ));
+    }
+    // XX with GT or LT: GT/LT already need an expiry (GT) or accept any key (LT); Redis
+    // applies both, so XX+LT means "has one, and the new one is earlier".
+    let condition = match (nx, xx, gt, lt) {
+        (true, ..) => ExpireCondition::IfNone,
+        (_, _, true, _) => ExpireCondition::IfLater,
+        (_, true, _, true) => ExpireCondition::IfEarlierWithExpiry,
+        (_, _, _, true) => ExpireCondition::IfEarlier,
+        (_, true, ..) => ExpireCondition::IfSome,
+        _ => ExpireCondition::Always,
+    };
+    let expiry = if matches!(name, "expire" | "pexpire") {
+        Expiry::InMs(ms)
+    } else {
+        Expiry::AtMs(ms)
+    };
+    Ok(Step::Replicated {
+        command: Command::Expire {
+            key: key.clone(),
+            expiry,
+            condition,
+        },
+        shape: Shape::Direct,
+    })
+}
+
+/// `GETEX key [EX s|PX ms|EXAT s|PXAT ms|PERSIST]`.
+fn getex(arguments: &[Vec<u8>]) -> Planned {
+    let [key, options @ ..] = arguments else {
+        return Err(wrong_arity("getex"));
+    };
+    let expiry = match options {
+        [] => Expiry::Keep,
+        [option] if option.eq_ignore_ascii_case(b"persist") => Expiry::Persist,
+        [option, time] => {
+            let option = String::from_utf8_lossy(option).to_ascii_lowercase();
+            if !matches!(option.as_str(), "ex" | "px" | "exat" | "pxat") {
+                return Err(Reply::error("syntax error"));
+            }
+            timed_expiry("getex", &option, time)?
+        }
+        _ => return Err(Reply::error("syntax error")),
+    };
+    Ok(Step::Replicated {
+        command: Command::GetEx {
+            key: key.clone(),
+            expiry,
+        },
+        shape: Shape::Direct,
+    })
+}
+
 /// Largest encoded response other than a value: `Ok`, counts, integers, and errors (whose
 /// texts are a few hundred bytes at most).
 const SMALL_RESPONSE_BYTES_MAX: usize = 512;
@@ -583,9 +762,11 @@ const VALUE_FRAMING_BYTES: usize = 8;
 pub fn response_bytes_max(command: &Command) -> usize {
     let value_bytes_max = KvLimits::default().value_bytes_max + VALUE_FRAMING_BYTES;
     let values = match command {
-        Command::Get { .. } | Command::GetDel { .. } | Command::SetIf { get: true, .. } => {
-            value_bytes_max
-        }
+        Command::Get { .. }
+        | Command::GetDel { .. }
+        | Command::GetEx { .. }
+        | Command::SetIf { get: true, .. }
+        | Command::SetWithExpiry { get: true, .. } => value_bytes_max,
         Command::MGet { keys } => keys
             .len()
             .saturating_mul(value_bytes_max)
@@ -599,9 +780,11 @@ pub fn response_bytes_max(command: &Command) -> usize {
 pub fn shape_reply(shape: Shape, response: Response) -> Reply {
     match (shape, response) {
         (_, Response::Error(error)) => kv_error(&error),
-        (Shape::Ttl, Response::Count(existing)) => {
-            Reply::Integer(if existing > 0 { -1 } else { -2 })
+        // Redis rounds a remaining time to the nearest second; -1 and -2 are not times.
+        (Shape::TtlSeconds, Response::Integer(ms)) if ms >= 0 => {
+            Reply::Integer(ms.saturating_add(500) / 1000)
         }
+        (Shape::Seconds, Response::Integer(ms)) if ms >= 0 => Reply::Integer(ms / 1000),
         (Shape::Ok, Response::Count(_)) | (_, Response::Ok) => Reply::ok(),
         (_, Response::Value(value)) => value.map_or(Reply::Null, Reply::Bulk),
         (_, Response::Count(count)) => Reply::Integer(i64::try_from(count).unwrap_or(i64::MAX)),
@@ -622,6 +805,7 @@ fn kv_error(error: &KvError) -> Reply {
     match error {
         KvError::NotAnInteger => Reply::error("value is not an integer or out of range"),
         KvError::Overflow => Reply::error("increment or decrement would overflow"),
+        KvError::InvalidExpireTime => Reply::error("invalid expire time"),
         other => Reply::error(other),
     }
 }

@@ -37,12 +37,12 @@ fn execute(criterion: &mut Criterion) {
                 value: vec![1; VALUE_BYTES],
             }
             .encode();
-            black_box(store.execute(&operation))
+            black_box(store.execute(&operation, 0))
         })
     });
     let operation = Command::Get { key: key(KEYS / 2) }.encode();
     group.bench_function("get", |bencher| {
-        bencher.iter(|| black_box(store.execute(&operation)))
+        bencher.iter(|| black_box(store.execute(&operation, 0)))
     });
     group.finish();
 }

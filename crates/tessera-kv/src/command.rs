@@ -82,6 +82,87 @@ pub enum Command {
     DbSize,
     /// Deletes every key. Answers [`Response::Count`]: how many keys were deleted.
     FlushDb,
+    // Expiry (docs/GATEWAY.md, *Expiry*). Every time below is resolved against the agreed time
+    // of the batch the command executes in, never a clock: a relative time becomes absolute in
+    // the store, on every replica alike.
+    /// Writes one key if `condition` holds, and sets its expiry as `expiry` says (Redis `SET`
+    /// with `EX`/`PX`/`EXAT`/`PXAT`/`KEEPTTL`, `SETEX`, `PSETEX`). Answers like [`Command::SetIf`].
+    /// An expiry already past (an absolute time at or before the agreed time, or a relative one
+    /// of 0 ms or less) writes the key expired: it is gone at once.
+    SetWithExpiry {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        condition: SetCondition,
+        get: bool,
+        expiry: Expiry,
+    },
+    /// Changes the expiry of an existing key if `condition` holds (Redis `EXPIRE`, `PEXPIRE`,
+    /// `EXPIREAT`, `PEXPIREAT` with `NX`/`XX`/`GT`/`LT`). Answers [`Response::Integer`]: 1 if
+    /// the expiry was set (an expiry already past deletes the key), 0 if the key does not exist
+    /// or the condition failed. `expiry` is `InMs` or `AtMs`; `Keep` and `Persist` answer 0.
+    Expire {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        expiry: Expiry,
+        condition: ExpireCondition,
+    },
+    /// Answers [`Response::Integer`]: the milliseconds left before `key` expires, -1 if it has
+    /// no expiry, -2 if it does not exist (Redis `PTTL`; `TTL` rounds it to seconds).
+    Ttl {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+    /// Removes the expiry of `key`. Answers [`Response::Integer`]: 1 if it had one, else 0.
+    Persist {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+    /// Reads `key` and changes its expiry as `expiry` says (Redis `GETEX`; `Keep` leaves it).
+    /// Answers [`Response::Value`]. An expiry already past deletes the key after reading it.
+    GetEx {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        expiry: Expiry,
+    },
+    /// Answers [`Response::Integer`]: the absolute expiry of `key` in ms since the Unix epoch,
+    /// -1 if it has none, -2 if it does not exist (Redis `PEXPIRETIME`).
+    ExpireTime {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+}
+
+/// What a write does to a key's expiry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Expiry {
+    /// The key keeps the expiry it has (`KEEPTTL`; `GETEX` without an option).
+    Keep,
+    /// The key has no expiry afterwards (a plain `SET`; `PERSIST`).
+    Persist,
+    /// The key expires this many milliseconds after the agreed time of the command's batch
+    /// (`EX`, `PX`); 0 or less means at once.
+    InMs(i64),
+    /// The key expires at this absolute time, in ms since the Unix epoch (`EXAT`, `PXAT`).
+    AtMs(i64),
+}
+
+/// When [`Command::Expire`] changes the expiry (Redis 7's options).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExpireCondition {
+    /// Always.
+    Always,
+    /// Only if the key has no expiry (`NX`).
+    IfNone,
+    /// Only if the key has an expiry (`XX`).
+    IfSome,
+    /// Only if the new expiry is later than the current one; a key without one never (`GT`).
+    IfLater,
+    /// Only if the new expiry is earlier than the current one; a key without one always (`LT`).
+    IfEarlier,
+    /// Only if the key has an expiry and the new one is earlier (`XX` with `LT`).
+    IfEarlierWithExpiry,
 }
 
 /// When [`Command::SetIf`] writes.
@@ -117,6 +198,8 @@ impl Command {
                 | Command::MGet { .. }
                 | Command::Strlen { .. }
                 | Command::DbSize
+                | Command::Ttl { .. }
+                | Command::ExpireTime { .. }
         )
     }
 }
@@ -193,6 +276,10 @@ pub enum KvError {
         "result of {size} bytes exceeds the reply limit of {limit} bytes; read fewer keys at once"
     )]
     ResultTooLarge { size: usize, limit: usize },
+    /// An expiry that, made absolute, falls outside what a 64-bit signed count of
+    /// milliseconds since the Unix epoch can hold (Redis: "invalid expire time").
+    #[error("invalid expire time: it does not fit a 64-bit count of milliseconds")]
+    InvalidExpireTime,
 }
 
 fn malformed(what: &str, error: &DecodeError) -> KvError {
@@ -256,6 +343,25 @@ mod tests {
             Command::GetDel { key: b"k".to_vec() },
             Command::DbSize,
             Command::FlushDb,
+            Command::SetWithExpiry {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+                condition: SetCondition::Always,
+                get: false,
+                expiry: Expiry::InMs(300),
+            },
+            Command::Expire {
+                key: b"k".to_vec(),
+                expiry: Expiry::AtMs(1_700_000_000_000),
+                condition: ExpireCondition::IfLater,
+            },
+            Command::Ttl { key: b"k".to_vec() },
+            Command::Persist { key: b"k".to_vec() },
+            Command::GetEx {
+                key: b"k".to_vec(),
+                expiry: Expiry::Keep,
+            },
+            Command::ExpireTime { key: b"k".to_vec() },
         ]
     }
 
@@ -267,7 +373,7 @@ mod tests {
             .iter()
             .map(|command| command.encode()[0])
             .collect();
-        assert_eq!(tags, (0..14).collect::<Vec<u8>>());
+        assert_eq!(tags, (0..20).collect::<Vec<u8>>());
         assert_eq!(
             Command::Get { key: b"k".to_vec() }.encode(),
             [0, 1, b'k'],
@@ -312,7 +418,7 @@ mod tests {
             read_only,
             [
                 true, false, false, true, false, true, false, false, false, false, true, false,
-                true, false
+                true, false, false, false, true, false, false, true
             ]
         );
     }

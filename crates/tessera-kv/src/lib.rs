@@ -23,11 +23,25 @@
 //! | `Append { key, value }` | `Count(new length)` | a missing key counts as empty; the result must fit `value_bytes_max` |
 //! | `Strlen { key }` | `Count(length)` | 0 for a missing key |
 //! | `GetDel { key }` | `Value(Option<value>)` | the value before the deletion |
-//! | `DbSize` | `Count(keys)` | |
+//! | `DbSize` | `Count(keys)` | live keys only |
 //! | `FlushDb` | `Count(deleted)` | deletes every key |
+//! | `SetWithExpiry { key, value, condition, get, expiry }` | as `SetIf` | and sets the expiry ([`Expiry`]: keep, none, relative or absolute ms); a past expiry leaves no key |
+//! | `Expire { key, expiry, condition }` | `Integer(1 or 0)` | [`ExpireCondition`]: Redis's NX/XX/GT/LT; a past time deletes the key |
+//! | `Ttl { key }` | `Integer(ms left, -1, -2)` | |
+//! | `Persist { key }` | `Integer(1 or 0)` | removes the expiry |
+//! | `GetEx { key, expiry }` | `Value(Option<value>)` | and changes the expiry |
+//! | `ExpireTime { key }` | `Integer(absolute ms, -1, -2)` | |
 //!
-//! `Get`, `Exists`, `MGet`, `Strlen` and `DbSize` are read-only ([`Command::is_read_only`]). Keys and values are
-//! arbitrary bytes; the empty key is a valid key.
+//! # Expiry
+//!
+//! Every command executes at the agreed time of its batch ([`StateMachine::execute`]'s
+//! `time_ms`); a key whose expiry is at or before it is absent to the command. Relative times
+//! become absolute here, never in a client. Writes that replace a value (`Set`, `SetIf`,
+//! `MSet`, `CompareAndSet`) remove its expiry; `Incr` and `Append` keep it.
+//!
+//! `Get`, `Exists`, `MGet`, `Strlen`, `DbSize`, `Ttl` and `ExpireTime` are read-only
+//! ([`Command::is_read_only`]): running one twice answers alike (it may remove expired keys,
+//! which no command can see). Keys and values are arbitrary bytes; the empty key is a valid key.
 //!
 //! # Limits
 //!
@@ -48,8 +62,9 @@
 //!
 //! # Snapshot and digest
 //!
-//! [`StateMachine::snapshot`] is the canonical encoding of the entries in key order as a
-//! sequence of `(key, value)` pairs: equal contents give equal bytes whatever the history.
+//! [`StateMachine::snapshot`] is the canonical encoding of the stored entries in key order as a
+//! sequence of `(key, value, expiry)` triples: equal contents give equal bytes whatever the
+//! history.
 //! [`StateMachine::restore`] accepts exactly such bytes within the store's limits and leaves
 //! the store untouched otherwise. [`StateMachine::digest`] is the digest of the abstract state:
 //! the root of a Merkle tree over [`PARTITIONS`] partition digests, each a homomorphic sum of its
@@ -63,7 +78,7 @@ mod command;
 mod limits;
 mod store;
 
-pub use command::{Command, KvError, Response, SetCondition};
+pub use command::{Command, ExpireCondition, Expiry, KvError, Response, SetCondition};
 pub use limits::{InvalidKvLimits, KvLimits};
 pub use store::{KvStore, ENTRY_DOMAIN, PARTITIONS, PARTITION_DIGEST_DOMAIN, PARTITION_OF_DOMAIN};
 pub use tessera_types::StateMachine;

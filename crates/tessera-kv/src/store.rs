@@ -10,7 +10,21 @@
 //! The parent method [`KvStore::apply`] validates a command against the limits, then dispatches
 //! it to one `on_*` handler. Handlers check the byte total before their first change, so a
 //! refused command never leaves a partial effect. Nothing here reads the clock, randomness or
-//! any other input than the command.
+//! any other input than the command and the agreed time it executes at.
+//!
+//! # Expiry
+//!
+//! A key may carry an absolute expiry (ms since the Unix epoch). A key whose expiry is at or
+//! before the agreed time of the command is absent to that command, whatever the command. It
+//! stays *stored* until it is removed, deterministically: every command first removes the
+//! expired keys it names (lazy expiry), then up to [`SWEEP_PER_COMMAND`] expired keys in order
+//! of expiry and key (a bounded sweep, so keys nobody touches again do not stay forever), and
+//! `DbSize`/`FlushDb` remove every expired key before counting. Removal depends only on the
+//! commands and the agreed times, so every replica holds the same stored keys after the same
+//! command, and the digest covers exactly what is stored: each key's element in the partition's
+//! sum includes its expiry, so replicas that disagree on an expiry disagree on the digest. (The
+//! alternative, leaving expired keys out of the digest, would make the digest a function of the
+//! time it is computed at, and a checkpoint taken between two batches has no agreed time.)
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,7 +40,7 @@ use tessera_types::limits::MAX_RESULT_BYTES;
 use tessera_types::merkle::MerkleTree;
 use tessera_types::{Chunk, FrozenState, RestoreError, StagedPartition, StateMachine};
 
-use crate::command::{Command, KvError, Response, SetCondition};
+use crate::command::{Command, ExpireCondition, Expiry, KvError, Response, SetCondition};
 use crate::limits::KvLimits;
 
 /// Domain of the element hashes summed into a partition's [`LtHash`].
@@ -36,6 +50,11 @@ pub const PARTITION_DIGEST_DOMAIN: &str = "tessera.kv.partition.v1";
 /// Domain of the hash that assigns a key to its partition.
 pub const PARTITION_OF_DOMAIN: &str = "tessera.kv.partition-of.v1";
 
+/// Expired keys each command removes beyond those it names (the bounded sweep; see the module
+/// docs). Small, so a command's cost stays bounded; enough that keys expire faster than a
+/// workload of one write per command can create them.
+pub const SWEEP_PER_COMMAND: usize = 16;
+
 /// Partitions of the abstract state: a power of two, part of the digest definition (changing it
 /// changes every digest). 256 keeps the per-store overhead small (256 sums of 2 KiB) while a
 /// 1 GiB state still splits into 4 MiB partitions, the unit a state transfer fetches and checks.
@@ -44,15 +63,23 @@ pub const PARTITIONS: usize = 256;
 /// A key or a value as stored: shared, so a frozen copy of a partition (a checkpoint) and the
 /// live one share every entry they have in common.
 type Shared = Arc<[u8]>;
+/// A stored value and its expiry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Item {
+    value: Shared,
+    /// Absolute expiry in ms since the Unix epoch; `None`: never.
+    expires_at_ms: Option<u64>,
+}
+
 /// One partition's entries, in key order. A persistent map: cloning it (freezing a checkpoint)
 /// costs nothing, and a later write copies only the path to the entry it changes.
-type Entries = imbl::OrdMap<Shared, Shared>;
+type Entries = imbl::OrdMap<Shared, Item>;
 
 /// One partition of the abstract state.
 #[derive(Clone, Debug, Default)]
 struct Partition {
     entries: Entries,
-    /// The homomorphic sum of `(key, value)` over `entries`.
+    /// The homomorphic sum of `(key, value[, expiry])` over `entries` ([`add_element`]).
     sum: LtHash,
     /// Sum of the lengths of every key and value in `entries`.
     bytes: u64,
@@ -82,6 +109,13 @@ pub struct KvStore {
     /// Sum of the lengths of every key and value, over all partitions.
     stored_bytes: u64,
     limits: KvLimits,
+    /// Every stored key with an expiry, by expiry then key: what the sweep removes first.
+    /// Derived from the entries (not part of the state).
+    expiries: BTreeSet<(u64, Shared)>,
+    /// The agreed time of the command being applied (the latest one given): keys expiring at
+    /// or before it are absent. Not part of the state: the core passes every command its time,
+    /// and agreed times never decrease.
+    time_ms: u64,
     /// Behind a `RefCell` because [`StateMachine::digest`] takes `&self`: bringing the cache up
     /// to date does not change the state it describes.
     cache: RefCell<DigestCache>,
@@ -112,6 +146,8 @@ impl KvStore {
             len: 0,
             stored_bytes: 0,
             limits,
+            expiries: BTreeSet::new(),
+            time_ms: 0,
             cache: RefCell::new(DigestCache {
                 digests,
                 tree,
@@ -120,7 +156,8 @@ impl KvStore {
         }
     }
 
-    /// Number of keys.
+    /// Number of keys stored, including expired keys not removed yet (`DbSize` counts only
+    /// live ones).
     pub fn len(&self) -> usize {
         self.len
     }
@@ -130,12 +167,28 @@ impl KvStore {
         self.len == 0
     }
 
-    /// The value of `key`, if present.
+    /// The value of `key`, if present and not expired at the latest agreed time.
     pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
-        self.partitions[partition_of(key)]
-            .entries
-            .get(key)
-            .map(|value| &**value)
+        self.live(key).map(|item| &*item.value)
+    }
+
+    /// The absolute expiry of `key` (ms since the Unix epoch), if it is live and has one.
+    pub fn expiry_of(&self, key: &[u8]) -> Option<u64> {
+        self.live(key).and_then(|item| item.expires_at_ms)
+    }
+
+    /// The latest agreed time this store executed at.
+    pub fn time_ms(&self) -> u64 {
+        self.time_ms
+    }
+
+    fn stored(&self, key: &[u8]) -> Option<&Item> {
+        self.partitions[partition_of(key)].entries.get(key)
+    }
+
+    fn live(&self, key: &[u8]) -> Option<&Item> {
+        self.stored(key)
+            .filter(|item| !is_expired(item.expires_at_ms, self.time_ms))
     }
 
     /// Sum of the lengths of every key and value, the quantity bounded by `total_bytes_max`.
@@ -148,12 +201,46 @@ impl KvStore {
         &self.limits
     }
 
-    /// Applies one decoded command. [`StateMachine::execute`] is this plus the encoding.
+    /// Applies one decoded command at the latest agreed time (see [`KvStore::apply_at`]).
     pub fn apply(&mut self, command: Command) -> Response {
+        self.apply_at(command, self.time_ms)
+    }
+
+    /// Applies one decoded command at agreed time `time_ms`. [`StateMachine::execute`] is this
+    /// plus the encoding. A time before the latest one given counts as the latest (agreed times
+    /// never decrease; this keeps a key that expired from coming back for a careless caller).
+    pub fn apply_at(&mut self, command: Command, time_ms: u64) -> Response {
+        self.time_ms = self.time_ms.max(time_ms);
         if let Err(error) = self.check_sizes(&command) {
             return Response::Error(error);
         }
-        let result = match command {
+        self.remove_expired_named(&command);
+        self.sweep(SWEEP_PER_COMMAND);
+        // Expired keys still stored take room: a write refused for want of it is retried once
+        // they are all gone (handlers change nothing before their capacity check, and the
+        // retry depends only on the state and the agreed time, so every replica retries alike).
+        let retry = self.has_expired().then(|| command.clone());
+        let result = match (self.dispatch(command), retry) {
+            (Err(KvError::StoreFull { .. }), Some(command)) => {
+                self.sweep(usize::MAX);
+                self.dispatch(command)
+            }
+            (result, _) => result,
+        };
+        debug_assert!(self.stored_bytes <= self.limits.total_bytes_max);
+        result.unwrap_or_else(Response::Error)
+    }
+
+    /// True if some stored key has expired.
+    fn has_expired(&self) -> bool {
+        self.expiries
+            .first()
+            .is_some_and(|(at, _)| is_expired(Some(*at), self.time_ms))
+    }
+
+    /// Runs the command's handler.
+    fn dispatch(&mut self, command: Command) -> Result<Response, KvError> {
+        match command {
             Command::Get { key } => Ok(self.on_get(&key)),
             Command::Set { key, value } => self.on_set(key, value),
             Command::Del { keys } => Ok(self.on_del(&keys)),
@@ -175,9 +262,23 @@ impl KvStore {
             Command::GetDel { key } => Ok(self.on_get_del(&key)),
             Command::DbSize => Ok(self.on_db_size()),
             Command::FlushDb => Ok(self.on_flush_db()),
-        };
-        debug_assert!(self.stored_bytes <= self.limits.total_bytes_max);
-        result.unwrap_or_else(Response::Error)
+            Command::SetWithExpiry {
+                key,
+                value,
+                condition,
+                get,
+                expiry,
+            } => self.on_set_with_expiry(key, value, condition, get, expiry),
+            Command::Expire {
+                key,
+                expiry,
+                condition,
+            } => self.on_expire(&key, expiry, condition),
+            Command::Ttl { key } => Ok(self.on_ttl(&key)),
+            Command::Persist { key } => Ok(self.on_persist(&key)),
+            Command::GetEx { key, expiry } => self.on_get_ex(&key, expiry),
+            Command::ExpireTime { key } => Ok(self.on_expire_time(&key)),
+        }
     }
 
     /// Checks key counts, key sizes and value sizes, in command order.
@@ -186,10 +287,16 @@ impl KvStore {
             Command::Get { key }
             | Command::Incr { key, .. }
             | Command::Strlen { key }
-            | Command::GetDel { key } => self.check_key(key),
+            | Command::GetDel { key }
+            | Command::Expire { key, .. }
+            | Command::Ttl { key }
+            | Command::Persist { key }
+            | Command::GetEx { key, .. }
+            | Command::ExpireTime { key } => self.check_key(key),
             Command::DbSize | Command::FlushDb => Ok(()),
             Command::Set { key, value }
             | Command::SetIf { key, value, .. }
+            | Command::SetWithExpiry { key, value, .. }
             | Command::Append { key, value } => {
                 self.check_key(key)?;
                 self.check_value(value)
@@ -266,6 +373,195 @@ impl KvStore {
         Response::Count(existing as u64)
     }
 
+    /// Removes the expired keys `command` names, so the handlers below see stored keys as live.
+    fn remove_expired_named(&mut self, command: &Command) {
+        match command {
+            Command::Get { key }
+            | Command::Set { key, .. }
+            | Command::Incr { key, .. }
+            | Command::CompareAndSet { key, .. }
+            | Command::SetIf { key, .. }
+            | Command::Append { key, .. }
+            | Command::Strlen { key }
+            | Command::GetDel { key }
+            | Command::SetWithExpiry { key, .. }
+            | Command::Expire { key, .. }
+            | Command::Ttl { key }
+            | Command::Persist { key }
+            | Command::GetEx { key, .. }
+            | Command::ExpireTime { key } => self.remove_if_expired(key),
+            Command::Del { keys } | Command::Exists { keys } | Command::MGet { keys } => {
+                for key in keys {
+                    self.remove_if_expired(key);
+                }
+            }
+            Command::MSet { pairs } => {
+                for (key, _) in pairs {
+                    self.remove_if_expired(key);
+                }
+            }
+            Command::DbSize | Command::FlushDb => {}
+        }
+    }
+
+    fn remove_if_expired(&mut self, key: &[u8]) {
+        let expired = self
+            .stored(key)
+            .is_some_and(|item| is_expired(item.expires_at_ms, self.time_ms));
+        if expired {
+            self.remove(key);
+        }
+    }
+
+    /// Removes up to `budget` expired keys, earliest expiry first (then key order).
+    fn sweep(&mut self, budget: usize) {
+        for _ in 0..budget {
+            let Some((expires_at_ms, key)) = self.expiries.first().cloned() else {
+                return;
+            };
+            if !is_expired(Some(expires_at_ms), self.time_ms) {
+                return;
+            }
+            let removed = self.remove(&key);
+            debug_assert!(removed, "the expiry index names only stored keys");
+        }
+    }
+
+    /// The absolute expiry `expiry` gives a key whose current expiry is `current`: `Ok(None)`
+    /// for none, `Ok(Some(t))` for `t` ms since the Unix epoch (possibly already past; a time
+    /// before the epoch counts as 0, which is past).
+    fn resolve_expiry(&self, expiry: Expiry, current: Option<u64>) -> Result<Option<u64>, KvError> {
+        let absolute = |ms: i128| -> Result<Option<u64>, KvError> {
+            if ms > i64::MAX as i128 {
+                return Err(KvError::InvalidExpireTime);
+            }
+            Ok(Some(ms.max(0) as u64))
+        };
+        match expiry {
+            Expiry::Keep => Ok(current),
+            Expiry::Persist => Ok(None),
+            Expiry::InMs(ms) => absolute(self.time_ms as i128 + ms as i128),
+            Expiry::AtMs(ms) => absolute(ms as i128),
+        }
+    }
+
+    fn on_set_with_expiry(
+        &mut self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        condition: SetCondition,
+        get: bool,
+        expiry: Expiry,
+    ) -> Result<Response, KvError> {
+        let current = self.stored(&key).cloned();
+        let expires_at_ms =
+            self.resolve_expiry(expiry, current.as_ref().and_then(|item| item.expires_at_ms))?;
+        let write = match condition {
+            SetCondition::Always => true,
+            SetCondition::IfAbsent => current.is_none(),
+            SetCondition::IfPresent => current.is_some(),
+        };
+        if write {
+            if is_expired(expires_at_ms, self.time_ms) {
+                // Written and expired at once: what Redis does with a past EXAT/PXAT.
+                self.remove(&key);
+            } else {
+                self.check_capacity(self.bytes_after_write(&key, Some(&value)))?;
+                self.insert_item(key, value, expires_at_ms);
+            }
+        }
+        let previous = current.map(|item| item.value.to_vec());
+        Ok(match (get, write) {
+            (true, _) => Response::Value(previous),
+            (false, true) => Response::Ok,
+            (false, false) => Response::Value(None),
+        })
+    }
+
+    fn on_expire(
+        &mut self,
+        key: &[u8],
+        expiry: Expiry,
+        condition: ExpireCondition,
+    ) -> Result<Response, KvError> {
+        // The time is checked before the key, as Redis does: an invalid one is an error even
+        // for a missing key.
+        let Some(new) = self.resolve_expiry(expiry, None)? else {
+            return Ok(Response::Integer(0)); // Keep and Persist set nothing
+        };
+        let Some(current) = self.stored(key).map(|item| item.expires_at_ms) else {
+            return Ok(Response::Integer(0));
+        };
+        let applies = match (condition, current) {
+            (ExpireCondition::Always, _) => true,
+            (ExpireCondition::IfNone, current) => current.is_none(),
+            (ExpireCondition::IfSome, current) => current.is_some(),
+            // A key without an expiry counts as expiring never: later than any time.
+            (ExpireCondition::IfLater, current) => current.is_some_and(|current| new > current),
+            (ExpireCondition::IfEarlier, current) => current.is_none_or(|current| new < current),
+            (ExpireCondition::IfEarlierWithExpiry, current) => {
+                current.is_some_and(|current| new < current)
+            }
+        };
+        if !applies {
+            return Ok(Response::Integer(0));
+        }
+        if is_expired(Some(new), self.time_ms) {
+            self.remove(key);
+        } else {
+            self.set_expiry(key, Some(new));
+        }
+        Ok(Response::Integer(1))
+    }
+
+    fn on_ttl(&self, key: &[u8]) -> Response {
+        Response::Integer(match self.stored(key) {
+            None => -2,
+            Some(Item {
+                expires_at_ms: None,
+                ..
+            }) => -1,
+            Some(Item {
+                expires_at_ms: Some(at),
+                ..
+            }) => i64::try_from(at - self.time_ms).unwrap_or(i64::MAX),
+        })
+    }
+
+    fn on_expire_time(&self, key: &[u8]) -> Response {
+        Response::Integer(match self.stored(key) {
+            None => -2,
+            Some(item) => item
+                .expires_at_ms
+                .map_or(-1, |at| i64::try_from(at).unwrap_or(i64::MAX)),
+        })
+    }
+
+    fn on_persist(&mut self, key: &[u8]) -> Response {
+        let has_expiry = self
+            .stored(key)
+            .is_some_and(|item| item.expires_at_ms.is_some());
+        if has_expiry {
+            self.set_expiry(key, None);
+        }
+        Response::Integer(i64::from(has_expiry))
+    }
+
+    fn on_get_ex(&mut self, key: &[u8], expiry: Expiry) -> Result<Response, KvError> {
+        // The time is checked before the key, as Redis does.
+        self.resolve_expiry(expiry, None)?;
+        let Some(current) = self.stored(key).cloned() else {
+            return Ok(Response::Value(None));
+        };
+        let expires_at_ms = self.resolve_expiry(expiry, current.expires_at_ms)?;
+        if is_expired(expires_at_ms, self.time_ms) {
+            self.remove(key);
+        } else if expires_at_ms != current.expires_at_ms {
+            self.set_expiry(key, expires_at_ms);
+        }
+        Ok(Response::Value(Some(current.value.to_vec())))
+    }
+
     fn on_incr(&mut self, key: Vec<u8>, delta: i64) -> Result<Response, KvError> {
         let current = match self.get(&key) {
             None => 0,
@@ -276,7 +572,8 @@ impl KvStore {
         // `KvLimits::validate` guarantees room for any i64 in decimal.
         debug_assert!(text.len() <= self.limits.value_bytes_max);
         self.check_capacity(self.bytes_after_write(&key, Some(&text)))?;
-        self.insert(key, text);
+        // Like Redis, changing a value in place keeps its expiry.
+        self.insert_keeping_expiry(key, text);
         Ok(Response::Integer(updated))
     }
 
@@ -392,7 +689,7 @@ impl KvStore {
         joined.extend_from_slice(current);
         joined.extend_from_slice(suffix);
         self.check_capacity(self.bytes_after_write(&key, Some(&joined)))?;
-        self.insert(key, joined);
+        self.insert_keeping_expiry(key, joined);
         Ok(Response::Count(size as u64))
     }
 
@@ -408,29 +705,66 @@ impl KvStore {
         Response::Value(previous)
     }
 
-    fn on_db_size(&self) -> Response {
+    fn on_db_size(&mut self) -> Response {
+        // Every expired key goes first, so the count is of live keys. Each key is removed once,
+        // so the cost is paid once per expiring key, whoever pays it.
+        self.sweep(usize::MAX);
         Response::Count(self.len() as u64)
     }
 
     fn on_flush_db(&mut self) -> Response {
+        self.sweep(usize::MAX);
         let deleted = self.len();
         // A fresh store under the same limits: nothing of the old layout survives, whatever it is.
         *self = KvStore::new(*self.limits());
         Response::Count(deleted as u64)
     }
 
-    /// Inserts or replaces; the caller has checked the capacity.
+    /// Inserts or replaces, without an expiry (a plain write clears it, as in Redis); the
+    /// caller has checked the capacity.
     fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.insert_item(key, value, None);
+    }
+
+    /// Replaces the value and keeps the key's expiry (`Incr`, `Append`).
+    fn insert_keeping_expiry(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        let expires_at_ms = self.stored(&key).and_then(|item| item.expires_at_ms);
+        self.insert_item(key, value, expires_at_ms);
+    }
+
+    /// Changes the expiry of a stored key.
+    fn set_expiry(&mut self, key: &[u8], expires_at_ms: Option<u64>) {
+        let Some(item) = self.stored(key) else {
+            debug_assert!(false, "set_expiry on a missing key");
+            return;
+        };
+        let value = item.value.to_vec();
+        self.insert_item(key.to_vec(), value, expires_at_ms);
+    }
+
+    /// Inserts or replaces a key with its expiry; the caller has checked the capacity.
+    fn insert_item(&mut self, key: Vec<u8>, value: Vec<u8>, expires_at_ms: Option<u64>) {
         let index = partition_of(&key);
         let partition = &mut self.partitions[index];
         let key: Shared = Arc::from(key);
-        let value: Shared = Arc::from(value);
-        let added = entry_bytes(&key, &value);
-        partition.sum.add(entry_hasher(), &[&key, &value]);
-        let removed = match partition.entries.insert(key.clone(), value) {
+        let item = Item {
+            value: Arc::from(value),
+            expires_at_ms,
+        };
+        let added = entry_bytes(&key, &item.value);
+        add_element(&mut partition.sum, &key, &item);
+        if let Some(at) = expires_at_ms {
+            self.expiries.insert((at, key.clone()));
+        }
+        let removed = match partition.entries.insert(key.clone(), item) {
             Some(old) => {
-                partition.sum.remove(entry_hasher(), &[&key, &old]);
-                entry_bytes(&key, &old)
+                remove_element(&mut partition.sum, &key, &old);
+                if let Some(at) = old.expires_at_ms {
+                    if Some(at) != expires_at_ms {
+                        self.expiries.remove(&(at, key.clone()));
+                    }
+                }
+                entry_bytes(&key, &old.value)
             }
             None => {
                 self.len += 1;
@@ -449,9 +783,12 @@ impl KvStore {
         let index = partition_of(key);
         let partition = &mut self.partitions[index];
         match partition.entries.remove_with_key(key) {
-            Some((key, value)) => {
-                let bytes = entry_bytes(&key, &value);
-                partition.sum.remove(entry_hasher(), &[&key, &value]);
+            Some((key, item)) => {
+                let bytes = entry_bytes(&key, &item.value);
+                remove_element(&mut partition.sum, &key, &item);
+                if let Some(at) = item.expires_at_ms {
+                    self.expiries.remove(&(at, key.clone()));
+                }
                 partition.bytes -= bytes;
                 self.stored_bytes -= bytes;
                 self.len -= 1;
@@ -476,19 +813,20 @@ impl KvStore {
         }
     }
 
-    /// Every entry in key order (tests and snapshots: linear in the store size).
-    fn sorted_entries(&self) -> Vec<(&[u8], &[u8])> {
-        let mut entries: Vec<(&[u8], &[u8])> = self
+    /// Every stored entry in key order (tests and snapshots: linear in the store size).
+    fn sorted_entries(&self) -> Vec<EntryRef<'_>> {
+        let mut entries: Vec<EntryRef<'_>> = self
             .partitions
             .iter()
             .flat_map(|partition| partition.entries.iter())
-            .map(|(key, value)| (&**key, &**value))
+            .map(|(key, item)| (&**key, &*item.value, item.expires_at_ms))
             .collect();
         entries.sort_unstable();
         entries
     }
 
-    /// A canonical serialization of the whole state: every `(key, value)` pair in key order.
+    /// A canonical serialization of the whole state: every stored `(key, value, expiry)` in key
+    /// order (expired keys not removed yet included: they are part of the state).
     /// Replicas exchange partitions, not snapshots; this is for tests and tools.
     pub fn snapshot(&self) -> Vec<u8> {
         let entries = self.sorted_entries();
@@ -507,16 +845,17 @@ impl KvStore {
     fn from_snapshot(limits: KvLimits, snapshot: &[u8]) -> Result<KvStore, String> {
         // The snapshot is already in memory and bounded by the transport; decoding never
         // pre-allocates more than its input justifies, so no tighter bound is needed here.
-        let entries: Vec<(ByteBuf, ByteBuf)> = tessera_types::decode(snapshot, usize::MAX)
-            .map_err(|_| "bytes are not a valid key-value snapshot".to_string())?;
-        let entries: Vec<(Vec<u8>, Vec<u8>)> = entries
+        let entries: Vec<(ByteBuf, ByteBuf, Option<u64>)> =
+            tessera_types::decode(snapshot, usize::MAX)
+                .map_err(|_| "bytes are not a valid key-value snapshot".to_string())?;
+        let entries: Vec<(Vec<u8>, Vec<u8>, Option<u64>)> = entries
             .into_iter()
-            .map(|(key, value)| (key.0, value.0))
+            .map(|(key, value, expiry)| (key.0, value.0, expiry))
             .collect();
         let mut store = KvStore::new(limits);
         let mut total = 0u64;
         let mut previous: Option<&[u8]> = None;
-        for (index, (key, value)) in entries.iter().enumerate() {
+        for (index, (key, value, _)) in entries.iter().enumerate() {
             let entry_error = |error: KvError| format!("entry {index}: {error}");
             store.check_key(key).map_err(entry_error)?;
             store.check_value(value).map_err(entry_error)?;
@@ -529,8 +868,8 @@ impl KvStore {
             total = total.saturating_add(entry_bytes(key, value));
             store.check_capacity(total).map_err(entry_error)?;
         }
-        for (key, value) in entries {
-            store.insert(key, value);
+        for (key, value, expiry) in entries {
+            store.insert_item(key, value, expiry);
         }
         Ok(store)
     }
@@ -544,12 +883,15 @@ impl KvStore {
         for (index, partition) in self.partitions.iter().enumerate() {
             let mut sum = LtHash::new();
             let mut bytes = 0;
-            for (key, value) in partition.entries.iter() {
+            for (key, item) in partition.entries.iter() {
                 assert_eq!(partition_of(key), index, "key in its partition");
                 assert!(key.len() <= self.limits.key_bytes_max);
-                assert!(value.len() <= self.limits.value_bytes_max);
-                sum.add(entry_hasher(), &[key, value]);
-                bytes += entry_bytes(key, value);
+                assert!(item.value.len() <= self.limits.value_bytes_max);
+                add_element(&mut sum, key, item);
+                bytes += entry_bytes(key, &item.value);
+                if let Some(at) = item.expires_at_ms {
+                    assert!(self.expiries.contains(&(at, key.clone())), "expiry indexed");
+                }
             }
             assert_eq!(partition.sum, sum, "incremental sum of partition {index}");
             assert_eq!(partition.bytes, bytes, "bytes of partition {index}");
@@ -563,6 +905,12 @@ impl KvStore {
         }
         assert_eq!(self.stored_bytes, total);
         assert_eq!(self.len, len);
+        for (at, key) in &self.expiries {
+            assert_eq!(
+                self.stored(key).and_then(|item| item.expires_at_ms),
+                Some(*at)
+            );
+        }
         assert!(self.stored_bytes <= self.limits.total_bytes_max);
         let mut fresh = MerkleTree::new(&leaves).expect("PARTITIONS is a power of two");
         assert_eq!(self.digest(), fresh.root(), "incremental root");
@@ -576,9 +924,9 @@ impl StateMachine for KvStore {
     type Frozen = KvFrozen;
     type Staged = KvStaged;
 
-    fn execute(&mut self, operation: &[u8]) -> Vec<u8> {
+    fn execute(&mut self, operation: &[u8], time_ms: u64) -> Vec<u8> {
         let response = match Command::decode(operation) {
-            Ok(command) => self.apply(command),
+            Ok(command) => self.apply_at(command, time_ms),
             Err(error) => Response::Error(error),
         };
         response.encode()
@@ -589,7 +937,8 @@ impl StateMachine for KvStore {
     }
 
     /// BLAKE3 under [`PARTITION_DIGEST_DOMAIN`] of the partition index, its entry count and
-    /// the [`LtHash`] sum of its `(key, value)` pairs under [`ENTRY_DOMAIN`]. A key's partition
+    /// the [`LtHash`] sum of its entries under [`ENTRY_DOMAIN`]: `(key, value)` for a key
+    /// without expiry, `(key, value, expiry as 8 bytes little-endian)` for one with. A key's partition
     /// is the first eight bytes (little-endian) of BLAKE3 under [`PARTITION_OF_DOMAIN`] of the
     /// key, modulo [`PARTITIONS`]. Indexes past the last partition get the empty partition's
     /// digest for that index (no panic on a faulty peer's request).
@@ -657,6 +1006,16 @@ impl StateMachine for KvStore {
             let index = partition.index as usize;
             let old = &self.partitions[index];
             self.len = self.len - old.entries.len() + partition.entries.len();
+            for (key, item) in old.entries.iter() {
+                if let Some(at) = item.expires_at_ms {
+                    self.expiries.remove(&(at, key.clone()));
+                }
+            }
+            for (key, item) in &partition.entries {
+                if let Some(at) = item.expires_at_ms {
+                    self.expiries.insert((at, key.clone()));
+                }
+            }
             self.partitions[index] = Partition {
                 entries: partition.entries.into_iter().collect(),
                 sum: partition.sum,
@@ -701,20 +1060,20 @@ impl FrozenState for KvFrozen {
             Some(cursor) => Bound::Excluded(cursor),
             None => Bound::Unbounded,
         };
-        let mut taken: Vec<(&[u8], &[u8])> = Vec::new();
+        let mut taken: Vec<EntryRef<'_>> = Vec::new();
         let mut bytes = 0usize;
         let mut range = entries
             .range::<_, [u8]>((start, Bound::Unbounded))
             .peekable();
-        for (key, value) in range.by_ref() {
-            taken.push((key, value));
-            bytes += key.len() + value.len();
+        for (key, item) in range.by_ref() {
+            taken.push((key, &item.value, item.expires_at_ms));
+            bytes += key.len() + item.value.len();
             if bytes >= budget {
                 break;
             }
         }
         let next = match (range.peek(), taken.last()) {
-            (Some(_), Some((last, _))) => Some(last.to_vec()),
+            (Some(_), Some((last, _, _))) => Some(last.to_vec()),
             _ => None,
         };
         Chunk {
@@ -729,7 +1088,7 @@ impl FrozenState for KvFrozen {
 pub struct KvStaged {
     index: u32,
     limits: KvLimits,
-    entries: Vec<(Shared, Shared)>,
+    entries: Vec<(Shared, Item)>,
     sum: LtHash,
     bytes: u64,
 }
@@ -742,10 +1101,11 @@ impl StagedPartition for KvStaged {
     fn append(&mut self, chunk: &[u8]) -> Result<u64, RestoreError> {
         // The chunk is already in memory and bounded by the transport; decoding never
         // pre-allocates more than its input justifies.
-        let entries: Vec<(ByteBuf, ByteBuf)> = tessera_types::decode(chunk, usize::MAX)
-            .map_err(|_| RestoreError("bytes are not a valid key-value chunk".into()))?;
+        let entries: Vec<(ByteBuf, ByteBuf, Option<u64>)> =
+            tessera_types::decode(chunk, usize::MAX)
+                .map_err(|_| RestoreError("bytes are not a valid key-value chunk".into()))?;
         let added = entries.len() as u64;
-        for (key, value) in entries {
+        for (key, value, expires_at_ms) in entries {
             let (key, value) = (key.0, value.0);
             let fail = |reason: String| {
                 Err(RestoreError(format!(
@@ -768,8 +1128,12 @@ impl StagedPartition for KvStaged {
             if let Err(error) = check_capacity(&self.limits, self.bytes) {
                 return fail(error.to_string());
             }
-            self.sum.add(entry_hasher(), &[&key, &value]);
-            self.entries.push((Arc::from(key), Arc::from(value)));
+            let item = Item {
+                value: Arc::from(value),
+                expires_at_ms,
+            };
+            add_element(&mut self.sum, &key, &item);
+            self.entries.push((Arc::from(key), item));
         }
         Ok(added)
     }
@@ -820,6 +1184,28 @@ fn entry_hasher() -> &'static ElementHasher {
     HASHER.get_or_init(|| ElementHasher::new(ENTRY_DOMAIN))
 }
 
+/// True if an expiry is at or before `time_ms` (Redis: a key is gone once its time has come).
+fn is_expired(expires_at_ms: Option<u64>, time_ms: u64) -> bool {
+    expires_at_ms.is_some_and(|at| at <= time_ms)
+}
+
+/// Adds an entry's element to a partition sum: `(key, value)` without expiry, `(key, value,
+/// expiry)` with one. The parts are length-prefixed, so the two forms never collide, and a
+/// key without expiry hashes as it did before expiry existed.
+fn add_element(sum: &mut LtHash, key: &[u8], item: &Item) {
+    match item.expires_at_ms {
+        None => sum.add(entry_hasher(), &[key, &item.value]),
+        Some(at) => sum.add(entry_hasher(), &[key, &item.value, &at.to_le_bytes()]),
+    }
+}
+
+fn remove_element(sum: &mut LtHash, key: &[u8], item: &Item) {
+    match item.expires_at_ms {
+        None => sum.remove(entry_hasher(), &[key, &item.value]),
+        Some(at) => sum.remove(entry_hasher(), &[key, &item.value, &at.to_le_bytes()]),
+    }
+}
+
 /// The partition `key` belongs to.
 fn partition_of(key: &[u8]) -> usize {
     let digest = Digest::of(PARTITION_OF_DOMAIN, key);
@@ -834,13 +1220,20 @@ fn partition_digest(index: usize, count: u64, sum: &LtHash) -> Digest {
     builder.finish()
 }
 
-/// Serializes entries as a sequence of pairs without copying them (the snapshot and chunk
-/// format).
-struct EntrySeq<'a>(&'a [(&'a [u8], &'a [u8])]);
+/// A stored entry by reference: key, value, expiry.
+type EntryRef<'a> = (&'a [u8], &'a [u8], Option<u64>);
+
+/// Serializes entries as a sequence of `(key, value, expiry)` triples without copying them
+/// (the snapshot and chunk format).
+struct EntrySeq<'a>(&'a [EntryRef<'a>]);
 
 impl Serialize for EntrySeq<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.0.iter().map(|(key, value)| (Bytes(key), Bytes(value))))
+        serializer.collect_seq(
+            self.0
+                .iter()
+                .map(|(key, value, expiry)| (Bytes(key), Bytes(value), *expiry)),
+        )
     }
 }
 

@@ -3,7 +3,10 @@
 use std::collections::HashMap;
 
 use proptest::prelude::*;
-use tessera_kv::{Command, KvError, KvLimits, KvStore, Response, SetCondition, StateMachine};
+use tessera_kv::{
+    Command, ExpireCondition, Expiry, KvError, KvLimits, KvStore, Response, SetCondition,
+    StateMachine,
+};
 
 /// Small limits so that random commands hit every limit often.
 const LIMITS: KvLimits = KvLimits {
@@ -14,14 +17,41 @@ const LIMITS: KvLimits = KvLimits {
 };
 
 /// The obvious implementation: a hash map, totals recomputed from scratch, writes tried on a
-/// copy and kept only if the copy fits.
+/// copy and kept only if the copy fits; expired keys simply vanish before every command.
 #[derive(Default)]
 struct Model {
     map: HashMap<Vec<u8>, Vec<u8>>,
+    /// Expiry of the keys in `map` that have one.
+    expiries: HashMap<Vec<u8>, u64>,
+    time_ms: u64,
+}
+
+/// The absolute time `expiry` gives, or `None` for Keep/Persist (model's own arithmetic).
+fn model_expiry(expiry: Expiry, time_ms: u64) -> Result<Option<i128>, KvError> {
+    let at = match expiry {
+        Expiry::Keep | Expiry::Persist => return Ok(None),
+        Expiry::InMs(ms) => time_ms as i128 + ms as i128,
+        Expiry::AtMs(ms) => ms as i128,
+    };
+    if at > i64::MAX as i128 {
+        return Err(KvError::InvalidExpireTime);
+    }
+    Ok(Some(at))
 }
 
 impl Model {
-    fn apply(&mut self, command: &Command) -> Response {
+    fn apply(&mut self, command: &Command, time_ms: u64) -> Response {
+        self.time_ms = time_ms;
+        let expired: Vec<Vec<u8>> = self
+            .expiries
+            .iter()
+            .filter(|(_, at)| **at <= time_ms)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in expired {
+            self.map.remove(&key);
+            self.expiries.remove(&key);
+        }
         match self.try_apply(command) {
             Ok(response) => response,
             Err(error) => Response::Error(error),
@@ -31,7 +61,138 @@ impl Model {
     fn try_apply(&mut self, command: &Command) -> Result<Response, KvError> {
         check(command)?;
         let mut next = self.map.clone();
+        let mut expiries = self.expiries.clone();
+        let now = self.time_ms as i128;
+        // Writes that replace a value clear its expiry; Incr and Append keep it.
+        let cleared: Vec<Vec<u8>> = match command {
+            Command::Set { key, .. } | Command::GetDel { key } => vec![key.clone()],
+            Command::CompareAndSet { key, expected, .. } if next.get(key) == expected.as_ref() => {
+                vec![key.clone()]
+            }
+            Command::SetIf { key, condition, .. } => match (condition, next.contains_key(key)) {
+                (SetCondition::Always, _)
+                | (SetCondition::IfAbsent, false)
+                | (SetCondition::IfPresent, true) => vec![key.clone()],
+                _ => vec![],
+            },
+            Command::Del { keys } => keys.clone(),
+            Command::MSet { pairs } => pairs.iter().map(|(key, _)| key.clone()).collect(),
+            Command::FlushDb => next.keys().cloned().collect(),
+            _ => vec![],
+        };
+        for key in cleared {
+            expiries.remove(&key);
+        }
         let response = match command {
+            Command::SetWithExpiry {
+                key,
+                value,
+                condition,
+                get,
+                expiry,
+            } => {
+                let at = model_expiry(*expiry, self.time_ms)?;
+                let previous = next.get(key).cloned();
+                let write = match condition {
+                    SetCondition::Always => true,
+                    SetCondition::IfAbsent => previous.is_none(),
+                    SetCondition::IfPresent => previous.is_some(),
+                };
+                if write {
+                    match (expiry, at) {
+                        (Expiry::Keep, _) => {}
+                        (_, None) => {
+                            expiries.remove(key);
+                        }
+                        (_, Some(at)) => {
+                            expiries.insert(key.clone(), at.max(0) as u64);
+                        }
+                    }
+                    if at.is_some_and(|at| at <= now) {
+                        next.remove(key);
+                        expiries.remove(key);
+                    } else {
+                        next.insert(key.clone(), value.clone());
+                    }
+                }
+                match (get, write) {
+                    (true, _) => Response::Value(previous),
+                    (false, true) => Response::Ok,
+                    (false, false) => Response::Value(None),
+                }
+            }
+            Command::Expire {
+                key,
+                expiry,
+                condition,
+            } => {
+                let Some(at) = model_expiry(*expiry, self.time_ms)? else {
+                    return Ok(Response::Integer(0));
+                };
+                if !next.contains_key(key) {
+                    Response::Integer(0)
+                } else {
+                    let current = expiries.get(key).map(|at| *at as i128);
+                    let applies = match condition {
+                        ExpireCondition::Always => true,
+                        ExpireCondition::IfNone => current.is_none(),
+                        ExpireCondition::IfSome => current.is_some(),
+                        ExpireCondition::IfLater => {
+                            current.is_some_and(|current| at.max(0) > current)
+                        }
+                        ExpireCondition::IfEarlier => {
+                            current.is_none_or(|current| at.max(0) < current)
+                        }
+                        ExpireCondition::IfEarlierWithExpiry => {
+                            current.is_some_and(|current| at.max(0) < current)
+                        }
+                    };
+                    if applies && at <= now {
+                        next.remove(key);
+                        expiries.remove(key);
+                    } else if applies {
+                        expiries.insert(key.clone(), at as u64);
+                    }
+                    Response::Integer(i64::from(applies))
+                }
+            }
+            Command::Ttl { key } => {
+                Response::Integer(match (next.contains_key(key), expiries.get(key)) {
+                    (false, _) => -2,
+                    (true, None) => -1,
+                    (true, Some(at)) => (*at as i128 - now) as i64,
+                })
+            }
+            Command::ExpireTime { key } => {
+                Response::Integer(match (next.contains_key(key), expiries.get(key)) {
+                    (false, _) => -2,
+                    (true, None) => -1,
+                    (true, Some(at)) => *at as i64,
+                })
+            }
+            Command::Persist { key } => Response::Integer(i64::from(
+                next.contains_key(key) && expiries.remove(key).is_some(),
+            )),
+            Command::GetEx { key, expiry } => {
+                let at = model_expiry(*expiry, self.time_ms)?;
+                let value = next.get(key).cloned();
+                if value.is_some() {
+                    match (expiry, at) {
+                        (Expiry::Keep, _) => {}
+                        (_, None) => {
+                            expiries.remove(key);
+                        }
+                        (_, Some(at)) if at <= now => {
+                            next.remove(key);
+                            expiries.remove(key);
+                        }
+                        (_, Some(at)) => {
+                            expiries.insert(key.clone(), at as u64);
+                        }
+                    }
+                }
+                Response::Value(value)
+            }
             Command::Get { key } => Response::Value(next.get(key).cloned()),
             Command::Set { key, value } => {
                 next.insert(key.clone(), value.clone());
@@ -132,6 +293,7 @@ impl Model {
             });
         }
         self.map = next;
+        self.expiries = expiries;
         Ok(response)
     }
 }
@@ -163,13 +325,23 @@ fn check(command: &Command) -> Result<(), KvError> {
         Command::Get { key: name }
         | Command::Incr { key: name, .. }
         | Command::Strlen { key: name }
-        | Command::GetDel { key: name } => key(name),
+        | Command::GetDel { key: name }
+        | Command::Expire { key: name, .. }
+        | Command::Ttl { key: name }
+        | Command::Persist { key: name }
+        | Command::GetEx { key: name, .. }
+        | Command::ExpireTime { key: name } => key(name),
         Command::DbSize | Command::FlushDb => Ok(()),
         Command::Set {
             key: name,
             value: content,
         }
         | Command::SetIf {
+            key: name,
+            value: content,
+            ..
+        }
+        | Command::SetWithExpiry {
             key: name,
             value: content,
             ..
@@ -257,6 +429,26 @@ fn command() -> impl Strategy<Value = Command> {
         key().prop_map(|key| Command::Strlen { key }),
         key().prop_map(|key| Command::GetDel { key }),
         Just(Command::DbSize),
+        (key(), value(), condition(), any::<bool>(), expiry()).prop_map(
+            |(key, value, condition, get, expiry)| Command::SetWithExpiry {
+                key,
+                value,
+                condition,
+                get,
+                expiry,
+            }
+        ),
+        (key(), expiry(), expire_condition()).prop_map(|(key, expiry, condition)| {
+            Command::Expire {
+                key,
+                expiry,
+                condition,
+            }
+        }),
+        key().prop_map(|key| Command::Ttl { key }),
+        key().prop_map(|key| Command::Persist { key }),
+        (key(), expiry()).prop_map(|(key, expiry)| Command::GetEx { key, expiry }),
+        key().prop_map(|key| Command::ExpireTime { key }),
         // Rare, so histories still grow large enough to reach the total limit.
         prop::sample::select(vec![
             Command::FlushDb,
@@ -265,6 +457,30 @@ fn command() -> impl Strategy<Value = Command> {
             Command::DbSize
         ]),
     ]
+}
+
+/// Expiries around the model's times (which start at 1000 and grow by up to 40 ms a command),
+/// and the extremes.
+fn expiry() -> impl Strategy<Value = Expiry> {
+    prop_oneof![
+        Just(Expiry::Keep),
+        Just(Expiry::Persist),
+        (-20i64..200).prop_map(Expiry::InMs),
+        (900i64..2_500).prop_map(Expiry::AtMs),
+        prop::sample::select(vec![i64::MIN, -1, 0, i64::MAX]).prop_map(Expiry::InMs),
+        prop::sample::select(vec![i64::MIN, 0, i64::MAX]).prop_map(Expiry::AtMs),
+    ]
+}
+
+fn expire_condition() -> impl Strategy<Value = ExpireCondition> {
+    prop::sample::select(vec![
+        ExpireCondition::Always,
+        ExpireCondition::IfNone,
+        ExpireCondition::IfSome,
+        ExpireCondition::IfLater,
+        ExpireCondition::IfEarlier,
+        ExpireCondition::IfEarlierWithExpiry,
+    ])
 }
 
 fn condition() -> impl Strategy<Value = SetCondition> {
@@ -279,18 +495,28 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
     #[test]
-    fn store_matches_model(commands in prop::collection::vec(command(), 1..60)) {
+    fn store_matches_model(
+        commands in prop::collection::vec((command(), 0u64..40), 1..60),
+    ) {
         let mut store = KvStore::new(LIMITS);
         let mut model = Model::default();
-        for command in &commands {
-            let result = store.execute(&command.encode());
+        let mut time_ms = 1_000;
+        for (command, step_ms) in &commands {
+            time_ms += step_ms;
+            let result = store.execute(&command.encode(), time_ms);
             let response = Response::decode(&result).expect("results always decode");
-            prop_assert_eq!(&response, &model.apply(command), "after {:?}", command);
-            prop_assert_eq!(store.len(), model.map.len());
+            prop_assert_eq!(&response, &model.apply(command, time_ms), "after {:?} at {}", command, time_ms);
+            // The store may still hold expired keys (removed lazily); what it answers for is
+            // the live ones.
             for (key, value) in &model.map {
                 prop_assert_eq!(store.get(key), Some(value.as_slice()));
+                prop_assert_eq!(store.expiry_of(key), model.expiries.get(key).copied());
             }
+            prop_assert!(store.len() >= model.map.len());
         }
+        let dbsize = Response::decode(&store.execute(&Command::DbSize.encode(), time_ms)).unwrap();
+        prop_assert_eq!(dbsize, Response::Count(model.map.len() as u64));
+        prop_assert_eq!(store.len(), model.map.len(), "DbSize removed every expired key");
         let expected: u64 = model.map.iter().map(|(key, value)| (key.len() + value.len()) as u64).sum();
         prop_assert_eq!(store.stored_bytes(), expected);
     }
@@ -360,7 +586,7 @@ proptest! {
             store.apply(command);
         }
         let before = store.snapshot();
-        let response = Response::decode(&store.execute(&operation)).expect("results always decode");
+        let response = Response::decode(&store.execute(&operation, 0)).expect("results always decode");
         if let Response::Error(_) = response {
             prop_assert_eq!(store.snapshot(), before);
         }

@@ -505,6 +505,16 @@ fn timer_of_code(code: u8) -> Option<Timer> {
     }
 }
 
+/// The host's wall clock in milliseconds since the Unix epoch (0 if the clock is set before
+/// it). The core never reads it: the driver passes it in with every input and logs it, so a
+/// replay feeds the core the very same values.
+pub(crate) fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 impl<S: StateMachine> CoreLoop<S> {
     fn now_ms(&self) -> u64 {
         let elapsed = u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -547,8 +557,9 @@ impl<S: StateMachine> CoreLoop<S> {
         };
         if replayed == 0 && !restored {
             let now_ms = self.now_ms();
-            self.log(|| RecordRef::Start { now_ms });
-            self.replica.start(now_ms);
+            let wall_ms = wall_clock_ms();
+            self.log(|| RecordRef::Start { now_ms, wall_ms });
+            self.replica.start(now_ms, wall_ms);
         }
         self.execute_actions()?;
         let mut next_status = Instant::now();
@@ -599,23 +610,32 @@ impl<S: StateMachine> CoreLoop<S> {
         let mut marks = 0u64;
         while let Some(record) = reader.next_record()? {
             match record {
-                Record::Start { now_ms } => {
+                Record::Start { now_ms, wall_ms } => {
                     last_ms = now_ms;
-                    self.replica.start(now_ms);
+                    self.replica.start(now_ms, wall_ms);
                 }
-                Record::Request { now_ms, request } => {
+                Record::Request {
+                    now_ms,
+                    wall_ms,
+                    request,
+                } => {
                     last_ms = now_ms;
-                    self.replica.handle_request(now_ms, request);
+                    self.replica.handle_request(now_ms, wall_ms, request);
                 }
                 Record::Message {
                     now_ms,
+                    wall_ms,
                     from,
                     message,
                 } => {
                     last_ms = now_ms;
-                    self.replica.handle_message(now_ms, from, message);
+                    self.replica.handle_message(now_ms, wall_ms, from, message);
                 }
-                Record::Timer { now_ms, timer } => {
+                Record::Timer {
+                    now_ms,
+                    wall_ms,
+                    timer,
+                } => {
                     last_ms = now_ms;
                     let Some(timer) = timer_of_code(timer) else {
                         return Err(WalError::Corrupt {
@@ -624,7 +644,7 @@ impl<S: StateMachine> CoreLoop<S> {
                             problem: format!("unknown timer code {timer}"),
                         });
                     };
-                    self.replica.handle_timer(now_ms, timer);
+                    self.replica.handle_timer(now_ms, wall_ms, timer);
                 }
                 Record::Mark(expected) => {
                     marks += 1;
@@ -733,22 +753,25 @@ impl<S: StateMachine> CoreLoop<S> {
     fn handle(&mut self, event: CoreEvent) -> bool {
         self.outputs.counters.core_event_taken();
         let now_ms = self.now_ms();
+        let wall_ms = wall_clock_ms();
         match event {
             CoreEvent::Request(request) => {
                 self.log(|| RecordRef::Request {
                     now_ms,
+                    wall_ms,
                     request: &request,
                 });
-                self.replica.handle_request(now_ms, request)
+                self.replica.handle_request(now_ms, wall_ms, request)
             }
             CoreEvent::Message { from, message } => {
                 self.outputs.metrics.message_received(&message);
                 self.log(|| RecordRef::Message {
                     now_ms,
+                    wall_ms,
                     from,
                     message: &message,
                 });
-                self.replica.handle_message(now_ms, from, message)
+                self.replica.handle_message(now_ms, wall_ms, from, message)
             }
             CoreEvent::Stop => return false,
         }
@@ -767,6 +790,7 @@ impl<S: StateMachine> CoreLoop<S> {
         // Bounded: each pass removes a timer before firing it; a handler that re-arms with a
         // past deadline waits for the next turn rather than looping here.
         let now_ms = self.now_ms();
+        let wall_ms = wall_clock_ms();
         let due: Vec<Timer> = self
             .timers
             .iter()
@@ -779,9 +803,10 @@ impl<S: StateMachine> CoreLoop<S> {
             let code = timer_code(timer);
             self.log(|| RecordRef::Timer {
                 now_ms,
+                wall_ms,
                 timer: code,
             });
-            self.replica.handle_timer(now_ms, timer);
+            self.replica.handle_timer(now_ms, wall_ms, timer);
         }
         self.execute_actions()
     }

@@ -154,14 +154,21 @@ pub async fn run_replica(
                 // certified after that is in the log, and replay certifies it again.
                 let counter = tessera_core::minbft::saved_usig_counter(&snapshot.core)?;
                 let usig = metrics.metered_usig(build_usig_at(&cluster, &secrets, me, counter)?);
-                Replica::restore(
+                let started = std::time::Instant::now();
+                let replica = Replica::restore(
                     me,
                     cluster.protocol.clone(),
                     usig,
                     authenticator,
                     Envelope::new(key_value_store(&cluster.store)),
                     &snapshot.core,
-                )?
+                )?;
+                info!(
+                    bytes = snapshot.core.len(),
+                    seconds = started.elapsed().as_secs_f64(),
+                    "decoded the snapshot"
+                );
+                replica
             }
             None => {
                 let usig = metrics.metered_usig(build_usig(&cluster, &secrets, me)?);

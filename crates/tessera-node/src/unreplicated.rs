@@ -100,6 +100,9 @@ fn run<S: StateMachine>(
 ) {
     info!("unreplicated executor started");
     let mut executed: u64 = 0;
+    // One process decides alone, so its own clock is the agreed time; kept from going back so
+    // the service never sees time run backwards (a wall clock may be set back).
+    let mut clock_ms = 0u64;
     let mut next_status = Instant::now();
     loop {
         if Instant::now() >= next_status {
@@ -116,7 +119,8 @@ fn run<S: StateMachine>(
             Verdict::Ignore => continue,
             Verdict::Resend(result) => result,
             Verdict::Execute => {
-                let result = state_machine.execute(&request.operation);
+                clock_ms = clock_ms.max(crate::driver::wall_clock_ms());
+                let result = state_machine.execute(&request.operation, clock_ms);
                 executed += 1;
                 table.record(request.client, request.request_number, result.clone());
                 result

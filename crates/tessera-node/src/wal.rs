@@ -46,8 +46,10 @@ use thiserror::Error;
 
 /// The file's first bytes.
 const MAGIC: &[u8; 12] = b"TESSERA-WAL\0";
-/// Bumped whenever the record encoding changes.
-const FORMAT_VERSION: u32 = 2;
+/// Bumped whenever the record encoding changes. Version 3: every input record carries the
+/// wall clock (`wall_ms`) the core was given with it, which the agreed time of batches depends
+/// on, and the header a generation and the length of the snapshot that may head the log.
+const FORMAT_VERSION: u32 = 3;
 /// Magic, version, replica id, fingerprint, generation, snapshot length.
 const HEADER_LEN: usize = 12 + 4 + 4 + 32 + 8 + 8;
 /// The digest in front of a snapshot.
@@ -57,18 +59,23 @@ const RECORD_PREFIX_LEN: usize = 4 + 8;
 /// The largest record: a replica message of the largest frame plus the record's own fields.
 pub const RECORD_BYTES_MAX: usize = tessera_types::limits::MAX_FRAME_BYTES + 1024;
 
-/// One input the core handled, with the time (core milliseconds) it was handled at.
+/// One input the core handled, with the time (core milliseconds) it was handled at and the
+/// host's wall clock (ms since the Unix epoch) the core was given with it.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub enum Record {
     /// The core was started (the first record of a log).
     Start {
         /// Time.
         now_ms: u64,
+        /// Wall clock.
+        wall_ms: u64,
     },
     /// A client request.
     Request {
         /// Time.
         now_ms: u64,
+        /// Wall clock.
+        wall_ms: u64,
         /// The request.
         request: Request,
     },
@@ -76,6 +83,8 @@ pub enum Record {
     Message {
         /// Time.
         now_ms: u64,
+        /// Wall clock.
+        wall_ms: u64,
         /// Sender.
         from: ReplicaId,
         /// The message.
@@ -85,6 +94,8 @@ pub enum Record {
     Timer {
         /// Time.
         now_ms: u64,
+        /// Wall clock.
+        wall_ms: u64,
         /// Which timer ([`crate::driver`] maps the core's timers to these codes).
         timer: u8,
     },
@@ -100,11 +111,15 @@ pub enum RecordRef<'a> {
     Start {
         /// Time.
         now_ms: u64,
+        /// Wall clock.
+        wall_ms: u64,
     },
     /// See [`Record::Request`].
     Request {
         /// Time.
         now_ms: u64,
+        /// Wall clock.
+        wall_ms: u64,
         /// The request.
         request: &'a Request,
     },
@@ -112,6 +127,8 @@ pub enum RecordRef<'a> {
     Message {
         /// Time.
         now_ms: u64,
+        /// Wall clock.
+        wall_ms: u64,
         /// Sender.
         from: ReplicaId,
         /// The message.
@@ -121,6 +138,8 @@ pub enum RecordRef<'a> {
     Timer {
         /// Time.
         now_ms: u64,
+        /// Wall clock.
+        wall_ms: u64,
         /// Which timer.
         timer: u8,
     },
@@ -795,11 +814,15 @@ mod tests {
     fn write_log(directory: &Path, groups: u64) -> PathBuf {
         let path = directory.join("replica-1.wal");
         let mut wal = recover(&path, owner()).unwrap().log.into_wal().unwrap();
-        wal.append(&RecordRef::Start { now_ms: 0 });
+        wal.append(&RecordRef::Start {
+            now_ms: 0,
+            wall_ms: 1_700_000_000_000,
+        });
         for group in 0..groups {
             for number in [2 * group, 2 * group + 1] {
                 wal.append(&RecordRef::Request {
                     now_ms: group,
+                    wall_ms: 1_700_000_000_000 + group,
                     request: &request(number),
                 });
             }
@@ -832,21 +855,25 @@ mod tests {
             (
                 tessera_types::encode(&RecordRef::Request {
                     now_ms: 9,
+                    wall_ms: 1_700_000_000_009,
                     request: &request,
                 }),
                 tessera_types::encode(&Record::Request {
                     now_ms: 9,
+                    wall_ms: 1_700_000_000_009,
                     request: request.clone(),
                 }),
             ),
             (
                 tessera_types::encode(&RecordRef::Message {
                     now_ms: 4,
+                    wall_ms: 1_700_000_000_004,
                     from: ReplicaId(2),
                     message: &message,
                 }),
                 tessera_types::encode(&Record::Message {
                     now_ms: 4,
+                    wall_ms: 1_700_000_000_004,
                     from: ReplicaId(2),
                     message: message.clone(),
                 }),
@@ -854,10 +881,12 @@ mod tests {
             (
                 tessera_types::encode(&RecordRef::Timer {
                     now_ms: 1,
+                    wall_ms: 1_700_000_000_001,
                     timer: 2,
                 }),
                 tessera_types::encode(&Record::Timer {
                     now_ms: 1,
+                    wall_ms: 1_700_000_000_001,
                     timer: 2,
                 }),
             ),
@@ -866,8 +895,14 @@ mod tests {
                 tessera_types::encode(&Record::Mark(mark(3))),
             ),
             (
-                tessera_types::encode(&RecordRef::Start { now_ms: 8 }),
-                tessera_types::encode(&Record::Start { now_ms: 8 }),
+                tessera_types::encode(&RecordRef::Start {
+                    now_ms: 8,
+                    wall_ms: 1_700_000_000_008,
+                }),
+                tessera_types::encode(&Record::Start {
+                    now_ms: 8,
+                    wall_ms: 1_700_000_000_008,
+                }),
             ),
         ];
         for (borrowed, owned) in pairs {
@@ -882,7 +917,13 @@ mod tests {
         let records = read_all(&path).unwrap();
         // Start, then per group two requests and a mark.
         assert_eq!(records.len(), 1 + 3 * 3);
-        assert!(matches!(records[0], Record::Start { now_ms: 0 }));
+        assert!(matches!(
+            records[0],
+            Record::Start {
+                now_ms: 0,
+                wall_ms: 1_700_000_000_000
+            }
+        ));
         let numbers: Vec<u64> = records
             .iter()
             .filter_map(|record| match record {
@@ -896,6 +937,7 @@ mod tests {
         let mut wal = recover(&path, owner()).unwrap().log.into_wal().unwrap();
         wal.append(&RecordRef::Timer {
             now_ms: 50,
+            wall_ms: 1_700_000_000_050,
             timer: 1,
         });
         wal.commit(mark(9)).unwrap();
@@ -905,6 +947,7 @@ mod tests {
             records[10],
             Record::Timer {
                 now_ms: 50,
+                wall_ms: 1_700_000_000_050,
                 timer: 1
             }
         ));
@@ -915,7 +958,10 @@ mod tests {
         let directory = tempfile::tempdir().unwrap();
         let path = write_log(directory.path(), 1);
         let mut wal = recover(&path, owner()).unwrap().log.into_wal().unwrap();
-        wal.append(&RecordRef::Start { now_ms: 1 });
+        wal.append(&RecordRef::Start {
+            now_ms: 1,
+            wall_ms: 1_700_000_000_001,
+        });
         assert!(wal.has_pending());
         drop(wal);
         assert_eq!(read_all(&path).unwrap().len(), 4);
@@ -1017,6 +1063,7 @@ mod tests {
         wal.rotate(&snapshot(1)).unwrap();
         wal.append(&RecordRef::Timer {
             now_ms: 90,
+            wall_ms: 1_700_000_000_090,
             timer: 2,
         });
         wal.commit(mark(5)).unwrap();
@@ -1051,6 +1098,7 @@ mod tests {
         // ...and these records arrive while it is being written.
         wal.append(&RecordRef::Timer {
             now_ms: 500,
+            wall_ms: 1_700_000_000_500,
             timer: 1,
         });
         wal.commit(mark(8)).unwrap();

@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use tessera_core::minbft::ClientEntry;
+use tessera_core::minbft::ClientSnapshot;
 use tessera_crypto::{Digest, DigestBuilder};
 use tessera_kv::Response;
 use tessera_types::{
@@ -126,11 +126,12 @@ pub struct AdversaryStats {
     pub corrupted_replies: u64,
 }
 
-/// The layout of a STATE-SUMMARY's client table.
-type ClientEntries = Vec<(tessera_types::ClientId, ClientEntry)>;
-/// The layout of a key-value chunk: `(key, value)` pairs in key order (postcard encodes a byte
-/// string and a sequence of bytes alike).
-type KvChunk = Vec<(Vec<u8>, Vec<u8>)>;
+/// The layout of a key-value chunk: `(key, value, expiry)` triples in key order (postcard
+/// encodes a byte string and a sequence of bytes alike). It must follow the store's format:
+/// a chunk that does not decode is left alone, and the tampering silently stops (when the
+/// format gained the expiry, the planted bug trust-state-snapshot went uncaught until this
+/// was updated).
+type KvChunk = Vec<(Vec<u8>, Vec<u8>, Option<u64>)>;
 
 /// How many of its own messages a Byzantine replica remembers for replays.
 const REPLAY_MEMORY: usize = 64;
@@ -320,8 +321,8 @@ impl Adversary {
                     summary.partitions[index] = random_digest(rng);
                 } else {
                     let limit = tessera_types::limits::MAX_FRAME_BYTES;
-                    let Ok(mut clients) =
-                        tessera_types::decode::<ClientEntries>(&summary.clients, limit)
+                    let Ok((clock_ms, mut clients)) =
+                        tessera_types::decode::<ClientSnapshot>(&summary.clients, limit)
                     else {
                         return None;
                     };
@@ -331,7 +332,7 @@ impl Adversary {
                         .max_by_key(|(_, (_, entry))| entry.seq)
                         .map(|(index, _)| index)?;
                     clients.remove(newest);
-                    summary.clients = tessera_types::encoding::encode(&clients);
+                    summary.clients = tessera_types::encoding::encode(&(clock_ms, clients));
                 }
             }
             ReplicaMessage::PartitionReply(reply) => {
@@ -362,7 +363,7 @@ impl Adversary {
                         if choice == 3 {
                             entries.pop()?;
                         } else {
-                            let (_, value) = entries.first_mut()?;
+                            let (_, value, _) = entries.first_mut()?;
                             value.push(b'!');
                         }
                         chunk.bytes = tessera_types::encoding::encode(&entries);

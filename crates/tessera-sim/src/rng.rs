@@ -18,6 +18,8 @@ pub const STREAM_ADVERSARY: u64 = 4;
 pub const STREAM_ROGUE: u64 = 5;
 /// Whether the planned crash is for good (its own stream, so adding it changed no other draw).
 pub const STREAM_CRASH_STOP: u64 = 6;
+/// Stream for each node's wall-clock skew (its own stream, so adding it changed no other draw).
+pub const STREAM_CLOCK: u64 = 7;
 
 /// A seeded random stream with the few draws the simulator needs.
 #[derive(Clone, Debug)]

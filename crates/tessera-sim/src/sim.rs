@@ -16,8 +16,8 @@ use crate::adversary::{draw_round, round_of, Adversary, AdversaryStats, Round, S
 use crate::check::{Checker, Violation};
 use crate::config::SimConfig;
 use crate::rng::{
-    SimRng, STREAM_ADVERSARY, STREAM_CRASH_STOP, STREAM_FAULTS, STREAM_NETWORK, STREAM_ROGUE,
-    STREAM_WORKLOAD,
+    SimRng, STREAM_ADVERSARY, STREAM_CLOCK, STREAM_CRASH_STOP, STREAM_FAULTS, STREAM_NETWORK,
+    STREAM_ROGUE, STREAM_WORKLOAD,
 };
 use crate::workload::{random_command, Client, Operation, CLIENT_CREDENTIAL};
 
@@ -97,18 +97,45 @@ struct Node {
     /// The node's latest snapshot (taken only of the node the seed will crash): how many of
     /// `inputs` it covers, and its bytes.
     snapshot: Option<(usize, Vec<u8>)>,
+    /// How far this node's wall clock is from the simulation's (`WALL_BASE_MS + now_ms`):
+    /// drawn from the seed within ±`clock_skew_max_ms / 2`, so any two correct clocks differ
+    /// by at most the bound the protocol is configured with.
+    wall_skew_ms: i64,
 }
 
 /// A node that will crash takes a snapshot of itself every this many inputs.
 const SNAPSHOT_EVERY_INPUTS: usize = 50;
 
-/// One input of a node's log, with the logical time it was handled at.
+/// The wall clock of the simulated world at logical time 0 (ms since the Unix epoch).
+pub const WALL_BASE_MS: u64 = 1_700_000_000_000;
+
+impl LoggedInput {
+    /// Feeds the input to `replica` and drops what it says (a replay).
+    fn replay_into(&self, replica: &mut Replica<KvStore>) {
+        match self {
+            LoggedInput::Start(now_ms, wall_ms) => replica.start(*now_ms, *wall_ms),
+            LoggedInput::Request(now_ms, wall_ms, request) => {
+                replica.handle_request(*now_ms, *wall_ms, request.clone())
+            }
+            LoggedInput::Message(now_ms, wall_ms, from, message) => {
+                replica.handle_message(*now_ms, *wall_ms, ReplicaId(*from), message.clone())
+            }
+            LoggedInput::Timer(now_ms, wall_ms, timer) => {
+                replica.handle_timer(*now_ms, *wall_ms, *timer)
+            }
+        }
+        replica.take_actions();
+    }
+}
+
+/// One input of a node's log, with the logical time it was handled at and the node's wall
+/// clock then (the real driver logs both).
 #[derive(Debug)]
 enum LoggedInput {
-    Start(u64),
-    Request(u64, Request),
-    Message(u64, u32, ReplicaMessage),
-    Timer(u64, Timer),
+    Start(u64, u64),
+    Request(u64, u64, Request),
+    Message(u64, u64, u32, ReplicaMessage),
+    Timer(u64, u64, Timer),
 }
 
 /// Something scheduled to happen at a logical time.
@@ -367,6 +394,7 @@ impl Simulation {
             };
             nodes.push(new_node(&config, &client_key, id, role, usig));
         }
+        let mut clock_rng = SimRng::new(seed, STREAM_CLOCK);
         let twin = faults.twins.map(|id| {
             let usig = Box::new(shared_usigs[&id].clone());
             nodes.push(new_node(&config, &client_key, id, Role::Twin, usig));
@@ -417,11 +445,19 @@ impl Simulation {
             stats: Stats::default(),
             config,
         };
+        let half_skew = simulation.config.protocol.clock_skew_max_ms / 2;
+        for node in simulation.nodes.iter_mut() {
+            let drawn = clock_rng.between(0, 2 * half_skew) as i64;
+            node.wall_skew_ms = drawn - half_skew as i64;
+        }
         for node in 0..simulation.nodes.len() {
+            let wall_ms = simulation.wall_ms(node);
             if simulation.nodes[node].role == Role::Correct {
-                simulation.nodes[node].inputs.push(LoggedInput::Start(0));
+                simulation.nodes[node]
+                    .inputs
+                    .push(LoggedInput::Start(0, wall_ms));
             }
-            simulation.nodes[node].replica.start(0);
+            simulation.nodes[node].replica.start(0, wall_ms);
             simulation.after_replica_step(node);
         }
         for client in 0..simulation.clients.len() {
@@ -574,13 +610,14 @@ impl Simulation {
                 }
                 self.stats.delivered += 1;
                 let now_ms = self.now_ms;
+                let wall_ms = self.wall_ms(to);
                 if self.nodes[to].role == Role::Correct {
-                    let input = LoggedInput::Message(now_ms, from, message.clone());
+                    let input = LoggedInput::Message(now_ms, wall_ms, from, message.clone());
                     self.nodes[to].inputs.push(input);
                 }
                 self.nodes[to]
                     .replica
-                    .handle_message(now_ms, ReplicaId(from), message);
+                    .handle_message(now_ms, wall_ms, ReplicaId(from), message);
                 self.after_replica_step(to);
             }
             Event::Request { to, request } => {
@@ -590,11 +627,14 @@ impl Simulation {
                 }
                 self.stats.delivered += 1;
                 let now_ms = self.now_ms;
+                let wall_ms = self.wall_ms(to);
                 if self.nodes[to].role == Role::Correct {
-                    let input = LoggedInput::Request(now_ms, request.clone());
+                    let input = LoggedInput::Request(now_ms, wall_ms, request.clone());
                     self.nodes[to].inputs.push(input);
                 }
-                self.nodes[to].replica.handle_request(now_ms, request);
+                self.nodes[to]
+                    .replica
+                    .handle_request(now_ms, wall_ms, request);
                 self.after_replica_step(to);
             }
             Event::Reply { client, reply } => {
@@ -835,13 +875,21 @@ impl Simulation {
         *generation
     }
 
+    /// Node `node`'s wall clock now.
+    fn wall_ms(&self, node: usize) -> u64 {
+        (WALL_BASE_MS + self.now_ms).saturating_add_signed(self.nodes[node].wall_skew_ms)
+    }
+
     fn handle_timer(&mut self, node: usize, now_ms: u64, timer: Timer) {
+        let wall_ms = self.wall_ms(node);
         if self.nodes[node].role == Role::Correct {
             self.nodes[node]
                 .inputs
-                .push(LoggedInput::Timer(now_ms, timer));
+                .push(LoggedInput::Timer(now_ms, wall_ms, timer));
         }
-        self.nodes[node].replica.handle_timer(now_ms, timer);
+        self.nodes[node]
+            .replica
+            .handle_timer(now_ms, wall_ms, timer);
         self.after_replica_step(node);
     }
 
@@ -919,20 +967,8 @@ impl Simulation {
             fresh.replica.plant_bug(bug);
         }
         for input in &self.nodes[node].inputs[replay_from..] {
-            match input {
-                LoggedInput::Start(now_ms) => fresh.replica.start(*now_ms),
-                LoggedInput::Request(now_ms, request) => {
-                    fresh.replica.handle_request(*now_ms, request.clone())
-                }
-                LoggedInput::Message(now_ms, from, message) => {
-                    fresh
-                        .replica
-                        .handle_message(*now_ms, ReplicaId(*from), message.clone())
-                }
-                LoggedInput::Timer(now_ms, timer) => fresh.replica.handle_timer(*now_ms, *timer),
-            }
             // What the replayed core says went out before the crash (or is fetched again).
-            fresh.replica.take_actions();
+            input.replay_into(&mut fresh.replica);
         }
         let mut crashed = replica_fingerprint(&self.nodes[node].replica);
         let mut replayed = replica_fingerprint(&fresh.replica);
@@ -1376,6 +1412,7 @@ fn new_node(
         missed_timers: [false; TIMER_KINDS],
         inputs: Vec::new(),
         snapshot: None,
+        wall_skew_ms: 0,
     }
 }
 
@@ -1564,17 +1601,7 @@ mod tests {
                 )
                 .unwrap();
                 for input in &simulation.nodes[node].inputs[taken_at..] {
-                    match input {
-                        LoggedInput::Start(now_ms) => restored.start(*now_ms),
-                        LoggedInput::Request(now_ms, request) => {
-                            restored.handle_request(*now_ms, request.clone())
-                        }
-                        LoggedInput::Message(now_ms, from, message) => {
-                            restored.handle_message(*now_ms, ReplicaId(*from), message.clone())
-                        }
-                        LoggedInput::Timer(now_ms, timer) => restored.handle_timer(*now_ms, *timer),
-                    }
-                    restored.take_actions();
+                    input.replay_into(&mut restored);
                 }
                 let original = &mut simulation.nodes[node].replica;
                 if original.can_snapshot() && restored.can_snapshot() {
@@ -1609,7 +1636,7 @@ mod tests {
                     || !matches!(
                         input,
                         LoggedInput::Request(..)
-                            | LoggedInput::Message(_, _, ReplicaMessage::Prepare(_))
+                            | LoggedInput::Message(_, _, _, ReplicaMessage::Prepare(_))
                     )
             })
             .map(|(_, input)| input)

@@ -43,7 +43,16 @@ pub struct ProtocolConfig {
     pub heartbeat_interval_ms: u64,
     /// Clients remembered for exactly-once execution; the least recently served is evicted.
     pub client_table_max: usize,
+    /// How far ahead of a backup's own wall clock the agreed time a primary proposes for a batch
+    /// may be (docs/PROTOCOL.md §4, *Agreed time*). It bounds how far a faulty primary can move
+    /// time forward, and must exceed the clock differences between correct replicas (plus a
+    /// PREPARE's transit time), or a correct primary's batches are refused.
+    pub clock_skew_max_ms: u64,
 }
+
+/// The largest `clock_skew_max_ms` accepted: one hour. A larger bound would let a faulty
+/// primary expire keys an hour early, which defeats the purpose of bounding it.
+pub const CLOCK_SKEW_MAX_MS_LIMIT: u64 = 3_600_000;
 
 impl Default for ProtocolConfig {
     fn default() -> Self {
@@ -61,6 +70,7 @@ impl Default for ProtocolConfig {
             view_change_timeout_ms: 2_000,
             heartbeat_interval_ms: 200,
             client_table_max: 100_000,
+            clock_skew_max_ms: 2_000,
         }
     }
 }
@@ -192,6 +202,15 @@ impl ProtocolConfig {
                 ),
             );
         }
+        if self.clock_skew_max_ms == 0 || self.clock_skew_max_ms > CLOCK_SKEW_MAX_MS_LIMIT {
+            return refuse(
+                "clock_skew_max_ms",
+                format!("is {}", self.clock_skew_max_ms),
+                format!(
+                    "use a value between 1 and {CLOCK_SKEW_MAX_MS_LIMIT} (default 2000): larger than the clock difference between any two correct replicas plus a message's delay, so correct primaries are not refused, and as small as that allows, since it is how far a faulty primary can move time forward"
+                ),
+            );
+        }
         for (field, value) in [
             ("pending_requests_max", self.pending_requests_max as u64),
             ("client_table_max", self.client_table_max as u64),
@@ -214,6 +233,24 @@ mod tests {
     #[test]
     fn default_is_valid() {
         ProtocolConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn refuses_a_clock_skew_bound_of_zero_or_over_an_hour_and_names_the_field() {
+        for clock_skew_max_ms in [0, CLOCK_SKEW_MAX_MS_LIMIT + 1] {
+            let config = ProtocolConfig {
+                clock_skew_max_ms,
+                ..ProtocolConfig::default()
+            };
+            let error = config.validate().unwrap_err();
+            assert_eq!(error.field, "clock_skew_max_ms");
+            assert!(error.to_string().contains("default 2000"), "{error}");
+        }
+        let config = ProtocolConfig {
+            clock_skew_max_ms: CLOCK_SKEW_MAX_MS_LIMIT,
+            ..ProtocolConfig::default()
+        };
+        config.validate().unwrap();
     }
 
     #[test]

@@ -112,6 +112,10 @@ pub struct PrepareHeader {
     pub seq: SeqNum,
     /// Digest of the ordered batch.
     pub batch_digest: Digest,
+    /// The batch's agreed time, in milliseconds since the Unix epoch, as the primary proposed
+    /// it (docs/PROTOCOL.md §4, *Agreed time*). Certified with the rest of the header, so a
+    /// primary cannot show two times for one batch, and a re-proposal keeps it.
+    pub time_ms: u64,
     /// The primary's UI over this header.
     pub ui: Ui,
 }
@@ -119,7 +123,13 @@ pub struct PrepareHeader {
 impl PrepareHeader {
     /// What the primary's UI certifies.
     pub fn certified_digest(&self) -> Digest {
-        prepare_certified_digest(self.primary, self.view, self.seq, &self.batch_digest)
+        prepare_certified_digest(
+            self.primary,
+            self.view,
+            self.seq,
+            &self.batch_digest,
+            self.time_ms,
+        )
     }
 }
 
@@ -129,13 +139,15 @@ pub fn prepare_certified_digest(
     view: View,
     seq: SeqNum,
     batch_digest: &Digest,
+    time_ms: u64,
 ) -> Digest {
-    let mut builder = DigestBuilder::new("tessera.prepare.v1");
+    let mut builder = DigestBuilder::new("tessera.prepare.v2");
     builder
         .u64(primary.0 as u64)
         .u64(view.0)
         .u64(seq.0)
-        .digest(batch_digest);
+        .digest(batch_digest)
+        .u64(time_ms);
     builder.finish()
 }
 

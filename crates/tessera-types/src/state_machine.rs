@@ -25,8 +25,11 @@ pub trait StateMachine: Send + 'static {
     /// A partition being received, chunk by chunk, and checked as it arrives.
     type Staged: StagedPartition;
 
-    /// Applies one operation and returns its result.
-    fn execute(&mut self, operation: &[u8]) -> Vec<u8>;
+    /// Applies one operation and returns its result. `time_ms` is the agreed time of the batch
+    /// the operation belongs to (milliseconds since the Unix epoch): the same on every replica,
+    /// never smaller than the time of an earlier batch, and the only notion of time a service
+    /// may use (docs/PROTOCOL.md §4, *Agreed time*). A service must not read a clock.
+    fn execute(&mut self, operation: &[u8], time_ms: u64) -> Vec<u8>;
 
     /// The number of partitions: a power of two, the same on every replica for the life of the
     /// service.

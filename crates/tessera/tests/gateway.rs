@@ -222,9 +222,14 @@ fn redis_cli_runs_every_command_through_the_gateway() {
         assert_eq!(cli(arguments), *expected, "redis-cli {arguments:?}");
     }
 
-    let expiry = cli(&["SET", "k", "v", "EX", "10"]);
-    assert!(expiry.contains("expiry is not supported yet"), "{expiry}");
-    assert_eq!(cli(&["GET", "k"]), "", "a refused SET EX writes nothing");
+    assert_eq!(cli(&["SET", "k", "v", "EX", "100"]), "OK");
+    assert_eq!(cli(&["TTL", "k"]), "100");
+    assert_eq!(cli(&["PERSIST", "k"]), "1");
+    assert_eq!(cli(&["TTL", "k"]), "-1");
+    assert_eq!(
+        cli(&["SET", "k", "v", "EX", "0"]),
+        "ERR invalid expire time in 'set' command\n"
+    );
 
     let info = cli(&["INFO"]);
     for field in [
@@ -583,6 +588,57 @@ fn the_gateway_answers_through_a_crashed_primary() {
         .and_then(|view| view.trim().parse().ok())
         .unwrap_or_else(|| panic!("no view in {info}"));
     assert!(view >= 1, "the replicas changed view: {info}");
+}
+
+/// Expiry through the gateway on a real cluster: the replicas decide it from the agreed time of
+/// the batches, so a key set with `PX 300` is gone about a second later on every replica, and
+/// their states (expiries and the agreed clock included) still have equal digests.
+#[test]
+fn keys_expire_at_the_agreed_time_and_replicas_stay_equal() {
+    let (cluster, gateway) = start_tuned(23_400, 22_386, |protocol| {
+        // Small checkpoints, so a stable checkpoint soon covers the commands below.
+        protocol.checkpoint_interval = 4;
+        protocol.log_size = 8;
+        protocol.window = 4;
+    });
+    let cli = |arguments: &[&str]| gateway.cli_text(arguments);
+    assert_eq!(cli(&["SET", "short", "v", "PX", "300"]), "OK");
+    assert_eq!(cli(&["SET", "long", "v", "EX", "100"]), "OK");
+    let pttl: i64 = cli(&["PTTL", "short"])
+        .trim()
+        .parse()
+        .expect("PTTL is a number");
+    assert!((1..=300).contains(&pttl), "PTTL of a PX 300 key: {pttl}");
+    // TTL rounds to the nearest second as Redis does, so a key with under 500 ms left says 0.
+    let ttl: i64 = cli(&["TTL", "long"])
+        .trim()
+        .parse()
+        .expect("TTL is a number");
+    assert!((99..=100).contains(&ttl), "TTL of an EX 100 key: {ttl}");
+    assert_eq!(cli(&["GET", "short"]), "v");
+    assert_eq!(cli(&["EXISTS", "short", "long"]), "2");
+    std::thread::sleep(Duration::from_millis(1_000));
+    assert_eq!(cli(&["GET", "short"]), "", "expired after about a second");
+    assert_eq!(cli(&["PTTL", "short"]), "-2");
+    assert_eq!(cli(&["EXISTS", "short", "long"]), "1");
+    assert_eq!(cli(&["DBSIZE"]), "1");
+    // EXPIRE with a past time deletes; PEXPIRE sets a fresh expiry.
+    assert_eq!(cli(&["SET", "gone", "v"]), "OK");
+    assert_eq!(cli(&["EXPIRE", "gone", "-1"]), "1");
+    assert_eq!(cli(&["GET", "gone"]), "");
+    assert_eq!(cli(&["PEXPIRE", "long", "200", "LT"]), "1");
+    assert_eq!(cli(&["GETEX", "long", "PERSIST"]), "v");
+    assert_eq!(cli(&["TTL", "long"]), "-1");
+    // More batches, so the replicas checkpoint past everything above; then every replica must
+    // report the same stable checkpoint with the same state digest.
+    for index in 0..12 {
+        assert_eq!(cli(&["SET", &format!("pad{index}"), "x", "PX", "50"]), "OK");
+    }
+    support::run_bounded(Duration::from_secs(60), async {
+        let statuses =
+            support::wait_for_agreement(&cluster.dir, &[0, 1, 2], Duration::from_secs(30)).await;
+        assert!(statuses[0].stable_checkpoint.0 >= 20, "{statuses:#?}");
+    });
 }
 
 /// Sends `request` on a fresh connection and decodes `count` replies.

@@ -4,6 +4,10 @@
 //! correct replica holds the same table after the same sequence number. Its size is bounded;
 //! when full, the client served longest ago is evicted — deterministically, since it depends only
 //! on the agreed execution order.
+//!
+//! It also holds the *agreed clock*: the largest batch time executed so far (docs/PROTOCOL.md
+//! §4, *Agreed time*). It is replicated state for the same reason as the table: a replica that
+//! fetched the state must execute the next batch at the same time as the others.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -36,12 +40,17 @@ pub enum Freshness<'a> {
     Stale,
 }
 
-/// Bounded map from client to its latest executed request.
+/// The table as snapshots carry it: the agreed clock and the entries in client order.
+pub type ClientSnapshot = (u64, Vec<(ClientId, ClientEntry)>);
+
+/// Bounded map from client to its latest executed request, and the agreed clock.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ClientTable {
     entries: BTreeMap<ClientId, ClientEntry>,
     by_age: BTreeSet<(SeqNum, ClientId)>,
     capacity: usize,
+    /// The largest batch time executed (ms since the Unix epoch); 0 before any.
+    clock_ms: u64,
 }
 
 impl ClientTable {
@@ -55,7 +64,20 @@ impl ClientTable {
             entries: BTreeMap::new(),
             by_age: BTreeSet::new(),
             capacity,
+            clock_ms: 0,
         }
+    }
+
+    /// The agreed clock: the largest batch time executed so far.
+    pub fn clock_ms(&self) -> u64 {
+        self.clock_ms
+    }
+
+    /// Moves the agreed clock to a batch's time unless it is already later, and returns the
+    /// time the batch executes at.
+    pub fn advance_clock(&mut self, batch_time_ms: u64) -> u64 {
+        self.clock_ms = self.clock_ms.max(batch_time_ms);
+        self.clock_ms
     }
 
     /// Classifies a request.
@@ -96,19 +118,19 @@ impl ClientTable {
         self.entries.is_empty()
     }
 
-    /// Canonical entries in client order (for snapshots).
-    pub fn to_entries(&self) -> Vec<(ClientId, ClientEntry)> {
-        self.entries
+    /// The agreed clock and the canonical entries in client order (for snapshots).
+    pub fn to_snapshot(&self) -> ClientSnapshot {
+        let entries = self
+            .entries
             .iter()
             .map(|(client, entry)| (*client, entry.clone()))
-            .collect()
+            .collect();
+        (self.clock_ms, entries)
     }
 
-    /// Rebuilds a table from snapshot entries; refuses duplicates, disorder or overflow.
-    pub fn from_entries(
-        entries: Vec<(ClientId, ClientEntry)>,
-        capacity: usize,
-    ) -> Result<ClientTable, String> {
+    /// Rebuilds a table from a snapshot; refuses duplicates, disorder or overflow.
+    pub fn from_snapshot(snapshot: ClientSnapshot, capacity: usize) -> Result<ClientTable, String> {
+        let (clock_ms, entries) = snapshot;
         if entries.len() > capacity {
             return Err(format!(
                 "{} clients exceed the table capacity {capacity}",
@@ -124,13 +146,14 @@ impl ClientTable {
             previous = Some(client);
             table.record(client, entry);
         }
+        table.clock_ms = clock_ms;
         Ok(table)
     }
 
     /// Digest of the table's replicated content (everything but the view hint).
     pub fn digest(&self) -> Digest {
-        let mut builder = tessera_crypto::DigestBuilder::new("tessera.client-table.v1");
-        builder.u64(self.entries.len() as u64);
+        let mut builder = tessera_crypto::DigestBuilder::new("tessera.client-table.v2");
+        builder.u64(self.clock_ms).u64(self.entries.len() as u64);
         for (client, entry) in &self.entries {
             builder
                 .u64(client.0)
@@ -210,8 +233,24 @@ mod tests {
         let mut table = ClientTable::new(8);
         table.record(ClientId(3), entry(1, 1));
         table.record(ClientId(1), entry(7, 2));
-        let rebuilt = ClientTable::from_entries(table.to_entries(), 8).unwrap();
+        table.advance_clock(1_700_000_000_000);
+        let rebuilt = ClientTable::from_snapshot(table.to_snapshot(), 8).unwrap();
         assert_eq!(rebuilt.digest(), table.digest());
-        assert!(ClientTable::from_entries(table.to_entries(), 1).is_err());
+        assert_eq!(rebuilt.clock_ms(), 1_700_000_000_000);
+        assert!(ClientTable::from_snapshot(table.to_snapshot(), 1).is_err());
+    }
+
+    #[test]
+    fn the_agreed_clock_never_goes_back_and_is_in_the_digest() {
+        let mut table = ClientTable::new(8);
+        let empty = table.digest();
+        assert_eq!(table.advance_clock(500), 500);
+        assert_eq!(
+            table.advance_clock(300),
+            500,
+            "an earlier batch time does not move it"
+        );
+        assert_eq!(table.clock_ms(), 500);
+        assert_ne!(table.digest(), empty);
     }
 }

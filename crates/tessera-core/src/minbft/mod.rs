@@ -7,13 +7,17 @@
 //!
 //! # What it must never do
 //! Read the clock, touch sockets or files, draw randomness, or panic on anything that arrived
-//! from outside. Time comes in as `now_ms`; everything it wants done leaves as an [`Action`].
+//! from outside. Time comes in as arguments: `now_ms`, the driver's logical clock for timers,
+//! and `wall_ms`, the host's wall clock (ms since the Unix epoch), used only to propose and bound
+//! the agreed time of batches (docs/PROTOCOL.md §4, *Agreed time*). Both are inputs, so a driver
+//! that logs them replays the core exactly. Everything it wants done leaves as an [`Action`].
 //!
 //! # How it is driven
 //! 1. Build with [`Replica::new`], then call [`Replica::start`] once.
 //! 2. Feed inputs: [`Replica::handle_request`] (client requests), [`Replica::handle_message`]
 //!    (replica messages, with the id of the authenticated channel they came on) and
-//!    [`Replica::handle_timer`] (a timer armed by a `SetTimer` action expired).
+//!    [`Replica::handle_timer`] (a timer armed by a `SetTimer` action expired), each with the
+//!    current logical time and wall clock.
 //! 3. After each input, carry out [`Replica::take_actions`] in order.
 //!
 //! # The stream discipline
@@ -29,12 +33,12 @@ mod snapshot;
 mod transfer;
 mod view_change;
 
-pub use clients::{ClientEntry, ClientTable, Freshness};
+pub use clients::{ClientEntry, ClientSnapshot, ClientTable, Freshness};
 pub use snapshot::{saved_usig_counter, Capture, SnapshotError};
 use transfer::{CheckpointState, Transfer};
 pub use transfer::{CHUNK_BUDGET_BYTES, IN_FLIGHT_PER_SOURCE, MAX_CHUNK_BYTES, MAX_CURSOR_BYTES};
 use view_change::{justification_pool, ANCHOR_NOT_YET_SEEN};
-pub use view_change::{AnchorCheck, AnchorOracle, Memo, NewViewPlan, Verifier};
+pub use view_change::{AnchorCheck, AnchorOracle, Memo, NewViewPlan, PlanEntry, Verifier};
 
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::sync::Arc;
@@ -263,6 +267,9 @@ pub struct Replica<S: StateMachine> {
     state_machine: S,
     actions: Vec<Action>,
     now_ms: u64,
+    /// The host's wall clock as of the latest input (ms since the Unix epoch). Only the agreed
+    /// time uses it: the primary proposes from it, backups bound proposals by it.
+    wall_ms: u64,
     rejections: BTreeMap<&'static str, u64>,
 
     // --- view ---
@@ -287,6 +294,10 @@ pub struct Replica<S: StateMachine> {
     next_prepare_seq: SeqNum,
     /// The primary broke a rule in this view: accept nothing more from it in this view.
     primary_faulty: bool,
+    /// The agreed time of the latest batch ordered in this view (proposed, or accepted in
+    /// sequence), or at the start of a view the latest time in its NEW-VIEW plan: the next new
+    /// PREPARE's time may not be smaller.
+    time_floor_ms: u64,
 
     // --- agreement ---
     slots: BTreeMap<SeqNum, Slot>,
@@ -295,7 +306,8 @@ pub struct Replica<S: StateMachine> {
 
     // --- execution ---
     last_executed: SeqNum,
-    executed_digests: BTreeMap<SeqNum, Digest>,
+    /// Per executed sequence number (above the stable checkpoint): its batch digest and time.
+    executed_digests: BTreeMap<SeqNum, (Digest, u64)>,
     clients: ClientTable,
     requests_executed: u64,
     last_progress_ms: u64,
@@ -401,6 +413,7 @@ impl<S: StateMachine> Replica<S> {
             state_machine,
             actions: Vec::new(),
             now_ms: 0,
+            wall_ms: 0,
             rejections: BTreeMap::new(),
             view: View(0),
             view_active: true,
@@ -412,6 +425,7 @@ impl<S: StateMachine> Replica<S> {
             last_fetch_new_view_ms: None,
             next_prepare_seq: SeqNum(1),
             primary_faulty: false,
+            time_floor_ms: 0,
             slots: BTreeMap::new(),
             early_votes: BTreeMap::new(),
             last_executed: SeqNum(0),
@@ -483,6 +497,12 @@ impl<S: StateMachine> Replica<S> {
         &self.stable
     }
 
+    /// The agreed clock: the largest batch time executed so far (ms since the Unix epoch), the
+    /// time the next batch executes at unless its own time is later.
+    pub fn agreed_time_ms(&self) -> u64 {
+        self.clients.clock_ms()
+    }
+
     /// Digest of the replicated state (application and client table) right now.
     pub fn state_digest(&self) -> Digest {
         state_digest(&self.state_machine, &self.clients)
@@ -517,22 +537,29 @@ impl<S: StateMachine> Replica<S> {
     // ------------------------------------------------------------------ inputs
 
     /// Arms the initial timers. Call once before any other input.
-    pub fn start(&mut self, now_ms: u64) {
+    pub fn start(&mut self, now_ms: u64, wall_ms: u64) {
         self.now_ms = now_ms;
+        self.wall_ms = wall_ms;
         self.last_progress_ms = now_ms;
         self.set_timer(Timer::Heartbeat, now_ms + self.config.heartbeat_interval_ms);
     }
 
     /// A request straight from a client.
-    pub fn handle_request(&mut self, now_ms: u64, request: Request) {
-        self.advance_clock(now_ms);
+    pub fn handle_request(&mut self, now_ms: u64, wall_ms: u64, request: Request) {
+        self.advance_clock(now_ms, wall_ms);
         self.on_request(request, true);
         self.settle();
     }
 
     /// A message from replica `from` (the authenticated channel it arrived on).
-    pub fn handle_message(&mut self, now_ms: u64, from: ReplicaId, message: ReplicaMessage) {
-        self.advance_clock(now_ms);
+    pub fn handle_message(
+        &mut self,
+        now_ms: u64,
+        wall_ms: u64,
+        from: ReplicaId,
+        message: ReplicaMessage,
+    ) {
+        self.advance_clock(now_ms, wall_ms);
         if from.0 >= self.config.n || from == self.id {
             self.reject("unknown-channel");
             return;
@@ -559,8 +586,8 @@ impl<S: StateMachine> Replica<S> {
     }
 
     /// A timer fired. Late or spurious firings are harmless: every handler re-checks its condition.
-    pub fn handle_timer(&mut self, now_ms: u64, timer: Timer) {
-        self.advance_clock(now_ms);
+    pub fn handle_timer(&mut self, now_ms: u64, wall_ms: u64, timer: Timer) {
+        self.advance_clock(now_ms, wall_ms);
         match timer {
             Timer::Request => self.on_request_timer(),
             Timer::ViewChange => self.on_view_change_timer(),
@@ -592,9 +619,13 @@ impl<S: StateMachine> Replica<S> {
 
     // ------------------------------------------------------------------ helpers
 
-    fn advance_clock(&mut self, now_ms: u64) {
+    fn advance_clock(&mut self, now_ms: u64, wall_ms: u64) {
         // Logical time never goes backwards; a driver that passes an older time is ignored.
         self.now_ms = self.now_ms.max(now_ms);
+        // A wall clock may be set back (by an operator or NTP); taking it as it is only makes
+        // this replica propose (as primary) or accept (as backup) less, never breaks the order:
+        // agreed time itself never goes back (`time_floor_ms`, `ClientTable::clock_ms`).
+        self.wall_ms = wall_ms;
     }
 
     fn reject(&mut self, reason: &'static str) {
@@ -868,21 +899,23 @@ impl<S: StateMachine> Replica<S> {
             {
                 return;
             }
-            let batch = match self
+            let (batch, time_ms) = match self
                 .view_plan
                 .as_ref()
                 .filter(|plan| seq <= plan.last_seq())
             {
+                // A re-proposal keeps its original time: a replica may have executed it already.
                 Some(plan) => {
                     let index = (seq.0 - plan.checkpoint.seq.0 - 1) as usize;
-                    plan.entries[index].2.clone()
+                    let entry = &plan.entries[index];
+                    (entry.batch.clone(), entry.time_ms)
                 }
                 None => match self.next_batch() {
-                    Some(batch) => Arc::new(batch),
+                    Some(batch) => (Arc::new(batch), self.time_floor_ms.max(self.wall_ms)),
                     None => return,
                 },
             };
-            self.propose(seq, batch);
+            self.propose(seq, batch, time_ms);
         }
     }
 
@@ -916,16 +949,20 @@ impl<S: StateMachine> Replica<S> {
         (!batch.is_empty()).then_some(batch)
     }
 
-    fn propose(&mut self, seq: SeqNum, batch: Arc<Vec<Request>>) {
+    fn propose(&mut self, seq: SeqNum, batch: Arc<Vec<Request>>, time_ms: u64) {
         let digest = batch_digest(&batch);
-        let ui = self.certify(&prepare_certified_digest(self.id, self.view, seq, &digest));
+        let ui = self.certify(&prepare_certified_digest(
+            self.id, self.view, seq, &digest, time_ms,
+        ));
         let header = PrepareHeader {
             primary: self.id,
             view: self.view,
             seq,
             batch_digest: digest,
+            time_ms,
             ui,
         };
+        self.time_floor_ms = self.time_floor_ms.max(time_ms);
         let prepare = Prepare { header, batch };
         self.append_own(
             LogEntry::Prepare(prepare.clone()),
@@ -958,7 +995,7 @@ impl<S: StateMachine> Replica<S> {
             );
         }
         if let Some(executed) = self.executed_digests.get(&header.seq) {
-            if *executed != header.batch_digest {
+            if *executed != (header.batch_digest, header.time_ms) {
                 // Agreement would be broken: this can only happen with more than f faults.
                 tracing::error!(
                     replica = self.id.0,
@@ -1173,11 +1210,14 @@ impl<S: StateMachine> Replica<S> {
             .view_plan
             .as_ref()
             .and_then(|plan| plan.digest_at(header.seq));
+        // A re-proposal's time was judged when it was new (it may be older than this view's
+        // floor, and far older than this replica's clock): only new batches are timed here.
+        let fixed_by_plan = planned.is_some();
         #[cfg(feature = "planted-bugs")]
         // PLANTED BUG (skip-plan-match): re-proposals are not compared with the NEW-VIEW plan.
         let planned = planned.filter(|_| !self.planted(PlantedBug::SkipPlanMatch));
-        if let Some(expected) = planned {
-            if expected != header.batch_digest {
+        if let Some((expected, time_ms)) = planned {
+            if expected != header.batch_digest || time_ms != header.time_ms {
                 self.reject("prepare-contradicts-new-view");
                 self.suspect_primary();
                 return Outcome::Done;
@@ -1203,11 +1243,39 @@ impl<S: StateMachine> Replica<S> {
             self.suspect_primary();
             return Outcome::Done;
         }
+        if !fixed_by_plan {
+            if let Err(reason) = self.check_prepare_time(header.time_ms) {
+                self.reject(reason);
+                self.suspect_primary();
+                return Outcome::Done;
+            }
+        }
         self.next_prepare_seq = header.seq.next();
+        self.time_floor_ms = self.time_floor_ms.max(header.time_ms);
         if self.add_slot(prepare) {
             self.send_commit(prepare);
         }
         Outcome::Done
+    }
+
+    /// (rule) The time of a new PREPARE (one no NEW-VIEW plan fixes) is at least the time of the
+    /// batch before it in this view, and at most this replica's wall clock plus
+    /// `clock_skew_max_ms` — unless it stays at the previous time, which is always allowed, so
+    /// a correct primary can go on when earlier times ran ahead of this replica's clock. A
+    /// faulty primary can thus move time forward by at most the bound past correct clocks, and
+    /// never back (docs/PROTOCOL.md §4, *Agreed time*).
+    fn check_prepare_time(&self, time_ms: u64) -> Result<(), &'static str> {
+        if time_ms < self.time_floor_ms {
+            return Err("prepare-time-before-previous");
+        }
+        let ceiling = self
+            .wall_ms
+            .saturating_add(self.config.clock_skew_max_ms)
+            .max(self.time_floor_ms);
+        if time_ms > ceiling {
+            return Err("prepare-time-ahead-of-clock");
+        }
+        Ok(())
     }
 
     fn send_commit(&mut self, prepare: &Prepare) {
@@ -1308,7 +1376,8 @@ impl<S: StateMachine> Replica<S> {
             }
             let batch = slot.batch.clone();
             let digest = slot.header.batch_digest;
-            self.execute_batch(seq, batch, digest);
+            let time_ms = slot.header.time_ms;
+            self.execute_batch(seq, batch, digest, time_ms);
             progressed = true;
         }
         if progressed {
@@ -1316,12 +1385,22 @@ impl<S: StateMachine> Replica<S> {
         }
     }
 
-    fn execute_batch(&mut self, seq: SeqNum, batch: Arc<Vec<Request>>, digest: Digest) {
+    fn execute_batch(
+        &mut self,
+        seq: SeqNum,
+        batch: Arc<Vec<Request>>,
+        digest: Digest,
+        batch_time_ms: u64,
+    ) {
         assert_eq!(
             seq,
             self.last_executed.next(),
             "batches execute in sequence order"
         );
+        // The service sees the agreed clock, the largest batch time ordered so far: batches
+        // re-proposed after a view change keep their original times, which need not increase
+        // (they may come from different views), and a service must never see time go back.
+        let time_ms = self.clients.advance_clock(batch_time_ms);
         let mut executed = Vec::with_capacity(batch.len());
         for request in batch.iter() {
             self.pending_keys
@@ -1344,7 +1423,7 @@ impl<S: StateMachine> Replica<S> {
             if !fresh {
                 continue; // a faulty primary ordered it twice: execute once (paper 004 §4)
             }
-            let result = self.state_machine.execute(&request.operation);
+            let result = self.state_machine.execute(&request.operation, time_ms);
             executed.push((request.client, request.request_number));
             self.clients.record(
                 request.client,
@@ -1371,7 +1450,7 @@ impl<S: StateMachine> Replica<S> {
             executed,
         });
         self.last_executed = seq;
-        self.executed_digests.insert(seq, digest);
+        self.executed_digests.insert(seq, (digest, batch_time_ms));
         if seq.0.is_multiple_of(self.cp()) {
             self.take_checkpoint(seq);
         }
@@ -1956,6 +2035,16 @@ impl<S: StateMachine> Replica<S> {
             }
         }
         self.next_prepare_seq = plan.checkpoint.seq.next();
+        // Backups take the floor from the plan alone, so every correct one judges the view's
+        // first new PREPARE alike; the primary may start higher, from what it ordered or
+        // executed before (those times passed correct replicas' bounds when they were new).
+        self.time_floor_ms = if self.is_primary() {
+            plan.time_ms_max()
+                .max(self.time_floor_ms)
+                .max(self.clients.clock_ms())
+        } else {
+            plan.time_ms_max()
+        };
         self.view_plan = Some(plan);
         // Requests that were proposed in the old view but are not in the plan must be proposed
         // again; clients retransmit them to everyone, so the new primary hears of them.
@@ -2298,7 +2387,7 @@ fn freeze_state<S: StateMachine>(
     CheckpointState {
         digest: state_digest(state_machine, clients),
         frozen: state_machine.freeze(),
-        clients: Arc::new(tessera_types::encode(&clients.to_entries())),
+        clients: Arc::new(tessera_types::encode(&clients.to_snapshot())),
     }
 }
 

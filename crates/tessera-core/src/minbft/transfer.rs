@@ -29,7 +29,7 @@ use tessera_types::{
     StateRequest, StateSummary,
 };
 
-use super::{state_digest_of, Action, ClientEntry, ClientTable, Freshness, Replica};
+use super::{state_digest_of, Action, ClientSnapshot, ClientTable, Freshness, Replica};
 #[cfg(feature = "planted-bugs")]
 use crate::planted::PlantedBug;
 
@@ -43,9 +43,6 @@ pub const MAX_CURSOR_BYTES: usize = tessera_types::limits::MAX_OPERATION_BYTES;
 pub const IN_FLIGHT_PER_SOURCE: usize = 4;
 /// Heartbeat intervals a source may take to answer before its partitions go to others.
 const SOURCE_PATIENCE_HEARTBEATS: u64 = 10;
-
-/// A client table as it travels in a summary.
-type ClientEntries = Vec<(ClientId, ClientEntry)>;
 
 /// The replicated state at one checkpoint, kept to serve replicas that fetch it.
 pub(super) struct CheckpointState<F> {
@@ -295,14 +292,14 @@ impl<S: StateMachine> Replica<S> {
             self.reject("state-summary-partitions");
             return None;
         }
-        let Ok(entries) = tessera_types::decode::<ClientEntries>(
+        let Ok(snapshot) = tessera_types::decode::<ClientSnapshot>(
             &summary.clients,
             tessera_types::limits::MAX_FRAME_BYTES,
         ) else {
             self.reject("state-summary-clients");
             return None;
         };
-        let Ok(clients) = ClientTable::from_entries(entries, self.config.client_table_max) else {
+        let Ok(clients) = ClientTable::from_snapshot(snapshot, self.config.client_table_max) else {
             self.reject("state-summary-clients");
             return None;
         };

@@ -27,8 +27,24 @@ use crate::planted::{PlantedBug, PlantedBugs};
 pub struct NewViewPlan {
     /// The most recent valid checkpoint certificate among the VIEW-CHANGE messages.
     pub checkpoint: CheckpointCertificate,
-    /// `(seq, batch digest, batch)` for `checkpoint.seq + 1 ..= last`, in order, without gaps.
-    pub entries: Vec<(SeqNum, Digest, Arc<Vec<Request>>)>,
+    /// The batch to re-propose for each of `checkpoint.seq + 1 ..= last`, in order, without gaps.
+    pub entries: Vec<PlanEntry>,
+}
+
+/// What a NEW-VIEW plan fixes for one sequence number.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PlanEntry {
+    /// The sequence number.
+    pub seq: SeqNum,
+    /// The batch digest.
+    pub digest: Digest,
+    /// The batch.
+    pub batch: Arc<Vec<Request>>,
+    /// The batch's agreed time, as its PREPARE carried it: a replica may already have executed
+    /// the batch at that time, so a re-proposal must keep it. An empty batch filling a sequence
+    /// number without a candidate has time 0 (it executes nothing, and the agreed clock takes
+    /// the largest time so far, so 0 never moves it back).
+    pub time_ms: u64,
 }
 
 impl NewViewPlan {
@@ -36,22 +52,30 @@ impl NewViewPlan {
     pub fn last_seq(&self) -> SeqNum {
         self.entries
             .last()
-            .map(|(seq, _, _)| *seq)
+            .map(|entry| entry.seq)
             .unwrap_or(self.checkpoint.seq)
     }
 
-    /// The batch digest the plan fixes for `seq`, if `seq` is in the plan.
-    pub fn digest_at(&self, seq: SeqNum) -> Option<Digest> {
+    /// The batch digest and time the plan fixes for `seq`, if `seq` is in the plan.
+    pub fn digest_at(&self, seq: SeqNum) -> Option<(Digest, u64)> {
         let first = self.checkpoint.seq.0 + 1;
         if seq.0 < first {
             return None;
         }
+        self.entries.get((seq.0 - first) as usize).map(|entry| {
+            debug_assert_eq!(entry.seq, seq);
+            (entry.digest, entry.time_ms)
+        })
+    }
+
+    /// The latest time among the plan's batches (0 for an empty plan): the view's first new
+    /// batch may not be earlier.
+    pub fn time_ms_max(&self) -> u64 {
         self.entries
-            .get((seq.0 - first) as usize)
-            .map(|(entry_seq, digest, _)| {
-                debug_assert_eq!(*entry_seq, seq);
-                *digest
-            })
+            .iter()
+            .map(|entry| entry.time_ms)
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -165,6 +189,7 @@ struct Candidate {
     primary_counter: u64,
     digest: Digest,
     batch: Arc<Vec<Request>>,
+    time_ms: u64,
 }
 
 impl<'a> Verifier<'a> {
@@ -383,7 +408,11 @@ impl<'a> Verifier<'a> {
         // The quoted NEW-VIEW's own VIEW-CHANGEs draw on the same pool.
         let plan = self.check_new_view(justification, pool, memo)?;
         match plan.digest_at(header.seq) {
-            Some(digest) if digest != header.batch_digest => Err("log-entry-contradicts-new-view"),
+            Some((digest, time_ms))
+                if digest != header.batch_digest || time_ms != header.time_ms =>
+            {
+                Err("log-entry-contradicts-new-view")
+            }
             _ if header.seq <= plan.checkpoint.seq => Err("log-entry-below-new-view-checkpoint"),
             _ => Ok(()),
         }
@@ -493,6 +522,7 @@ impl<'a> Verifier<'a> {
                             primary_counter: header.ui.counter,
                             digest: header.batch_digest,
                             batch: batch.clone(),
+                            time_ms: header.time_ms,
                         },
                     );
                 }
@@ -503,8 +533,18 @@ impl<'a> Verifier<'a> {
         let empty_digest = batch_digest(&empty);
         let entries: Vec<_> = (checkpoint.seq.0 + 1..=last.0)
             .map(|seq| match best.remove(&SeqNum(seq)) {
-                Some(candidate) => (SeqNum(seq), candidate.digest, candidate.batch),
-                None => (SeqNum(seq), empty_digest, empty.clone()),
+                Some(candidate) => PlanEntry {
+                    seq: SeqNum(seq),
+                    digest: candidate.digest,
+                    batch: candidate.batch,
+                    time_ms: candidate.time_ms,
+                },
+                None => PlanEntry {
+                    seq: SeqNum(seq),
+                    digest: empty_digest,
+                    batch: empty.clone(),
+                    time_ms: 0,
+                },
             })
             .collect();
         #[cfg(feature = "planted-bugs")]

@@ -76,7 +76,12 @@ pub struct Cluster {
     /// Per replica: the state digest it had right after executing up to each sequence number
     /// (recorded whenever its `last_executed` changed), to compare histories across replicas.
     pub history: Vec<BTreeMap<u64, Digest>>,
+    /// Per replica: how far its wall clock is from `WALL_BASE_MS + now_ms` (may be negative).
+    pub wall_skew_ms: Vec<i64>,
 }
+
+/// The wall clock every test replica reads at logical time 0 (ms since the Unix epoch).
+pub const WALL_BASE_MS: u64 = 1_700_000_000_000;
 
 pub fn config(n: u32, f: u32) -> ProtocolConfig {
     ProtocolConfig {
@@ -132,12 +137,20 @@ impl Cluster {
             isolated: vec![false; n as usize],
             delayed: Vec::new(),
             history: vec![BTreeMap::new(); n as usize],
+            wall_skew_ms: vec![0; n as usize],
         };
         for index in 0..n as usize {
-            cluster.replicas[index].start(0);
+            let wall_ms = cluster.wall_ms(index);
+            cluster.replicas[index].start(0, wall_ms);
             cluster.collect(index);
         }
         cluster
+    }
+
+    /// Replica `index`'s wall clock now.
+    pub fn wall_ms(&self, index: usize) -> u64 {
+        let skew = self.wall_skew_ms.get(index).copied().unwrap_or(0);
+        (WALL_BASE_MS + self.now_ms).saturating_add_signed(skew)
     }
 
     fn collect(&mut self, index: usize) {
@@ -183,7 +196,8 @@ impl Cluster {
             if self.crashed[index as usize] || self.isolated[index as usize] {
                 continue;
             }
-            self.replicas[index as usize].handle_request(self.now_ms, request.clone());
+            let wall_ms = self.wall_ms(index as usize);
+            self.replicas[index as usize].handle_request(self.now_ms, wall_ms, request.clone());
             self.collect(index as usize);
         }
     }
@@ -226,7 +240,8 @@ impl Cluster {
             return;
         }
         self.delivered += 1;
-        self.replicas[to.0 as usize].handle_message(self.now_ms, from, message);
+        let wall_ms = self.wall_ms(to.0 as usize);
+        self.replicas[to.0 as usize].handle_message(self.now_ms, wall_ms, from, message);
         self.collect(to.0 as usize);
     }
 
@@ -243,7 +258,8 @@ impl Cluster {
 
     /// Injects a message as if `from` had sent it to `to`.
     pub fn inject(&mut self, from: u32, to: u32, message: ReplicaMessage) {
-        self.replicas[to as usize].handle_message(self.now_ms, ReplicaId(from), message);
+        let wall_ms = self.wall_ms(to as usize);
+        self.replicas[to as usize].handle_message(self.now_ms, wall_ms, ReplicaId(from), message);
         self.collect(to as usize);
     }
 
@@ -261,7 +277,8 @@ impl Cluster {
                 .collect();
             for timer in due {
                 self.timers[index].remove(&timer);
-                self.replicas[index].handle_timer(self.now_ms, timer);
+                let wall_ms = self.wall_ms(index);
+                self.replicas[index].handle_timer(self.now_ms, wall_ms, timer);
                 self.collect(index);
             }
         }
@@ -473,12 +490,26 @@ pub fn value(text: &str) -> Option<Response> {
     Some(Response::Value(Some(text.as_bytes().to_vec())))
 }
 
-/// A PREPARE certified by `usig` (the next counter of the replica it belongs to).
+/// A PREPARE certified by `usig` (the next counter of the replica it belongs to), with the
+/// agreed time `WALL_BASE_MS` (logical time 0).
 pub fn forge_prepare(usig: &mut HmacUsig, view: View, seq: SeqNum, batch: Vec<Request>) -> Prepare {
+    forge_prepare_at(usig, view, seq, batch, WALL_BASE_MS)
+}
+
+/// A PREPARE certified by `usig` with the agreed time `time_ms`.
+pub fn forge_prepare_at(
+    usig: &mut HmacUsig,
+    view: View,
+    seq: SeqNum,
+    batch: Vec<Request>,
+    time_ms: u64,
+) -> Prepare {
     let primary = usig.identity().replica;
     let digest = batch_digest(&batch);
     let ui = usig
-        .create_ui(&prepare_certified_digest(primary, view, seq, &digest))
+        .create_ui(&prepare_certified_digest(
+            primary, view, seq, &digest, time_ms,
+        ))
         .expect("test USIG");
     Prepare {
         header: PrepareHeader {
@@ -486,6 +517,7 @@ pub fn forge_prepare(usig: &mut HmacUsig, view: View, seq: SeqNum, batch: Vec<Re
             view,
             seq,
             batch_digest: digest,
+            time_ms,
             ui,
         },
         batch: Arc::new(batch),

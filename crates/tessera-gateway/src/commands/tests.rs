@@ -187,38 +187,177 @@ fn set_options_map_onto_store_commands() {
 }
 
 #[test]
-fn expiry_is_refused_not_ignored() {
-    // Every way Redis sets an expiry is refused before anything reaches the cluster (an error
-    // reply is a `Step::Reply`): a write that silently dropped its expiry would keep a key the
-    // client believes gone.
-    for words in [
-        &["SET", "k", "v", "EX", "10"][..],
-        &["SET", "k", "v", "px", "10"],
-        &["SET", "k", "v", "EXAT", "1700000000"],
-        &["SET", "k", "v", "PXAT", "1700000000000"],
-        &["SET", "k", "v", "NX", "GET", "EX", "10"],
-        &["SET", "k", "v", "EX", "soon"],
-        &["EXPIRE", "k", "10"],
-        &["PEXPIRE", "k", "10"],
-        &["EXPIREAT", "k", "1700000000"],
-        &["PEXPIREAT", "k", "1700000000000"],
-        &["SETEX", "k", "10", "v"],
-        &["psetex", "k", "10", "v"],
-    ] {
-        let text = error_text(run(&mut fresh(), words));
-        assert!(
-            text.starts_with("ERR key expiry is not supported yet")
-                && text.contains("agreed order"),
-            "{words:?}: {text}"
-        );
-    }
-    // KEEPTTL keeps the expiry no key has: a plain write.
+fn expiry_options_map_to_relative_or_absolute_times_in_milliseconds() {
+    let set_with = |words: &[&str]| match replicated(run(&mut fresh(), words)).0 {
+        Command::SetWithExpiry {
+            expiry,
+            condition,
+            get,
+            ..
+        } => (expiry, condition, get),
+        other => panic!("{words:?}: {other:?}"),
+    };
     assert_eq!(
-        replicated(run(&mut fresh(), &["SET", "k", "v", "KEEPTTL"])).0,
+        set_with(&["SET", "k", "v", "EX", "10"]),
+        (Expiry::InMs(10_000), SetCondition::Always, false)
+    );
+    assert_eq!(
+        set_with(&["SET", "k", "v", "px", "300"]).0,
+        Expiry::InMs(300)
+    );
+    assert_eq!(
+        set_with(&["SET", "k", "v", "EXAT", "1700000000"]).0,
+        Expiry::AtMs(1_700_000_000_000)
+    );
+    assert_eq!(
+        set_with(&["SET", "k", "v", "PXAT", "1700000000001"]).0,
+        Expiry::AtMs(1_700_000_000_001)
+    );
+    assert_eq!(
+        set_with(&["SET", "k", "v", "NX", "GET", "EX", "10"]),
+        (Expiry::InMs(10_000), SetCondition::IfAbsent, true)
+    );
+    assert_eq!(set_with(&["SET", "k", "v", "KEEPTTL"]).0, Expiry::Keep);
+    assert_eq!(set_with(&["SETEX", "k", "10", "v"]).0, Expiry::InMs(10_000));
+    assert_eq!(set_with(&["psetex", "k", "10", "v"]).0, Expiry::InMs(10));
+    // A plain SET is a plain write, which clears any expiry in the store.
+    assert_eq!(
+        replicated(run(&mut fresh(), &["SET", "k", "v"])).0,
         Command::Set {
             key: b"k".to_vec(),
             value: b"v".to_vec()
         }
+    );
+    let expire = |words: &[&str]| match replicated(run(&mut fresh(), words)).0 {
+        Command::Expire {
+            expiry, condition, ..
+        } => (expiry, condition),
+        other => panic!("{words:?}: {other:?}"),
+    };
+    assert_eq!(
+        expire(&["EXPIRE", "k", "10"]),
+        (Expiry::InMs(10_000), ExpireCondition::Always)
+    );
+    assert_eq!(
+        expire(&["PEXPIRE", "k", "-5", "NX"]),
+        (Expiry::InMs(-5), ExpireCondition::IfNone)
+    );
+    assert_eq!(
+        expire(&["EXPIREAT", "k", "1700000000", "GT"]),
+        (Expiry::AtMs(1_700_000_000_000), ExpireCondition::IfLater)
+    );
+    assert_eq!(
+        expire(&["PEXPIREAT", "k", "1700000000000", "XX", "LT"]),
+        (
+            Expiry::AtMs(1_700_000_000_000),
+            ExpireCondition::IfEarlierWithExpiry
+        )
+    );
+    assert_eq!(
+        expire(&["EXPIRE", "k", "1", "lt"]).1,
+        ExpireCondition::IfEarlier
+    );
+    assert_eq!(
+        expire(&["EXPIRE", "k", "1", "xx"]).1,
+        ExpireCondition::IfSome
+    );
+    assert_eq!(
+        replicated(run(&mut fresh(), &["GETEX", "k", "PERSIST"])).0,
+        Command::GetEx {
+            key: b"k".to_vec(),
+            expiry: Expiry::Persist
+        }
+    );
+    assert_eq!(
+        replicated(run(&mut fresh(), &["GETEX", "k", "EX", "2"])).0,
+        Command::GetEx {
+            key: b"k".to_vec(),
+            expiry: Expiry::InMs(2_000)
+        }
+    );
+}
+
+#[test]
+fn invalid_expiry_arguments_get_the_redis_errors() {
+    for (words, text) in [
+        (
+            &["SET", "k", "v", "EX", "0"][..],
+            "ERR invalid expire time in 'set' command",
+        ),
+        (
+            &["SET", "k", "v", "PX", "-1"],
+            "ERR invalid expire time in 'set' command",
+        ),
+        (
+            &["SET", "k", "v", "EX", "9223372036854775807"],
+            "ERR invalid expire time in 'set' command",
+        ),
+        (
+            &["SET", "k", "v", "EX", "soon"],
+            "ERR value is not an integer or out of range",
+        ),
+        (&["SET", "k", "v", "EX"], "ERR syntax error"),
+        (&["SET", "k", "v", "EX", "1", "PX", "1"], "ERR syntax error"),
+        (&["SET", "k", "v", "KEEPTTL", "EX", "1"], "ERR syntax error"),
+        (
+            &["SETEX", "k", "0", "v"],
+            "ERR invalid expire time in 'setex' command",
+        ),
+        (
+            &["SETEX", "k", "1"],
+            "ERR wrong number of arguments for 'setex' command",
+        ),
+        (
+            &["GETEX", "k", "EX", "0"],
+            "ERR invalid expire time in 'getex' command",
+        ),
+        (&["GETEX", "k", "EX"], "ERR syntax error"),
+        (
+            &["EXPIRE", "k", "9223372036854775807"],
+            "ERR invalid expire time in 'expire' command",
+        ),
+        (
+            &["EXPIRE", "k", "1", "NX", "GT"],
+            "ERR NX and XX, GT or LT options at the same time are not compatible",
+        ),
+        (
+            &["EXPIRE", "k", "1", "GT", "LT"],
+            "ERR GT and LT options at the same time are not compatible",
+        ),
+        (&["EXPIRE", "k", "1", "SOON"], "ERR Unsupported option SOON"),
+        (&["TTL"], "ERR wrong number of arguments for 'ttl' command"),
+    ] {
+        assert_eq!(error_text(run(&mut fresh(), words)), text, "{words:?}");
+    }
+}
+
+#[test]
+fn ttl_replies_are_shaped_like_redis() {
+    assert_eq!(
+        replicated(run(&mut fresh(), &["TTL", "k"])),
+        (Command::Ttl { key: b"k".to_vec() }, Shape::TtlSeconds)
+    );
+    assert_eq!(
+        replicated(run(&mut fresh(), &["PTTL", "k"])),
+        (Command::Ttl { key: b"k".to_vec() }, Shape::Direct)
+    );
+    let ttl = |ms| shape_reply(Shape::TtlSeconds, Response::Integer(ms));
+    assert_eq!(ttl(-2), Reply::Integer(-2));
+    assert_eq!(ttl(-1), Reply::Integer(-1));
+    assert_eq!(ttl(1_499), Reply::Integer(1));
+    assert_eq!(ttl(1_500), Reply::Integer(2));
+    assert_eq!(ttl(300), Reply::Integer(0));
+    assert_eq!(
+        shape_reply(Shape::Direct, Response::Integer(300)),
+        Reply::Integer(300)
+    );
+    assert_eq!(
+        shape_reply(Shape::Seconds, Response::Integer(1_700_000_000_999)),
+        Reply::Integer(1_700_000_000)
+    );
+    assert_eq!(
+        shape_reply(Shape::Seconds, Response::Integer(-1)),
+        Reply::Integer(-1)
     );
 }
 
@@ -245,16 +384,7 @@ fn counters_parse_and_negate_their_delta() {
 }
 
 #[test]
-fn ttl_flush_and_reads_are_replicated() {
-    assert_eq!(
-        replicated(run(&mut fresh(), &["TTL", "k"])),
-        (
-            Command::Exists {
-                keys: vec![b"k".to_vec()]
-            },
-            Shape::Ttl
-        )
-    );
+fn flush_and_reads_are_replicated() {
     assert_eq!(
         replicated(run(&mut fresh(), &["FLUSHDB", "ASYNC"])),
         (Command::FlushDb, Shape::Ok)
@@ -276,14 +406,6 @@ fn ttl_flush_and_reads_are_replicated() {
 
 #[test]
 fn responses_become_redis_replies() {
-    assert_eq!(
-        shape_reply(Shape::Ttl, Response::Count(1)),
-        Reply::Integer(-1)
-    );
-    assert_eq!(
-        shape_reply(Shape::Ttl, Response::Count(0)),
-        Reply::Integer(-2)
-    );
     assert_eq!(shape_reply(Shape::Ok, Response::Count(9)), Reply::ok());
     assert_eq!(
         shape_reply(Shape::Direct, Response::Value(None)),

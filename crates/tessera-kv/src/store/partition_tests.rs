@@ -107,7 +107,8 @@ fn staging_refuses_what_a_faulty_sender_could_send() {
     let target = KvStore::default();
     let entries_of = |index: u32| {
         let chunk = frozen.chunk(index, None, 1 << 20).bytes;
-        let entries: Vec<(ByteBuf, ByteBuf)> = tessera_types::decode(&chunk, usize::MAX).unwrap();
+        let entries: Vec<(ByteBuf, ByteBuf, Option<u64>)> =
+            tessera_types::decode(&chunk, usize::MAX).unwrap();
         (chunk, entries.len())
     };
     let index = (0..PARTITIONS as u32)

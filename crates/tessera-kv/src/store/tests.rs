@@ -1,4 +1,5 @@
 use super::*;
+use crate::command::{ExpireCondition, Expiry};
 
 fn key(text: &str) -> Vec<u8> {
     text.as_bytes().to_vec()
@@ -15,7 +16,8 @@ fn small_limits() -> KvLimits {
 
 /// Applies through `execute`, so every test also covers the encoding, and checks invariants.
 fn run(store: &mut KvStore, command: Command) -> Response {
-    let response = Response::decode(&store.execute(&command.encode())).expect("a valid response");
+    let response =
+        Response::decode(&store.execute(&command.encode(), 0)).expect("a valid response");
     store.check_invariants();
     response
 }
@@ -553,7 +555,7 @@ fn undecodable_operations_are_malformed_and_change_nothing() {
     set(&mut store, "a", "1");
     let before = store.snapshot();
     for operation in [&[][..], &[0xff][..], &[8, 0][..], &[0, 5, 1][..]] {
-        let response = Response::decode(&store.execute(operation)).unwrap();
+        let response = Response::decode(&store.execute(operation, 0)).unwrap();
         assert!(
             matches!(response, Response::Error(KvError::Malformed(_))),
             "{operation:?}"
@@ -584,15 +586,15 @@ fn snapshot_restores_into_an_equal_store() {
 }
 
 fn encoded_entries(entries: &[(&[u8], &[u8])]) -> Vec<u8> {
-    let owned: Vec<(Vec<u8>, Vec<u8>)> = entries
+    let owned: Vec<(Vec<u8>, Vec<u8>, Option<u64>)> = entries
         .iter()
-        .map(|(key, value)| (key.to_vec(), value.to_vec()))
+        .map(|(key, value)| (key.to_vec(), value.to_vec(), None))
         .collect();
     tessera_types::encode(&owned)
 }
 
 #[test]
-fn snapshot_format_is_a_plain_sequence_of_pairs() {
+fn snapshot_format_is_a_plain_sequence_of_triples() {
     let mut store = KvStore::default();
     set(&mut store, "b", "2");
     set(&mut store, "a", &"x".repeat(300));
@@ -601,6 +603,19 @@ fn snapshot_format_is_a_plain_sequence_of_pairs() {
         store.snapshot(),
         encoded_entries(&[(b"a", long.as_bytes()), (b"b", b"2")])
     );
+    store.apply_at(
+        Command::Expire {
+            key: b"b".to_vec(),
+            expiry: Expiry::AtMs(5_000),
+            condition: ExpireCondition::Always,
+        },
+        1_000,
+    );
+    let expected: Vec<(Vec<u8>, Vec<u8>, Option<u64>)> = vec![
+        (b"a".to_vec(), long.into_bytes(), None),
+        (b"b".to_vec(), b"2".to_vec(), Some(5_000)),
+    ];
+    assert_eq!(store.snapshot(), tessera_types::encode(&expected));
 }
 
 #[test]
@@ -903,4 +918,285 @@ fn new_commands_check_key_sizes() {
             KvError::KeyTooLarge { size: 9, limit: 8 }
         );
     }
+}
+
+// ------------------------------------------------------------------ expiry
+
+/// Applies at agreed time `time_ms` through `execute` and checks invariants.
+fn run_at(store: &mut KvStore, time_ms: u64, command: Command) -> Response {
+    let response =
+        Response::decode(&store.execute(&command.encode(), time_ms)).expect("a valid response");
+    store.check_invariants();
+    response
+}
+
+fn set_px(store: &mut KvStore, time_ms: u64, name: &str, value: &str, ms: i64) -> Response {
+    run_at(
+        store,
+        time_ms,
+        Command::SetWithExpiry {
+            key: key(name),
+            value: key(value),
+            condition: SetCondition::Always,
+            get: false,
+            expiry: Expiry::InMs(ms),
+        },
+    )
+}
+
+fn ttl(store: &mut KvStore, time_ms: u64, name: &str) -> Response {
+    run_at(store, time_ms, Command::Ttl { key: key(name) })
+}
+
+#[test]
+fn a_key_expires_at_its_agreed_time_for_every_command() {
+    let mut store = KvStore::default();
+    assert_eq!(set_px(&mut store, 1_000, "k", "v", 300), Response::Ok);
+    assert_eq!(ttl(&mut store, 1_100, "k"), Response::Integer(200));
+    assert_eq!(
+        run_at(&mut store, 1_299, Command::Get { key: key("k") }),
+        Response::Value(Some(key("v")))
+    );
+    // At exactly 1300 it is gone (Redis: expired once its time has come).
+    assert_eq!(
+        run_at(
+            &mut store,
+            1_300,
+            Command::Exists {
+                keys: vec![key("k")]
+            }
+        ),
+        Response::Count(0)
+    );
+    assert_eq!(ttl(&mut store, 1_300, "k"), Response::Integer(-2));
+    assert_eq!(
+        run_at(&mut store, 1_300, Command::DbSize),
+        Response::Count(0)
+    );
+    assert!(store.is_empty(), "named and counted keys are removed");
+}
+
+#[test]
+fn plain_set_clears_the_expiry_and_keepttl_incr_append_keep_it() {
+    let mut store = KvStore::default();
+    set_px(&mut store, 0, "a", "1", 1_000);
+    run_at(
+        &mut store,
+        10,
+        Command::Incr {
+            key: key("a"),
+            delta: 1,
+        },
+    );
+    run_at(
+        &mut store,
+        10,
+        Command::Append {
+            key: key("a"),
+            value: key("0"),
+        },
+    );
+    assert_eq!(ttl(&mut store, 10, "a"), Response::Integer(990));
+    run_at(
+        &mut store,
+        20,
+        Command::SetWithExpiry {
+            key: key("a"),
+            value: key("x"),
+            condition: SetCondition::Always,
+            get: false,
+            expiry: Expiry::Keep,
+        },
+    );
+    assert_eq!(ttl(&mut store, 20, "a"), Response::Integer(980));
+    run_at(
+        &mut store,
+        30,
+        Command::Set {
+            key: key("a"),
+            value: key("y"),
+        },
+    );
+    assert_eq!(ttl(&mut store, 30, "a"), Response::Integer(-1));
+    assert_eq!(ttl(&mut store, 30, "missing"), Response::Integer(-2));
+}
+
+#[test]
+fn expire_options_and_a_past_time_deletes() {
+    let mut store = KvStore::default();
+    set(&mut store, "k", "v");
+    let expire = |store: &mut KvStore, expiry, condition| {
+        run_at(
+            store,
+            100,
+            Command::Expire {
+                key: key("k"),
+                expiry,
+                condition,
+            },
+        )
+    };
+    use ExpireCondition::*;
+    // GT on a key without expiry never applies (infinite TTL); XX neither; LT does.
+    assert_eq!(
+        expire(&mut store, Expiry::InMs(50), IfLater),
+        Response::Integer(0)
+    );
+    assert_eq!(
+        expire(&mut store, Expiry::InMs(50), IfSome),
+        Response::Integer(0)
+    );
+    assert_eq!(
+        expire(&mut store, Expiry::InMs(500), IfEarlier),
+        Response::Integer(1)
+    );
+    assert_eq!(store.expiry_of(b"k"), Some(600));
+    assert_eq!(
+        expire(&mut store, Expiry::InMs(50), IfNone),
+        Response::Integer(0)
+    );
+    assert_eq!(
+        expire(&mut store, Expiry::AtMs(700), IfLater),
+        Response::Integer(1)
+    );
+    assert_eq!(
+        expire(&mut store, Expiry::AtMs(650), IfLater),
+        Response::Integer(0)
+    );
+    assert_eq!(
+        run_at(&mut store, 100, Command::Persist { key: key("k") }),
+        Response::Integer(1)
+    );
+    assert_eq!(
+        run_at(&mut store, 100, Command::Persist { key: key("k") }),
+        Response::Integer(0)
+    );
+    // A non-positive relative time deletes the key (and answers 1).
+    assert_eq!(
+        expire(&mut store, Expiry::InMs(0), Always),
+        Response::Integer(1)
+    );
+    assert_eq!(store.get(b"k"), None);
+    assert_eq!(
+        expire(&mut store, Expiry::InMs(10), Always),
+        Response::Integer(0)
+    );
+    // An expiry past what a signed 64-bit count of ms holds is refused and changes nothing.
+    set(&mut store, "k", "v");
+    assert_eq!(
+        expire(&mut store, Expiry::InMs(i64::MAX), Always),
+        Response::Error(KvError::InvalidExpireTime)
+    );
+    assert_eq!(store.expiry_of(b"k"), None);
+}
+
+#[test]
+fn getex_and_set_with_past_time() {
+    let mut store = KvStore::default();
+    set(&mut store, "k", "v");
+    assert_eq!(
+        run_at(
+            &mut store,
+            100,
+            Command::GetEx {
+                key: key("k"),
+                expiry: Expiry::InMs(100)
+            }
+        ),
+        Response::Value(Some(key("v")))
+    );
+    assert_eq!(store.expiry_of(b"k"), Some(200));
+    // PXAT in the past: written and gone at once; GET answers the value before.
+    assert_eq!(
+        run_at(
+            &mut store,
+            150,
+            Command::SetWithExpiry {
+                key: key("k"),
+                value: key("w"),
+                condition: SetCondition::Always,
+                get: true,
+                expiry: Expiry::AtMs(10),
+            }
+        ),
+        Response::Value(Some(key("v")))
+    );
+    assert_eq!(store.get(b"k"), None);
+    assert!(store.is_empty());
+}
+
+#[test]
+fn the_digest_covers_expiries_and_the_sweep_removes_untouched_keys() {
+    let mut with = KvStore::default();
+    let mut without = KvStore::default();
+    set_px(&mut with, 0, "k", "v", 1_000);
+    set(&mut without, "k", "v");
+    assert_ne!(
+        with.digest(),
+        without.digest(),
+        "the expiry is in the digest"
+    );
+    let mut later = KvStore::default();
+    set_px(&mut later, 0, "k", "v", 2_000);
+    assert_ne!(with.digest(), later.digest(), "so is its value");
+    run_at(&mut with, 0, Command::Persist { key: key("k") });
+    assert_eq!(with.digest(), without.digest(), "and nothing else");
+
+    // Keys nobody names again are swept, a bounded number per command, earliest first.
+    let mut store = KvStore::default();
+    for index in 0..(SWEEP_PER_COMMAND + 4) {
+        set_px(&mut store, 0, &format!("k{index}"), "v", 10 + index as i64);
+    }
+    run_at(&mut store, 1_000, Command::Get { key: key("other") });
+    assert_eq!(store.len(), 4);
+    run_at(&mut store, 1_000, Command::Get { key: key("other") });
+    assert!(store.is_empty());
+}
+
+#[test]
+fn transfer_carries_expiries() {
+    let mut source = KvStore::default();
+    set_px(&mut source, 0, "a", "1", 5_000);
+    set(&mut source, "b", "2");
+    let frozen = source.freeze();
+    let mut target = KvStore::default();
+    let staged: Vec<KvStaged> = (0..PARTITIONS as u32)
+        .filter(|index| frozen.partition_digest(*index) != target.partition_digest(*index))
+        .map(|index| {
+            let mut staged = target.stage(index);
+            let chunk = frozen.chunk(index, None, 1 << 20);
+            staged.append(&chunk.bytes).unwrap();
+            assert_eq!(staged.digest(), frozen.partition_digest(index));
+            staged
+        })
+        .collect();
+    target.install(staged).unwrap();
+    target.check_invariants();
+    assert_eq!(target.digest(), source.digest());
+    assert_eq!(ttl(&mut target, 1_000, "a"), Response::Integer(4_000));
+    assert_eq!(ttl(&mut target, 1_000, "b"), Response::Integer(-1));
+    // The installed expiry is indexed: the sweep finds it.
+    run_at(&mut target, 6_000, Command::Get { key: key("zz") });
+    assert_eq!(target.len(), 1);
+}
+
+#[test]
+fn a_full_store_makes_room_by_removing_expired_keys() {
+    let mut store = KvStore::new(small_limits());
+    // 64 bytes in all: two entries of 32 fill it.
+    for name in ["a", "b"] {
+        set_px(&mut store, 0, name, &"x".repeat(31), 10);
+    }
+    let fill = |store: &mut KvStore, name: &str| {
+        run_at(
+            store,
+            20,
+            Command::Set {
+                key: key(name),
+                value: "y".repeat(31).into_bytes(),
+            },
+        )
+    };
+    assert_eq!(fill(&mut store, "c"), Response::Ok);
+    assert_eq!(run_at(&mut store, 20, Command::DbSize), Response::Count(1));
 }
