@@ -177,6 +177,32 @@ pub enum SetCondition {
 }
 
 impl Command {
+    /// The keys the command names, in order, repeats included (none for DBSIZE and FLUSHDB,
+    /// which concern every key).
+    pub fn keys(&self) -> Vec<&[u8]> {
+        match self {
+            Command::Get { key }
+            | Command::Set { key, .. }
+            | Command::Incr { key, .. }
+            | Command::CompareAndSet { key, .. }
+            | Command::SetIf { key, .. }
+            | Command::Append { key, .. }
+            | Command::Strlen { key }
+            | Command::GetDel { key }
+            | Command::SetWithExpiry { key, .. }
+            | Command::Expire { key, .. }
+            | Command::Ttl { key }
+            | Command::Persist { key }
+            | Command::GetEx { key, .. }
+            | Command::ExpireTime { key } => vec![key],
+            Command::Del { keys } | Command::Exists { keys } | Command::MGet { keys } => {
+                keys.iter().map(Vec::as_slice).collect()
+            }
+            Command::MSet { pairs } => pairs.iter().map(|(key, _)| key.as_slice()).collect(),
+            Command::DbSize | Command::FlushDb => Vec::new(),
+        }
+    }
+
     /// The canonical encoding, used as the operation of a client request.
     pub fn encode(&self) -> Vec<u8> {
         tessera_types::encode(self)

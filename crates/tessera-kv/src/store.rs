@@ -375,32 +375,8 @@ impl KvStore {
 
     /// Removes the expired keys `command` names, so the handlers below see stored keys as live.
     fn remove_expired_named(&mut self, command: &Command) {
-        match command {
-            Command::Get { key }
-            | Command::Set { key, .. }
-            | Command::Incr { key, .. }
-            | Command::CompareAndSet { key, .. }
-            | Command::SetIf { key, .. }
-            | Command::Append { key, .. }
-            | Command::Strlen { key }
-            | Command::GetDel { key }
-            | Command::SetWithExpiry { key, .. }
-            | Command::Expire { key, .. }
-            | Command::Ttl { key }
-            | Command::Persist { key }
-            | Command::GetEx { key, .. }
-            | Command::ExpireTime { key } => self.remove_if_expired(key),
-            Command::Del { keys } | Command::Exists { keys } | Command::MGet { keys } => {
-                for key in keys {
-                    self.remove_if_expired(key);
-                }
-            }
-            Command::MSet { pairs } => {
-                for (key, _) in pairs {
-                    self.remove_if_expired(key);
-                }
-            }
-            Command::DbSize | Command::FlushDb => {}
+        for key in command.keys() {
+            self.remove_if_expired(key);
         }
     }
 

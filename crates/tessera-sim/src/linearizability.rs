@@ -188,32 +188,11 @@ fn is_checked(operation: &Operation) -> bool {
     !unknown_read && !is_limit_refusal(operation)
 }
 
-/// The keys a command names, repeats included.
+/// The keys a command names, repeats included. DBSIZE and FLUSHDB read or write every key,
+/// which per-key partitioning cannot express; the simulator's workload does not generate them
+/// (their semantics are tested against a model in tessera-kv/tests/model.rs).
 fn command_keys(command: &Command) -> Vec<&[u8]> {
-    match command {
-        Command::Get { key }
-        | Command::Set { key, .. }
-        | Command::Incr { key, .. }
-        | Command::CompareAndSet { key, .. }
-        | Command::SetIf { key, .. }
-        | Command::Append { key, .. }
-        | Command::Strlen { key }
-        | Command::GetDel { key }
-        | Command::SetWithExpiry { key, .. }
-        | Command::Expire { key, .. }
-        | Command::Ttl { key }
-        | Command::Persist { key }
-        | Command::GetEx { key, .. }
-        | Command::ExpireTime { key } => vec![key],
-        // These read or write every key, which per-key partitioning cannot express; the
-        // simulator's workload does not generate them (their semantics are tested against a
-        // model in tessera-kv/tests/model.rs).
-        Command::DbSize | Command::FlushDb => vec![],
-        Command::Del { keys } | Command::Exists { keys } | Command::MGet { keys } => {
-            keys.iter().map(Vec::as_slice).collect()
-        }
-        Command::MSet { pairs } => pairs.iter().map(|(key, _)| key.as_slice()).collect(),
-    }
+    command.keys()
 }
 
 /// Groups operations into partitions of keys (union-find over keys; commands naming no key
