@@ -206,12 +206,16 @@ impl Outbound {
     /// True for messages that may leave before the inputs that led to them are durable: if the
     /// replica crashes and forgets those inputs, nothing it sent contradicts what it says after
     /// the restart, nothing a peer relies on is lost, and no client saw a result. That holds
-    /// for requests (FETCH, FETCH-NEW-VIEW, STATE-REQUEST, PARTITION-REQUEST) and for answers
-    /// that carry state certified by `f + 1` replicas (STATE-SUMMARY, PARTITION-REPLY), which
-    /// the asker checks against that certificate. Everything certified by the USIG, every
-    /// HEARTBEAT (its acknowledgements let peers drop messages this replica might need again)
-    /// and every client reply waits. State transfer is what this speeds up: its chunks are
-    /// logged as inputs, and the next requests need not wait for their `fdatasync`.
+    /// for requests (FETCH, FETCH-NEW-VIEW, STATE-REQUEST, PARTITION-REQUEST) and for
+    /// PARTITION-REPLY, which carries only partition bytes of a checkpoint state the asker
+    /// checks against an `f + 1` certificate. Everything that carries one of this replica's
+    /// USIG certificates waits — every certified message, a retransmission, and also a
+    /// STATE-SUMMARY, whose anchors and certificate may hold this replica's newest CHECKPOINT
+    /// (sent early and then forgotten in a crash, its counter value could certify something
+    /// else after the restart). So does every HEARTBEAT (its acknowledgements let peers drop
+    /// messages this replica might need again) and every client reply. State transfer is what
+    /// this speeds up: its chunks are logged as inputs, and the next requests need not wait
+    /// for their `fdatasync`.
     fn may_precede_durability(&self) -> bool {
         let message = match self {
             Outbound::Send(_, message) | Outbound::Broadcast(message) => message,
@@ -222,7 +226,6 @@ impl Outbound {
             ReplicaMessage::Fetch(_)
                 | ReplicaMessage::FetchNewView { .. }
                 | ReplicaMessage::StateRequest(_)
-                | ReplicaMessage::StateSummary(_)
                 | ReplicaMessage::PartitionRequest(_)
                 | ReplicaMessage::PartitionReply(_)
         )
@@ -360,7 +363,18 @@ fn finish_snapshot(
         warn!("the snapshot thread stopped without a result; the log keeps growing");
         return Ok(None);
     };
-    let (prepared, bytes) = result?;
+    // The old log is intact and holds everything: a snapshot that could not be written (a full
+    // disk, say) costs the compaction, not the replica. Errors of the rotation itself stay
+    // fatal: after its rename the writer must not go on appending to the old file.
+    let (prepared, bytes) = match result {
+        Ok(prepared) => prepared,
+        Err(error) => {
+            warn!(%error, "could not write a snapshot; the log keeps growing");
+            let (log_path, _) = wal.target();
+            let _ = std::fs::remove_file(crate::wal::temporary_path(&log_path));
+            return Ok(None);
+        }
+    };
     wal.finish_rotation(prepared, snapshot.cut)?;
     // The next snapshot waits until the log is at least this large again, so rewriting the
     // state costs at most what writing the log does.
@@ -871,5 +885,74 @@ impl<S: StateMachine> CoreLoop<S> {
             },
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_crypto::Digest;
+    use tessera_types::{
+        Checkpoint, CheckpointCertificate, Heartbeat, PartitionReply, PartitionRequest, SeqNum,
+        StateRequest, StateSummary, Ui, View,
+    };
+
+    fn early(message: ReplicaMessage) -> bool {
+        Outbound::Broadcast(message).may_precede_durability()
+    }
+
+    /// Only messages that carry none of this replica's USIG certificates and no
+    /// acknowledgement may overtake the disk.
+    #[test]
+    fn only_requests_and_partition_bytes_leave_before_the_log_is_synced() {
+        assert!(early(ReplicaMessage::StateRequest(StateRequest {
+            replica: ReplicaId(1),
+            min_seq: SeqNum(4),
+        })));
+        assert!(early(ReplicaMessage::PartitionRequest(PartitionRequest {
+            replica: ReplicaId(1),
+            seq: SeqNum(4),
+            state_digest: Digest([1; 32]),
+            partition: 3,
+            cursor: None,
+        })));
+        assert!(early(ReplicaMessage::PartitionReply(PartitionReply {
+            replica: ReplicaId(1),
+            seq: SeqNum(4),
+            partition: 3,
+            cursor: None,
+            chunk: None,
+        })));
+        let checkpoint = Checkpoint {
+            replica: ReplicaId(1),
+            seq: SeqNum(4),
+            state_digest: Digest([1; 32]),
+            view: View(0),
+            ui: Ui {
+                counter: 7,
+                certificate: vec![0; 32],
+            },
+        };
+        // A summary's anchors and certificate can hold this replica's newest CHECKPOINT.
+        assert!(!early(ReplicaMessage::StateSummary(StateSummary {
+            replica: ReplicaId(1),
+            certificate: CheckpointCertificate {
+                seq: SeqNum(4),
+                state_digest: Digest([1; 32]),
+                checkpoints: vec![checkpoint.clone()],
+            },
+            partitions: Vec::new(),
+            clients: Vec::new(),
+            anchors: vec![checkpoint.clone()],
+        })));
+        assert!(!early(ReplicaMessage::Checkpoint(checkpoint)));
+        assert!(!early(ReplicaMessage::Heartbeat(Heartbeat {
+            replica: ReplicaId(1),
+            view: View(0),
+            head_counter: 9,
+            last_executed: SeqNum(4),
+            stable_checkpoint: SeqNum(0),
+            processed: vec![1, 1, 1],
+        })));
     }
 }

@@ -340,8 +340,8 @@ pub struct PreparedLog {
     generation: u64,
 }
 
-/// Writes the start of a replacement log for the log at `log_path`: header and `snapshot`
-/// (not yet synced). Runs on any thread.
+/// Writes the start of a replacement log for the log at `log_path`: header and `snapshot`,
+/// synced. Runs on any thread.
 pub fn prepare_log(
     log_path: &Path,
     owner: WalOwner,
@@ -354,6 +354,11 @@ pub fn prepare_log(
     file.write_all(blake3::hash(&payload).as_bytes())
         .and_then(|()| file.write_all(&payload))
         .map_err(io_error(&path, "write the snapshot (is the disk full?)"))?;
+    // Synced here, on the snapshot's own thread: the rotation then syncs only the few records
+    // copied behind it, and the writer does not hold every output back while a large state
+    // reaches the disk.
+    file.sync_data()
+        .map_err(io_error(&path, "sync the snapshot"))?;
     Ok(PreparedLog {
         file,
         path,
@@ -520,6 +525,18 @@ impl WalReader {
             return self.bad(start, format!("a record claims {length} bytes"));
         }
         if end > self.file_len {
+            // A record running past the end is the torn last write — unless its length field is
+            // what is damaged, in which case intact records follow it.
+            if self.intact_record_after(start)? {
+                return Err(WalError::Corrupt {
+                    path: self.path.clone(),
+                    offset: start,
+                    problem: format!(
+                        "a record claims {length} bytes, past the end of the file, yet intact \
+                         records follow it"
+                    ),
+                });
+            }
             return self.torn(start);
         }
         let mut payload = vec![0u8; length];
@@ -611,6 +628,35 @@ impl WalReader {
                 source,
             }),
         }
+    }
+
+    /// True if a well-framed record with a matching check starts anywhere after `start`: then
+    /// the bytes at `start` are damaged, not the unfinished end of the last write. Runs only
+    /// when a record looks torn, over at most the rest of the file.
+    fn intact_record_after(&mut self, start: u64) -> Result<bool, WalError> {
+        let mut file = self.reader.get_ref();
+        let io = |source| WalError::Io {
+            path: self.path.clone(),
+            action: "read",
+            source,
+        };
+        file.seek(SeekFrom::Start(start)).map_err(io)?;
+        let mut rest = Vec::new();
+        file.read_to_end(&mut rest).map_err(io)?;
+        for offset in 1..rest.len() {
+            let Some(prefix) = rest.get(offset..offset + RECORD_PREFIX_LEN) else {
+                break;
+            };
+            let length = u32::from_le_bytes(prefix[..4].try_into().expect("4 bytes")) as usize;
+            let payload_start = offset + RECORD_PREFIX_LEN;
+            let Some(payload) = rest.get(payload_start..payload_start + length) else {
+                continue;
+            };
+            if length > 0 && prefix[4..] == check(&prefix[..4], payload) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     fn torn(&mut self, start: u64) -> Result<Option<Record>, WalError> {
@@ -1161,5 +1207,24 @@ mod tests {
         std::fs::write(&path, &good[..HEADER_LEN + 40]).unwrap();
         let error = recover(&path, owner()).err().expect("refused").to_string();
         assert!(error.contains("its snapshot claims"), "{error}");
+    }
+
+    #[test]
+    fn a_damaged_length_in_the_middle_is_corruption_not_a_torn_tail() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = write_log(directory.path(), 3);
+        let mut bytes = std::fs::read(&path).unwrap();
+        // The first record's length field now claims more than the rest of the file.
+        let length_at = HEADER_LEN + 2;
+        bytes[length_at] = 0x7f;
+        std::fs::write(&path, &bytes).unwrap();
+        match read_all(&path) {
+            Err(WalError::Corrupt { problem, .. }) => {
+                assert!(problem.contains("intact records follow"), "{problem}")
+            }
+            other => panic!("expected corruption, got {other:?}"),
+        }
+        // Nothing was cut off.
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
     }
 }
