@@ -245,23 +245,9 @@ struct StatusArgs {
 
 /// Parses a watch interval (`2`, `2s`, `500ms`) within [100 ms, 1 h].
 fn parse_interval(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, unit_ms) = if let Some(number) = text.strip_suffix("ms") {
-        (number, 1)
-    } else if let Some(number) = text.strip_suffix('s') {
-        (number, 1000)
-    } else {
-        (text, 1000)
-    };
-    let interval = number
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .and_then(|value| value.checked_mul(unit_ms))
-        .map(Duration::from_millis)
-        .ok_or_else(|| format!("`{text}` is not an interval; write e.g. 2s or 500ms"))?;
+    let interval = kv::parse_duration(text)?;
     if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&interval) {
-        return Err(format!("`{text}` is outside 100ms..1h"));
+        return Err(format!("`{}` is outside 100ms..1h", text.trim()));
     }
     Ok(interval)
 }
