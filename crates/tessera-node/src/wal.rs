@@ -245,7 +245,9 @@ pub struct Wal {
     owner: WalOwner,
     /// Which snapshot the log continues (0: none, the log starts at the beginning).
     generation: u64,
-    /// Framed records not yet written.
+    /// Framed records not yet written (the tests' synchronous `append`/`commit`; the driver
+    /// frames records itself and hands them to `write_and_sync`).
+    #[cfg(test)]
     buffer: Vec<u8>,
     /// Bytes in the file (committed).
     committed_bytes: u64,
@@ -612,6 +614,7 @@ impl WalReader {
             path: self.path,
             owner: self.owner,
             generation: self.generation,
+            #[cfg(test)]
             buffer: Vec::new(),
             committed_bytes: end,
         })
@@ -722,16 +725,19 @@ pub fn frame_record(buffer: &mut Vec<u8>, record: &RecordRef<'_>) {
 
 impl Wal {
     /// Queues a record; it is durable after the next [`Wal::commit`].
+    #[cfg(test)]
     pub fn append(&mut self, record: &RecordRef<'_>) {
         frame_record(&mut self.buffer, record);
     }
 
     /// True if records wait for a commit.
+    #[cfg(test)]
     pub fn has_pending(&self) -> bool {
         !self.buffer.is_empty()
     }
 
     /// Appends `mark` and makes every queued record durable (one write, one `fdatasync`).
+    #[cfg(test)]
     pub fn commit(&mut self, mark: Mark) -> Result<(), WalError> {
         self.append(&RecordRef::Mark(mark));
         let buffer = std::mem::take(&mut self.buffer);
@@ -780,6 +786,7 @@ impl Wal {
     /// moment of change: a crash before it leaves the old log, which holds everything; after
     /// it, the new one, which holds everything that matters.
     pub fn finish_rotation(&mut self, mut prepared: PreparedLog, cut: u64) -> Result<(), WalError> {
+        #[cfg(test)]
         assert!(self.buffer.is_empty(), "records queued during a rotation");
         assert!(
             prepared.generation > self.generation,
@@ -817,6 +824,7 @@ impl Wal {
 
     /// Replaces the log with one that starts with `snapshot`, which must cover every record
     /// logged so far (the synchronous form of [`prepare_log`] and [`Wal::finish_rotation`]).
+    #[cfg(test)]
     pub fn rotate(&mut self, snapshot: &Snapshot) -> Result<(), WalError> {
         let prepared = prepare_log(&self.path, self.owner, snapshot)?;
         let cut = self.committed_bytes;
