@@ -9,8 +9,9 @@
 //! because the restarted core *is* the old one, counter for counter.
 //!
 //! The one rule the driver must keep ([`crate::driver`]): outputs are carried out only after
-//! [`Wal::commit`] has made the inputs that produced them durable (group commit: one `fdatasync`
-//! per turn of the core thread, however many inputs it handled). A crash before the commit
+//! [`Wal::write_and_sync`] has made the inputs that produced them durable (group commit: one
+//! `fdatasync` for every turn queued by then, however many inputs they held). A crash before the
+//! sync
 //! loses inputs whose outputs nobody saw — indistinguishable from network loss, which the
 //! protocol already recovers from — and any prefix of the log is a state the replica really
 //! went through.
