@@ -7,6 +7,7 @@
 mod common;
 
 use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -19,8 +20,8 @@ use tessera_crypto::Digest;
 use tessera_kv::{KvStore, Response};
 use tessera_types::{
     checkpoint_certified_digest, commit_certified_digest, Checkpoint, ClientId, Commit, Fetch,
-    Heartbeat, Prepare, ReplicaId, ReplicaMessage, ReqViewChange, SeqNum, StateRequest, Ui, View,
-    ViewChange,
+    Heartbeat, PartitionReply, Prepare, ReplicaId, ReplicaMessage, ReqViewChange, SeqNum,
+    StateRequest, TransferStrategy, Ui, View, ViewChange,
 };
 use tessera_usig::Usig;
 
@@ -660,12 +661,21 @@ fn a_checkpoint_near_the_end_of_the_sequence_space_does_not_overflow() {
 fn replica_2_fetching_state(
     twist: impl Fn(u32, &ReplicaMessage) -> Option<Fate> + 'static,
 ) -> (Cluster, SeqNum) {
-    let mut cluster = Cluster::new(config(3, 1));
+    last_replica_fetching_state(config(3, 1), twist)
+}
+
+/// Like [`replica_2_fetching_state`], for any cluster: the last replica is the lagging one.
+fn last_replica_fetching_state(
+    protocol: tessera_types::ProtocolConfig,
+    twist: impl Fn(u32, &ReplicaMessage) -> Option<Fate> + 'static,
+) -> (Cluster, SeqNum) {
+    let lagging = protocol.n - 1;
+    let mut cluster = Cluster::new(protocol);
     cluster.filter = Some(Box::new(move |from, to, message| {
-        if from.0 != 2 && to.0 != 2 {
+        if from.0 != lagging && to.0 != lagging {
             return Fate::Deliver;
         }
-        if to.0 == 2 {
+        if to.0 == lagging {
             if let Some(fate) = twist(from.0, message) {
                 return fate;
             }
@@ -692,7 +702,12 @@ fn replica_2_fetching_state(
 
 /// Replica 2 reached `target` with the state the correct replica 1 holds.
 fn assert_replica_2_caught_up(cluster: &Cluster, target: SeqNum) {
-    let lagging = &cluster.replicas[2];
+    assert_caught_up(cluster, 2, target);
+}
+
+/// Replica `lagging` reached `target` with the state the correct replica 1 holds.
+fn assert_caught_up(cluster: &Cluster, lagging: usize, target: SeqNum) {
+    let lagging = &cluster.replicas[lagging];
     assert!(lagging.last_executed() >= target, "{:?}", lagging.status());
     assert_eq!(
         lagging.status().stable_state_digest,
@@ -742,4 +757,187 @@ fn a_transfer_completes_from_a_replica_that_sent_no_summary() {
     });
     cluster.run_for(10_000);
     assert_replica_2_caught_up(&cluster, target);
+}
+
+fn with_strategy(n: u32, f: u32, strategy: TransferStrategy) -> tessera_types::ProtocolConfig {
+    tessera_types::ProtocolConfig {
+        state_transfer: strategy,
+        ..config(n, f)
+    }
+}
+
+/// A copy of a partition whose first value is changed: well-formed, so only the partition's
+/// digest gives it away.
+fn tampered(reply: &PartitionReply) -> PartitionReply {
+    let mut reply = reply.clone();
+    if let Some(chunk) = &mut reply.chunk {
+        let limit = tessera_types::limits::MAX_FRAME_BYTES;
+        let mut entries: Vec<(Vec<u8>, Vec<u8>, Option<u64>)> =
+            tessera_types::decode(&chunk.bytes, limit).unwrap();
+        if let Some((_, value, _)) = entries.first_mut() {
+            value.push(b'!');
+        }
+        chunk.bytes = tessera_types::encode(&entries);
+    }
+    reply
+}
+
+/// Every strategy brings a lagging replica to the agreed state when all serve correctly, and
+/// latency-first pays for its speed in bytes: f+1 copies of each partition arrive where the
+/// others take one.
+#[test]
+fn every_transfer_strategy_fetches_the_agreed_state() {
+    let mut received = BTreeMap::new();
+    for strategy in TransferStrategy::ALL {
+        let (mut cluster, target) =
+            last_replica_fetching_state(with_strategy(3, 1, strategy), |_, _| None);
+        cluster.run_for(5_000);
+        assert_caught_up(&cluster, 2, target);
+        let bytes = cluster.replicas[2].transfer_bytes_received();
+        assert!(bytes > 0, "{strategy}: nothing received");
+        received.insert(strategy.name(), bytes);
+    }
+    let one_copy = received["merkle"];
+    for name in ["bandwidth-first-1", "bandwidth-first-2"] {
+        assert_eq!(received[name], one_copy, "{received:?}");
+    }
+    // The second copy of the last partition may arrive after the transfer ended, uncounted.
+    let latency_first = received["latency-first"];
+    assert!(
+        latency_first > one_copy * 3 / 2 && latency_first <= 2 * one_copy,
+        "{received:?}"
+    );
+}
+
+/// Digest votes expose a liar before it is asked for a single copy: replica 0 answers every
+/// digest-only request with a wrong digest, is blacklisted, and the correct replica serves the
+/// whole state.
+#[test]
+fn a_replica_lying_in_digest_votes_is_blacklisted() {
+    // Latency-first at n = 3 asks both other replicas for copies and leaves no one to vote, so
+    // it runs at n = 5: f+1 = 3 copies and one digest vote per partition.
+    for (strategy, n, f) in [
+        (TransferStrategy::LatencyFirst, 5, 2),
+        (TransferStrategy::BandwidthFirst1, 3, 1),
+        (TransferStrategy::BandwidthFirst2, 3, 1),
+    ] {
+        let lagging = n - 1;
+        let (mut cluster, target) =
+            last_replica_fetching_state(with_strategy(n, f, strategy), |from, message| {
+                match (from, message) {
+                    (0, ReplicaMessage::PartitionReply(reply)) if reply.digest.is_some() => {
+                        let mut reply = reply.clone();
+                        reply.digest = Some(Digest([7; 32]));
+                        Some(Fate::Replace(ReplicaMessage::PartitionReply(reply)))
+                    }
+                    _ => None,
+                }
+            });
+        cluster.run_for(5_000);
+        assert!(
+            cluster.rejections(lagging, "partition-digest-vote") >= 1,
+            "{strategy}: the lie went unnoticed"
+        );
+        assert_caught_up(&cluster, lagging as usize, target);
+    }
+}
+
+/// Copies that fail their digest are replaced as each strategy says. With n = 5 and f = 2,
+/// replica 0 serves every partition with one value changed: after its copy fails, variant 1
+/// asks one more replica, variant 2 asks f = 2 more at once, latency-first had f+1 = 3 copies
+/// in flight from the start; all end with the agreed state.
+#[test]
+fn failed_copies_are_replaced_as_the_strategy_says() {
+    for (strategy, copies_after_failure) in [
+        (TransferStrategy::BandwidthFirst1, 1),
+        (TransferStrategy::BandwidthFirst2, 2),
+        (TransferStrategy::Merkle, 1),
+    ] {
+        // (partition, source) of every copy the lagging replica asks for.
+        let asked: Rc<RefCell<Vec<(u32, u32)>>> = Rc::default();
+        let log = asked.clone();
+        let (mut cluster, target) = last_replica_fetching_state(
+            with_strategy(5, 2, strategy),
+            move |from, message| match (from, message) {
+                (0, ReplicaMessage::PartitionReply(reply)) if reply.chunk.is_some() => Some(
+                    Fate::Replace(ReplicaMessage::PartitionReply(tampered(reply))),
+                ),
+                _ => None,
+            },
+        );
+        let mut previous = cluster.filter.take().expect("set above");
+        cluster.filter = Some(Box::new(move |from, to, message| {
+            if let ReplicaMessage::PartitionRequest(request) = message {
+                if from.0 == 4 && request.cursor.is_none() && !request.digest_only {
+                    log.borrow_mut().push((request.partition, to.0));
+                }
+            }
+            previous(from, to, message)
+        }));
+        cluster.run_for(10_000);
+        assert!(cluster.rejections(4, "partition-digest") >= 1, "{strategy}");
+        assert_caught_up(&cluster, 4, target);
+        let asked = asked.borrow();
+        // Partitions whose first copy came from the liar: the replacements that followed.
+        let mut first: BTreeMap<u32, u32> = BTreeMap::new();
+        let mut copies: BTreeMap<u32, usize> = BTreeMap::new();
+        for (partition, source) in asked.iter() {
+            first.entry(*partition).or_insert(*source);
+            *copies.entry(*partition).or_default() += 1;
+        }
+        let failed: Vec<u32> = first
+            .iter()
+            .filter(|(_, source)| **source == 0)
+            .map(|(partition, _)| *partition)
+            .collect();
+        assert!(!failed.is_empty(), "{strategy}: the liar served nothing");
+        for partition in failed {
+            assert_eq!(
+                copies[&partition],
+                1 + copies_after_failure,
+                "{strategy}: partition {partition}: {asked:?}"
+            );
+        }
+    }
+}
+
+/// Latency-first asks f+1 distinct replicas for every partition at once, so a faulty copy
+/// never costs a second round: with n = 5 and f = 2, every partition is asked of exactly three
+/// replicas, once each, although replica 0 serves only tampered copies.
+#[test]
+fn latency_first_asks_f_plus_one_replicas_at_once() {
+    let asked: Rc<RefCell<Vec<(u32, u32)>>> = Rc::default();
+    let log = asked.clone();
+    let (mut cluster, target) = last_replica_fetching_state(
+        with_strategy(5, 2, TransferStrategy::LatencyFirst),
+        move |from, message| match (from, message) {
+            (0, ReplicaMessage::PartitionReply(reply)) if reply.chunk.is_some() => Some(
+                Fate::Replace(ReplicaMessage::PartitionReply(tampered(reply))),
+            ),
+            _ => None,
+        },
+    );
+    let mut previous = cluster.filter.take().expect("set above");
+    cluster.filter = Some(Box::new(move |from, to, message| {
+        if let ReplicaMessage::PartitionRequest(request) = message {
+            if from.0 == 4 && request.cursor.is_none() && !request.digest_only {
+                log.borrow_mut().push((request.partition, to.0));
+            }
+        }
+        previous(from, to, message)
+    }));
+    cluster.run_for(10_000);
+    assert_caught_up(&cluster, 4, target);
+    let asked = asked.borrow();
+    let mut per_partition: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+    for (partition, source) in asked.iter() {
+        assert!(
+            per_partition.entry(*partition).or_default().insert(*source),
+            "partition {partition} asked twice of replica {source}"
+        );
+    }
+    assert!(!per_partition.is_empty());
+    for (partition, sources) in &per_partition {
+        assert_eq!(sources.len(), 3, "partition {partition}: {sources:?}");
+    }
 }

@@ -915,13 +915,16 @@ mod tests {
             state_digest: Digest([1; 32]),
             partition: 3,
             cursor: None,
+            digest_only: true,
         })));
+        // A digest answer, like a chunk, is a function of a certified state alone.
         assert!(early(ReplicaMessage::PartitionReply(PartitionReply {
             replica: ReplicaId(1),
             seq: SeqNum(4),
             partition: 3,
             cursor: None,
             chunk: None,
+            digest: Some(Digest([2; 32])),
         })));
         let checkpoint = Checkpoint {
             replica: ReplicaId(1),

@@ -336,6 +336,15 @@ impl Adversary {
                 }
             }
             ReplicaMessage::PartitionReply(reply) => {
+                if let Some(digest) = &mut reply.digest {
+                    // A digest vote: a wrong digest, or word that the state is gone.
+                    if choice.is_multiple_of(2) {
+                        digest.0[0] ^= 1;
+                    } else {
+                        reply.digest = None;
+                    }
+                    return Some(message);
+                }
                 let Some(chunk) = &mut reply.chunk else {
                     return None;
                 };

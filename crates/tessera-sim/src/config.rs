@@ -90,6 +90,11 @@ pub struct SimConfig {
     /// phase.
     pub rogue_client: bool,
 
+    /// The seed picks the replicas' state-transfer strategy (`(seed / 10) % 4` into
+    /// [`tessera_types::TransferStrategy::ALL`], so every block of ten seeds, one per setting,
+    /// shares one and any forty cover every pair); `false` keeps `protocol.state_transfer`.
+    pub transfer_strategy_from_seed: bool,
+
     /// A deliberate protocol bug planted in every correct replica (proof the checkers can fail).
     #[cfg(feature = "planted-bugs")]
     pub planted_bug: Option<tessera_core::PlantedBug>,
@@ -142,6 +147,7 @@ impl Default for SimConfig {
             crash_per_mille: 250,
             crash_stop_per_mille: 400,
             rogue_client: true,
+            transfer_strategy_from_seed: true,
             #[cfg(feature = "planted-bugs")]
             planted_bug: None,
         }

@@ -42,6 +42,10 @@ struct Arguments {
     /// Stop a run after this many events (a runaway run is reported, not waited for).
     #[arg(long)]
     events_max: Option<u64>,
+    /// Every replica fetches state with this strategy (merkle, latency-first,
+    /// bandwidth-first-1, bandwidth-first-2) instead of the one the seed picks.
+    #[arg(long, value_parser = parse_strategy)]
+    transfer_strategy: Option<tessera_types::TransferStrategy>,
     /// Plant this bug of the core's catalogue in every correct replica (builds with
     /// `--features planted-bugs` only).
     #[cfg(feature = "planted-bugs")]
@@ -54,6 +58,15 @@ fn parse_setting(text: &str) -> Result<Setting, String> {
         .ok_or_else(|| format!("unknown setting {text:?}: use chaos or cXdY with X, Y in 0..=2"))
 }
 
+fn parse_strategy(text: &str) -> Result<tessera_types::TransferStrategy, String> {
+    tessera_types::TransferStrategy::parse(text).ok_or_else(|| {
+        format!(
+            "unknown strategy {text:?}: use merkle, latency-first, bandwidth-first-1 or \
+             bandwidth-first-2"
+        )
+    })
+}
+
 fn main() -> ExitCode {
     let arguments = Arguments::parse();
     let mut config = SimConfig::default();
@@ -64,6 +77,10 @@ fn main() -> ExitCode {
     config.settle_ms = arguments.settle_ms;
     if let Some(events_max) = arguments.events_max {
         config.events_max = events_max;
+    }
+    if let Some(strategy) = arguments.transfer_strategy {
+        config.protocol.state_transfer = strategy;
+        config.transfer_strategy_from_seed = false;
     }
     #[cfg(feature = "planted-bugs")]
     if let Some(name) = &arguments.plant {
@@ -176,6 +193,7 @@ fn print_report(report: &Report, trace: bool) {
         faults.crash,
         if faults.crash_stop { " for good" } else { "" }
     );
+    println!("  state transfer: {}", report.transfer_strategy);
     println!("  adversary: {:?}", report.adversary);
     for (index, node) in report.replicas.iter().enumerate() {
         let status = &node.status;

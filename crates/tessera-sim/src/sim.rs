@@ -285,6 +285,8 @@ pub struct Report {
     pub adversary: AdversaryStats,
     /// What the seed decided about faults.
     pub faults: FaultPlan,
+    /// How the replicas fetched state in this run.
+    pub transfer_strategy: tessera_types::TransferStrategy,
     /// Logical time at the end of the run.
     pub end_ms: u64,
     /// When the network healed.
@@ -356,9 +358,14 @@ impl Simulation {
     ///
     /// # Panics
     /// If `config` is invalid (see [`SimConfig::validate`]).
-    pub fn new(config: SimConfig, seed: u64) -> Simulation {
+    pub fn new(mut config: SimConfig, seed: u64) -> Simulation {
         if let Err(error) = config.validate() {
             panic!("invalid simulation config: {error}");
+        }
+        if config.transfer_strategy_from_seed {
+            let strategies = tessera_types::TransferStrategy::ALL;
+            config.protocol.state_transfer =
+                strategies[(seed / 10 % strategies.len() as u64) as usize];
         }
         let n = config.protocol.n;
         let client_key = SigningKey::from_seed(&CLIENT_KEY_SEED);
@@ -556,6 +563,7 @@ impl Simulation {
             stats: self.stats,
             adversary: self.adversary.stats.clone(),
             faults: self.faults,
+            transfer_strategy: self.config.protocol.state_transfer,
             end_ms: self.now_ms,
             heal_ms,
             recovery_ms,

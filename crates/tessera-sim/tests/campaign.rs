@@ -2,7 +2,9 @@
 //! network and over ByzzFuzz's grid pass every checker, and the checkers fire when more than f
 //! replicas are Byzantine.
 
+use std::collections::BTreeMap;
 use tessera_sim::{run_seed, Report, Role, Setting, SimConfig};
+use tessera_types::TransferStrategy;
 
 /// The configuration the once-stalled seeds were found with (simulator v0: no crashes, rogue
 /// client or swizzles), so they replay the same network schedule.
@@ -286,29 +288,41 @@ fn the_faults_actually_happen() {
 /// passing, and the refusals must keep happening.
 #[test]
 fn byzantine_state_servers_are_detected_and_routed_around() {
-    let mut refused = 0;
-    let mut runs_with_refusals = Vec::new();
+    // Per strategy (the seed picks it): runs that refused a partition copy or a digest vote.
+    let mut runs_with_refusals: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    let mut digest_votes_refused = 0;
     for seed in 0..300 {
         let config = Setting::for_seed(seed).apply(&SimConfig::default());
         let report = run_seed(&config, seed);
         assert!(report.passed(), "seed {seed}: {:?}", report.violations);
-        let here: u64 = report
-            .rejections
-            .iter()
-            .flatten()
-            .filter(|(reason, _)| matches!(*reason, "partition-digest" | "partition-chunk-invalid"))
-            .map(|(_, count)| *count)
-            .sum();
-        if here > 0 {
-            runs_with_refusals.push(seed);
-            refused += here;
+        let count = |wanted: &[&str]| -> u64 {
+            report
+                .rejections
+                .iter()
+                .flatten()
+                .filter(|(reason, _)| wanted.contains(reason))
+                .map(|(_, count)| *count)
+                .sum()
+        };
+        let votes = count(&["partition-digest-vote"]);
+        digest_votes_refused += votes;
+        if votes + count(&["partition-digest", "partition-chunk-invalid"]) > 0 {
+            let strategy = report.transfer_strategy.name();
+            runs_with_refusals.entry(strategy).or_default().push(seed);
         }
     }
-    println!("partitions refused: {refused} in runs {runs_with_refusals:?}");
-    assert!(
-        runs_with_refusals.len() >= 3,
-        "too few runs exercise Byzantine state servers: {runs_with_refusals:?}"
-    );
+    println!("runs refusing state: {runs_with_refusals:?}");
+    println!("digest votes refused: {digest_votes_refused}");
+    for strategy in TransferStrategy::ALL {
+        assert!(
+            runs_with_refusals.contains_key(strategy.name()),
+            "no run exercises Byzantine state servers under {strategy}: {runs_with_refusals:?}"
+        );
+    }
+    let runs: usize = runs_with_refusals.values().map(Vec::len).sum();
+    assert!(runs >= 6, "too few runs: {runs_with_refusals:?}");
+    // The variants with digest votes catch lying voters (the adversary flips digests).
+    assert!(digest_votes_refused >= 1);
 }
 
 /// Crashed replicas come back from a snapshot plus the inputs logged after it (odd seeds) or

@@ -465,6 +465,35 @@ mod tests {
     }
 
     #[test]
+    fn the_transfer_strategy_is_named_in_the_protocol_section() {
+        let text = cluster("").to_toml();
+        assert!(text.contains("state_transfer = \"merkle\""), "{text}");
+        for strategy in crate::TransferStrategy::ALL {
+            let chosen = text.replace(
+                "state_transfer = \"merkle\"",
+                &format!("state_transfer = \"{strategy}\""),
+            );
+            let parsed = ClusterConfig::from_toml(&chosen).expect("a known strategy");
+            assert_eq!(parsed.protocol.state_transfer, strategy);
+        }
+        let absent = text.replace("state_transfer = \"merkle\"\n", "");
+        let parsed = ClusterConfig::from_toml(&absent).expect("the field is optional");
+        assert_eq!(
+            parsed.protocol.state_transfer,
+            crate::TransferStrategy::Merkle
+        );
+        let unknown = text.replace(
+            "state_transfer = \"merkle\"",
+            "state_transfer = \"fastest\"",
+        );
+        let error = ClusterFileError::to_string(&ClusterConfig::from_toml(&unknown).unwrap_err());
+        assert!(
+            error.contains("state_transfer") && error.contains("latency-first"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn metrics_address_is_optional_and_old_files_parse() {
         let mut text = cluster("").to_toml();
         text = text.replace("metrics_address = \"\"\n", "");

@@ -12,6 +12,67 @@ pub enum Protocol {
     Minbft,
 }
 
+/// How a lagging replica fetches the partitions (blocks) of the state that differ from the agreed
+/// ones (docs/STATE.md §2, paper 001 §IV-D). Every strategy checks each partition against its
+/// digest in the certified checkpoint; they differ in how many copies of a partition they ask
+/// for, from whom, and what they do after a copy fails.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize, Default)]
+pub enum TransferStrategy {
+    /// One copy per partition from the least-loaded source, checked against the agreed Merkle
+    /// leaf (the leaf level arrives, proven by the certified root, in the STATE-SUMMARY); a
+    /// copy that fails goes to the next least-loaded source.
+    #[default]
+    #[serde(rename = "merkle")]
+    Merkle,
+    /// Paper 001's latency-first strategy: f+1 copies of each partition from distinct sources
+    /// at once, plus digest-only answers from up to f others; the first copy that checks wins,
+    /// so f faulty or slow sources never cost a round, at up to f+1 times the bytes.
+    #[serde(rename = "latency-first")]
+    LatencyFirst,
+    /// Paper 001's bandwidth-first strategy, variant 1: one copy plus digest-only answers from
+    /// up to f others; after a copy fails, one more copy from a replica not asked about this
+    /// partition yet (any remaining source if none is left), and so on.
+    #[serde(rename = "bandwidth-first-1")]
+    BandwidthFirst1,
+    /// Bandwidth-first, variant 2: like variant 1 until a copy fails, then f more copies at once
+    /// from distinct sources, so a partition takes at most two rounds.
+    #[serde(rename = "bandwidth-first-2")]
+    BandwidthFirst2,
+}
+
+impl TransferStrategy {
+    /// Every strategy, in the order benchmarks report them.
+    pub const ALL: [TransferStrategy; 4] = [
+        TransferStrategy::Merkle,
+        TransferStrategy::LatencyFirst,
+        TransferStrategy::BandwidthFirst1,
+        TransferStrategy::BandwidthFirst2,
+    ];
+
+    /// The name used in cluster.toml and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransferStrategy::Merkle => "merkle",
+            TransferStrategy::LatencyFirst => "latency-first",
+            TransferStrategy::BandwidthFirst1 => "bandwidth-first-1",
+            TransferStrategy::BandwidthFirst2 => "bandwidth-first-2",
+        }
+    }
+
+    /// Parses [`TransferStrategy::name`].
+    pub fn parse(text: &str) -> Option<TransferStrategy> {
+        Self::ALL
+            .into_iter()
+            .find(|strategy| strategy.name() == text)
+    }
+}
+
+impl std::fmt::Display for TransferStrategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Tunables of the agreement protocol. Every field has a default, a unit in its name and a bound
 /// checked by [`ProtocolConfig::validate`].
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -48,6 +109,10 @@ pub struct ProtocolConfig {
     /// time forward, and must exceed the clock differences between correct replicas (plus a
     /// PREPARE's transit time), or a correct primary's batches are refused.
     pub clock_skew_max_ms: u64,
+    /// How a lagging replica fetches state: `merkle` (default), `latency-first`,
+    /// `bandwidth-first-1` or `bandwidth-first-2` ([`TransferStrategy`]). A local choice: replicas
+    /// of one cluster may differ, and every replica serves every strategy.
+    pub state_transfer: TransferStrategy,
 }
 
 /// The largest `clock_skew_max_ms` accepted: one hour. A larger bound would let a faulty
@@ -71,6 +136,7 @@ impl Default for ProtocolConfig {
             heartbeat_interval_ms: 200,
             client_table_max: 100_000,
             clock_skew_max_ms: 2_000,
+            state_transfer: TransferStrategy::Merkle,
         }
     }
 }

@@ -16,7 +16,7 @@ pub mod messages;
 pub mod state_machine;
 pub mod wire;
 
-pub use config::{ConfigError, ProtocolConfig};
+pub use config::{ConfigError, ProtocolConfig, TransferStrategy};
 pub use encoding::{decode, encode, DecodeError};
 pub use ids::{ClientId, ReplicaId, SeqNum, View};
 pub use messages::*;

@@ -533,6 +533,9 @@ pub struct PartitionRequest {
     /// Where the chunk starts (`None`: at the beginning), as the previous reply said.
     #[serde(with = "serde_bytes")]
     pub cursor: Option<Vec<u8>>,
+    /// Asks only for the partition's digest, not its bytes (the digest votes of paper 001's
+    /// latency-first and bandwidth-first strategies).
+    pub digest_only: bool,
 }
 
 /// One chunk of a partition, or word that the checkpoint is no longer kept.
@@ -547,8 +550,12 @@ pub struct PartitionReply {
     /// The cursor asked for (so the asker matches the reply to its request).
     #[serde(with = "serde_bytes")]
     pub cursor: Option<Vec<u8>>,
-    /// The chunk, or `None` if the replier no longer keeps that checkpoint's state.
+    /// The chunk, or `None` if the replier no longer keeps that checkpoint's state or was asked
+    /// for the digest only.
     pub chunk: Option<ChunkBytes>,
+    /// The partition's digest at the checkpoint, answering a digest-only request (`None`: the
+    /// replier no longer keeps that checkpoint's state, or was asked for bytes).
+    pub digest: Option<Digest>,
 }
 
 /// A chunk on the wire.

@@ -89,7 +89,18 @@ impl LocalCluster {
         self.children.get(id as usize)?.as_ref().map(Child::id)
     }
 
+    /// Restarts replica `id` (killing it first if it is running) with `extra` arguments after
+    /// the cluster's own, for this start only.
+    pub fn restart_replica_with(&mut self, id: u32, extra: &[String]) -> anyhow::Result<()> {
+        self.kill_replica(id)?;
+        self.spawn_with(id, extra)
+    }
+
     fn spawn(&mut self, id: u32) -> anyhow::Result<()> {
+        self.spawn_with(id, &[])
+    }
+
+    fn spawn_with(&mut self, id: u32, extra: &[String]) -> anyhow::Result<()> {
         let log_path = self.log_path(id);
         let log = OpenOptions::new()
             .create(true)
@@ -103,6 +114,7 @@ impl LocalCluster {
             .arg("--id")
             .arg(id.to_string())
             .args(&self.replica_arguments)
+            .args(extra)
             .stdin(Stdio::null())
             // Own process group: a terminal's Ctrl-C reaches only the parent, which then stops
             // the replicas in order instead of racing them.

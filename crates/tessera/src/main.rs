@@ -188,6 +188,20 @@ struct ReplicaArgs {
     /// grows for ever). Suffixes: KiB, MiB, GiB.
     #[arg(long, default_value = "64MiB", value_parser = transfer_bench::parse_size)]
     snapshot_after: u64,
+    /// Fetch state with this strategy instead of cluster.toml's `[protocol] state_transfer`:
+    /// merkle, latency-first, bandwidth-first-1 or bandwidth-first-2 (docs/STATE.md §2). A
+    /// local choice; the write-ahead log records it, so a restart must keep it.
+    #[arg(long, value_parser = parse_transfer_strategy)]
+    transfer_strategy: Option<tessera_types::TransferStrategy>,
+}
+
+fn parse_transfer_strategy(text: &str) -> Result<tessera_types::TransferStrategy, String> {
+    tessera_types::TransferStrategy::parse(text).ok_or_else(|| {
+        format!(
+            "unknown strategy {text:?}: use merkle, latency-first, bandwidth-first-1 or \
+             bandwidth-first-2"
+        )
+    })
 }
 
 #[derive(clap::Args, Debug)]
@@ -522,7 +536,10 @@ fn read_replica_secrets(
 // replica, unreplicated
 
 async fn run_replica(args: ReplicaArgs) -> anyhow::Result<()> {
-    let cluster = local::read_cluster(&args.dir)?;
+    let mut cluster = local::read_cluster(&args.dir)?;
+    if let Some(strategy) = args.transfer_strategy {
+        cluster.protocol.state_transfer = strategy;
+    }
     if args.id as usize >= cluster.replicas.len() {
         bail!(
             "--id {} is not a replica of this cluster (ids 0..{})",

@@ -36,7 +36,7 @@ use tessera_client::{Client, ClientOptions, KvClient};
 use tessera_crypto::{DigestBuilder, ElementHasher, LtHash};
 use tessera_types::cluster::ClusterConfig;
 use tessera_types::wire::ReplicaStatus;
-use tessera_types::ReplicaId;
+use tessera_types::{ReplicaId, TransferStrategy};
 
 /// Smallest state: below this the run measures start-up, not transfer.
 const SIZE_MIN_BYTES: u64 = 1 << 10;
@@ -98,9 +98,10 @@ pub struct StateTransferArgs {
     /// SET requests in flight while the state is built.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub in_flight: u32,
-    /// Transfer strategies to measure, one wipe each.
-    #[arg(long, value_delimiter = ',', default_value = "merkle")]
-    pub strategies: Vec<Strategy>,
+    /// Transfer strategies to measure, one wipe each, in this order: merkle, latency-first,
+    /// bandwidth-first-1, bandwidth-first-2 (docs/STATE.md §2), comma-separated, or all.
+    #[arg(long, default_value = "all", value_parser = Strategy::parse_list)]
+    pub strategies: Strategies,
     /// First port of the cluster: replicas on BASE+i, clients on BASE+100+i, metrics on
     /// BASE+150+i.
     #[arg(long, default_value_t = 47_000,
@@ -115,21 +116,39 @@ pub struct StateTransferArgs {
     pub json: bool,
 }
 
-/// How a wiped replica fetches the state.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Strategy {
-    /// Partition by partition from every other replica at once, each partition checked against
-    /// its leaf of the Merkle tree the certified checkpoint fixes (docs/STATE.md §2).
-    Merkle,
-}
+/// How a wiped replica fetches the state: [`TransferStrategy`] on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Strategy(pub TransferStrategy);
 
 impl Strategy {
     fn name(self) -> &'static str {
-        match self {
-            Strategy::Merkle => "merkle",
+        self.0.name()
+    }
+
+    /// `all` (every strategy) or comma-separated names.
+    fn parse_list(text: &str) -> Result<Strategies, String> {
+        if text == "all" {
+            return Ok(Strategies(
+                TransferStrategy::ALL.into_iter().map(Strategy).collect(),
+            ));
         }
+        text.split(',')
+            .map(|name| {
+                TransferStrategy::parse(name).map(Strategy).ok_or_else(|| {
+                    format!(
+                        "unknown strategy {name:?}: use merkle, latency-first, \
+                         bandwidth-first-1, bandwidth-first-2 or all"
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Strategies)
     }
 }
+
+/// The strategies one run measures, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Strategies(pub Vec<Strategy>);
 
 /// Parses a byte count: digits and an optional unit, `B`, `KiB`, `MiB`, `GiB`, `TiB` (powers of
 /// 1024) or `kB`, `MB`, `GB`, `TB` (powers of 1000). Letter case is ignored (`1gib` is `1GiB`).
@@ -416,7 +435,7 @@ struct Report {
 
 /// Runs `tessera bench state-transfer`.
 pub async fn run(args: StateTransferArgs) -> anyhow::Result<()> {
-    if args.strategies.is_empty() {
+    if args.strategies.0.is_empty() {
         bail!("--strategies is empty; name at least one (merkle)");
     }
     let executable =
@@ -511,7 +530,7 @@ async fn measure(
     );
     let validation = measure_validation(&mut local, &cluster, validated, &agreed).await?;
     let mut transfers = Vec::new();
-    for &strategy in &args.strategies {
+    for &strategy in &args.strategies.0 {
         progress(
             args,
             &format!(
@@ -844,7 +863,13 @@ async fn measure_transfer(
     })?;
     let started_wall = SystemTime::now();
     let started = Instant::now();
-    local.restart_replica(id)?;
+    local.restart_replica_with(
+        id,
+        &[
+            "--transfer-strategy".to_string(),
+            strategy.name().to_string(),
+        ],
+    )?;
     let (seconds, status) = wait_caught_up(
         local,
         cluster,
@@ -1260,6 +1285,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn strategies_are_all_or_named_in_order() {
+        let names = |text: &str| -> Result<Vec<&'static str>, String> {
+            Strategy::parse_list(text).map(|list| list.0.iter().map(|s| s.name()).collect())
+        };
+        assert_eq!(
+            names("all").unwrap(),
+            [
+                "merkle",
+                "latency-first",
+                "bandwidth-first-1",
+                "bandwidth-first-2"
+            ]
+        );
+        assert_eq!(
+            names("bandwidth-first-2,merkle").unwrap(),
+            ["bandwidth-first-2", "merkle"]
+        );
+        let error = names("merkle,fastest").unwrap_err();
+        assert!(
+            error.contains("\"fastest\"") && error.contains("latency-first"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn sizes_parse_with_binary_and_decimal_units() {
         assert_eq!(parse_size("65536"), Ok(65_536));
         assert_eq!(parse_size("100MiB"), Ok(100 << 20));
@@ -1380,7 +1430,7 @@ mod tests {
                 wal_bytes: 17_000_000,
             },
             transfers: vec![Transfer {
-                strategy: Strategy::Merkle,
+                strategy: Strategy(TransferStrategy::Merkle),
                 replica: 1,
                 bytes: 8_400_000,
                 state_bytes: Some(8 << 20),

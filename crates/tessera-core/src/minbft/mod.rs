@@ -271,6 +271,8 @@ pub struct Replica<S: StateMachine> {
     /// time uses it: the primary proposes from it, backups bound proposals by it.
     wall_ms: u64,
     rejections: BTreeMap<&'static str, u64>,
+    /// Partition bytes received by completed state transfers, every copy counted (metrics).
+    transfer_bytes_received: u64,
 
     // --- view ---
     view: View,
@@ -415,6 +417,7 @@ impl<S: StateMachine> Replica<S> {
             now_ms: 0,
             wall_ms: 0,
             rejections: BTreeMap::new(),
+            transfer_bytes_received: 0,
             view: View(0),
             view_active: true,
             view_change_attempts: 0,
@@ -527,6 +530,12 @@ impl<S: StateMachine> Replica<S> {
     /// True while a state transfer is in progress (for metrics).
     pub fn is_transferring_state(&self) -> bool {
         self.transfer.is_some()
+    }
+
+    /// Partition bytes received by the state transfers completed so far, every copy counted:
+    /// what the transfer strategy costs in bandwidth (metrics and benchmarks).
+    pub fn transfer_bytes_received(&self) -> u64 {
+        self.transfer_bytes_received
     }
 
     /// Messages rejected so far, by reason (for metrics and tests).

@@ -7,11 +7,14 @@
 //!    partition digests and the client table's digest give the certified state digest, so a
 //!    summary is either exactly the agreed one or refused, whoever sent it.
 //! 2. It fetches only the partitions whose local digest differs from the agreed one, in chunks,
-//!    spread over every replica that sent a matching summary (the least loaded first, at most
-//!    [`IN_FLIGHT_PER_SOURCE`] partitions each), and checks each completed partition against its
-//!    agreed digest. A replica that sends bytes that do not check is faulty: it is blacklisted
-//!    and its partitions go to others. One that does not answer in time loses its partitions
-//!    too. (Paper 001's Merkle-proof strategy, with the whole leaf level proven at once.)
+//!    spread over every replica that may hold the state (the least loaded first, at most
+//!    [`IN_FLIGHT_PER_SOURCE`] copies each), and checks each completed copy against its agreed
+//!    digest. A replica that sends bytes that do not check is faulty: it is blacklisted and its
+//!    partitions go to others. One that does not answer in time loses its partitions too. How
+//!    many copies of a partition are asked for, whether other replicas are asked for its digest,
+//!    and who gets it after a copy fails is the [`TransferStrategy`]: paper 001's Merkle-proof
+//!    strategy (the whole leaf level proven at once), its latency-first strategy, and its
+//!    bandwidth-first strategy in both variants.
 //! 3. If the checkpoint it fetches is garbage-collected meanwhile, a summary of a newer one
 //!    continues the transfer: checked partitions whose digest is unchanged are kept, only the
 //!    rest is fetched again (the cascade paper 001 §VII-B warns about).
@@ -26,7 +29,7 @@ use tessera_types::merkle::MerkleTree;
 use tessera_types::{
     CheckpointCertificate, ChunkBytes, ClientId, FrozenState, LogEntry, PartitionReply,
     PartitionRequest, ReplicaId, ReplicaMessage, SeqNum, StagedPartition, StateMachine,
-    StateRequest, StateSummary,
+    StateRequest, StateSummary, TransferStrategy,
 };
 
 use super::{state_digest_of, Action, ClientSnapshot, ClientTable, Freshness, Replica};
@@ -39,7 +42,7 @@ pub const CHUNK_BUDGET_BYTES: usize = 1 << 20;
 pub const MAX_CHUNK_BYTES: usize = 4 << 20;
 /// Largest cursor accepted (a key-value cursor is one key, and a key fits in one operation).
 pub const MAX_CURSOR_BYTES: usize = tessera_types::limits::MAX_OPERATION_BYTES;
-/// Partitions fetched from one replica at a time.
+/// Partition copies fetched from one replica at a time.
 pub const IN_FLIGHT_PER_SOURCE: usize = 4;
 /// Heartbeat intervals a source may take to answer before its partitions go to others.
 const SOURCE_PATIENCE_HEARTBEATS: u64 = 10;
@@ -63,9 +66,8 @@ impl<F: Clone> Clone for CheckpointState<F> {
     }
 }
 
-/// A partition being fetched from one source.
+/// One copy of a partition being fetched from one source.
 struct Fetching<P> {
-    source: ReplicaId,
     staged: P,
     /// The cursor of the chunk asked for.
     cursor: Option<Vec<u8>>,
@@ -73,6 +75,15 @@ struct Fetching<P> {
     /// assigned, plus one heartbeat interval per chunk received. A source answering quickly
     /// never reaches it; one that drips a chunk now and then to hold the partition does.
     deadline_ms: u64,
+}
+
+/// What happened to one partition in this transfer so far.
+#[derive(Default)]
+struct History {
+    /// Every replica asked about it, for a copy or for its digest.
+    asked: BTreeSet<ReplicaId>,
+    /// Copies that failed: bytes that did not check, `gone`, or a source that timed out.
+    failed_copies: u32,
 }
 
 /// A state transfer in progress.
@@ -89,11 +100,17 @@ pub(super) struct Transfer<P> {
     /// Sources that let a deadline pass: not asked again in this transfer unless no one else
     /// is left.
     timed_out: BTreeSet<ReplicaId>,
-    /// Partitions to fetch, not yet asked for.
-    needed: BTreeSet<u32>,
-    fetching: BTreeMap<u32, Fetching<P>>,
+    /// Partitions not yet received and checked (some copies in flight, or none yet).
+    missing: BTreeSet<u32>,
+    /// Copies in flight, by partition and source.
+    fetching: BTreeMap<(u32, ReplicaId), Fetching<P>>,
+    /// Digest-only requests not answered yet.
+    digest_requests: BTreeSet<(u32, ReplicaId)>,
+    history: BTreeMap<u32, History>,
     /// Partitions received and checked against their agreed digest.
     done: BTreeMap<u32, P>,
+    /// Partition bytes received, every copy counted (what the strategy costs in bandwidth).
+    received_bytes: u64,
 }
 
 impl<P> Transfer<P> {
@@ -101,25 +118,48 @@ impl<P> Transfer<P> {
         self.certificate.seq
     }
 
-    /// Partitions still missing (needed or in flight).
+    /// Partitions still missing (in flight or waiting for a source).
     pub fn missing(&self) -> usize {
-        self.needed.len() + self.fetching.len()
+        self.missing.len()
     }
 
-    /// Stops asking `source`: it leaves the sources, and every partition it was serving goes
-    /// back to the queue for the others.
+    /// Stops asking `source`: it leaves the sources, and every copy it was serving is dropped
+    /// (counted as failed, so the strategy may ask more sources for those partitions).
     fn drop_source(&mut self, source: ReplicaId) {
         self.sources.remove(&source);
         let released: Vec<u32> = self
             .fetching
-            .iter()
-            .filter(|(_, fetching)| fetching.source == source)
+            .keys()
+            .filter(|(_, from)| *from == source)
             .map(|(index, _)| *index)
             .collect();
         for index in released {
-            self.fetching.remove(&index);
-            self.needed.insert(index);
+            self.fetching.remove(&(index, source));
+            self.history.entry(index).or_default().failed_copies += 1;
         }
+        self.digest_requests.retain(|(_, from)| *from != source);
+    }
+}
+
+/// Copies of one partition a strategy keeps in flight at once, after `failed` of them failed.
+fn copies_wanted(strategy: TransferStrategy, f: u32, failed: u32) -> usize {
+    let f = f.max(1) as usize;
+    match strategy {
+        TransferStrategy::Merkle | TransferStrategy::BandwidthFirst1 => 1,
+        // f+1 copies hold at least one correct one, so a copy that fails is not replaced
+        // while others are in flight; after f failures the last one is kept alive (a correct
+        // source that timed out is replaced).
+        TransferStrategy::LatencyFirst => (f + 1).saturating_sub(failed as usize).max(1),
+        TransferStrategy::BandwidthFirst2 if failed == 0 => 1,
+        TransferStrategy::BandwidthFirst2 => f,
+    }
+}
+
+/// Replicas a strategy asks for a partition's digest alone when it first asks for the partition.
+fn digest_votes(strategy: TransferStrategy, f: u32) -> usize {
+    match strategy {
+        TransferStrategy::Merkle => 0,
+        _ => f as usize,
     }
 }
 
@@ -228,7 +268,7 @@ impl<S: StateMachine> Replica<S> {
                 }
             }
         }
-        let needed: BTreeSet<u32> = (0..leaves.len() as u32)
+        let missing: BTreeSet<u32> = (0..leaves.len() as u32)
             .filter(|index| {
                 !kept.contains_key(index)
                     && self.state_machine.partition_digest(*index) != leaves[*index as usize]
@@ -237,8 +277,9 @@ impl<S: StateMachine> Replica<S> {
         tracing::info!(
             replica = self.id.0,
             seq = seq.0,
-            partitions = needed.len(),
+            partitions = missing.len(),
             kept = kept.len(),
+            strategy = %self.config.state_transfer,
             "fetching state"
         );
         let sources = (0..self.config.n)
@@ -252,9 +293,12 @@ impl<S: StateMachine> Replica<S> {
             anchors: summary.anchors,
             sources,
             timed_out: BTreeSet::new(),
-            needed,
+            missing,
             fetching: BTreeMap::new(),
+            digest_requests: BTreeSet::new(),
+            history: BTreeMap::new(),
             done: kept,
+            received_bytes: 0,
         });
         self.pump_transfer();
     }
@@ -316,6 +360,7 @@ impl<S: StateMachine> Replica<S> {
 
     pub(super) fn on_partition_request(&mut self, from: ReplicaId, request: PartitionRequest) {
         if request.replica != from
+            || request.partition >= self.state_machine.partition_count()
             || request
                 .cursor
                 .as_ref()
@@ -324,19 +369,25 @@ impl<S: StateMachine> Replica<S> {
             self.reject("partition-request-malformed");
             return;
         }
-        let chunk = self
-            .state_at(request.seq, &request.state_digest)
-            .map(|frozen| {
+        let state = self.state_at(request.seq, &request.state_digest);
+        let (chunk, digest) = match state {
+            None => (None, None),
+            Some(frozen) if request.digest_only => {
+                (None, Some(frozen.partition_digest(request.partition)))
+            }
+            Some(frozen) => {
                 let chunk = frozen.chunk(
                     request.partition,
                     request.cursor.as_deref(),
                     CHUNK_BUDGET_BYTES,
                 );
-                ChunkBytes {
+                let bytes = ChunkBytes {
                     bytes: chunk.bytes,
                     next: chunk.next,
-                }
-            });
+                };
+                (Some(bytes), None)
+            }
+        };
         self.actions.push(Action::Send {
             to: from,
             message: ReplicaMessage::PartitionReply(PartitionReply {
@@ -345,6 +396,7 @@ impl<S: StateMachine> Replica<S> {
                 partition: request.partition,
                 cursor: request.cursor,
                 chunk,
+                digest,
             }),
         });
     }
@@ -358,12 +410,24 @@ impl<S: StateMachine> Replica<S> {
             return;
         };
         let partition = reply.partition;
+        if reply.seq != transfer.seq() {
+            return; // stale
+        }
+        // Bandwidth is spent whether or not the copy is still wanted: count every chunk.
+        if let Some(chunk) = &reply.chunk {
+            transfer.received_bytes += chunk.bytes.len() as u64;
+        }
+        if transfer.digest_requests.remove(&(partition, from)) {
+            self.on_partition_digest(from, partition, reply);
+            return;
+        }
+        let key = (partition, from);
         let expected = transfer
             .fetching
-            .get(&partition)
-            .is_some_and(|fetching| fetching.source == from && fetching.cursor == reply.cursor);
-        if reply.seq != transfer.seq() || !expected {
-            return; // stale, duplicate or unasked
+            .get(&key)
+            .is_some_and(|fetching| fetching.cursor == reply.cursor);
+        if !expected {
+            return; // duplicate, unasked, or a copy no longer needed
         }
         let Some(chunk) = reply.chunk else {
             // The source moved on to a newer stable checkpoint and dropped this one.
@@ -376,10 +440,7 @@ impl<S: StateMachine> Replica<S> {
                 .next
                 .as_ref()
                 .is_some_and(|next| next.len() > MAX_CURSOR_BYTES);
-        let fetching = transfer
-            .fetching
-            .get_mut(&partition)
-            .expect("checked above");
+        let fetching = transfer.fetching.get_mut(&key).expect("checked above");
         let added = if oversized {
             Err(tessera_types::RestoreError("oversized".into()))
         } else {
@@ -404,11 +465,12 @@ impl<S: StateMachine> Replica<S> {
                         state_digest: transfer.certificate.state_digest,
                         partition,
                         cursor: Some(next),
+                        digest_only: false,
                     }),
                 });
             }
             None => {
-                let fetching = transfer.fetching.remove(&partition).expect("checked above");
+                let fetching = transfer.fetching.remove(&key).expect("checked above");
                 let agreed = transfer.leaves[partition as usize];
                 let matches = fetching.staged.digest() == agreed;
                 #[cfg(feature = "planted-bugs")]
@@ -416,13 +478,42 @@ impl<S: StateMachine> Replica<S> {
                 // digest; the certificate vouches for a state, not for these bytes.
                 let matches = matches || self.planted.contains(PlantedBug::TrustStateSnapshot);
                 if !matches {
-                    transfer.needed.insert(partition);
+                    transfer.history.entry(partition).or_default().failed_copies += 1;
                     self.reject("partition-digest");
                     self.distrust_source(from);
                     return;
                 }
+                // The first copy that checks wins; the others still in flight (latency-first,
+                // or bandwidth-first after a failure) are no longer needed, and their later
+                // chunks are ignored as unasked.
+                transfer
+                    .fetching
+                    .retain(|(index, _), _| *index != partition);
+                transfer.missing.remove(&partition);
                 transfer.done.insert(partition, fetching.staged);
                 self.pump_transfer();
+            }
+        }
+    }
+
+    /// A digest vote: a correct replica that holds the checkpoint's state has exactly the
+    /// agreed digest for every partition (the certificate proves which digest is agreed), so
+    /// one that answers another digest is faulty and is not asked for a copy.
+    fn on_partition_digest(&mut self, from: ReplicaId, partition: u32, reply: PartitionReply) {
+        let Some(transfer) = &mut self.transfer else {
+            return;
+        };
+        match reply.digest {
+            None => {
+                // It no longer keeps the checkpoint's state (or sent bytes unasked): it cannot
+                // serve this transfer.
+                transfer.drop_source(from);
+                self.pump_transfer();
+            }
+            Some(digest) if transfer.leaves.get(partition as usize) == Some(&digest) => {}
+            Some(_) => {
+                self.reject("partition-digest-vote");
+                self.distrust_source(from);
             }
         }
     }
@@ -451,9 +542,9 @@ impl<S: StateMachine> Replica<S> {
         // A source that lets one deadline pass loses every partition it holds.
         let late: BTreeSet<ReplicaId> = transfer
             .fetching
-            .values()
-            .filter(|fetching| now_ms > fetching.deadline_ms)
-            .map(|fetching| fetching.source)
+            .iter()
+            .filter(|(_, fetching)| now_ms > fetching.deadline_ms)
+            .map(|((_, source), _)| *source)
             .collect();
         for source in late {
             transfer.drop_source(source);
@@ -469,8 +560,11 @@ impl<S: StateMachine> Replica<S> {
         self.transfer_blacklist.clear();
     }
 
-    /// Asks for needed partitions, least-loaded source first; finishes when all are in.
+    /// Asks for missing partitions as the strategy says, least-loaded source first; finishes
+    /// when all are in.
     fn pump_transfer(&mut self) {
+        let strategy = self.config.state_transfer;
+        let f = self.config.f;
         let Some(transfer) = &mut self.transfer else {
             return;
         };
@@ -490,43 +584,90 @@ impl<S: StateMachine> Replica<S> {
         }
         let mut load: BTreeMap<ReplicaId, usize> =
             transfer.sources.iter().map(|source| (*source, 0)).collect();
-        for fetching in transfer.fetching.values() {
-            if let Some(count) = load.get_mut(&fetching.source) {
+        for (_, source) in transfer.fetching.keys() {
+            if let Some(count) = load.get_mut(source) {
                 *count += 1;
             }
         }
         let patience = SOURCE_PATIENCE_HEARTBEATS * self.config.heartbeat_interval_ms;
-        while let Some(&index) = transfer.needed.first() {
-            let Some((&source, &count)) = load
-                .iter()
-                .min_by_key(|(source, count)| (**count, **source))
-            else {
-                break;
-            };
-            if count >= IN_FLIGHT_PER_SOURCE {
+        let seq = transfer.certificate.seq;
+        let state_digest = transfer.certificate.state_digest;
+        let request = |partition, digest_only| {
+            ReplicaMessage::PartitionRequest(PartitionRequest {
+                replica: self.id,
+                seq,
+                state_digest,
+                partition,
+                cursor: None,
+                digest_only,
+            })
+        };
+        let mut sends = Vec::new();
+        for &index in &transfer.missing {
+            if load.values().all(|count| *count >= IN_FLIGHT_PER_SOURCE) {
                 break;
             }
-            transfer.needed.pop_first();
-            *load.get_mut(&source).expect("a source") += 1;
-            transfer.fetching.insert(
-                index,
-                Fetching {
-                    source,
-                    staged: self.state_machine.stage(index),
-                    cursor: None,
-                    deadline_ms: self.now_ms + patience,
-                },
-            );
-            self.actions.push(Action::Send {
-                to: source,
-                message: ReplicaMessage::PartitionRequest(PartitionRequest {
-                    replica: self.id,
-                    seq: transfer.certificate.seq,
-                    state_digest: transfer.certificate.state_digest,
-                    partition: index,
-                    cursor: None,
-                }),
-            });
+            let history = transfer.history.entry(index).or_default();
+            let first_ask = history.asked.is_empty();
+            let wanted = copies_wanted(strategy, f, history.failed_copies);
+            let in_flight: BTreeSet<ReplicaId> = transfer
+                .fetching
+                .range((index, ReplicaId(0))..=(index, ReplicaId(u32::MAX)))
+                .map(|((_, source), _)| *source)
+                .collect();
+            let mut copies = in_flight.len();
+            while copies < wanted {
+                // Distinct sources for one partition; after a failure, the bandwidth-first
+                // variants prefer a replica not asked about it yet (paper 001 §IV-D2).
+                let candidate = load
+                    .iter()
+                    .filter(|(source, count)| {
+                        **count < IN_FLIGHT_PER_SOURCE && !in_flight.contains(source)
+                    })
+                    .filter(|(source, _)| !transfer.fetching.contains_key(&(index, **source)))
+                    .min_by_key(|(source, count)| {
+                        let fresh = matches!(
+                            strategy,
+                            TransferStrategy::BandwidthFirst1 | TransferStrategy::BandwidthFirst2
+                        ) && history.asked.contains(*source);
+                        (fresh, **count, **source)
+                    })
+                    .map(|(source, _)| *source);
+                let Some(source) = candidate else {
+                    break;
+                };
+                *load.get_mut(&source).expect("a source") += 1;
+                history.asked.insert(source);
+                transfer.fetching.insert(
+                    (index, source),
+                    Fetching {
+                        staged: self.state_machine.stage(index),
+                        cursor: None,
+                        deadline_ms: self.now_ms + patience,
+                    },
+                );
+                sends.push((source, request(index, false)));
+                copies += 1;
+            }
+            if first_ask && copies > 0 {
+                // Digest votes from replicas not fetching a copy, spread by partition index.
+                let others: Vec<ReplicaId> = transfer
+                    .sources
+                    .iter()
+                    .copied()
+                    .filter(|source| !history.asked.contains(source))
+                    .collect();
+                let votes = digest_votes(strategy, f).min(others.len());
+                for offset in 0..votes {
+                    let source = others[(index as usize + offset) % others.len()];
+                    history.asked.insert(source);
+                    transfer.digest_requests.insert((index, source));
+                    sends.push((source, request(index, true)));
+                }
+            }
+        }
+        for (to, message) in sends {
+            self.actions.push(Action::Send { to, message });
         }
         if transfer.missing() == 0 {
             self.finish_transfer();
@@ -547,7 +688,7 @@ impl<S: StateMachine> Replica<S> {
             })
             .collect();
         if !changed.is_empty() {
-            transfer.needed = changed;
+            transfer.missing = changed;
             self.transfer = Some(transfer);
             self.pump_transfer();
             return;
@@ -589,8 +730,11 @@ impl<S: StateMachine> Replica<S> {
             replica = self.id.0,
             seq = seq.0,
             bytes = moved,
+            received_bytes = transfer.received_bytes,
+            strategy = %self.config.state_transfer,
             "state transfer complete"
         );
+        self.transfer_bytes_received += transfer.received_bytes;
         self.transfer_blacklist.clear();
         self.clients = clients;
         self.forget_executed_requests();
