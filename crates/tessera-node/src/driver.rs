@@ -332,7 +332,7 @@ fn start_snapshot(wal: &Wal, pending: PendingSnapshot) -> Result<SnapshotInFligh
         .map_err(|source| WalError::Io {
             path: wal.target().0,
             action: "start the snapshot thread",
-            source,
+            error: source,
         })?;
     Ok(SnapshotInFlight {
         cut: wal.committed_bytes(),
@@ -700,7 +700,7 @@ impl<S: StateMachine> CoreLoop<S> {
             .map_err(|source| WalError::Io {
                 path: PathBuf::from("(writer thread)"),
                 action: "start the log's writer thread",
-                source,
+                error: source,
             })?,
         );
         self.pending = Some(Vec::new());

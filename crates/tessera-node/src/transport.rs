@@ -17,6 +17,7 @@
 
 use bytes::Bytes;
 use rand::RngCore;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tessera_crypto::mac::{constant_time_eq, derive_key, keyed_hash};
@@ -44,6 +45,11 @@ const ANSWER_LEN: usize = NONCE_LEN + CONFIRM_LEN;
 
 /// Default capacity of each peer's outgoing queue, in frames.
 pub const PEER_QUEUE_FRAMES_DEFAULT: usize = 65_536;
+/// Most bytes waiting in one peer's outgoing queue; a frame that would pass it is dropped (the
+/// protocol retransmits what a peer still needs), unless the queue is empty, so a frame larger
+/// than this still leaves. It bounds the memory a down peer costs, and what a returning replica
+/// receives (and logs) from each peer before it learns that it needs a state transfer.
+pub const PEER_QUEUE_BYTES_MAX: usize = 64 << 20;
 /// Most inbound replica connections open at once (each peer normally holds one; the rest of
 /// the room absorbs reconnections and strangers still in their handshake).
 const PEER_CONNECTIONS_MAX: usize = 1024;
@@ -212,8 +218,15 @@ pub(crate) async fn accept_handshake(
 #[derive(Clone)]
 pub struct PeerSender {
     me: ReplicaId,
-    queues: Vec<Option<mpsc::Sender<Bytes>>>,
+    queues: Vec<Option<PeerQueue>>,
     counters: Arc<NodeCounters>,
+}
+
+/// One peer's outgoing queue and the bytes waiting in it.
+#[derive(Clone)]
+struct PeerQueue {
+    frames: mpsc::Sender<Bytes>,
+    bytes: Arc<AtomicUsize>,
 }
 
 impl PeerSender {
@@ -223,8 +236,13 @@ impl PeerSender {
             debug!(peer = %to, "dropping a message for an unknown or own replica id");
             return;
         };
-        if queue.try_send(frame).is_err() {
+        let length = frame.len();
+        let waiting = queue.bytes.fetch_add(length, Ordering::Relaxed);
+        if (waiting > 0 && waiting + length > PEER_QUEUE_BYTES_MAX)
+            || queue.frames.try_send(frame).is_err()
+        {
             // Full (peer slow or down) or closed (shutting down): the protocol retransmits.
+            queue.bytes.fetch_sub(length, Ordering::Relaxed);
             self.counters.dropped(DropReason::PeerQueueFull);
         }
     }
@@ -235,7 +253,7 @@ impl PeerSender {
             .iter()
             .enumerate()
             .filter_map(|(index, queue)| {
-                let queue = queue.as_ref()?;
+                let queue = &queue.as_ref()?.frames;
                 Some((
                     ReplicaId(index as u32),
                     queue.max_capacity() - queue.capacity(),
@@ -279,7 +297,11 @@ pub fn spawn_peer_writers(
             continue;
         }
         let (sender, receiver) = mpsc::channel(queue_frames.max(1));
-        queues.push(Some(sender));
+        let bytes = Arc::new(AtomicUsize::new(0));
+        queues.push(Some(PeerQueue {
+            frames: sender,
+            bytes: bytes.clone(),
+        }));
         let peer = ReplicaId(index as u32);
         let writer = PeerWriter {
             me: mesh.me,
@@ -287,6 +309,7 @@ pub fn spawn_peer_writers(
             address: address.clone(),
             pairwise_key: mesh.pairwise_keys[index],
             counters: counters.clone(),
+            queued_bytes: bytes,
         };
         let span = tracing::info_span!("peer_writer", %peer);
         tasks.spawn(writer.run(receiver).instrument(span));
@@ -304,6 +327,8 @@ struct PeerWriter {
     address: String,
     pairwise_key: [u8; 32],
     counters: Arc<NodeCounters>,
+    /// Bytes waiting in the queue (shared with [`PeerSender`], which adds what it queues).
+    queued_bytes: Arc<AtomicUsize>,
 }
 
 impl PeerWriter {
@@ -361,12 +386,14 @@ impl PeerWriter {
                 writer.flush().await?;
                 return Ok(());
             };
+            self.queued_bytes.fetch_sub(first.len(), Ordering::Relaxed);
             sealer.write_frame(&mut writer, &first).await?;
             let mut written: u64 = 1;
             // Coalesce: everything already queued goes out with one flush.
             while (written as usize) < COALESCE_FRAMES_MAX {
                 match queue.try_recv() {
                     Ok(frame) => {
+                        self.queued_bytes.fetch_sub(frame.len(), Ordering::Relaxed);
                         sealer.write_frame(&mut writer, &frame).await?;
                         written += 1;
                     }
@@ -577,6 +604,46 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte)).await,
             Ok(Ok(0)) | Ok(Err(_))
         )
+    }
+
+    /// A peer that is down costs at most PEER_QUEUE_BYTES_MAX of queued frames (plus one
+    /// frame): the rest is dropped and counted, however many frames the queue could hold.
+    #[tokio::test]
+    async fn a_down_peers_queue_is_bounded_in_bytes() {
+        let mut tasks = JoinSet::new();
+        let counters = Arc::new(NodeCounters::default());
+        // Port 9 (discard) on loopback: nothing listens, so every connection attempt fails and
+        // frames stay queued.
+        let sender = spawn_peer_writers(
+            &mesh(0, "127.0.0.1:9"),
+            PEER_QUEUE_FRAMES_DEFAULT,
+            counters.clone(),
+            &mut tasks,
+        );
+        let frame = Bytes::from(vec![0u8; 1 << 20]);
+        let frames = PEER_QUEUE_BYTES_MAX / frame.len() * 2;
+        for _ in 0..frames {
+            sender.send(ReplicaId(1), frame.clone());
+        }
+        let queued = PEER_QUEUE_BYTES_MAX / frame.len();
+        assert_eq!(sender.queue_depths(), vec![(ReplicaId(1), queued)]);
+        assert_eq!(
+            counters.drops(DropReason::PeerQueueFull),
+            (frames - queued) as u64
+        );
+        // A frame larger than the whole budget still leaves when nothing waits before it.
+        let sender = spawn_peer_writers(
+            &mesh(0, "127.0.0.1:9"),
+            PEER_QUEUE_FRAMES_DEFAULT,
+            counters.clone(),
+            &mut tasks,
+        );
+        sender.send(
+            ReplicaId(1),
+            Bytes::from(vec![0u8; PEER_QUEUE_BYTES_MAX + 1]),
+        );
+        assert_eq!(sender.queue_depths(), vec![(ReplicaId(1), 1)]);
+        tasks.abort_all();
     }
 
     #[tokio::test]

@@ -189,14 +189,15 @@ pub struct WalOwner {
 #[derive(Debug, Error)]
 pub enum WalError {
     /// An IO error on the log file.
-    #[error("write-ahead log {path}: {action}: {source}")]
+    #[error("write-ahead log {path}: {action}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
         /// What was being done.
         action: &'static str,
-        /// The OS error.
-        source: std::io::Error,
+        /// The OS error: in the message, not a separate cause, so an error chain prints it
+        /// once.
+        error: std::io::Error,
     },
     /// The file is not a log, or not this replica's.
     #[error("write-ahead log {path} {problem}; {fix}")]
@@ -305,7 +306,7 @@ fn io_error(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) ->
     move |source| WalError::Io {
         path,
         action,
-        source,
+        error: source,
     }
 }
 
@@ -377,7 +378,7 @@ fn open(path: &Path, owner: WalOwner) -> Result<Recovery, WalError> {
         move |source| WalError::Io {
             path,
             action,
-            source,
+            error: source,
         }
     };
     let mut file = OpenOptions::new()
@@ -599,7 +600,7 @@ impl WalReader {
             move |source| WalError::Io {
                 path,
                 action,
-                source,
+                error: source,
             }
         };
         let mut file = self.reader.into_inner();
@@ -629,7 +630,7 @@ impl WalReader {
             Err(source) => Err(WalError::Io {
                 path: self.path.clone(),
                 action: "read",
-                source,
+                error: source,
             }),
         }
     }
@@ -642,7 +643,7 @@ impl WalReader {
         let io = |source| WalError::Io {
             path: self.path.clone(),
             action: "read",
-            source,
+            error: source,
         };
         file.seek(SeekFrom::Start(start)).map_err(io)?;
         let mut rest = Vec::new();
@@ -675,7 +676,7 @@ impl WalReader {
         let io = |source| WalError::Io {
             path: self.path.clone(),
             action: "read",
-            source,
+            error: source,
         };
         file.seek(SeekFrom::Start(start)).map_err(io)?;
         let mut zeros = true;
@@ -753,7 +754,7 @@ impl Wal {
             move |source| WalError::Io {
                 path,
                 action,
-                source,
+                error: source,
             }
         };
         for part in parts {
