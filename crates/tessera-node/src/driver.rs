@@ -190,6 +190,7 @@ pub fn spawn_core_thread<S: StateMachine>(
                 pending: None,
                 writer: None,
                 snapshots: SnapshotPolicy::default(),
+                installed_seen: 0,
             }
             .run(inbox, wal)
         })
@@ -214,8 +215,8 @@ impl Outbound {
     /// (sent early and then forgotten in a crash, its counter value could certify something
     /// else after the restart). So does every HEARTBEAT (its acknowledgements let peers drop
     /// messages this replica might need again) and every client reply. State transfer is what
-    /// this speeds up: its chunks are logged as inputs, and the next requests need not wait
-    /// for their `fdatasync`.
+    /// this speeds up: the next PARTITION-REQUESTs need not wait for the disk (the chunks
+    /// themselves are not logged; see `Record::Installed`).
     fn may_precede_durability(&self) -> bool {
         let message = match self {
             Outbound::Send(_, message) | Outbound::Broadcast(message) => message,
@@ -267,6 +268,10 @@ impl Dispatcher {
 struct Turn {
     records: Vec<u8>,
     outbound: Vec<Outbound>,
+    /// This turn installed a transferred state: its outputs, and those of every turn after it,
+    /// wait until a snapshot taken after it has replaced the log (the log alone cannot rebuild
+    /// that state; `Record::Installed`).
+    holds: bool,
 }
 
 /// What the writer thread takes, in order.
@@ -279,6 +284,9 @@ enum Written {
 
 /// A snapshot captured by the core thread, still to be encoded.
 struct PendingSnapshot {
+    /// Taken after a state transfer: it must be written (a failure stops the replica), and
+    /// held outputs go out once it replaces the log.
+    install: bool,
     generation: u64,
     clock_ms: u64,
     timers: Vec<(u8, u64)>,
@@ -287,6 +295,8 @@ struct PendingSnapshot {
 
 /// A snapshot being encoded and written on its own thread.
 struct SnapshotInFlight {
+    /// See [`PendingSnapshot::install`].
+    install: bool,
     /// The log's length when it was taken: what it covers.
     cut: u64,
     generation: u64,
@@ -308,6 +318,8 @@ struct SnapshotPolicy {
     last_bytes: Arc<std::sync::atomic::AtomicU64>,
     /// Number of the last one (0: none yet).
     generation: u64,
+    /// A state transfer was installed since the last one: take one as soon as the core can.
+    install_due: bool,
 }
 
 /// Starts encoding and writing `pending` on its own thread; it covers the log as it is now.
@@ -315,6 +327,7 @@ fn start_snapshot(wal: &Wal, pending: PendingSnapshot) -> Result<SnapshotInFligh
     let (log_path, owner) = wal.target();
     let (sender, done) = std::sync::mpsc::channel();
     let generation = pending.generation;
+    let install = pending.install;
     std::thread::Builder::new()
         .name("tessera-snapshot".into())
         .spawn(move || {
@@ -335,6 +348,7 @@ fn start_snapshot(wal: &Wal, pending: PendingSnapshot) -> Result<SnapshotInFligh
             error: source,
         })?;
     Ok(SnapshotInFlight {
+        install,
         cut: wal.committed_bytes(),
         generation,
         started: Instant::now(),
@@ -360,14 +374,25 @@ fn finish_snapshot(
         }
     };
     let Some(result) = result else {
+        if snapshot.install {
+            return Err(WalError::Io {
+                path: wal.target().0,
+                action: "write the snapshot after a state transfer",
+                error: std::io::Error::other("the snapshot thread stopped without a result"),
+            });
+        }
         warn!("the snapshot thread stopped without a result; the log keeps growing");
         return Ok(None);
     };
     // The old log is intact and holds everything: a snapshot that could not be written (a full
     // disk, say) costs the compaction, not the replica. Errors of the rotation itself stay
-    // fatal: after its rename the writer must not go on appending to the old file.
+    // fatal: after its rename the writer must not go on appending to the old file. So is a
+    // snapshot after a state transfer that cannot be written: only it can make that state
+    // durable, so the outputs held for it can never leave. The replica stops; on restart the
+    // log ends before the transfer (`Record::Installed`), its old state intact.
     let (prepared, bytes) = match result {
         Ok(prepared) => prepared,
+        Err(error) if snapshot.install => return Err(error),
         Err(error) => {
             warn!(%error, "could not write a snapshot; the log keeps growing");
             let (log_path, _) = wal.target();
@@ -407,6 +432,11 @@ impl WalWriter {
             .spawn(move || {
                 let mut in_flight: Option<SnapshotInFlight> = None;
                 let mut next: Option<Written> = None;
+                // Outputs held since a turn installed a transferred state, and whether a turn
+                // installed one after the last install snapshot was started (then that snapshot
+                // does not cover it, and the outputs wait for the next one).
+                let mut held: Option<Vec<Outbound>> = None;
+                let mut hold_after_snapshot = false;
                 // Ends when the core thread drops its sender, after writing what it queued.
                 loop {
                     let item = match next.take() {
@@ -419,6 +449,20 @@ impl WalWriter {
                     };
                     match item {
                         None => {}
+                        Some(Written::Snapshot(pending)) if pending.install => {
+                            // Never skipped: wait for one still being written, then start it.
+                            if let Some(snapshot) = in_flight.take() {
+                                let install = snapshot.install;
+                                finish_snapshot(&mut wal, snapshot, true, &last_snapshot_bytes)?;
+                                if install && !hold_after_snapshot {
+                                    if let Some(outbound) = held.take() {
+                                        dispatcher.carry_out(outbound);
+                                    }
+                                }
+                            }
+                            hold_after_snapshot = false;
+                            in_flight = Some(start_snapshot(&wal, pending)?);
+                        }
                         Some(Written::Snapshot(pending)) => {
                             if in_flight.is_some() {
                                 debug!("a snapshot is still being written; skipping this one");
@@ -445,18 +489,41 @@ impl WalWriter {
                             // the core thread sees the queue close and stops the replica.
                             wal.write_and_sync(&parts)?;
                             for turn in batch {
-                                dispatcher.carry_out(turn.outbound);
+                                if turn.holds {
+                                    held.get_or_insert_with(Vec::new);
+                                    hold_after_snapshot = true;
+                                }
+                                match held.as_mut() {
+                                    Some(held) => held.extend(turn.outbound),
+                                    None => dispatcher.carry_out(turn.outbound),
+                                }
                             }
                         }
                     }
                     if let Some(snapshot) = in_flight.take() {
+                        let install = snapshot.install;
                         in_flight =
                             finish_snapshot(&mut wal, snapshot, false, &last_snapshot_bytes)?;
+                        // The log now starts with a snapshot of the installed state: what was
+                        // held may leave (unless a later turn installed another).
+                        if install && in_flight.is_none() && !hold_after_snapshot {
+                            if let Some(outbound) = held.take() {
+                                dispatcher.carry_out(outbound);
+                            }
+                        }
                     }
                 }
                 if let Some(snapshot) = in_flight.take() {
+                    let install = snapshot.install;
                     finish_snapshot(&mut wal, snapshot, true, &last_snapshot_bytes)?;
+                    if install && !hold_after_snapshot {
+                        if let Some(outbound) = held.take() {
+                            dispatcher.carry_out(outbound);
+                        }
+                    }
                 }
+                // Anything still held was never made durable with its state: it is dropped,
+                // and the next start cuts the log before the transfer.
                 Ok(())
             })?;
         Ok(WalWriter { turns, thread })
@@ -499,6 +566,9 @@ struct CoreLoop<S: StateMachine> {
     /// The thread that makes turns durable and then sends their outputs.
     writer: Option<WalWriter>,
     snapshots: SnapshotPolicy,
+    /// `Replica::transfers_installed` as of the last turn: a rise means this turn installed a
+    /// transferred state, which the log cannot rebuild (its chunks are not logged).
+    installed_seen: u64,
 }
 
 /// The log's code for each timer (part of the log format: never renumber).
@@ -660,6 +730,18 @@ impl<S: StateMachine> CoreLoop<S> {
                     };
                     self.replica.handle_timer(now_ms, wall_ms, timer);
                 }
+                Record::Installed { seq } => {
+                    // Its snapshot never replaced the log, so nothing from here on left the
+                    // replica: the log ends here, and the transfer starts again when peers are
+                    // reached.
+                    warn!(
+                        seq,
+                        "the log ends with a state transfer whose snapshot was never written; \
+                         restarting from before it"
+                    );
+                    reader.cut_before_last();
+                    break;
+                }
                 Record::Mark(expected) => {
                     marks += 1;
                     let actual = Mark::of(&self.replica.status());
@@ -704,6 +786,7 @@ impl<S: StateMachine> CoreLoop<S> {
             })?,
         );
         self.pending = Some(Vec::new());
+        self.installed_seen = self.replica.transfers_installed();
         self.clock_base_ms = last_ms;
         self.clock = Instant::now();
         if records > 0 {
@@ -724,8 +807,10 @@ impl<S: StateMachine> CoreLoop<S> {
     fn snapshot_if_due(&mut self) -> Result<(), WalError> {
         let policy = &self.snapshots;
         let last_bytes = policy.last_bytes.load(std::sync::atomic::Ordering::Relaxed);
-        let due =
-            policy.after_log_bytes > 0 && policy.logged >= policy.after_log_bytes.max(last_bytes);
+        let install = policy.install_due;
+        let due = install
+            || (policy.after_log_bytes > 0
+                && policy.logged >= policy.after_log_bytes.max(last_bytes));
         if !due || !self.replica.can_snapshot() {
             return Ok(());
         }
@@ -733,6 +818,7 @@ impl<S: StateMachine> CoreLoop<S> {
         // state); encoding and writing, proportional to the state, happen on another thread.
         let capture = self.replica.capture();
         let pending = PendingSnapshot {
+            install,
             generation: self.snapshots.generation + 1,
             clock_ms: self.now_ms(),
             timers: self
@@ -744,6 +830,7 @@ impl<S: StateMachine> CoreLoop<S> {
         };
         self.snapshots.generation = pending.generation;
         self.snapshots.logged = 0;
+        self.snapshots.install_due = false;
         WalWriter::submit(&mut self.writer, Written::Snapshot(pending))
     }
 
@@ -779,12 +866,23 @@ impl<S: StateMachine> CoreLoop<S> {
             }
             CoreEvent::Message { from, message } => {
                 self.outputs.metrics.message_received(&message);
-                self.log(|| RecordRef::Message {
-                    now_ms,
-                    wall_ms,
-                    from,
-                    message: &message,
-                });
+                // Partition chunks are not logged: a transfer would need its state's size on
+                // disk twice (in the log, then in the snapshot that compacts it). The state
+                // they build becomes durable through the snapshot taken once it is installed
+                // (`Record::Installed`); a replay without them leaves the transfer unfinished,
+                // and it resumes from the peers.
+                let chunk = matches!(
+                    &message,
+                    ReplicaMessage::PartitionReply(reply) if reply.chunk.is_some()
+                );
+                if !chunk {
+                    self.log(|| RecordRef::Message {
+                        now_ms,
+                        wall_ms,
+                        from,
+                        message: &message,
+                    });
+                }
                 self.replica.handle_message(now_ms, wall_ms, from, message)
             }
             CoreEvent::Stop => return false,
@@ -859,6 +957,14 @@ impl<S: StateMachine> CoreLoop<S> {
                 if !early.is_empty() {
                     self.dispatcher.carry_out(early);
                 }
+                let installed = self.replica.transfers_installed();
+                let holds = installed > self.installed_seen;
+                if holds {
+                    self.installed_seen = installed;
+                    self.snapshots.install_due = true;
+                    let seq = self.replica.last_executed().0;
+                    frame_record(pending, &RecordRef::Installed { seq });
+                }
                 // Every output comes from a logged input, but a turn with outputs and no new
                 // records still goes through the writer, behind the turns before it.
                 if !pending.is_empty() {
@@ -867,7 +973,12 @@ impl<S: StateMachine> CoreLoop<S> {
                 if !pending.is_empty() || !outbound.is_empty() {
                     let records = std::mem::take(pending);
                     self.snapshots.logged += records.len() as u64;
-                    WalWriter::submit(&mut self.writer, Written::Turn(Turn { records, outbound }))?;
+                    let turn = Turn {
+                        records,
+                        outbound,
+                        holds,
+                    };
+                    WalWriter::submit(&mut self.writer, Written::Turn(turn))?;
                 }
                 self.snapshot_if_due()?;
             }

@@ -102,6 +102,16 @@ pub enum Record {
     },
     /// What the core reported after the inputs before it: replay must reach the same.
     Mark(Mark),
+    /// The core installed a state fetched by state transfer, at this sequence number. The
+    /// partition chunks it received are not logged (so a transfer needs the state's size on
+    /// disk once, not twice), so replay cannot rebuild this state: the driver holds back every
+    /// output from this turn on until a snapshot taken after it replaces the log. Found while
+    /// reading, this record means that never happened: nothing from it on was ever sent, and
+    /// the log ends before it (see `WalReader::cut_before_last`).
+    Installed {
+        /// The checkpoint installed.
+        seq: u64,
+    },
 }
 
 /// The same layout as [`Record`], borrowing the payload, so logging a request or message does
@@ -146,6 +156,11 @@ pub enum RecordRef<'a> {
     },
     /// See [`Record::Mark`].
     Mark(Mark),
+    /// See [`Record::Installed`].
+    Installed {
+        /// The checkpoint installed.
+        seq: u64,
+    },
 }
 
 /// What replay must reproduce at each commit point.
@@ -268,6 +283,8 @@ pub struct WalReader {
     records: u64,
     /// Where a torn tail starts, once found.
     torn_at: Option<u64>,
+    /// Where the last record read starts.
+    last_start: u64,
 }
 
 /// What a replica restarts from: the snapshot its log starts with, if any, and the log's
@@ -473,6 +490,7 @@ fn open(path: &Path, owner: WalOwner) -> Result<Recovery, WalError> {
             offset,
             records: 0,
             torn_at: None,
+            last_start: 0,
         },
     })
 }
@@ -566,7 +584,15 @@ impl WalReader {
             })?;
         self.offset = end;
         self.records += 1;
+        self.last_start = start;
         Ok(Some(record))
+    }
+
+    /// Ends the log before the record just read: it and everything after it are cut off when
+    /// the log is opened for appending, like a torn tail. For a [`Record::Installed`] whose
+    /// snapshot never replaced the log: nothing from it on left the replica.
+    pub fn cut_before_last(&mut self) {
+        self.torn_at = Some(self.last_start);
     }
 
     /// The snapshot this log continues (0: none).
@@ -1021,6 +1047,58 @@ mod tests {
         assert!(wal.has_pending());
         drop(wal);
         assert_eq!(read_all(&path).unwrap().len(), 4);
+    }
+
+    /// A state transfer's install whose snapshot never replaced the log: reading stops at its
+    /// record, and reopening the log cuts it and everything after it off (nothing from there
+    /// on was sent), keeping every record before it.
+    #[test]
+    fn a_log_is_cut_before_an_install_whose_snapshot_was_never_written() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = write_log(directory.path(), 2);
+        let before = read_all(&path).unwrap().len();
+        let mut wal = recover(&path, owner()).unwrap().log.into_wal().unwrap();
+        wal.append(&RecordRef::Timer {
+            now_ms: 90,
+            wall_ms: 1_700_000_000_090,
+            timer: 2,
+        });
+        wal.append(&RecordRef::Installed { seq: 64 });
+        wal.commit(mark(64)).unwrap();
+        wal.append(&RecordRef::Timer {
+            now_ms: 95,
+            wall_ms: 1_700_000_000_095,
+            timer: 2,
+        });
+        wal.commit(mark(64)).unwrap();
+        drop(wal);
+        assert_eq!(read_all(&path).unwrap().len(), before + 5);
+
+        // What the driver's replay does on reading the record.
+        let mut reader = recover(&path, owner()).unwrap().log;
+        let mut read = Vec::new();
+        while let Some(record) = reader.next_record().unwrap() {
+            if matches!(record, Record::Installed { seq: 64 }) {
+                reader.cut_before_last();
+                break;
+            }
+            read.push(record);
+        }
+        assert_eq!(
+            read.len(),
+            before + 1,
+            "the timer before the install is kept"
+        );
+        let mut wal = reader.into_wal().unwrap();
+        let records = read_all(&path).unwrap();
+        assert_eq!(records.len(), before + 1);
+        assert!(matches!(
+            records.last(),
+            Some(Record::Timer { now_ms: 90, .. })
+        ));
+        // And the log goes on from there.
+        wal.commit(mark(5)).unwrap();
+        assert_eq!(read_all(&path).unwrap().len(), before + 2);
     }
 
     #[test]

@@ -82,6 +82,7 @@ const LOG_REQUESTING: &str = "requesting state transfer";
 const LOG_FETCHING: &str = "fetching state";
 const LOG_COMPLETE: &str = "state transfer complete";
 const LOG_REPLAYED: &str = "replayed the write-ahead log";
+const LOG_SNAPSHOT: &str = "took a snapshot; the log starts over";
 
 /// Arguments of `tessera bench state-transfer`.
 #[derive(clap::Args, Debug, Clone)]
@@ -401,6 +402,9 @@ struct Milestones {
     requesting: Option<f64>,
     fetching: Option<f64>,
     complete: Option<f64>,
+    /// The snapshot of the installed state replaced the log: the state is durable and the
+    /// replica's held outputs leave (docs/STATE.md §4).
+    durable: Option<f64>,
 }
 
 /// One strategy's transfer to a wiped replica.
@@ -880,6 +884,11 @@ async fn measure_transfer(
         catch_up_timeout(size),
     )
     .await?;
+    // The installed state counts once its snapshot has replaced the log: until then the
+    // replica holds its outputs back (docs/STATE.md §4).
+    let seconds = wait_durable(local, id, log_offset, started, catch_up_timeout(size))
+        .await?
+        .max(seconds);
     let metrics_address = &cluster.replica(ReplicaId(id)).metrics_address;
     let metrics = scrape(metrics_address).await?;
     let bytes = metric(&metrics, "tessera_state_transfer_received_bytes_total")
@@ -905,6 +914,31 @@ async fn measure_transfer(
     };
     check_transfer(&transfer, agreed, started_transfers, size)?;
     Ok(transfer)
+}
+
+/// Polls replica `id`'s log (after `offset`) until a snapshot follows its transfer's install;
+/// returns the seconds since `since`.
+async fn wait_durable(
+    local: &mut LocalCluster,
+    id: u32,
+    offset: u64,
+    since: Instant,
+    timeout: Duration,
+) -> anyhow::Result<f64> {
+    loop {
+        let log = read_log_since(local, id, offset);
+        let installed = log.find(LOG_COMPLETE);
+        if installed.is_some_and(|at| log[at..].contains(LOG_SNAPSHOT)) {
+            return Ok(since.elapsed().as_secs_f64());
+        }
+        if let Some((exited, status)) = local.poll_exits().into_iter().next() {
+            bail!("replica {exited} exited ({status}) while writing its snapshot");
+        }
+        if since.elapsed() >= timeout {
+            bail!("replica {id} logged no snapshot after its state transfer within {timeout:?}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 fn final_status(
@@ -1003,11 +1037,20 @@ fn milestones(log: &str, since: SystemTime) -> Milestones {
             .find_map(line_time)
             .map(|time| time - since)
     };
+    let complete = first(LOG_COMPLETE);
+    // The first snapshot after the install: the one that makes it durable.
+    let durable = log
+        .lines()
+        .filter(|line| line.contains(LOG_SNAPSHOT))
+        .filter_map(line_time)
+        .map(|time| time - since)
+        .find(|time| complete.is_some_and(|complete| *time >= complete));
     Milestones {
         running: first(LOG_RUNNING),
         requesting: first(LOG_REQUESTING),
         fetching: first(LOG_FETCHING),
-        complete: first(LOG_COMPLETE),
+        complete,
+        durable,
     }
 }
 
@@ -1084,15 +1127,18 @@ fn metric(page: &str, name: &str) -> Option<u64> {
 const MIB: f64 = (1 << 20) as f64;
 
 impl Transfer {
+    /// The state's bytes over the time: what the replica got, not what the strategy spent
+    /// (latency-first receives f+1 copies; `bytes` counts them all).
     fn bytes_per_sec(&self) -> f64 {
-        rate(self.bytes, self.seconds)
+        rate(self.state_bytes.unwrap_or(self.bytes), self.seconds)
     }
 
     /// Phase durations from the milestones: start-up (process start until it listens),
     /// detection (until it asks for state: it waits for a heartbeat showing it behind), summary
-    /// (until a summary was checked and fetching starts), fetch and install, and observation
-    /// (until the status poll saw the installed state; status is published every 100 ms).
-    fn phases(&self) -> [(&'static str, Option<f64>); 5] {
+    /// (until a summary was checked and fetching starts), fetch and install, the snapshot that
+    /// makes the installed state durable, and observation (until both the status poll saw the
+    /// installed state and the snapshot was logged; status is published every 100 ms).
+    fn phases(&self) -> [(&'static str, Option<f64>); 6] {
         let milestones = &self.milestones;
         let between = |from: Option<f64>, to: Option<f64>| Some(to? - from?);
         [
@@ -1110,8 +1156,12 @@ impl Transfer {
                 between(milestones.fetching, milestones.complete),
             ),
             (
+                "snapshot_seconds",
+                between(milestones.complete, milestones.durable),
+            ),
+            (
                 "observe_seconds",
-                between(milestones.complete, Some(self.seconds)),
+                between(milestones.durable, Some(self.seconds)),
             ),
         ]
     }
@@ -1243,7 +1293,7 @@ fn table_report(report: &Report) -> String {
         seconds_text(validation.replay_seconds),
     );
     text.push_str(&format!(
-        "{:<9} {:>7} {:>12} {:>8} {:>9} {:>9} {:>7} {:>7} {:>8} {:>13} {:>8}\n",
+        "{:<17} {:>7} {:>12} {:>8} {:>9} {:>9} {:>7} {:>7} {:>8} {:>13} {:>8} {:>8}\n",
         "strategy",
         "replica",
         "bytes",
@@ -1254,12 +1304,13 @@ fn table_report(report: &Report) -> String {
         "detect",
         "summary",
         "fetch+install",
+        "snapshot",
         "observe"
     ));
     for transfer in &report.transfers {
         let phases = transfer.phases();
         text.push_str(&format!(
-            "{:<9} {:>7} {:>12} {:>8.2} {:>9.1} {:>9.3} {:>7} {:>7} {:>8} {:>13} {:>8}\n",
+            "{:<17} {:>7} {:>12} {:>8.2} {:>9.1} {:>9.3} {:>7} {:>7} {:>8} {:>13} {:>8} {:>8}\n",
             transfer.strategy.name(),
             transfer.replica,
             transfer.bytes,
@@ -1271,11 +1322,14 @@ fn table_report(report: &Report) -> String {
             seconds_text(phases[2].1),
             seconds_text(phases[3].1),
             seconds_text(phases[4].1),
+            seconds_text(phases[5].1),
         ));
     }
     text.push_str(
         "seconds: from the wiped replica's restart until its status showed the agreed stable \
-         checkpoint and digest\n",
+         checkpoint and digest and the snapshot of that state replaced its log (durable; its \
+         outputs held until then); bytes: partition bytes received, every copy counted; MiB/s: \
+         the state's bytes over seconds\n",
     );
     text
 }
@@ -1440,6 +1494,7 @@ mod tests {
                     requesting: Some(0.25),
                     fetching: Some(0.26),
                     complete: Some(0.45),
+                    durable: Some(0.48),
                 },
                 final_status: (0..3).map(|id| (id, 256, digest.clone())).collect(),
             }],
@@ -1457,7 +1512,8 @@ mod tests {
         assert_eq!(value["strategy"], "merkle");
         assert_eq!(value["limit_bytes_per_sec"], 400.0 * MIB);
         assert_eq!(value["limits"]["limit_bytes_per_sec"], 400.0 * MIB);
-        let expected_rate = 8_400_000.0 / 0.5;
+        // The rate is the state's bytes (8 MiB), not every byte received.
+        let expected_rate = f64::from(8 << 20) / 0.5;
         assert_eq!(value["bytes_per_sec"], expected_rate);
         let fraction = value["fraction_of_limit"].as_f64().unwrap();
         assert!((fraction - expected_rate / (400.0 * MIB)).abs() < 1e-6);
@@ -1475,6 +1531,8 @@ mod tests {
             .as_f64()
             .unwrap();
         assert!((fetch - 0.19).abs() < 1e-6);
+        let snapshot = strategy["phases"]["snapshot_seconds"].as_f64().unwrap();
+        assert!((snapshot - 0.03).abs() < 1e-6);
         assert_eq!(strategy["final"].as_array().unwrap().len(), 3);
         assert_eq!(strategy["final"][1]["stable_state_digest"], "ab".repeat(32));
         let table = table_report(&report);

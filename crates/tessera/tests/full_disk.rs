@@ -1,7 +1,8 @@
-//! A full disk during a state transfer (issue 4): a replica whose write-ahead log cannot grow
-//! stops with an error naming the log and the OS error, the others keep serving, and the log it
-//! leaves behind still holds its old state — a restart from a copy of it on a normal disk
-//! replays, finishes the transfer and ends with the others' state digest.
+//! A full disk during a state transfer (issue 4): a replica that cannot write the snapshot of
+//! the state it fetched (the chunks themselves are not logged, so the log stays small) stops
+//! with an error naming the file and the OS error, the others keep serving, and the log it
+//! leaves behind still holds its old state — a restart from a copy of it on a normal disk cuts
+//! the unfinished install off, replays, transfers again and ends with the others' state digest.
 //!
 //! The small disk is a 4 MiB tmpfs mounted for the test (root with CAP_SYS_ADMIN, as on this
 //! machine and CI). Where mounting is not permitted, the replica runs with `RLIMIT_FSIZE` instead
@@ -166,6 +167,12 @@ fn a_full_disk_during_a_state_transfer_stops_the_replica_clearly_and_keeps_its_o
         output.contains("fetching state"),
         "it never began fetching partitions: the disk filled with something else"
     );
+    // The chunks are not logged: the transfer completed in memory, and the snapshot that makes
+    // the installed state durable (docs/STATE.md §4) is what did not fit.
+    assert!(
+        output.contains("state transfer complete"),
+        "the transfer did not finish before the disk filled: the chunks went to the disk"
+    );
     // The last line is main's error: it names the log and the OS error.
     let error_line = output
         .lines()
@@ -182,6 +189,10 @@ fn a_full_disk_during_a_state_transfer_stops_the_replica_clearly_and_keeps_its_o
         "the error does not name the OS error {:?}: {error_line}",
         small_disk.os_error()
     );
+    assert!(
+        error_line.contains("snapshot"),
+        "the error does not say the snapshot failed: {error_line}"
+    );
     // Its old log is untouched: the failed run only appended to it.
     let failed_log = std::fs::read(&small_log).expect("read the log on the small disk");
     eprintln!(
@@ -191,7 +202,14 @@ fn a_full_disk_during_a_state_transfer_stops_the_replica_clearly_and_keeps_its_o
     );
     assert!(
         failed_log.len() > old_log.len(),
-        "the transfer wrote nothing to the log"
+        "the restart wrote nothing to the log"
+    );
+    // A transfer needs the state's size on disk once, in the snapshot: the log did not fill
+    // with the 16 MiB of chunks.
+    assert!(
+        (failed_log.len() as u64) < OLD_LOG_BYTES_MAX,
+        "the log holds {} bytes: the chunks were logged",
+        failed_log.len()
     );
     assert!(
         failed_log[..old_log.len()] == old_log[..],
@@ -256,6 +274,12 @@ fn a_full_disk_during_a_state_transfer_stops_the_replica_clearly_and_keeps_its_o
         .find(|line| line.contains("replayed the write-ahead log"))
         .unwrap_or_else(|| panic!("the restart did not replay its log:\n{}", tail(&recovered)));
     eprintln!("the restart from the copied log: {replayed}");
+    // The install whose snapshot never got written is cut off: the log ends before it.
+    assert!(
+        recovered.contains("restarting from before it"),
+        "the restart did not cut the log before the unfinished install:\n{}",
+        tail(&recovered)
+    );
     if let Some(torn) = recovered.lines().find(|line| line.contains("torn")) {
         eprintln!("{torn}");
     }

@@ -273,6 +273,8 @@ pub struct Replica<S: StateMachine> {
     rejections: BTreeMap<&'static str, u64>,
     /// Partition bytes received by completed state transfers, every copy counted (metrics).
     transfer_bytes_received: u64,
+    /// State transfers installed since this core was built (the driver snapshots after each).
+    transfers_installed: u64,
 
     // --- view ---
     view: View,
@@ -418,6 +420,7 @@ impl<S: StateMachine> Replica<S> {
             wall_ms: 0,
             rejections: BTreeMap::new(),
             transfer_bytes_received: 0,
+            transfers_installed: 0,
             view: View(0),
             view_active: true,
             view_change_attempts: 0,
@@ -536,6 +539,12 @@ impl<S: StateMachine> Replica<S> {
     /// what the transfer strategy costs in bandwidth (metrics and benchmarks).
     pub fn transfer_bytes_received(&self) -> u64 {
         self.transfer_bytes_received
+    }
+
+    /// State transfers installed since this core was built or restored. A durable driver
+    /// snapshots after each: the chunks a transfer received are not in its log.
+    pub fn transfers_installed(&self) -> u64 {
+        self.transfers_installed
     }
 
     /// Messages rejected so far, by reason (for metrics and tests).

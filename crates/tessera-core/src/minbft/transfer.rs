@@ -735,6 +735,7 @@ impl<S: StateMachine> Replica<S> {
             "state transfer complete"
         );
         self.transfer_bytes_received += transfer.received_bytes;
+        self.transfers_installed += 1;
         self.transfer_blacklist.clear();
         self.clients = clients;
         self.forget_executed_requests();
