@@ -369,12 +369,25 @@ pub fn prepare_log(
     snapshot: &Snapshot,
 ) -> Result<PreparedLog, WalError> {
     let path = temporary_path(log_path);
-    let payload = tessera_types::encode(snapshot);
-    let (mut file, header_bytes) =
-        write_header(&path, owner, snapshot.generation, payload.len() as u64)?;
-    file.write_all(blake3::hash(&payload).as_bytes())
-        .and_then(|()| file.write_all(&payload))
-        .map_err(io_error(&path, "write the snapshot (is the disk full?)"))?;
+    // The payload is `encode(snapshot)`, written in two parts so the core's bytes (nearly all
+    // of it, up to the whole state) are neither copied into a second buffer nor read twice:
+    // the encoding of the fields before `core` with `core`'s length, then `core` itself. Its
+    // digest goes before it, so it is written last, into the room left for it.
+    let head = snapshot_head(snapshot);
+    let payload_len = (head.len() + snapshot.core.len()) as u64;
+    let (mut file, header_bytes) = write_header(&path, owner, snapshot.generation, payload_len)?;
+    let mut hasher = blake3::Hasher::new();
+    let written = (|| {
+        file.write_all(&[0u8; SNAPSHOT_DIGEST_LEN])?;
+        hasher.update(&head);
+        file.write_all(&head)?;
+        for part in snapshot.core.chunks(SNAPSHOT_WRITE_BYTES) {
+            hasher.update(part);
+            file.write_all(part)?;
+        }
+        std::os::unix::fs::FileExt::write_all_at(&file, hasher.finalize().as_bytes(), header_bytes)
+    })();
+    written.map_err(io_error(&path, "write the snapshot (is the disk full?)"))?;
     // Synced here, on the snapshot's own thread: the rotation then syncs only the few records
     // copied behind it, and the writer does not hold every output back while a large state
     // reaches the disk.
@@ -383,9 +396,31 @@ pub fn prepare_log(
     Ok(PreparedLog {
         file,
         path,
-        bytes: header_bytes + (SNAPSHOT_DIGEST_LEN + payload.len()) as u64,
+        bytes: header_bytes + SNAPSHOT_DIGEST_LEN as u64 + payload_len,
         generation: snapshot.generation,
     })
+}
+
+/// Bytes of the snapshot hashed and written at a time.
+const SNAPSHOT_WRITE_BYTES: usize = 8 << 20;
+
+/// `encode(snapshot)` up to the start of `core`'s bytes: the fields before it and its length
+/// (postcard encodes a struct as its fields in order, and bytes as a varint length and the
+/// bytes; a unit test checks the two parts against the whole).
+fn snapshot_head(snapshot: &Snapshot) -> Vec<u8> {
+    let mut head =
+        tessera_types::encode(&(snapshot.generation, snapshot.clock_ms, &snapshot.timers));
+    let mut length = snapshot.core.len() as u64;
+    loop {
+        let byte = (length & 0x7f) as u8;
+        length >>= 7;
+        if length == 0 {
+            head.push(byte);
+            break;
+        }
+        head.push(byte | 0x80);
+    }
+    head
 }
 
 /// Opens the log at `path` for `owner` (it must exist; see [`recover`]).
@@ -920,6 +955,25 @@ mod tests {
             records.push(record);
         }
         Ok(records)
+    }
+
+    #[test]
+    fn a_snapshot_is_written_as_its_encoding_in_two_parts() {
+        for core_len in [0, 1, 127, 128, 300, 16_383, 16_384, 70_000] {
+            let snapshot = Snapshot {
+                generation: 7,
+                clock_ms: 1_234_567,
+                timers: vec![(0, 5), (2, 900_000)],
+                core: (0..core_len).map(|index| index as u8).collect(),
+            };
+            let mut parts = snapshot_head(&snapshot);
+            parts.extend_from_slice(&snapshot.core);
+            assert_eq!(
+                parts,
+                tessera_types::encode(&snapshot),
+                "core of {core_len} bytes"
+            );
+        }
     }
 
     #[test]

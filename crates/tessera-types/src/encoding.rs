@@ -30,6 +30,13 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     postcard::to_allocvec(value).expect("encoding into a Vec cannot fail for Tessera's types")
 }
 
+/// Encodes a value canonically into a vector allocated for `capacity` bytes up front: for large
+/// values (snapshots), growing the vector by doubling would copy the bytes several times.
+pub fn encode_with_capacity<T: Serialize>(value: &T, capacity: usize) -> Vec<u8> {
+    postcard::to_extend(value, Vec::with_capacity(capacity))
+        .expect("encoding into a Vec cannot fail for Tessera's types")
+}
+
 /// Decodes a value, refusing inputs longer than `limit` and any trailing bytes.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, DecodeError> {
     if bytes.len() > limit {

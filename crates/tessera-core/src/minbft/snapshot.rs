@@ -230,7 +230,16 @@ impl<F: FrozenState> Capture<F> {
             let saved_index = saved.states.save(state);
             debug_assert_eq!(saved_index, index);
         }
-        tessera_types::encode(&saved)
+        // Sized up front: the partitions are nearly all of it, and a 1 GiB state grown by
+        // doubling would be copied several times over.
+        let partition_bytes: usize = saved
+            .states
+            .partitions
+            .values()
+            .flatten()
+            .map(|chunk| chunk.len() + 10)
+            .sum();
+        tessera_types::encode_with_capacity(&saved, partition_bytes + (1 << 20))
     }
 }
 
