@@ -782,6 +782,42 @@ fn tampered(reply: &PartitionReply) -> PartitionReply {
     reply
 }
 
+/// (partition, source) of every copy a replica asked for, in order.
+type CopyLog = Rc<RefCell<Vec<(u32, u32)>>>;
+
+/// Records (partition, source) of every copy (a PARTITION-REQUEST for a partition's first chunk,
+/// not a digest) that replica `lagging` asks for, in order, keeping the cluster's filter.
+fn record_copy_requests(cluster: &mut Cluster, lagging: u32) -> CopyLog {
+    let asked: CopyLog = Rc::default();
+    let log = asked.clone();
+    let mut previous = cluster.filter.take().expect("a filter is set");
+    cluster.filter = Some(Box::new(move |from, to, message| {
+        if let ReplicaMessage::PartitionRequest(request) = message {
+            if from.0 == lagging && request.cursor.is_none() && !request.digest_only {
+                log.borrow_mut().push((request.partition, to.0));
+            }
+        }
+        previous(from, to, message)
+    }));
+    asked
+}
+
+/// n = 5, f = 2: replica 4 fetches state with `strategy` while replica 0 serves every partition
+/// tampered; returns the cluster, the checkpoint to reach, and the copies replica 4 asks for.
+fn fetching_from_a_tampering_replica(strategy: TransferStrategy) -> (Cluster, SeqNum, CopyLog) {
+    let (mut cluster, target) =
+        last_replica_fetching_state(with_strategy(5, 2, strategy), move |from, message| {
+            match (from, message) {
+                (0, ReplicaMessage::PartitionReply(reply)) if reply.chunk.is_some() => Some(
+                    Fate::Replace(ReplicaMessage::PartitionReply(tampered(reply))),
+                ),
+                _ => None,
+            }
+        });
+    let asked = record_copy_requests(&mut cluster, 4);
+    (cluster, target, asked)
+}
+
 /// Every strategy brings a lagging replica to the agreed state when all serve correctly, and
 /// latency-first pays for its speed in bytes: f+1 copies of each partition arrive where the
 /// others take one.
@@ -853,27 +889,7 @@ fn failed_copies_are_replaced_as_the_strategy_says() {
         (TransferStrategy::BandwidthFirst2, 2),
         (TransferStrategy::Merkle, 1),
     ] {
-        // (partition, source) of every copy the lagging replica asks for.
-        let asked: Rc<RefCell<Vec<(u32, u32)>>> = Rc::default();
-        let log = asked.clone();
-        let (mut cluster, target) = last_replica_fetching_state(
-            with_strategy(5, 2, strategy),
-            move |from, message| match (from, message) {
-                (0, ReplicaMessage::PartitionReply(reply)) if reply.chunk.is_some() => Some(
-                    Fate::Replace(ReplicaMessage::PartitionReply(tampered(reply))),
-                ),
-                _ => None,
-            },
-        );
-        let mut previous = cluster.filter.take().expect("set above");
-        cluster.filter = Some(Box::new(move |from, to, message| {
-            if let ReplicaMessage::PartitionRequest(request) = message {
-                if from.0 == 4 && request.cursor.is_none() && !request.digest_only {
-                    log.borrow_mut().push((request.partition, to.0));
-                }
-            }
-            previous(from, to, message)
-        }));
+        let (mut cluster, target, asked) = fetching_from_a_tampering_replica(strategy);
         cluster.run_for(10_000);
         assert!(cluster.rejections(4, "partition-digest") >= 1, "{strategy}");
         assert_caught_up(&cluster, 4, target);
@@ -906,26 +922,8 @@ fn failed_copies_are_replaced_as_the_strategy_says() {
 /// replicas, once each, although replica 0 serves only tampered copies.
 #[test]
 fn latency_first_asks_f_plus_one_replicas_at_once() {
-    let asked: Rc<RefCell<Vec<(u32, u32)>>> = Rc::default();
-    let log = asked.clone();
-    let (mut cluster, target) = last_replica_fetching_state(
-        with_strategy(5, 2, TransferStrategy::LatencyFirst),
-        move |from, message| match (from, message) {
-            (0, ReplicaMessage::PartitionReply(reply)) if reply.chunk.is_some() => Some(
-                Fate::Replace(ReplicaMessage::PartitionReply(tampered(reply))),
-            ),
-            _ => None,
-        },
-    );
-    let mut previous = cluster.filter.take().expect("set above");
-    cluster.filter = Some(Box::new(move |from, to, message| {
-        if let ReplicaMessage::PartitionRequest(request) = message {
-            if from.0 == 4 && request.cursor.is_none() && !request.digest_only {
-                log.borrow_mut().push((request.partition, to.0));
-            }
-        }
-        previous(from, to, message)
-    }));
+    let (mut cluster, target, asked) =
+        fetching_from_a_tampering_replica(TransferStrategy::LatencyFirst);
     cluster.run_for(10_000);
     assert_caught_up(&cluster, 4, target);
     let asked = asked.borrow();

@@ -413,6 +413,22 @@ fn finish_snapshot(
     Ok(None)
 }
 
+/// After a snapshot replaced the log: if it was an install snapshot and no turn installed
+/// another state after it was started, the log now starts with a snapshot of every installed
+/// state, so the outputs held since the install may leave.
+fn release(
+    install: bool,
+    hold_after_snapshot: bool,
+    held: &mut Option<Vec<Outbound>>,
+    dispatcher: &Dispatcher,
+) {
+    if install && !hold_after_snapshot {
+        if let Some(outbound) = held.take() {
+            dispatcher.carry_out(outbound);
+        }
+    }
+}
+
 /// The writer thread and the queue to it.
 struct WalWriter {
     turns: SyncSender<Written>,
@@ -454,11 +470,7 @@ impl WalWriter {
                             if let Some(snapshot) = in_flight.take() {
                                 let install = snapshot.install;
                                 finish_snapshot(&mut wal, snapshot, true, &last_snapshot_bytes)?;
-                                if install && !hold_after_snapshot {
-                                    if let Some(outbound) = held.take() {
-                                        dispatcher.carry_out(outbound);
-                                    }
-                                }
+                                release(install, hold_after_snapshot, &mut held, &dispatcher);
                             }
                             hold_after_snapshot = false;
                             in_flight = Some(start_snapshot(&wal, pending)?);
@@ -504,23 +516,15 @@ impl WalWriter {
                         let install = snapshot.install;
                         in_flight =
                             finish_snapshot(&mut wal, snapshot, false, &last_snapshot_bytes)?;
-                        // The log now starts with a snapshot of the installed state: what was
-                        // held may leave (unless a later turn installed another).
-                        if install && in_flight.is_none() && !hold_after_snapshot {
-                            if let Some(outbound) = held.take() {
-                                dispatcher.carry_out(outbound);
-                            }
+                        if in_flight.is_none() {
+                            release(install, hold_after_snapshot, &mut held, &dispatcher);
                         }
                     }
                 }
                 if let Some(snapshot) = in_flight.take() {
                     let install = snapshot.install;
                     finish_snapshot(&mut wal, snapshot, true, &last_snapshot_bytes)?;
-                    if install && !hold_after_snapshot {
-                        if let Some(outbound) = held.take() {
-                            dispatcher.carry_out(outbound);
-                        }
-                    }
+                    release(install, hold_after_snapshot, &mut held, &dispatcher);
                 }
                 // Anything still held was never made durable with its state: it is dropped,
                 // and the next start cuts the log before the transfer.
