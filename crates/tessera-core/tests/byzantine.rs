@@ -939,3 +939,50 @@ fn latency_first_asks_f_plus_one_replicas_at_once() {
         assert_eq!(sources.len(), 3, "partition {partition}: {sources:?}");
     }
 }
+
+/// Found in review: after a transfer, the state the replica held before stayed as its retired
+/// state, so the snapshot that makes the installed state durable carried the old state too (up
+/// to twice the disk a transfer may need). Replica 2 executes 64 KiB of values, is cut off while
+/// the others overwrite them with one byte each and move on, fetches the new state, and its
+/// snapshot holds nothing of the old values.
+#[test]
+fn the_snapshot_after_a_transfer_leaves_the_old_state_out() {
+    let mut cluster = Cluster::new(config(3, 1));
+    let big = "v".repeat(4096);
+    for number in 1..=16u64 {
+        let key = format!("old{number}");
+        assert!(cluster
+            .invoke(ClientId::new(0, 1), number, &set(&key, &big), 5_000)
+            .is_some());
+    }
+    cluster.run_for(1_000);
+    assert!(cluster.replicas[2].last_executed() >= SeqNum(16));
+    cluster.filter = Some(Box::new(|from, to, message| {
+        if from.0 != 2 && to.0 != 2 {
+            return Fate::Deliver;
+        }
+        match message {
+            ReplicaMessage::Heartbeat(_)
+            | ReplicaMessage::StateRequest(_)
+            | ReplicaMessage::StateSummary(_)
+            | ReplicaMessage::PartitionRequest(_)
+            | ReplicaMessage::PartitionReply(_) => Fate::Deliver,
+            _ => Fate::Drop,
+        }
+    }));
+    for number in 17..=56u64 {
+        let key = format!("old{}", (number - 17) % 16 + 1);
+        assert!(cluster
+            .invoke(ClientId::new(0, 1), number, &set(&key, "x"), 5_000)
+            .is_some());
+    }
+    let target = cluster.replicas[1].stable_checkpoint().seq;
+    cluster.run_for(5_000);
+    assert_caught_up(&cluster, 2, target);
+    let snapshot = cluster.replicas[2].snapshot();
+    assert!(
+        snapshot.len() < 16 * 4096,
+        "the snapshot after the transfer holds {} bytes: the old values are still in it",
+        snapshot.len()
+    );
+}

@@ -17,7 +17,7 @@
 //! logged clock from where it stopped.
 
 use bytes::Bytes;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -419,13 +419,31 @@ fn finish_snapshot(
 fn release(
     install: bool,
     hold_after_snapshot: bool,
-    held: &mut Option<Vec<Outbound>>,
+    held: &mut Option<VecDeque<Outbound>>,
     dispatcher: &Dispatcher,
 ) {
     if install && !hold_after_snapshot {
         if let Some(outbound) = held.take() {
-            dispatcher.carry_out(outbound);
+            info!(
+                outputs = outbound.len(),
+                "released the outputs held since a state transfer"
+            );
+            dispatcher.carry_out(Vec::from(outbound));
         }
+    }
+}
+
+/// Most outputs held while an installed state is not yet durable. Past it the oldest are
+/// dropped: an output never sent is message loss, which the protocol repairs (peers fetch,
+/// clients retry), so this bounds memory when another transfer keeps the snapshot waiting.
+const HELD_OUTPUTS_MAX: usize = 65_536;
+
+fn hold(held: &mut VecDeque<Outbound>, outbound: Vec<Outbound>) {
+    held.extend(outbound);
+    if held.len() > HELD_OUTPUTS_MAX {
+        let excess = held.len() - HELD_OUTPUTS_MAX;
+        held.drain(..excess);
+        debug!(dropped = excess, "dropped the oldest held outputs");
     }
 }
 
@@ -451,7 +469,7 @@ impl WalWriter {
                 // Outputs held since a turn installed a transferred state, and whether a turn
                 // installed one after the last install snapshot was started (then that snapshot
                 // does not cover it, and the outputs wait for the next one).
-                let mut held: Option<Vec<Outbound>> = None;
+                let mut held: Option<VecDeque<Outbound>> = None;
                 let mut hold_after_snapshot = false;
                 // Ends when the core thread drops its sender, after writing what it queued.
                 loop {
@@ -502,11 +520,11 @@ impl WalWriter {
                             wal.write_and_sync(&parts)?;
                             for turn in batch {
                                 if turn.holds {
-                                    held.get_or_insert_with(Vec::new);
+                                    held.get_or_insert_with(VecDeque::new);
                                     hold_after_snapshot = true;
                                 }
                                 match held.as_mut() {
-                                    Some(held) => held.extend(turn.outbound),
+                                    Some(held) => hold(held, turn.outbound),
                                     None => dispatcher.carry_out(turn.outbound),
                                 }
                             }
@@ -696,6 +714,7 @@ impl<S: StateMachine> CoreLoop<S> {
         let started = Instant::now();
         let mut last_ms = self.clock_base_ms;
         let mut marks = 0u64;
+        let mut cut_at_install = false;
         while let Some(record) = reader.next_record()? {
             match record {
                 Record::Start { now_ms, wall_ms } => {
@@ -744,6 +763,7 @@ impl<S: StateMachine> CoreLoop<S> {
                          restarting from before it"
                     );
                     reader.cut_before_last();
+                    cut_at_install = true;
                     break;
                 }
                 Record::Mark(expected) => {
@@ -772,7 +792,7 @@ impl<S: StateMachine> CoreLoop<S> {
             }
         }
         let records = reader.records();
-        if let Some(offset) = reader.torn_at() {
+        if let Some(offset) = reader.torn_at().filter(|_| !cut_at_install) {
             warn!(offset, "the log's last write was torn by a crash; cut off");
         }
         let wal = reader.into_wal()?;

@@ -82,7 +82,8 @@ const LOG_REQUESTING: &str = "requesting state transfer";
 const LOG_FETCHING: &str = "fetching state";
 const LOG_COMPLETE: &str = "state transfer complete";
 const LOG_REPLAYED: &str = "replayed the write-ahead log";
-const LOG_SNAPSHOT: &str = "took a snapshot; the log starts over";
+/// The writer's line once the install snapshot replaced the log and held outputs left.
+const LOG_RELEASED: &str = "released the outputs held since a state transfer";
 
 /// Arguments of `tessera bench state-transfer`.
 #[derive(clap::Args, Debug, Clone)]
@@ -928,7 +929,7 @@ async fn wait_durable(
     loop {
         let log = read_log_since(local, id, offset);
         let installed = log.find(LOG_COMPLETE);
-        if installed.is_some_and(|at| log[at..].contains(LOG_SNAPSHOT)) {
+        if installed.is_some_and(|at| log[at..].contains(LOG_RELEASED)) {
             return Ok(since.elapsed().as_secs_f64());
         }
         if let Some((exited, status)) = local.poll_exits().into_iter().next() {
@@ -1038,10 +1039,10 @@ fn milestones(log: &str, since: SystemTime) -> Milestones {
             .map(|time| time - since)
     };
     let complete = first(LOG_COMPLETE);
-    // The first snapshot after the install: the one that makes it durable.
+    // Held outputs leaving after the install: its snapshot made it durable.
     let durable = log
         .lines()
-        .filter(|line| line.contains(LOG_SNAPSHOT))
+        .filter(|line| line.contains(LOG_RELEASED))
         .filter_map(line_time)
         .map(|time| time - since)
         .find(|time| complete.is_some_and(|complete| *time >= complete));

@@ -73,7 +73,9 @@ struct Fetching<P> {
     cursor: Option<Vec<u8>>,
     /// When the source loses the partition: [`SOURCE_PATIENCE_HEARTBEATS`] after it was
     /// assigned, plus one heartbeat interval per chunk received. A source answering quickly
-    /// never reaches it; one that drips a chunk now and then to hold the partition does.
+    /// never reaches it; one that sends chunks more slowly than one per interval does. (One
+    /// that sends a tiny chunk every interval keeps the copy until its fabricated entries pass
+    /// the store's total or the digest check at the end refuses them: a known limit, STATE.md.)
     deadline_ms: u64,
 }
 
@@ -230,13 +232,18 @@ impl<S: StateMachine> Replica<S> {
             return;
         }
         let seq = summary.certificate.seq;
-        if seq <= self.last_executed || self.transfer_blacklist.contains(&from) {
+        // Not refused for a blacklisted sender: a summary is exactly the agreed one or refused,
+        // whoever sent it, and the blacklist is built from chunks, which the log does not keep
+        // (replay must accept the same summaries; found in review). The blacklist only decides
+        // whom to ask for partitions.
+        if seq <= self.last_executed {
             return;
         }
         if let Some(transfer) = &mut self.transfer {
             if transfer.seq() == seq {
                 // Same checkpoint, same agreed digest: the sender has the state (or says so).
-                if !transfer.timed_out.contains(&from) || transfer.sources.is_empty() {
+                let trusted = !self.transfer_blacklist.contains(&from);
+                if trusted && (!transfer.timed_out.contains(&from) || transfer.sources.is_empty()) {
                     transfer.sources.insert(from);
                 }
                 self.pump_transfer();
@@ -255,7 +262,7 @@ impl<S: StateMachine> Replica<S> {
         }
         let Some((leaves, clients)) = self.check_summary(&summary) else {
             // The certificate is valid, so the sender had the right digest and sent other
-            // data: faulty.
+            // data: faulty. (Logged, so replay blacklists it too.)
             self.transfer_blacklist.insert(from);
             return;
         };
@@ -417,11 +424,17 @@ impl<S: StateMachine> Replica<S> {
         if let Some(chunk) = &reply.chunk {
             transfer.received_bytes += chunk.bytes.len() as u64;
         }
-        if transfer.digest_requests.remove(&(partition, from)) {
+        let key = (partition, from);
+        // A digest answer carries a digest (or, as `gone`, nothing) and never a chunk, so a
+        // chunk of a copy asked of the same replica is never taken for a vote.
+        let copy_asked = transfer.fetching.contains_key(&key);
+        if reply.chunk.is_none()
+            && (reply.digest.is_some() || !copy_asked)
+            && transfer.digest_requests.remove(&key)
+        {
             self.on_partition_digest(from, partition, reply);
             return;
         }
-        let key = (partition, from);
         let expected = transfer
             .fetching
             .get(&key)
@@ -626,11 +639,12 @@ impl<S: StateMachine> Replica<S> {
                     })
                     .filter(|(source, _)| !transfer.fetching.contains_key(&(index, **source)))
                     .min_by_key(|(source, count)| {
-                        let fresh = matches!(
+                        // Sorts replicas already asked about this partition last.
+                        let asked_before = matches!(
                             strategy,
                             TransferStrategy::BandwidthFirst1 | TransferStrategy::BandwidthFirst2
                         ) && history.asked.contains(*source);
-                        (fresh, **count, **source)
+                        (asked_before, **count, **source)
                     })
                     .map(|(source, _)| *source);
                 let Some(source) = candidate else {
@@ -747,6 +761,10 @@ impl<S: StateMachine> Replica<S> {
         let state = self.freeze_state();
         self.own_checkpoints.insert(seq, state.clone());
         self.set_stable_state(seq, state);
+        // The state this replica held before is far behind the group: no one will fetch it, and
+        // keeping it as the retired state would put it in the snapshot that makes the installed
+        // state durable, doubling the disk a transfer needs (found in review).
+        self.retired_state = None;
         self.resume_streams(&transfer.anchors, seq);
         if seq > self.stable.seq {
             self.adopt_stable(certificate.clone());
