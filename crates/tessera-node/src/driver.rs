@@ -1094,3 +1094,158 @@ mod tests {
         })));
     }
 }
+
+/// The writer thread's hold on outputs after a state transfer's install (STATE.md §4).
+#[cfg(test)]
+mod hold_tests {
+    use super::*;
+    use crate::transport::{spawn_peer_writers, PeerMesh, PEER_QUEUE_FRAMES_DEFAULT};
+    use crate::wal::{recover, Record, WalOwner};
+    use tessera_crypto::Digest;
+    use tessera_types::{Heartbeat, SeqNum, View};
+    use tokio::task::JoinSet;
+
+    fn owner() -> WalOwner {
+        WalOwner {
+            replica: ReplicaId(0),
+            fingerprint: Digest([3; 32]),
+        }
+    }
+
+    /// A turn with one timer input (and, if `installed`, the install record), its mark, and a
+    /// HEARTBEAT for replica 1 (an output that waits for the disk).
+    fn turn(now_ms: u64, installed: bool) -> Written {
+        let mut records = Vec::new();
+        frame_record(
+            &mut records,
+            &RecordRef::Timer {
+                now_ms,
+                wall_ms: 1_700_000_000_000 + now_ms,
+                timer: 2,
+            },
+        );
+        if installed {
+            frame_record(&mut records, &RecordRef::Installed { seq: 64 });
+        }
+        let mark = Mark {
+            view: 0,
+            view_changing: false,
+            last_executed: now_ms,
+            stable_checkpoint: 0,
+            usig_counter: now_ms,
+        };
+        frame_record(&mut records, &RecordRef::Mark(mark));
+        let heartbeat = ReplicaMessage::Heartbeat(Heartbeat {
+            replica: ReplicaId(0),
+            view: View(0),
+            head_counter: now_ms,
+            last_executed: SeqNum(now_ms),
+            stable_checkpoint: SeqNum(0),
+            processed: Vec::new(),
+        });
+        Written::Turn(Turn {
+            records,
+            outbound: vec![Outbound::Send(ReplicaId(1), heartbeat)],
+            holds: installed,
+        })
+    }
+
+    /// Frames queued for replica 1 (down, so they stay queued) once `wanted` are there, or
+    /// after `patience`.
+    fn queued(peers: &PeerSender, wanted: usize, patience: Duration) -> usize {
+        let deadline = Instant::now() + patience;
+        loop {
+            let depth = peers.queue_depths()[0].1;
+            if depth >= wanted || Instant::now() > deadline {
+                return depth;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// A turn before the install goes out once synced; the install turn's output and a later
+    /// turn's wait — also after a normal snapshot — until the install snapshot has replaced the
+    /// log, and then go out; the new log starts with that snapshot and holds no install record.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn outputs_after_an_install_wait_until_its_snapshot_replaces_the_log() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("replica-0.wal");
+        let wal = recover(&path, owner()).unwrap().log.into_wal().unwrap();
+        let counters = Arc::new(NodeCounters::default());
+        let mut tasks = JoinSet::new();
+        // Replica 1 listens nowhere (port 9 on loopback): its frames stay in the queue, where
+        // the test counts them.
+        let mesh = PeerMesh {
+            me: ReplicaId(0),
+            addresses: vec!["127.0.0.1:9".into(), "127.0.0.1:9".into()],
+            pairwise_keys: Arc::new(vec![[1; 32], [1; 32]]),
+        };
+        let peers = spawn_peer_writers(
+            &mesh,
+            PEER_QUEUE_FRAMES_DEFAULT,
+            counters.clone(),
+            &mut tasks,
+        );
+        let dispatcher = Dispatcher {
+            peers: peers.clone(),
+            replies: Arc::new(ReplyRoutes::new(16, counters.clone())),
+            metrics: Arc::new(ReplicaMetrics::new(ReplicaId(0), counters.clone())),
+            others: 1,
+        };
+        let last_snapshot_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut writer =
+            Some(WalWriter::spawn(wal, dispatcher, ReplicaId(0), last_snapshot_bytes).unwrap());
+        let snapshot = |install: bool, generation: u64| {
+            Written::Snapshot(PendingSnapshot {
+                install,
+                generation,
+                clock_ms: 10 * generation,
+                timers: Vec::new(),
+                encode: Box::new(move || vec![generation as u8; 100]),
+            })
+        };
+
+        WalWriter::submit(&mut writer, turn(1, false)).unwrap();
+        let long = Duration::from_secs(5);
+        assert_eq!(
+            queued(&peers, 1, long),
+            1,
+            "a turn before the install goes out"
+        );
+        WalWriter::submit(&mut writer, turn(2, true)).unwrap();
+        WalWriter::submit(&mut writer, turn(3, false)).unwrap();
+        // A normal snapshot does not release them.
+        WalWriter::submit(&mut writer, snapshot(false, 1)).unwrap();
+        WalWriter::submit(&mut writer, turn(4, false)).unwrap();
+        let short = Duration::from_millis(300);
+        assert_eq!(
+            queued(&peers, 2, short),
+            1,
+            "outputs after the install are held"
+        );
+        WalWriter::submit(&mut writer, snapshot(true, 2)).unwrap();
+        assert_eq!(
+            queued(&peers, 4, long),
+            4,
+            "the install snapshot releases them"
+        );
+        WalWriter::finish(writer.take()).unwrap();
+        tasks.abort_all();
+
+        let recovery = recover(&path, owner()).unwrap();
+        assert_eq!(
+            recovery
+                .snapshot
+                .as_ref()
+                .map(|snapshot| snapshot.generation),
+            Some(2)
+        );
+        let mut log = recovery.log;
+        while let Some(record) = log.next_record().unwrap() {
+            assert!(
+                !matches!(record, Record::Installed { .. }),
+                "the install record is covered by the snapshot"
+            );
+        }
+    }
+}
