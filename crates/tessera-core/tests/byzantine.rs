@@ -664,14 +664,13 @@ fn replica_2_fetching_state(
     last_replica_fetching_state(config(3, 1), twist)
 }
 
-/// Like [`replica_2_fetching_state`], for any cluster: the last replica is the lagging one.
-fn last_replica_fetching_state(
-    protocol: tessera_types::ProtocolConfig,
+/// Cuts replica `lagging` off from everything but heartbeats and state transfer (`twist`
+/// decides first about messages sent to it by replica `from`).
+fn transfer_only(
+    lagging: u32,
     twist: impl Fn(u32, &ReplicaMessage) -> Option<Fate> + 'static,
-) -> (Cluster, SeqNum) {
-    let lagging = protocol.n - 1;
-    let mut cluster = Cluster::new(protocol);
-    cluster.filter = Some(Box::new(move |from, to, message| {
+) -> common::Filter {
+    Box::new(move |from, to, message| {
         if from.0 != lagging && to.0 != lagging {
             return Fate::Deliver;
         }
@@ -688,7 +687,17 @@ fn last_replica_fetching_state(
             | ReplicaMessage::PartitionReply(_) => Fate::Deliver,
             _ => Fate::Drop,
         }
-    }));
+    })
+}
+
+/// Like [`replica_2_fetching_state`], for any cluster: the last replica is the lagging one.
+fn last_replica_fetching_state(
+    protocol: tessera_types::ProtocolConfig,
+    twist: impl Fn(u32, &ReplicaMessage) -> Option<Fate> + 'static,
+) -> (Cluster, SeqNum) {
+    let lagging = protocol.n - 1;
+    let mut cluster = Cluster::new(protocol);
+    cluster.filter = Some(transfer_only(lagging, twist));
     for number in 1..=40u64 {
         let key = format!("key{}", number % 13);
         assert!(cluster
@@ -957,19 +966,7 @@ fn the_snapshot_after_a_transfer_leaves_the_old_state_out() {
     }
     cluster.run_for(1_000);
     assert!(cluster.replicas[2].last_executed() >= SeqNum(16));
-    cluster.filter = Some(Box::new(|from, to, message| {
-        if from.0 != 2 && to.0 != 2 {
-            return Fate::Deliver;
-        }
-        match message {
-            ReplicaMessage::Heartbeat(_)
-            | ReplicaMessage::StateRequest(_)
-            | ReplicaMessage::StateSummary(_)
-            | ReplicaMessage::PartitionRequest(_)
-            | ReplicaMessage::PartitionReply(_) => Fate::Deliver,
-            _ => Fate::Drop,
-        }
-    }));
+    cluster.filter = Some(transfer_only(2, |_, _| None));
     for number in 17..=56u64 {
         let key = format!("old{}", (number - 17) % 16 + 1);
         assert!(cluster
