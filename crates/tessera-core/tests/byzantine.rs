@@ -983,3 +983,50 @@ fn the_snapshot_after_a_transfer_leaves_the_old_state_out() {
         snapshot.len()
     );
 }
+
+/// Found in review: a faulty source could hold a partition for ever by answering every request
+/// at once with one fabricated entry (a valid key of that partition, above the cursor) and a
+/// promise of more, since every chunk bought it one more heartbeat interval. A chunk now buys
+/// its share of an interval by size, so the dripping source loses the partition at the base
+/// patience, and the correct replica serves it.
+#[test]
+fn a_source_dripping_tiny_chunks_loses_its_partitions() {
+    use std::cell::Cell;
+    use tessera_types::ChunkBytes;
+
+    let drips = Rc::new(Cell::new(0u64));
+    let counter = drips.clone();
+    let (mut cluster, target) = replica_2_fetching_state(move |from, message| match message {
+        ReplicaMessage::PartitionReply(reply) if from == 0 && reply.chunk.is_some() => {
+            // The next key, in increasing order, that falls in the asked partition.
+            let key = loop {
+                let number = counter.get();
+                counter.set(number + 1);
+                let key = format!("zz-drip-{number:012}").into_bytes();
+                let digest = Digest::of(tessera_kv::PARTITION_OF_DOMAIN, &key);
+                let mut first = [0u8; 8];
+                first.copy_from_slice(&digest.as_bytes()[..8]);
+                let partition = u64::from_le_bytes(first) % tessera_kv::PARTITIONS as u64;
+                if partition == u64::from(reply.partition) {
+                    break key;
+                }
+            };
+            let entries: Vec<(Vec<u8>, Vec<u8>, Option<u64>)> =
+                vec![(key.clone(), b"drip".to_vec(), None)];
+            let mut reply = reply.clone();
+            reply.chunk = Some(ChunkBytes {
+                bytes: tessera_types::encode(&entries),
+                next: Some(key),
+            });
+            // Five drips per heartbeat interval: each used to buy a whole interval.
+            Some(Fate::ReplaceLater(
+                20,
+                ReplicaMessage::PartitionReply(reply),
+            ))
+        }
+        _ => None,
+    });
+    cluster.run_for(10_000);
+    assert!(drips.get() > 0, "the source never dripped");
+    assert_replica_2_caught_up(&cluster, target);
+}

@@ -72,10 +72,9 @@ struct Fetching<P> {
     /// The cursor of the chunk asked for.
     cursor: Option<Vec<u8>>,
     /// When the source loses the partition: [`SOURCE_PATIENCE_HEARTBEATS`] after it was
-    /// assigned, plus one heartbeat interval per chunk received. A source answering quickly
-    /// never reaches it; one that sends chunks more slowly than one per interval does. (One
-    /// that sends a tiny chunk every interval keeps the copy until its fabricated entries pass
-    /// the store's total or the digest check at the end refuses them: a known limit, STATE.md.)
+    /// assigned, plus one heartbeat interval per full chunk received ([`CHUNK_BUDGET_BYTES`];
+    /// a smaller chunk buys its share). A source answering quickly never reaches it; one that
+    /// sends chunks more slowly than one per interval, or drips tiny ones, does.
     deadline_ms: u64,
 }
 
@@ -469,7 +468,13 @@ impl<S: StateMachine> Replica<S> {
         match chunk.next {
             Some(next) => {
                 fetching.cursor = Some(next.clone());
-                fetching.deadline_ms += self.config.heartbeat_interval_ms;
+                // A full chunk buys the source one more heartbeat interval, a smaller one a
+                // share of it: a source dripping tiny chunks to hold the copy gains next to
+                // nothing and loses it at the base patience (found in review; a correct
+                // source's chunks are full but for the last).
+                let share = chunk.bytes.len().min(CHUNK_BUDGET_BYTES) as u64;
+                fetching.deadline_ms +=
+                    self.config.heartbeat_interval_ms * share / CHUNK_BUDGET_BYTES as u64;
                 self.actions.push(Action::Send {
                     to: from,
                     message: ReplicaMessage::PartitionRequest(PartitionRequest {

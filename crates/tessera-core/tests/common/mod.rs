@@ -55,6 +55,8 @@ pub enum Fate {
     Replace(ReplicaMessage),
     /// Deliver it `delay_ms` of logical time later (bypassing the filter then).
     Delay(u64),
+    /// Deliver something else, `delay_ms` of logical time later.
+    ReplaceLater(u64, ReplicaMessage),
 }
 
 pub type Filter = Box<dyn FnMut(ReplicaId, ReplicaId, &ReplicaMessage) -> Fate>;
@@ -224,6 +226,10 @@ impl Cluster {
                 Some(Fate::Delay(delay_ms)) => {
                     self.delayed
                         .push((self.now_ms + delay_ms, from, to, message));
+                    continue;
+                }
+                Some(Fate::ReplaceLater(delay_ms, other)) => {
+                    self.delayed.push((self.now_ms + delay_ms, from, to, other));
                     continue;
                 }
                 _ => message,
