@@ -701,14 +701,11 @@ impl WalReader {
     /// when a record looks torn, over at most the rest of the file.
     fn intact_record_after(&mut self, start: u64) -> Result<bool, WalError> {
         let mut file = self.reader.get_ref();
-        let io = |source| WalError::Io {
-            path: self.path.clone(),
-            action: "read",
-            error: source,
-        };
-        file.seek(SeekFrom::Start(start)).map_err(io)?;
+        file.seek(SeekFrom::Start(start))
+            .map_err(io_error(&self.path, "read"))?;
         let mut rest = Vec::new();
-        file.read_to_end(&mut rest).map_err(io)?;
+        file.read_to_end(&mut rest)
+            .map_err(io_error(&self.path, "read"))?;
         for offset in 1..rest.len() {
             let Some(prefix) = rest.get(offset..offset + RECORD_PREFIX_LEN) else {
                 break;
@@ -734,16 +731,14 @@ impl WalReader {
     /// file with zero-filled blocks whose data never reached the disk), corruption otherwise.
     fn bad<T>(&mut self, start: u64, problem: String) -> Result<Option<T>, WalError> {
         let mut file = self.reader.get_ref();
-        let io = |source| WalError::Io {
-            path: self.path.clone(),
-            action: "read",
-            error: source,
-        };
-        file.seek(SeekFrom::Start(start)).map_err(io)?;
+        file.seek(SeekFrom::Start(start))
+            .map_err(io_error(&self.path, "read"))?;
         let mut zeros = true;
         let mut chunk = vec![0u8; 64 << 10];
         loop {
-            let read = file.read(&mut chunk).map_err(io)?;
+            let read = file
+                .read(&mut chunk)
+                .map_err(io_error(&self.path, "read"))?;
             if read == 0 {
                 break;
             }

@@ -44,7 +44,7 @@ struct Arguments {
     events_max: Option<u64>,
     /// Every replica fetches state with this strategy (merkle, latency-first,
     /// bandwidth-first-1, bandwidth-first-2) instead of the one the seed picks.
-    #[arg(long, value_parser = parse_strategy)]
+    #[arg(long)]
     transfer_strategy: Option<tessera_types::TransferStrategy>,
     /// Plant this bug of the core's catalogue in every correct replica (builds with
     /// `--features planted-bugs` only).
@@ -56,15 +56,6 @@ struct Arguments {
 fn parse_setting(text: &str) -> Result<Setting, String> {
     Setting::parse(text)
         .ok_or_else(|| format!("unknown setting {text:?}: use chaos or cXdY with X, Y in 0..=2"))
-}
-
-fn parse_strategy(text: &str) -> Result<tessera_types::TransferStrategy, String> {
-    tessera_types::TransferStrategy::parse(text).ok_or_else(|| {
-        format!(
-            "unknown strategy {text:?}: use merkle, latency-first, bandwidth-first-1 or \
-             bandwidth-first-2"
-        )
-    })
 }
 
 fn main() -> ExitCode {

@@ -58,12 +58,23 @@ impl TransferStrategy {
             TransferStrategy::BandwidthFirst2 => "bandwidth-first-2",
         }
     }
+}
 
-    /// Parses [`TransferStrategy::name`].
-    pub fn parse(text: &str) -> Option<TransferStrategy> {
+/// Parses [`TransferStrategy::name`]; the error lists the names (clap uses it for every
+/// command-line option of this type).
+impl std::str::FromStr for TransferStrategy {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
         Self::ALL
             .into_iter()
             .find(|strategy| strategy.name() == text)
+            .ok_or_else(|| {
+                format!(
+                    "unknown strategy {text:?}: use merkle, latency-first, bandwidth-first-1 or \
+                     bandwidth-first-2"
+                )
+            })
     }
 }
 

@@ -191,17 +191,8 @@ struct ReplicaArgs {
     /// Fetch state with this strategy instead of cluster.toml's `[protocol] state_transfer`:
     /// merkle, latency-first, bandwidth-first-1 or bandwidth-first-2 (docs/STATE.md §2). A
     /// local choice; the write-ahead log records it, so a restart must keep it.
-    #[arg(long, value_parser = parse_transfer_strategy)]
+    #[arg(long)]
     transfer_strategy: Option<tessera_types::TransferStrategy>,
-}
-
-fn parse_transfer_strategy(text: &str) -> Result<tessera_types::TransferStrategy, String> {
-    tessera_types::TransferStrategy::parse(text).ok_or_else(|| {
-        format!(
-            "unknown strategy {text:?}: use merkle, latency-first, bandwidth-first-1 or \
-             bandwidth-first-2"
-        )
-    })
 }
 
 #[derive(clap::Args, Debug)]

@@ -102,7 +102,7 @@ pub struct StateTransferArgs {
     pub in_flight: u32,
     /// Transfer strategies to measure, one wipe each, in this order: merkle, latency-first,
     /// bandwidth-first-1, bandwidth-first-2 (docs/STATE.md §2), comma-separated, or all.
-    #[arg(long, default_value = "all", value_parser = Strategy::parse_list)]
+    #[arg(long, default_value = "all", value_parser = Strategies::parse)]
     pub strategies: Strategies,
     /// First port of the cluster: replicas on BASE+i, clients on BASE+100+i, metrics on
     /// BASE+150+i.
@@ -118,39 +118,24 @@ pub struct StateTransferArgs {
     pub json: bool,
 }
 
-/// How a wiped replica fetches the state: [`TransferStrategy`] on the command line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Strategy(pub TransferStrategy);
+/// The strategies one run measures, in order: `all` or comma-separated names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Strategies(pub Vec<TransferStrategy>);
 
-impl Strategy {
-    fn name(self) -> &'static str {
-        self.0.name()
-    }
-
-    /// `all` (every strategy) or comma-separated names.
-    fn parse_list(text: &str) -> Result<Strategies, String> {
+impl Strategies {
+    fn parse(text: &str) -> Result<Strategies, String> {
         if text == "all" {
-            return Ok(Strategies(
-                TransferStrategy::ALL.into_iter().map(Strategy).collect(),
-            ));
+            return Ok(Strategies(TransferStrategy::ALL.to_vec()));
         }
         text.split(',')
             .map(|name| {
-                TransferStrategy::parse(name).map(Strategy).ok_or_else(|| {
-                    format!(
-                        "unknown strategy {name:?}: use merkle, latency-first, \
-                         bandwidth-first-1, bandwidth-first-2 or all"
-                    )
-                })
+                name.parse()
+                    .map_err(|error: String| format!("{error}, or all"))
             })
             .collect::<Result<Vec<_>, _>>()
             .map(Strategies)
     }
 }
-
-/// The strategies one run measures, in order.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Strategies(pub Vec<Strategy>);
 
 /// Parses a byte count: digits and an optional unit, `B`, `KiB`, `MiB`, `GiB`, `TiB` (powers of
 /// 1024) or `kB`, `MB`, `GB`, `TB` (powers of 1000). Letter case is ignored (`1gib` is `1GiB`).
@@ -411,7 +396,7 @@ struct Milestones {
 /// One strategy's transfer to a wiped replica.
 #[derive(Clone, Debug, PartialEq)]
 struct Transfer {
-    strategy: Strategy,
+    strategy: TransferStrategy,
     replica: u32,
     /// Partition chunk bytes the wiped replica received (its metrics).
     bytes: u64,
@@ -854,7 +839,7 @@ async fn measure_transfer(
     cluster: &ClusterConfig,
     id: u32,
     agreed: &ReplicaStatus,
-    strategy: Strategy,
+    strategy: TransferStrategy,
     size: u64,
 ) -> anyhow::Result<Transfer> {
     let wal = local::wal_path(local.dir(), id);
@@ -1342,7 +1327,7 @@ mod tests {
     #[test]
     fn strategies_are_all_or_named_in_order() {
         let names = |text: &str| -> Result<Vec<&'static str>, String> {
-            Strategy::parse_list(text).map(|list| list.0.iter().map(|s| s.name()).collect())
+            Strategies::parse(text).map(|list| list.0.iter().map(|s| s.name()).collect())
         };
         assert_eq!(
             names("all").unwrap(),
@@ -1485,7 +1470,7 @@ mod tests {
                 wal_bytes: 17_000_000,
             },
             transfers: vec![Transfer {
-                strategy: Strategy(TransferStrategy::Merkle),
+                strategy: TransferStrategy::Merkle,
                 replica: 1,
                 bytes: 8_400_000,
                 state_bytes: Some(8 << 20),
