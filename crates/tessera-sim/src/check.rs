@@ -248,6 +248,14 @@ impl Checker {
             .insert(replica, (last_executed, checkpoint.0));
     }
 
+    /// `replica` restarted without its log: a new incarnation. What the old one executed is not
+    /// held against it (exactly-once is per incarnation: the new one starts from a fetched
+    /// state); what it executes from now on must still agree with everyone.
+    pub fn forget_replica(&mut self, replica: u32) {
+        self.executed.remove(&replica);
+        self.last_seen.remove(&replica);
+    }
+
     /// A client issued `request` (validly signed): only such requests may be executed.
     pub fn observe_issued(&mut self, request: &Request) {
         self.issued

@@ -86,6 +86,10 @@ pub struct SimConfig {
     /// Chance that the crash is for good (the replica never restarts), per mille. Only drawn
     /// when no replica is Byzantine: the stopped replica is the run's one faulty replica.
     pub crash_stop_per_mille: u32,
+    /// Chance that a crashed correct replica restarts without its log, per mille: it comes back
+    /// empty in a new USIG epoch, which the group must install before it counts
+    /// (docs/PROTOCOL.md §8), and fetches the state.
+    pub amnesia_per_mille: u32,
     /// A rogue client session sends malformed, forged and duplicate requests during the fault
     /// phase.
     pub rogue_client: bool,
@@ -146,6 +150,7 @@ impl Default for SimConfig {
             corrupt_replies: false,
             crash_per_mille: 250,
             crash_stop_per_mille: 400,
+            amnesia_per_mille: 400,
             rogue_client: true,
             transfer_strategy_from_seed: true,
             #[cfg(feature = "planted-bugs")]
@@ -286,7 +291,8 @@ impl SimConfig {
                     && self.twins_per_mille <= 1000
                     && self.slow_per_mille <= 1000
                     && self.crash_per_mille <= 1000
-                    && self.crash_stop_per_mille <= 1000,
+                    && self.crash_stop_per_mille <= 1000
+                    && self.amnesia_per_mille <= 1000,
                 "per-mille chances must be at most 1000",
             ),
             (

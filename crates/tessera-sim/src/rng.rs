@@ -20,6 +20,9 @@ pub const STREAM_ROGUE: u64 = 5;
 pub const STREAM_CRASH_STOP: u64 = 6;
 /// Stream for each node's wall-clock skew (its own stream, so adding it changed no other draw).
 pub const STREAM_CLOCK: u64 = 7;
+/// Whether the planned crash loses the replica's log (its own stream, so adding it changed no
+/// other draw).
+pub const STREAM_AMNESIA: u64 = 8;
 
 /// A seeded random stream with the few draws the simulator needs.
 #[derive(Clone, Debug)]

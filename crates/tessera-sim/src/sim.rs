@@ -16,7 +16,7 @@ use crate::adversary::{draw_round, round_of, Adversary, AdversaryStats, Round, S
 use crate::check::{Checker, Violation};
 use crate::config::SimConfig;
 use crate::rng::{
-    SimRng, STREAM_ADVERSARY, STREAM_CLOCK, STREAM_CRASH_STOP, STREAM_FAULTS, STREAM_NETWORK,
+    SimRng, STREAM_ADVERSARY, STREAM_AMNESIA, STREAM_CLOCK, STREAM_CRASH_STOP, STREAM_FAULTS, STREAM_NETWORK,
     STREAM_ROGUE, STREAM_WORKLOAD,
 };
 use crate::workload::{random_command, Client, Operation, CLIENT_CREDENTIAL};
@@ -97,6 +97,9 @@ struct Node {
     /// The node's latest snapshot (taken only of the node the seed will crash): how many of
     /// `inputs` it covers, and its bytes.
     snapshot: Option<(usize, Vec<u8>)>,
+    /// The USIG epoch the core that `inputs` rebuilds starts in (a replay of a `StartEpoch`
+    /// input moves it on from there).
+    log_epoch: u64,
     /// How far this node's wall clock is from the simulation's (`WALL_BASE_MS + now_ms`):
     /// drawn from the seed within ±`clock_skew_max_ms / 2`, so any two correct clocks differ
     /// by at most the bound the protocol is configured with.
@@ -123,6 +126,11 @@ impl LoggedInput {
             LoggedInput::Timer(now_ms, wall_ms, timer) => {
                 replica.handle_timer(*now_ms, *wall_ms, *timer)
             }
+            LoggedInput::StartEpoch(now_ms, wall_ms) => {
+                replica
+                    .start_epoch(*now_ms, *wall_ms)
+                    .expect("the simulator's USIG starts epochs");
+            }
         }
         replica.take_actions();
     }
@@ -133,6 +141,8 @@ impl LoggedInput {
 #[derive(Debug)]
 enum LoggedInput {
     Start(u64, u64),
+    /// The replica moved to a new USIG epoch (after a restart without its log).
+    StartEpoch(u64, u64),
     Request(u64, u64, Request),
     Message(u64, u64, u32, ReplicaMessage),
     Timer(u64, u64, Timer),
@@ -230,6 +240,8 @@ pub struct Stats {
     pub replayed_inputs: u64,
     /// Restarts that began from a snapshot rather than the whole log.
     pub snapshot_restores: u64,
+    /// Restarts without the log: empty, in a new USIG epoch.
+    pub amnesia_restarts: u64,
     /// Malformed, forged or duplicate requests the rogue client sent.
     pub rogue_requests: u64,
     /// Client retransmissions.
@@ -259,6 +271,8 @@ pub struct FaultPlan {
     pub crash: Option<(usize, u64, u64)>,
     /// The crashed node never restarts (drawn only when no replica is Byzantine).
     pub crash_stop: bool,
+    /// The crashed node restarts without its log (only a correct one).
+    pub amnesia: bool,
 }
 
 /// One node as it stood at the end of a run.
@@ -374,6 +388,9 @@ impl Simulation {
         faults.crash_stop = faults.crash.is_some()
             && faults.byzantine.is_empty()
             && SimRng::new(seed, STREAM_CRASH_STOP).chance(config.crash_stop_per_mille);
+        faults.amnesia = faults.crash.is_some_and(|(node, _, _)| {
+            !faults.crash_stop && !faults.byzantine.contains(&(node as u32))
+        }) && SimRng::new(seed, STREAM_AMNESIA).chance(config.amnesia_per_mille);
 
         let usig_keys = usig_keys(n);
         let mut shared_usigs = BTreeMap::new();
@@ -834,6 +851,10 @@ impl Simulation {
             match action {
                 Action::Send { to, message } => self.send_to_replica(node, to.0, message),
                 Action::Broadcast { message } => {
+                    if let ReplicaMessage::EpochStart(start) = &message {
+                        // The one request no client issues: a replica's INSTALL entry.
+                        self.checker.observe_issued(&start.to_install_request());
+                    }
                     for to in 0..self.config.protocol.n {
                         if to != id {
                             self.send_to_replica(node, to, message.clone());
@@ -909,6 +930,10 @@ impl Simulation {
     /// it was down fire now.
     fn restart(&mut self, node: usize) {
         self.nodes[node].crashed = false;
+        if self.nodes[node].role == Role::Correct && self.faults.amnesia {
+            self.restart_without_log(node);
+            return;
+        }
         if self.nodes[node].role == Role::Correct {
             self.rebuild_from_log(node);
         }
@@ -921,11 +946,51 @@ impl Simulation {
         }
     }
 
+    /// A correct replica whose log is lost: a new incarnation, empty, whose USIG moves to the
+    /// next epoch (docs/PROTOCOL.md §8). It fetches the state once the group has installed the
+    /// epoch; the checkers treat it as a new replica (its executions before the crash are not
+    /// held against it, its executions after must agree with everyone's).
+    fn restart_without_log(&mut self, node: usize) {
+        let id = self.nodes[node].id;
+        let epoch = self.nodes[node].replica.epoch();
+        let identity = UsigIdentity {
+            replica: ReplicaId(id),
+            epoch,
+        };
+        let usig = Box::new(HmacUsig::new(identity, usig_keys(self.config.protocol.n)));
+        let mut fresh = new_node(&self.config, &self.client_key, id, Role::Correct, usig);
+        #[cfg(feature = "planted-bugs")]
+        if let Some(bug) = self.config.planted_bug {
+            fresh.replica.plant_bug(bug);
+        }
+        fresh.wall_skew_ms = self.nodes[node].wall_skew_ms;
+        fresh.timer_generations = self.nodes[node].timer_generations;
+        fresh.log_epoch = epoch;
+        self.stats.amnesia_restarts += 1;
+        self.checker.forget_replica(id);
+        self.nodes[node] = fresh;
+        let now_ms = self.now_ms;
+        let wall_ms = self.wall_ms(node);
+        self.nodes[node]
+            .inputs
+            .push(LoggedInput::Start(now_ms, wall_ms));
+        self.nodes[node].replica.start(now_ms, wall_ms);
+        self.after_replica_step(node);
+        self.nodes[node]
+            .inputs
+            .push(LoggedInput::StartEpoch(now_ms, wall_ms));
+        self.nodes[node]
+            .replica
+            .start_epoch(now_ms, wall_ms)
+            .expect("the simulator's USIG starts epochs");
+        self.after_replica_step(node);
+    }
+
     fn rebuild_from_log(&mut self, node: usize) {
         let id = self.nodes[node].id;
         let identity = UsigIdentity {
             replica: ReplicaId(id),
-            epoch: 0,
+            epoch: self.nodes[node].log_epoch,
         };
         let keys = usig_keys(self.config.protocol.n);
         // Odd seeds restart from the latest snapshot plus the inputs after it, even seeds from
@@ -938,6 +1003,11 @@ impl Simulation {
             Some((covered, bytes)) => {
                 let counter = tessera_core::minbft::saved_usig_counter(bytes)
                     .expect("the simulator's own snapshot decodes");
+                let identity = UsigIdentity {
+                    epoch: tessera_core::minbft::saved_usig_epoch(bytes)
+                        .expect("the simulator's own snapshot decodes"),
+                    ..identity
+                };
                 let usig = HmacUsig::resume(identity, keys, counter).expect("known replica");
                 let authenticator = SimAuthenticator {
                     key: self.client_key.verifying_key(),
@@ -1420,6 +1490,7 @@ fn new_node(
         missed_timers: [false; TIMER_KINDS],
         inputs: Vec::new(),
         snapshot: None,
+        log_epoch: 0,
         wall_skew_ms: 0,
     }
 }
@@ -1462,6 +1533,7 @@ fn draw_faults(config: &SimConfig, rng: &mut SimRng) -> FaultPlan {
         network_rounds: network_rounds.into_iter().collect(),
         crash,
         crash_stop: false,
+        amnesia: false,
     }
 }
 

@@ -277,6 +277,15 @@ impl ClusterConfig {
             }
         }
         for (index, client) in self.clients.iter().enumerate() {
+            if client.id == u32::MAX {
+                // Its sessions include the client ids reserved for INSTALL entries.
+                return Err(invalid(
+                    FILE,
+                    &format!("clients[{index}].id"),
+                    format!("is {} (reserved for the replicas' own entries)", client.id),
+                    "use a smaller credential id (`tessera init` numbers them from 0)",
+                ));
+            }
             parse_key(
                 FILE,
                 &format!("clients[{index}].public_key"),

@@ -201,6 +201,10 @@ pub struct Checkpoint {
     /// The sender's view when it took the checkpoint (lets a peer that resumes the sender's
     /// stream at this message know which views the sender had already left).
     pub view: View,
+    /// The USIG epochs installed at `seq` (part of the replicated state, so matching CHECKPOINTs
+    /// agree on it): every replica whose epoch is above 0, in replica order. A VIEW-CHANGE is
+    /// judged against the table of its certificate (docs/PROTOCOL.md §8).
+    pub epochs: Vec<EpochInstall>,
     /// The replica's UI.
     pub ui: Ui,
 }
@@ -208,7 +212,81 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// What the UI certifies.
     pub fn certified_digest(&self) -> Digest {
-        checkpoint_certified_digest(self.replica, self.seq, &self.state_digest, self.view)
+        checkpoint_certified_digest(
+            self.replica,
+            self.seq,
+            &self.state_digest,
+            self.view,
+            &self.epochs,
+        )
+    }
+}
+
+/// A replica's USIG epoch as the replicated state records it: the epoch and the sequence
+/// number whose INSTALL entry switched to it (docs/PROTOCOL.md §8).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Debug)]
+pub struct EpochInstall {
+    /// Whose epoch.
+    pub replica: ReplicaId,
+    /// The epoch its messages are processed in.
+    pub epoch: u64,
+    /// The sequence number at which it was installed.
+    pub installed_at: SeqNum,
+}
+
+/// The first message of a USIG epoch (certified under counter 1 of `epoch`): asks the group to
+/// order the switch to it. docs/PROTOCOL.md §8.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Debug)]
+pub struct EpochStart {
+    /// Whose epoch.
+    pub replica: ReplicaId,
+    /// The new epoch.
+    pub epoch: u64,
+    /// Its UI: epoch `epoch`, counter 1.
+    pub ui: Ui,
+}
+
+impl EpochStart {
+    /// What the UI certifies.
+    pub fn certified_digest(&self) -> Digest {
+        epoch_start_certified_digest(self.replica, self.epoch)
+    }
+
+    /// The INSTALL entry that carries this EPOCH-START through agreement: a request from the
+    /// replica's reserved client id ([`install_client`]) whose number is the epoch and whose
+    /// operation is this message. It has no client signature; replicas check the UI instead.
+    pub fn to_install_request(&self) -> Request {
+        Request {
+            client: install_client(self.replica),
+            request_number: self.epoch,
+            operation: crate::encoding::encode(self),
+            signature: vec![0; 64],
+            macs: Vec::new(),
+        }
+    }
+}
+
+/// What an EPOCH-START's UI certifies.
+pub fn epoch_start_certified_digest(replica: ReplicaId, epoch: u64) -> Digest {
+    let mut builder = DigestBuilder::new("tessera.epoch-start.v1");
+    builder.u64(replica.0 as u64).u64(epoch);
+    builder.finish()
+}
+
+/// Client ids from this one up are reserved for INSTALL entries (one per replica); no client
+/// may use them (`ClusterConfig` refuses them).
+pub const INSTALL_CLIENT_BASE: u64 = u64::MAX - limits::MAX_REPLICAS as u64 + 1;
+
+/// The reserved client id of `replica`'s INSTALL entries.
+pub fn install_client(replica: ReplicaId) -> ClientId {
+    ClientId(INSTALL_CLIENT_BASE + replica.0 as u64)
+}
+
+impl Request {
+    /// If this is an INSTALL entry, the replica it installs an epoch for.
+    pub fn install_replica(&self) -> Option<ReplicaId> {
+        (self.client.0 >= INSTALL_CLIENT_BASE)
+            .then(|| ReplicaId((self.client.0 - INSTALL_CLIENT_BASE) as u32))
     }
 }
 
@@ -218,13 +296,21 @@ pub fn checkpoint_certified_digest(
     seq: SeqNum,
     state_digest: &Digest,
     view: View,
+    epochs: &[EpochInstall],
 ) -> Digest {
-    let mut builder = DigestBuilder::new("tessera.checkpoint.v1");
+    let mut builder = DigestBuilder::new("tessera.checkpoint.v2");
     builder
         .u64(replica.0 as u64)
         .u64(seq.0)
         .digest(state_digest)
-        .u64(view.0);
+        .u64(view.0)
+        .u64(epochs.len() as u64);
+    for install in epochs {
+        builder
+            .u64(install.replica.0 as u64)
+            .u64(install.epoch)
+            .u64(install.installed_at.0);
+    }
     builder.finish()
 }
 
@@ -262,6 +348,9 @@ pub enum LogEntry {
     ViewChange(ViewChangeRef),
     /// A NEW-VIEW the replica sent, by reference.
     NewView(NewViewRef),
+    /// The EPOCH-START that opened the replica's current USIG epoch (counter 1 of it: the first
+    /// anchor of the epoch's logs).
+    EpochStart(EpochStart),
 }
 
 impl LogEntry {
@@ -273,6 +362,7 @@ impl LogEntry {
             LogEntry::Checkpoint(checkpoint) => &checkpoint.ui,
             LogEntry::ViewChange(reference) => &reference.ui,
             LogEntry::NewView(reference) => &reference.ui,
+            LogEntry::EpochStart(start) => &start.ui,
         }
     }
 
@@ -284,6 +374,7 @@ impl LogEntry {
             LogEntry::Checkpoint(checkpoint) => checkpoint.replica,
             LogEntry::ViewChange(reference) => reference.replica,
             LogEntry::NewView(reference) => reference.primary,
+            LogEntry::EpochStart(start) => start.replica,
         }
     }
 
@@ -295,6 +386,7 @@ impl LogEntry {
             LogEntry::Checkpoint(checkpoint) => checkpoint.certified_digest(),
             LogEntry::ViewChange(reference) => reference.certified_digest(),
             LogEntry::NewView(reference) => reference.certified_digest(),
+            LogEntry::EpochStart(start) => start.certified_digest(),
         }
     }
 }
@@ -465,6 +557,8 @@ pub struct Fetch {
     pub replica: ReplicaId,
     /// Whose messages.
     pub stream: ReplicaId,
+    /// The USIG epoch of that stream the counters belong to.
+    pub epoch: u64,
     /// First counter wanted.
     pub from_counter: u64,
     /// Last counter wanted.
@@ -478,6 +572,8 @@ pub struct Heartbeat {
     pub replica: ReplicaId,
     /// Sender's current view.
     pub view: View,
+    /// The sender's USIG epoch (`head_counter` counts in it).
+    pub epoch: u64,
     /// Highest USIG counter the sender has used.
     pub head_counter: u64,
     /// Last sequence number the sender executed.
@@ -487,6 +583,8 @@ pub struct Heartbeat {
     /// For each replica (by id), the next USIG counter the sender expects from it: an
     /// acknowledgement that lets each replica drop its own messages everyone has processed.
     pub processed: Vec<u64>,
+    /// For each replica (by id), the USIG epoch `processed` counts in.
+    pub epochs: Vec<u64>,
 }
 
 /// Asks for the state at the sender's latest stable checkpoint (at least `min_seq`).
@@ -598,6 +696,8 @@ pub enum ReplicaMessage {
     PartitionRequest(PartitionRequest),
     /// A chunk of a partition.
     PartitionReply(PartitionReply),
+    /// The first message of a new USIG epoch of its sender.
+    EpochStart(EpochStart),
     /// Asks for the NEW-VIEW that started `view` (a replica that missed it cannot join the view).
     FetchNewView {
         /// Who asks.
@@ -624,6 +724,7 @@ impl ReplicaMessage {
             ReplicaMessage::StateSummary(_) => "state-summary",
             ReplicaMessage::PartitionRequest(_) => "partition-request",
             ReplicaMessage::PartitionReply(_) => "partition-reply",
+            ReplicaMessage::EpochStart(_) => "epoch-start",
             ReplicaMessage::FetchNewView { .. } => "fetch-new-view",
         }
     }

@@ -7,12 +7,14 @@
 //!
 //! It also holds the *agreed clock*: the largest batch time executed so far (docs/PROTOCOL.md
 //! §4, *Agreed time*). It is replicated state for the same reason as the table: a replica that
-//! fetched the state must execute the next batch at the same time as the others.
+//! fetched the state must execute the next batch at the same time as the others. And it holds
+//! the *epoch table*: each replica's installed USIG epoch and the sequence number of its INSTALL
+//! entry (docs/PROTOCOL.md §8), which decides whose messages count in which epoch.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
-use tessera_types::{ClientId, Digest, SeqNum, View};
+use tessera_types::{ClientId, Digest, EpochInstall, ReplicaId, SeqNum, View};
 
 /// What the table remembers about one client.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,8 +42,9 @@ pub enum Freshness<'a> {
     Stale,
 }
 
-/// The table as snapshots carry it: the agreed clock and the entries in client order.
-pub type ClientSnapshot = (u64, Vec<(ClientId, ClientEntry)>);
+/// The table as snapshots carry it: the agreed clock, the entries in client order and the
+/// epoch table in replica order.
+pub type ClientSnapshot = (u64, Vec<(ClientId, ClientEntry)>, Vec<EpochInstall>);
 
 /// Bounded map from client to its latest executed request, and the agreed clock.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -51,6 +54,8 @@ pub struct ClientTable {
     capacity: usize,
     /// The largest batch time executed (ms since the Unix epoch); 0 before any.
     clock_ms: u64,
+    /// Every replica whose installed USIG epoch is above 0 (the others are at epoch 0).
+    epochs: BTreeMap<ReplicaId, EpochInstall>,
 }
 
 impl ClientTable {
@@ -65,7 +70,39 @@ impl ClientTable {
             by_age: BTreeSet::new(),
             capacity,
             clock_ms: 0,
+            epochs: BTreeMap::new(),
         }
+    }
+
+    /// `replica`'s installed USIG epoch (epoch 0, installed at 0, until an INSTALL moved it).
+    pub fn epoch_of(&self, replica: ReplicaId) -> EpochInstall {
+        self.epochs.get(&replica).copied().unwrap_or(EpochInstall {
+            replica,
+            epoch: 0,
+            installed_at: SeqNum(0),
+        })
+    }
+
+    /// The epoch table in replica order (replicas at epoch 0 left out), as CHECKPOINTs carry it.
+    pub fn epochs(&self) -> Vec<EpochInstall> {
+        self.epochs.values().copied().collect()
+    }
+
+    /// Executes an INSTALL entry at `seq`: `replica` moves to `epoch` if that is above its
+    /// current one. Returns whether it moved (a stale entry is a no-op on every replica alike).
+    pub fn install_epoch(&mut self, replica: ReplicaId, epoch: u64, seq: SeqNum) -> bool {
+        if epoch <= self.epoch_of(replica).epoch {
+            return false;
+        }
+        self.epochs.insert(
+            replica,
+            EpochInstall {
+                replica,
+                epoch,
+                installed_at: seq,
+            },
+        );
+        true
     }
 
     /// The agreed clock: the largest batch time executed so far.
@@ -80,8 +117,17 @@ impl ClientTable {
         self.clock_ms
     }
 
-    /// Classifies a request.
+    /// Classifies a request. An INSTALL entry (a reserved client id) is new while its epoch is
+    /// above the one installed, stale after.
     pub fn freshness(&self, client: ClientId, request_number: u64) -> Freshness<'_> {
+        if client.0 >= tessera_types::INSTALL_CLIENT_BASE {
+            let replica = ReplicaId((client.0 - tessera_types::INSTALL_CLIENT_BASE) as u32);
+            return if request_number > self.epoch_of(replica).epoch {
+                Freshness::New
+            } else {
+                Freshness::Stale
+            };
+        }
         match self.entries.get(&client) {
             None => Freshness::New,
             Some(entry) if request_number > entry.request_number => Freshness::New,
@@ -125,12 +171,12 @@ impl ClientTable {
             .iter()
             .map(|(client, entry)| (*client, entry.clone()))
             .collect();
-        (self.clock_ms, entries)
+        (self.clock_ms, entries, self.epochs())
     }
 
     /// Rebuilds a table from a snapshot; refuses duplicates, disorder or overflow.
     pub fn from_snapshot(snapshot: ClientSnapshot, capacity: usize) -> Result<ClientTable, String> {
-        let (clock_ms, entries) = snapshot;
+        let (clock_ms, entries, epochs) = snapshot;
         if entries.len() > capacity {
             return Err(format!(
                 "{} clients exceed the table capacity {capacity}",
@@ -147,12 +193,21 @@ impl ClientTable {
             table.record(client, entry);
         }
         table.clock_ms = clock_ms;
+        let mut previous: Option<ReplicaId> = None;
+        for install in epochs {
+            if previous.is_some_and(|previous| previous >= install.replica) || install.epoch == 0
+            {
+                return Err("epoch entries are not strictly ordered, or name epoch 0".into());
+            }
+            previous = Some(install.replica);
+            table.epochs.insert(install.replica, install);
+        }
         Ok(table)
     }
 
     /// Digest of the table's replicated content (everything but the view hint).
     pub fn digest(&self) -> Digest {
-        let mut builder = tessera_crypto::DigestBuilder::new("tessera.client-table.v2");
+        let mut builder = tessera_crypto::DigestBuilder::new("tessera.client-table.v3");
         builder.u64(self.clock_ms).u64(self.entries.len() as u64);
         for (client, entry) in &self.entries {
             builder
@@ -160,6 +215,13 @@ impl ClientTable {
                 .u64(entry.request_number)
                 .bytes(&entry.result)
                 .u64(entry.seq.0);
+        }
+        builder.u64(self.epochs.len() as u64);
+        for install in self.epochs.values() {
+            builder
+                .u64(u64::from(install.replica.0))
+                .u64(install.epoch)
+                .u64(install.installed_at.0);
         }
         builder.finish()
     }

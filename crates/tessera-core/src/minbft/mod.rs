@@ -29,12 +29,14 @@
 //! See `docs/PROTOCOL.md` for the rules and the safety argument.
 
 mod clients;
+mod epochs;
 mod snapshot;
 mod transfer;
 mod view_change;
 
 pub use clients::{ClientEntry, ClientSnapshot, ClientTable, Freshness};
-pub use snapshot::{saved_usig_counter, Capture, SnapshotError};
+pub use epochs::install_entry;
+pub use snapshot::{saved_usig_counter, saved_usig_epoch, Capture, SnapshotError};
 use transfer::{CheckpointState, Transfer};
 pub use transfer::{CHUNK_BUDGET_BYTES, IN_FLIGHT_PER_SOURCE, MAX_CHUNK_BYTES, MAX_CURSOR_BYTES};
 use view_change::{justification_pool, ANCHOR_NOT_YET_SEEN};
@@ -48,7 +50,8 @@ use tessera_types::wire::ReplicaStatus;
 use tessera_types::{
     batch_digest, checkpoint_certified_digest, commit_certified_digest, new_view_certified_digest,
     prepare_certified_digest, view_change_certified_digest, Checkpoint, CheckpointCertificate,
-    ClientId, Commit, ConfigError, Fetch, Heartbeat, LogEntry, NewView, Prepare, PrepareHeader,
+    ClientId, Commit, ConfigError, EpochInstall, EpochStart, Fetch, Heartbeat, LogEntry, NewView,
+    Prepare, PrepareHeader,
     ProtocolConfig, ReplicaId, ReplicaMessage, Reply, ReqViewChange, Request, SeqNum, StateMachine,
     Ui, View, ViewChange,
 };
@@ -201,6 +204,14 @@ enum Outcome {
 /// What this replica knows of one peer's certified message stream.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 struct PeerStream {
+    /// The USIG epoch the stream is processed in: the peer's epoch in this replica's epoch
+    /// table (docs/PROTOCOL.md §8). Messages in any other epoch are not processed.
+    epoch: u64,
+    /// The sequence number at which `epoch` was installed (0 for epoch 0).
+    epoch_installed_at: SeqNum,
+    /// What the stream knew of anchors in the epoch before `epoch`, kept to judge VIEW-CHANGEs
+    /// of that epoch quoted in older NEW-VIEWs.
+    retired: Option<RetiredEpoch>,
     /// The counter value the next processed message must carry.
     next_counter: u64,
     /// Messages that arrived before their predecessors (bounded by `STREAM_BUFFER_MAX`).
@@ -238,6 +249,17 @@ struct PeerStream {
 /// How many of a peer's in-order CHECKPOINT counters are remembered as anchors.
 const ANCHORS_KEPT: usize = 64;
 
+/// Anchor knowledge of a peer's previous USIG epoch (see [`AnchorOracle`]).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+struct RetiredEpoch {
+    epoch: u64,
+    /// The first counter of that epoch this replica never processed.
+    next_counter: u64,
+    valid_anchors: BTreeSet<u64>,
+    history_floor: u64,
+    history_floor_seq: SeqNum,
+}
+
 /// A sequence number being agreed in the current view.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 struct Slot {
@@ -253,6 +275,7 @@ fn prepare_key(header: &PrepareHeader) -> Digest {
     let mut builder = DigestBuilder::new("tessera.prepare-key.v1");
     builder
         .digest(&header.certified_digest())
+        .u64(header.ui.epoch)
         .u64(header.ui.counter);
     builder.finish()
 }
@@ -346,6 +369,9 @@ pub struct Replica<S: StateMachine> {
     peer_processed: Vec<Vec<u64>>,
     /// Highest sequence number any own PREPARE or COMMIT referred to.
     own_max_seq: SeqNum,
+    /// The EPOCH-START of this replica's current USIG epoch, repeated every heartbeat until the
+    /// group has installed it (`None` in epoch 0 and once installed).
+    announced_epoch: Option<EpochStart>,
 
     // --- peers ---
     streams: Vec<PeerStream>,
@@ -453,6 +479,7 @@ impl<S: StateMachine> Replica<S> {
             own_log: VecDeque::new(),
             retransmit: BTreeMap::new(),
             own_max_seq: SeqNum(0),
+            announced_epoch: None,
             streams,
             store: BTreeMap::new(),
             state_request_ms: None,
@@ -594,6 +621,7 @@ impl<S: StateMachine> Replica<S> {
             ReplicaMessage::FetchNewView { replica, view } => {
                 self.on_fetch_new_view(from, replica, view)
             }
+            ReplicaMessage::EpochStart(start) => self.on_epoch_start(start),
             certified => {
                 let certified =
                     Certified::from_message(certified).expect("all other kinds are certified");
@@ -761,6 +789,15 @@ impl<S: StateMachine> Replica<S> {
         }
     }
 
+    /// Checks a request's authenticity: a client's signature, or for an INSTALL entry its
+    /// EPOCH-START's UI (docs/PROTOCOL.md §8).
+    fn request_valid(&self, request: &Request) -> bool {
+        if request.install_replica().is_some() {
+            return install_entry(request, self.config.n, self.usig.as_ref()).is_some();
+        }
+        self.request_signature_valid(request)
+    }
+
     /// Checks a client's signature (the authenticator's verdict).
     fn request_signature_valid(&self, request: &Request) -> bool {
         let valid = self.authenticator.verify_signature(request);
@@ -813,7 +850,7 @@ impl<S: StateMachine> Replica<S> {
         if self.pending_keys.contains(&key) {
             return;
         }
-        if !self.request_signature_valid(&request) {
+        if !self.request_valid(&request) {
             self.reject("request-signature");
             return;
         }
@@ -1046,6 +1083,17 @@ impl<S: StateMachine> Replica<S> {
         }
         let counter = message.ui().counter;
         let stream = &self.streams[sender.0 as usize];
+        // (rule) A stream is processed in the sender's installed epoch only (docs/PROTOCOL.md
+        // §8): an older epoch's messages are obsolete, a newer one's wait for its INSTALL (the
+        // sender retransmits them once this replica acknowledges the new epoch).
+        if message.ui().epoch != stream.epoch {
+            self.reject(if message.ui().epoch < stream.epoch {
+                "message-from-retired-epoch"
+            } else {
+                "message-from-uninstalled-epoch"
+            });
+            return;
+        }
         if counter < stream.history_floor {
             if let Certified::NewView(new_view) = &message {
                 self.on_skipped_new_view(new_view.clone());
@@ -1254,7 +1302,7 @@ impl<S: StateMachine> Replica<S> {
         let authentic = prepare
             .batch
             .iter()
-            .all(|request| request.check_shape().is_ok() && self.request_signature_valid(request));
+            .all(|request| request.check_shape().is_ok() && self.request_valid(request));
         if !authentic {
             // No correct replica commits a forged request; the primary is faulty.
             self.reject("prepare-forged-request");
@@ -1441,6 +1489,10 @@ impl<S: StateMachine> Replica<S> {
             if !fresh {
                 continue; // a faulty primary ordered it twice: execute once (paper 004 §4)
             }
+            if request.install_replica().is_some() {
+                self.execute_install(request, seq);
+                continue;
+            }
             let result = self.state_machine.execute(&request.operation, time_ms);
             executed.push((request.client, request.request_number));
             self.clients.record(
@@ -1482,8 +1534,9 @@ impl<S: StateMachine> Replica<S> {
             // now the state to serve.
             self.set_stable_state(seq, state.clone());
         }
+        let epochs = state.epochs.clone();
         self.own_checkpoints.insert(seq, state);
-        self.send_checkpoint(seq, digest);
+        self.send_checkpoint(seq, digest, epochs);
     }
 
     /// Makes `state` (this replica's state at `seq`) the one served as stable; the previous one
@@ -1502,18 +1555,22 @@ impl<S: StateMachine> Replica<S> {
         freeze_state(&mut self.state_machine, &self.clients)
     }
 
-    fn send_checkpoint(&mut self, seq: SeqNum, state_digest: Digest) {
+    /// Sends CHECKPOINT(`seq`) for the state with `state_digest` and epoch table `epochs` (both
+    /// as of `seq`).
+    fn send_checkpoint(&mut self, seq: SeqNum, state_digest: Digest, epochs: Vec<EpochInstall>) {
         let ui = self.certify(&checkpoint_certified_digest(
             self.id,
             seq,
             &state_digest,
             self.view,
+            &epochs,
         ));
         let checkpoint = Checkpoint {
             replica: self.id,
             seq,
             state_digest,
             view: self.view,
+            epochs,
             ui,
         };
         self.append_own(
@@ -2098,9 +2155,11 @@ impl<S: StateMachine> Replica<S> {
         }
         peer.fetched_from = from_counter;
         let to_counter = to_counter.min(from_counter + FETCH_MESSAGES_MAX - 1);
+        let epoch = peer.epoch;
         self.broadcast(ReplicaMessage::Fetch(Fetch {
             replica: self.id,
             stream,
+            epoch,
             from_counter,
             to_counter,
         }));
@@ -2122,6 +2181,16 @@ impl<S: StateMachine> Replica<S> {
         let unbroken = |(expected, (counter, message)): (u64, (u64, &ReplicaMessage))| {
             (counter == expected).then(|| message.clone())
         };
+        // Counters name messages only within one epoch: answer only for the epoch this replica
+        // holds the stream in.
+        let epoch = if fetch.stream == self.id {
+            self.epoch()
+        } else {
+            self.streams[fetch.stream.0 as usize].epoch
+        };
+        if fetch.epoch != epoch {
+            return;
+        }
         let messages: Vec<ReplicaMessage> = if fetch.stream == self.id {
             (fetch.from_counter..)
                 .zip(
@@ -2165,11 +2234,14 @@ impl<S: StateMachine> Replica<S> {
         self.broadcast(ReplicaMessage::Heartbeat(Heartbeat {
             replica: self.id,
             view: self.view,
+            epoch: self.epoch(),
             head_counter: self.head_counter(),
             last_executed: self.last_executed,
             stable_checkpoint: self.stable.seq,
             processed: self.processed_counters(),
+            epochs: self.stream_epochs(),
         }));
+        self.repeat_epoch_start();
         let asked = self.suspicions[self.id.0 as usize];
         if self.view_active && asked > self.view {
             // This replica asked for a view change and its requests have completed since, so
@@ -2226,7 +2298,8 @@ impl<S: StateMachine> Replica<S> {
             return;
         }
         let stream = &self.streams[from.0 as usize];
-        if heartbeat.head_counter >= stream.next_counter {
+        let same_epoch = heartbeat.epoch == stream.epoch;
+        if same_epoch && heartbeat.head_counter >= stream.next_counter {
             let next = stream.next_counter;
             self.fetch(from, next, heartbeat.head_counter);
         }
@@ -2234,6 +2307,7 @@ impl<S: StateMachine> Replica<S> {
             heartbeat.view > self.view || (heartbeat.view == self.view && !self.view_active);
         let primary = heartbeat.view.primary(self.config.n);
         let in_stream = primary == from
+            && same_epoch
             && self.streams[from.0 as usize].last_new_view < heartbeat.view
             && heartbeat.head_counter >= self.streams[from.0 as usize].next_counter;
         if behind && !in_stream {
@@ -2243,18 +2317,48 @@ impl<S: StateMachine> Replica<S> {
             self.fetch_new_view(heartbeat.view);
         }
         self.claim_checkpoint(from, heartbeat.stable_checkpoint);
-        if heartbeat.processed.len() == self.config.n as usize {
-            let known = &mut self.peer_processed[from.0 as usize];
-            for (known, reported) in known.iter_mut().zip(&heartbeat.processed) {
-                *known = (*known).max(*reported);
+        let n = self.config.n as usize;
+        if heartbeat.processed.len() != n || heartbeat.epochs.len() != n {
+            self.reject("heartbeat-malformed");
+            return;
+        }
+        // Counters are compared only within the epoch this replica holds each stream in.
+        let own_epoch = self.epoch();
+        let epochs: Vec<u64> = (0..n)
+            .map(|index| {
+                if index == self.id.0 as usize {
+                    own_epoch
+                } else {
+                    self.streams[index].epoch
+                }
+            })
+            .collect();
+        let known = &mut self.peer_processed[from.0 as usize];
+        for index in 0..n {
+            if heartbeat.epochs[index] == epochs[index] {
+                known[index] = known[index].max(heartbeat.processed[index]);
             }
         }
-        if let Some(&acknowledged) = heartbeat.processed.get(self.id.0 as usize) {
+        if heartbeat.epochs[self.id.0 as usize] == own_epoch {
+            let acknowledged = heartbeat.processed[self.id.0 as usize];
             let head_next = self.head_counter() + 1;
             let peer = &mut self.peer_acknowledged[from.0 as usize];
             *peer = (*peer).max(acknowledged.min(head_next));
             self.trim_retransmit();
         }
+    }
+
+    /// The epoch this replica processes every replica's stream in (its own: its USIG's).
+    fn stream_epochs(&self) -> Vec<u64> {
+        (0..self.config.n)
+            .map(|index| {
+                if index == self.id.0 {
+                    self.epoch()
+                } else {
+                    self.streams[index as usize].epoch
+                }
+            })
+            .collect()
     }
 
     /// The next counter this replica expects from every replica (its own: the next it will use).
@@ -2315,8 +2419,10 @@ impl<S: StateMachine> Replica<S> {
             if sender.0 >= self.config.n || sender == self.id || anchor.seq > seq {
                 continue;
             }
-            let digest =
-                checkpoint_certified_digest(sender, anchor.seq, &anchor.state_digest, anchor.view);
+            if anchor.ui.epoch != self.streams[sender.0 as usize].epoch {
+                continue; // from an epoch the installed state does not process that peer in
+            }
+            let digest = anchor.certified_digest();
             if self
                 .verifier()
                 .verify_ui(sender, &digest, &anchor.ui)
@@ -2345,7 +2451,7 @@ impl<S: StateMachine> Replica<S> {
 }
 
 impl<S: StateMachine> AnchorOracle for Replica<S> {
-    fn check_anchor(&self, sender: ReplicaId, counter: u64) -> AnchorCheck {
+    fn check_anchor(&self, sender: ReplicaId, epoch: u64, counter: u64) -> AnchorCheck {
         if sender == self.id {
             // Own CHECKPOINTs are in order by construction (the barrier, docs/PROTOCOL.md §5).
             return AnchorCheck::Valid;
@@ -2353,6 +2459,37 @@ impl<S: StateMachine> AnchorOracle for Replica<S> {
         let Some(stream) = self.streams.get(sender.0 as usize) else {
             return AnchorCheck::Invalid;
         };
+        if epoch > stream.epoch {
+            // Not installed here yet: this replica will process that epoch after the INSTALL.
+            return AnchorCheck::NotYetSeen;
+        }
+        if epoch < stream.epoch {
+            // An older epoch of the sender, quoted in an old NEW-VIEW. Whatever an older epoch
+            // could make a correct replica accept lies below the INSTALL plus L
+            // (docs/PROTOCOL.md §8), so past that the anchor is forgotten in the sense of §5.
+            if self.stable.seq.0 >= stream.epoch_installed_at.0 + self.config.log_size {
+                return AnchorCheck::Forgotten;
+            }
+            return match &stream.retired {
+                Some(retired) if retired.epoch == epoch => {
+                    if counter >= retired.next_counter {
+                        AnchorCheck::Invalid // never processed here, and never will be
+                    } else if counter < retired.history_floor {
+                        if retired.history_floor_seq <= self.stable.seq {
+                            AnchorCheck::Forgotten
+                        } else {
+                            AnchorCheck::Invalid
+                        }
+                    } else if retired.valid_anchors.contains(&counter) {
+                        AnchorCheck::Valid
+                    } else {
+                        AnchorCheck::Invalid
+                    }
+                }
+                // Older still: not remembered (costs liveness at worst, never safety).
+                _ => AnchorCheck::Invalid,
+            };
+        }
         if counter >= stream.next_counter {
             AnchorCheck::NotYetSeen
         } else if counter < stream.history_floor {
@@ -2406,6 +2543,7 @@ fn freeze_state<S: StateMachine>(
         digest: state_digest(state_machine, clients),
         frozen: state_machine.freeze(),
         clients: Arc::new(tessera_types::encode(&clients.to_snapshot())),
+        epochs: clients.epochs(),
     }
 }
 

@@ -71,6 +71,7 @@ struct SavedCheckpointState {
     state: usize,
     #[serde(with = "serde_bytes")]
     clients: Vec<u8>,
+    epochs: Vec<tessera_types::EpochInstall>,
 }
 
 /// The application states of a snapshot.
@@ -159,6 +160,7 @@ struct Saved {
     version: u32,
     id: ReplicaId,
     config: ProtocolConfig,
+    usig_epoch: u64,
     usig_counter: u64,
     now_ms: u64,
     wall_ms: u64,
@@ -201,6 +203,7 @@ struct Saved {
     peer_acknowledged: Vec<u64>,
     peer_processed: Vec<Vec<u64>>,
     own_max_seq: SeqNum,
+    announced_epoch: Option<tessera_types::EpochStart>,
 
     streams: Vec<PeerStream>,
     store: BTreeMap<(ReplicaId, u64), ReplicaMessage>,
@@ -252,6 +255,7 @@ fn capture_checkpoint<F: FrozenState>(
         digest: checkpoint.digest,
         state: frozen.len() - 1,
         clients: checkpoint.clients.as_ref().clone(),
+        epochs: checkpoint.epochs.clone(),
     }
 }
 
@@ -281,6 +285,7 @@ impl<S: StateMachine> Replica<S> {
             "snapshot while a transfer or actions are pending"
         );
         let usig_counter = self.head_counter();
+        let usig_epoch = self.epoch();
         let mut frozen = vec![self.state_machine.freeze()];
         // Every field is named, so a new one does not compile until it is saved here (or
         // consciously left out, like the ones bound to `_`).
@@ -329,6 +334,7 @@ impl<S: StateMachine> Replica<S> {
             peer_acknowledged,
             peer_processed,
             own_max_seq,
+            announced_epoch,
             streams,
             store,
             state_request_ms,
@@ -346,6 +352,7 @@ impl<S: StateMachine> Replica<S> {
             version: SNAPSHOT_VERSION,
             id: *id,
             config: config.clone(),
+            usig_epoch,
             usig_counter,
             now_ms: *now_ms,
             wall_ms: *wall_ms,
@@ -387,6 +394,7 @@ impl<S: StateMachine> Replica<S> {
             peer_acknowledged: peer_acknowledged.clone(),
             peer_processed: peer_processed.clone(),
             own_max_seq: *own_max_seq,
+            announced_epoch: announced_epoch.clone(),
             streams: streams.clone(),
             store: store.clone(),
             state_request_ms: *state_request_ms,
@@ -418,6 +426,7 @@ impl<S: StateMachine> Replica<S> {
             version: _,
             id: saved_id,
             config: saved_config,
+            usig_epoch,
             usig_counter: _,
             now_ms,
             wall_ms,
@@ -455,6 +464,7 @@ impl<S: StateMachine> Replica<S> {
             peer_acknowledged,
             peer_processed,
             own_max_seq,
+            announced_epoch,
             streams,
             store,
             state_request_ms,
@@ -474,6 +484,11 @@ impl<S: StateMachine> Replica<S> {
                 what: "another protocol configuration".into(),
             });
         }
+        if usig.identity().epoch != usig_epoch {
+            return Err(SnapshotError::Mismatch {
+                what: format!("USIG epoch {usig_epoch}"),
+            });
+        }
         let n = config.n as usize;
         if suspicions.len() != n
             || streams.len() != n
@@ -491,6 +506,7 @@ impl<S: StateMachine> Replica<S> {
                     digest: saved.digest,
                     frozen: states.restore(&mut state_machine, saved.state)?,
                     clients: Arc::new(saved.clients),
+                    epochs: saved.epochs,
                 })
             };
         let stable_state = restore_checkpoint(stable_state)?;
@@ -549,6 +565,7 @@ impl<S: StateMachine> Replica<S> {
             peer_acknowledged,
             peer_processed,
             own_max_seq,
+            announced_epoch,
             streams,
             store,
             state_request_ms,
@@ -579,4 +596,9 @@ fn decode_saved(bytes: &[u8]) -> Result<Saved, SnapshotError> {
 /// The USIG counter a snapshot was taken at: the driver resumes the USIG after it.
 pub fn saved_usig_counter(bytes: &[u8]) -> Result<u64, SnapshotError> {
     Ok(decode_saved(bytes)?.usig_counter)
+}
+
+/// The USIG epoch a snapshot's replica spoke in (its USIG must be restored in it).
+pub fn saved_usig_epoch(bytes: &[u8]) -> Result<u64, SnapshotError> {
+    Ok(decode_saved(bytes)?.usig_epoch)
 }

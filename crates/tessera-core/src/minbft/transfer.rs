@@ -54,6 +54,8 @@ pub(super) struct CheckpointState<F> {
     pub frozen: F,
     /// The client table, encoded.
     pub clients: Arc<Vec<u8>>,
+    /// The epoch table at this checkpoint (CHECKPOINT messages carry it).
+    pub epochs: Vec<tessera_types::EpochInstall>,
 }
 
 impl<F: Clone> Clone for CheckpointState<F> {
@@ -62,6 +64,7 @@ impl<F: Clone> Clone for CheckpointState<F> {
             digest: self.digest,
             frozen: self.frozen.clone(),
             clients: self.clients.clone(),
+            epochs: self.epochs.clone(),
         }
     }
 }
@@ -770,6 +773,8 @@ impl<S: StateMachine> Replica<S> {
         // keeping it as the retired state would put it in the snapshot that makes the installed
         // state durable, doubling the disk a transfer needs (found in review).
         self.retired_state = None;
+        // The installed state's epoch table first: the resume points are in those epochs.
+        self.apply_epoch_table();
         self.resume_streams(&transfer.anchors, seq);
         if seq > self.stable.seq {
             self.adopt_stable(certificate.clone());
@@ -777,7 +782,8 @@ impl<S: StateMachine> Replica<S> {
         // Anchor the own log at the new state, unless this replica already spoke about later
         // sequence numbers (then an older anchor stays valid).
         if self.own_max_seq <= seq {
-            self.send_checkpoint(seq, certificate.state_digest);
+            let epochs = self.clients.epochs();
+            self.send_checkpoint(seq, certificate.state_digest, epochs);
         }
     }
 

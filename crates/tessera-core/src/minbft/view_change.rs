@@ -10,9 +10,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use tessera_types::{
-    batch_digest, checkpoint_certified_digest, new_view_certified_digest,
-    view_change_certified_digest, CheckpointCertificate, Digest, LogEntry, NewView, PrepareHeader,
-    ReplicaId, Request, SeqNum, Ui, View, ViewChange,
+    batch_digest, new_view_certified_digest, view_change_certified_digest, CheckpointCertificate,
+    Digest, EpochInstall, LogEntry, NewView, PrepareHeader, ReplicaId, Request, SeqNum, Ui, View,
+    ViewChange,
 };
 use tessera_usig::{Usig, UsigError};
 
@@ -131,8 +131,8 @@ pub const ANCHOR_NOT_YET_SEEN: Reject = "view-change-anchor-not-yet-seen";
 
 /// Answers whether the CHECKPOINT with `counter` from `sender` may anchor a VIEW-CHANGE log.
 pub trait AnchorOracle {
-    /// This replica's verdict.
-    fn check_anchor(&self, sender: ReplicaId, counter: u64) -> AnchorCheck;
+    /// This replica's verdict on `sender`'s message `(epoch, counter)`.
+    fn check_anchor(&self, sender: ReplicaId, epoch: u64, counter: u64) -> AnchorCheck;
 }
 
 /// What this replica knows about a CHECKPOINT used as a log anchor.
@@ -186,7 +186,8 @@ pub struct Memo {
 /// A PREPARE candidate for a sequence number, from some replica's log.
 struct Candidate {
     view: View,
-    primary_counter: u64,
+    /// The primary's UI as (epoch, counter): its place in the primary's stream.
+    primary_position: (u64, u64),
     digest: Digest,
     batch: Arc<Vec<Request>>,
     time_ms: u64,
@@ -226,21 +227,23 @@ impl<'a> Verifier<'a> {
             return Ok(());
         }
         let mut signers = BTreeSet::new();
+        let epochs = certificate
+            .checkpoints
+            .first()
+            .map(|checkpoint| &checkpoint.epochs)
+            .ok_or("checkpoint-certificate-too-small")?;
+        self.check_epoch_table(epochs, certificate.seq)?;
         for checkpoint in &certificate.checkpoints {
             if checkpoint.seq != certificate.seq
                 || checkpoint.state_digest != certificate.state_digest
+                || checkpoint.epochs != *epochs
             {
                 return Err("checkpoint-certificate-mismatch");
             }
             if checkpoint.replica.0 >= self.n || !signers.insert(checkpoint.replica) {
                 return Err("checkpoint-certificate-signer");
             }
-            let digest = checkpoint_certified_digest(
-                checkpoint.replica,
-                checkpoint.seq,
-                &checkpoint.state_digest,
-                checkpoint.view,
-            );
+            let digest = checkpoint.certified_digest();
             self.verify_ui(checkpoint.replica, &digest, &checkpoint.ui)
                 .map_err(|_| "checkpoint-certificate-ui")?;
         }
@@ -300,6 +303,7 @@ impl<'a> Verifier<'a> {
         self.verify_ui(sender, &certified, &view_change.ui)
             .map_err(|_| "view-change-ui")?;
         self.check_checkpoint_certificate(&view_change.checkpoint)?;
+        self.check_epoch_settled(view_change)?;
         self.check_log_shape(view_change)?;
         // The justifications this log draws on: its own and the quoting message's.
         let combined: Vec<Arc<NewView>>;
@@ -349,7 +353,10 @@ impl<'a> Verifier<'a> {
         match first {
             _ if first.ui().counter == 1 => {}
             LogEntry::Checkpoint(checkpoint) if checkpoint.seq <= view_change.checkpoint.seq => {
-                match self.anchors.check_anchor(sender, first.ui().counter) {
+                match self
+                    .anchors
+                    .check_anchor(sender, first.ui().epoch, first.ui().counter)
+                {
                     AnchorCheck::Valid | AnchorCheck::Forgotten => {}
                     AnchorCheck::Invalid => return Err("view-change-anchor-out-of-order"),
                     AnchorCheck::NotYetSeen => return Err(ANCHOR_NOT_YET_SEEN),
@@ -358,6 +365,7 @@ impl<'a> Verifier<'a> {
             _ => return Err("view-change-log-anchor"),
         }
         let mut expected = first.ui().counter;
+        let epoch = view_change.ui.epoch;
         // (rule) A correct replica never sends anything about a sequence number beyond its stable
         // checkpoint plus `L` (its high water mark), and the certificate is its latest stable
         // checkpoint, so every entry lies within it. This also bounds every plan to `L` entries.
@@ -374,6 +382,10 @@ impl<'a> Verifier<'a> {
             };
             if seq.0 > high_water_mark {
                 return Err("view-change-entry-beyond-high-water-mark");
+            }
+            if entry.ui().epoch != epoch {
+                // (rule) A log runs within one epoch: counters of two epochs are not one chain.
+                return Err("view-change-log-epoch");
             }
             if entry.ui().counter != expected {
                 return Err("view-change-log-gap");
@@ -401,7 +413,9 @@ impl<'a> Verifier<'a> {
         let justification = pool
             .iter()
             .filter(|new_view| {
-                new_view.view == header.view && new_view.ui.counter < header.ui.counter
+                new_view.view == header.view
+                    && new_view.ui.epoch == header.ui.epoch
+                    && new_view.ui.counter < header.ui.counter
             })
             .max_by_key(|new_view| new_view.ui.counter)
             .ok_or("log-entry-unjustified")?;
@@ -507,11 +521,12 @@ impl<'a> Verifier<'a> {
                 if header.seq <= checkpoint.seq {
                     continue;
                 }
+                let position = (header.ui.epoch, header.ui.counter);
                 let better = match best.get(&header.seq) {
                     None => true,
                     Some(current) => {
-                        (header.view, std::cmp::Reverse(header.ui.counter))
-                            > (current.view, std::cmp::Reverse(current.primary_counter))
+                        (header.view, std::cmp::Reverse(position))
+                            > (current.view, std::cmp::Reverse(current.primary_position))
                     }
                 };
                 if better && self.batch_is_authentic(batch) {
@@ -519,7 +534,7 @@ impl<'a> Verifier<'a> {
                         header.seq,
                         Candidate {
                             view: header.view,
-                            primary_counter: header.ui.counter,
+                            primary_position: position,
                             digest: header.batch_digest,
                             batch: batch.clone(),
                             time_ms: header.time_ms,
@@ -565,7 +580,58 @@ impl<'a> Verifier<'a> {
 
     fn batch_is_authentic(&self, batch: &[Request]) -> bool {
         batch.iter().all(|request| {
-            request.check_shape().is_ok() && self.authenticator.verify_signature(request)
+            request.check_shape().is_ok()
+                && if request.install_replica().is_some() {
+                    super::install_entry(request, self.n, self.usig).is_some()
+                } else {
+                    self.authenticator.verify_signature(request)
+                }
         })
+    }
+
+    /// An epoch table as a CHECKPOINT carries it: replicas in order, each known, at an epoch
+    /// above 0 installed no later than the checkpoint.
+    fn check_epoch_table(&self, epochs: &[EpochInstall], seq: SeqNum) -> Result<(), Reject> {
+        let mut previous: Option<ReplicaId> = None;
+        for install in epochs {
+            if install.replica.0 >= self.n
+                || previous.is_some_and(|previous| previous >= install.replica)
+                || install.epoch == 0
+                || install.installed_at > seq
+            {
+                return Err("checkpoint-epoch-table-malformed");
+            }
+            previous = Some(install.replica);
+        }
+        Ok(())
+    }
+
+    /// (rule) A VIEW-CHANGE counts only in the epoch its own certificate's table holds for its
+    /// sender, and for a later epoch only once that certificate is `L` past the epoch's
+    /// INSTALL: by then everything the sender's older epochs could have made a correct replica
+    /// accept lies inside every checkpoint a NEW-VIEW can start from, so a log that cannot show
+    /// those messages hides nothing (docs/PROTOCOL.md §8).
+    fn check_epoch_settled(&self, view_change: &ViewChange) -> Result<(), Reject> {
+        let installed = view_change
+            .checkpoint
+            .checkpoints
+            .first()
+            .and_then(|checkpoint| {
+                checkpoint
+                    .epochs
+                    .iter()
+                    .find(|install| install.replica == view_change.replica)
+            })
+            .map(|install| (install.epoch, install.installed_at))
+            .unwrap_or((0, SeqNum(0)));
+        if view_change.ui.epoch != installed.0 {
+            return Err("view-change-epoch-not-installed");
+        }
+        let settled = installed.0 == 0
+            || view_change.checkpoint.seq.0 >= installed.1 .0.saturating_add(self.log_size);
+        if !settled {
+            return Err("view-change-epoch-too-recent");
+        }
+        Ok(())
     }
 }
