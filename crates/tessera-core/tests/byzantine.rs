@@ -69,6 +69,7 @@ fn garbage_from_a_byzantine_replica_neither_stops_progress_nor_changes_results()
             replica: ReplicaId(2),
             prepare: real_header.clone(),
             ui: Ui {
+                epoch: 0,
                 counter,
                 certificate: vec![0xAB; 32],
             },

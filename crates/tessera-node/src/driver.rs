@@ -1067,6 +1067,7 @@ mod tests {
             state_digest: Digest([1; 32]),
             view: View(0),
             ui: Ui {
+                epoch: 0,
                 counter: 7,
                 certificate: vec![0; 32],
             },

@@ -50,7 +50,8 @@ const MAGIC: &[u8; 12] = b"TESSERA-WAL\0";
 /// Bumped whenever the record encoding changes. Version 3: every input record carries the
 /// wall clock (`wall_ms`) the core was given with it, which the agreed time of batches depends
 /// on, and the header a generation and the length of the snapshot that may head the log.
-const FORMAT_VERSION: u32 = 4;
+/// Version 5: every UI in a logged message carries its USIG epoch.
+const FORMAT_VERSION: u32 = 5;
 /// Magic, version, replica id, fingerprint, generation, snapshot length.
 const HEADER_LEN: usize = 12 + 4 + 4 + 32 + 8 + 8;
 /// The digest in front of a snapshot.

@@ -222,6 +222,7 @@ impl TpmUsig {
         self.last_raw = raw;
         let counter = raw - self.own.counter_base;
         Ok(Ui {
+            epoch: self.identity.epoch,
             counter,
             certificate: encode_certificate(&signed.attest, &signed.r, &signed.s),
         })
@@ -243,6 +244,7 @@ impl TpmUsig {
             .get_session_audit_digest(ak, session, &qualifying)
             .map_err(|error| UsigError::Unavailable(error.to_string()))?;
         Ok(Ui {
+            epoch: self.identity.epoch,
             counter: self.last_raw - self.own.counter_base,
             certificate: encode_certificate(&signed.attest, &signed.r, &signed.s),
         })
@@ -261,6 +263,7 @@ impl TpmUsig {
             .nv_certify(ak, index, &qualifying)
             .map_err(|error| UsigError::Unavailable(error.to_string()))?;
         Ok(Ui {
+            epoch: self.identity.epoch,
             counter: self.last_raw - self.own.counter_base,
             certificate: encode_certificate(&signed.attest, &signed.r, &signed.s),
         })

@@ -12,10 +12,17 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use tessera_crypto::{Digest, DigestBuilder};
 
-/// A unique identifier produced by a USIG: a counter value bound to one message.
+/// A unique identifier produced by a USIG: an (epoch, counter) pair bound to one message. Its
+/// canonical encoding is postcard's: epoch and counter as varints, then the certificate with its
+/// length (bounded by [`limits::MAX_UI_CERTIFICATE_BYTES`]).
 #[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize, Debug)]
 pub struct Ui {
-    /// The USIG counter value; strictly sequential per sender (1, 2, 3, ...).
+    /// The signer's USIG epoch: a replica that cannot continue its counter (after a crash or a
+    /// rejuvenation) starts a new epoch and counts from 1 again. The certificate binds it, so
+    /// `(epoch, counter)` names one UI; which epochs are acceptable from whom is the protocol
+    /// core's decision, not the USIG's.
+    pub epoch: u64,
+    /// The USIG counter value; strictly sequential per sender within an epoch (1, 2, 3, ...).
     pub counter: u64,
     /// Backend-specific proof that `counter` was bound to the certified digest.
     #[serde(with = "serde_bytes")]
@@ -180,10 +187,11 @@ impl Commit {
 
 /// What a COMMIT's UI certifies.
 pub fn commit_certified_digest(replica: ReplicaId, prepare: &PrepareHeader) -> Digest {
-    let mut builder = DigestBuilder::new("tessera.commit.v1");
+    let mut builder = DigestBuilder::new("tessera.commit.v2");
     builder
         .u64(replica.0 as u64)
         .digest(&prepare.certified_digest())
+        .u64(prepare.ui.epoch)
         .u64(prepare.ui.counter)
         .bytes(&prepare.ui.certificate);
     builder.finish()
@@ -527,10 +535,11 @@ impl NewView {
 
 /// Digest of a NEW-VIEW payload.
 pub fn new_view_payload_digest(view_changes: &[Arc<ViewChange>]) -> Digest {
-    let mut builder = DigestBuilder::new("tessera.new-view-payload.v1");
+    let mut builder = DigestBuilder::new("tessera.new-view-payload.v2");
     builder.u64(view_changes.len() as u64);
     for view_change in view_changes {
         builder
+            .u64(view_change.ui.epoch)
             .u64(view_change.ui.counter)
             .digest(&view_change.to_ref().certified_digest());
     }

@@ -242,6 +242,7 @@ pub fn check_rejects_wrong_counter(factory: Factory) -> Outcome {
         u64::MAX,
     ] {
         let moved = Ui {
+            epoch: ui.epoch,
             counter,
             certificate: ui.certificate.clone(),
         };
@@ -351,6 +352,7 @@ pub fn check_rejects_malformed_certificate(factory: Factory) -> Outcome {
     }
     for (what, certificate) in candidates {
         let forged = Ui {
+            epoch: ui.epoch,
             counter: ui.counter,
             certificate,
         };

@@ -131,6 +131,7 @@ impl Usig for Ed25519Usig {
         let certificate = self.signing_key.sign(&digest);
         self.last_counter = counter;
         Ok(Ui {
+            epoch: self.identity.epoch,
             counter,
             certificate: certificate.to_vec(),
         })

@@ -129,6 +129,7 @@ impl Usig for HmacUsig {
         debug_assert_eq!(certificate.len(), HMAC_CERTIFICATE_LEN);
         self.last_counter = counter;
         Ok(Ui {
+            epoch: self.identity.epoch,
             counter,
             certificate: certificate.to_vec(),
         })
@@ -243,6 +244,7 @@ mod tests {
     fn counter_zero_rejected() {
         let ui = usig(0, 0).create_ui(&message()).expect("fresh counter");
         let forged = Ui {
+            epoch: ui.epoch,
             counter: 0,
             certificate: ui.certificate,
         };

@@ -510,6 +510,7 @@ mod tests {
             &digest,
         );
         Ui {
+            epoch: 0,
             counter,
             certificate: sign(replica, &attest),
         }
@@ -549,6 +550,7 @@ mod tests {
         ];
         for (what, attest) in cases {
             let forged = Ui {
+                epoch: 0,
                 counter: 7,
                 certificate: sign(0, &attest),
             };
@@ -558,6 +560,7 @@ mod tests {
             );
         }
         let wrong_key = Ui {
+            epoch: 0,
             counter: 7,
             certificate: sign(
                 2,
@@ -629,6 +632,7 @@ mod tests {
                 certificate.truncate((next() as usize) % (certificate.len() + 1));
             }
             let ui = Ui {
+                epoch: 0,
                 counter: 3,
                 certificate,
             };

@@ -69,6 +69,7 @@ impl Usig for Broken {
         _message: &tessera_types::Digest,
     ) -> Result<tessera_types::Ui, tessera_usig::UsigError> {
         Ok(tessera_types::Ui {
+            epoch: 0,
             counter: 1,
             certificate: vec![0; 8],
         })

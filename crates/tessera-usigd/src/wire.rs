@@ -295,14 +295,17 @@ fn push_bounded(body: &mut Vec<u8>, bytes: &[u8], max: usize) {
 }
 
 fn push_ui(body: &mut Vec<u8>, ui: &Ui) {
+    body.extend_from_slice(&ui.epoch.to_be_bytes());
     body.extend_from_slice(&ui.counter.to_be_bytes());
     push_bounded(body, &ui.certificate, CERTIFICATE_LEN_MAX);
 }
 
 fn read_ui(reader: &mut Reader) -> Result<Ui, WireError> {
+    let epoch = reader.u64("epoch")?;
     let counter = reader.u64("counter")?;
     let certificate = reader.bounded("certificate", CERTIFICATE_LEN_MAX)?.to_vec();
     Ok(Ui {
+        epoch,
         counter,
         certificate,
     })
@@ -430,6 +433,7 @@ mod tests {
 
     fn samples() -> (Vec<Request>, Vec<Response>) {
         let ui = Ui {
+            epoch: 4,
             counter: 7,
             certificate: vec![9; 64],
         };
@@ -512,6 +516,7 @@ mod tests {
             Err(WireError::UnknownKind(KIND_UI_REPLY))
         );
         let mut long_certificate = vec![VERSION, KIND_UI_REPLY];
+        long_certificate.extend_from_slice(&0u64.to_be_bytes());
         long_certificate.extend_from_slice(&1u64.to_be_bytes());
         long_certificate.extend_from_slice(&u16::MAX.to_be_bytes());
         assert_eq!(

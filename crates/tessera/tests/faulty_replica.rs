@@ -103,6 +103,7 @@ fn random_bytes(rng: &mut StdRng, length: usize) -> Vec<u8> {
 
 fn bogus_ui(rng: &mut StdRng, counter: u64) -> Ui {
     Ui {
+        epoch: 0,
         counter,
         certificate: random_bytes(rng, 32),
     }
