@@ -100,6 +100,7 @@ fn garbage_from_a_byzantine_replica_neither_stops_progress_nor_changes_results()
             SeqNum(8),
             &bogus_state,
             View(0),
+            &[],
         ))
         .unwrap();
     broadcast_from(
@@ -110,6 +111,7 @@ fn garbage_from_a_byzantine_replica_neither_stops_progress_nor_changes_results()
             seq: SeqNum(8),
             state_digest: bogus_state,
             view: View(0),
+            epochs: Vec::new(),
             ui,
         }),
     );
@@ -171,6 +173,7 @@ fn garbage_from_a_byzantine_replica_neither_stops_progress_nor_changes_results()
         let fetch = Fetch {
             replica: ReplicaId(2),
             stream: ReplicaId(stream),
+            epoch: 0,
             from_counter,
             to_counter,
         };
@@ -179,10 +182,12 @@ fn garbage_from_a_byzantine_replica_neither_stops_progress_nor_changes_results()
     let heartbeat = Heartbeat {
         replica: ReplicaId(2),
         view: View(0),
+        epoch: 0,
         head_counter: u64::MAX,
         last_executed: SeqNum(u64::MAX),
         stable_checkpoint: SeqNum(u64::MAX),
         processed: Vec::new(),
+        epochs: Vec::new(),
     };
     broadcast_from(&mut cluster, 2, &ReplicaMessage::Heartbeat(heartbeat));
     let state_request = StateRequest {
@@ -424,10 +429,12 @@ fn one_replica_claiming_a_far_checkpoint_does_not_trigger_state_transfer() {
     let boast = ReplicaMessage::Heartbeat(tessera_types::Heartbeat {
         replica: ReplicaId(2),
         view: View(0),
+        epoch: 0,
         head_counter: 0,
         last_executed: SeqNum(1 << 40),
         stable_checkpoint: SeqNum(1 << 40),
         processed: Vec::new(),
+        epochs: Vec::new(),
     });
     for _ in 0..20 {
         cluster.inject(2, 0, boast.clone());
@@ -542,6 +549,7 @@ fn view_change_anchored_at_a_stale_checkpoint_cannot_hide_a_commit() {
             SeqNum(0),
             &genesis.state_digest,
             View(0),
+            &[],
         ))
         .unwrap();
     let stale = Checkpoint {
@@ -549,6 +557,7 @@ fn view_change_anchored_at_a_stale_checkpoint_cannot_hide_a_commit() {
         seq: SeqNum(0),
         state_digest: genesis.state_digest,
         view: View(0),
+        epochs: Vec::new(),
         ui: stale_ui,
     };
     let log = vec![tessera_types::LogEntry::Checkpoint(stale.clone())];
@@ -623,6 +632,7 @@ fn a_checkpoint_near_the_end_of_the_sequence_space_does_not_overflow() {
             seq,
             &digest,
             View(0),
+            &[],
         ))
         .unwrap();
     cluster.inject(
@@ -633,6 +643,7 @@ fn a_checkpoint_near_the_end_of_the_sequence_space_does_not_overflow() {
             seq,
             state_digest: digest,
             view: View(0),
+            epochs: Vec::new(),
             ui,
         }),
     );

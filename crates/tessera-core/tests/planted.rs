@@ -657,6 +657,7 @@ fn lone_bogus_checkpoint(planted: bool) -> Cluster {
             SeqNum(8),
             &bogus,
             View(0),
+            &[],
         ))
         .unwrap();
     let checkpoint = Checkpoint {
@@ -664,6 +665,7 @@ fn lone_bogus_checkpoint(planted: bool) -> Cluster {
         seq: SeqNum(8),
         state_digest: bogus,
         view: View(0),
+        epochs: Vec::new(),
         ui,
     };
     cluster.inject(2, 1, ReplicaMessage::Checkpoint(checkpoint));

@@ -108,10 +108,12 @@ fn backup_that_missed_a_dead_primarys_prepare_fetches_it_from_the_other_backup()
     let heartbeat = Heartbeat {
         replica: ReplicaId(0),
         view: View(0),
+        epoch: 0,
         head_counter: primary.usig_counter + 1,
         last_executed: primary.last_executed,
         stable_checkpoint: primary.stable_checkpoint,
         processed: vec![0; 3],
+        epochs: vec![0; 3],
     };
     cluster.inject(0, 1, ReplicaMessage::Heartbeat(heartbeat));
     cluster.deliver_all(1_000);

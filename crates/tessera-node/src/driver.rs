@@ -1066,6 +1066,7 @@ mod tests {
             seq: SeqNum(4),
             state_digest: Digest([1; 32]),
             view: View(0),
+            epochs: Vec::new(),
             ui: Ui {
                 epoch: 0,
                 counter: 7,
@@ -1088,10 +1089,12 @@ mod tests {
         assert!(!early(ReplicaMessage::Heartbeat(Heartbeat {
             replica: ReplicaId(1),
             view: View(0),
+            epoch: 0,
             head_counter: 9,
             last_executed: SeqNum(4),
             stable_checkpoint: SeqNum(0),
             processed: vec![1, 1, 1],
+            epochs: Vec::new(),
         })));
     }
 }
@@ -1139,10 +1142,12 @@ mod hold_tests {
         let heartbeat = ReplicaMessage::Heartbeat(Heartbeat {
             replica: ReplicaId(0),
             view: View(0),
+            epoch: 0,
             head_counter: now_ms,
             last_executed: SeqNum(now_ms),
             stable_checkpoint: SeqNum(0),
             processed: Vec::new(),
+            epochs: Vec::new(),
         });
         Written::Turn(Turn {
             records,

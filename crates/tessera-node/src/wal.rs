@@ -978,10 +978,12 @@ mod tests {
         let message = ReplicaMessage::Heartbeat(Heartbeat {
             replica: ReplicaId(2),
             view: View(1),
+            epoch: 0,
             head_counter: 7,
             last_executed: SeqNum(3),
             stable_checkpoint: SeqNum(0),
             processed: vec![1, 2, 3],
+            epochs: Vec::new(),
         });
         let pairs = [
             (

@@ -56,6 +56,9 @@ impl Usig for SharedUsig {
     fn create_ui(&mut self, message: &Digest) -> Result<Ui, UsigError> {
         self.lock().create_ui(message)
     }
+    fn start_epoch(&mut self) -> Result<u64, UsigError> {
+        self.lock().start_epoch()
+    }
     fn verify_ui(&self, signer: ReplicaId, message: &Digest, ui: &Ui) -> Result<(), UsigError> {
         self.lock().verify_ui(signer, message, ui)
     }
@@ -321,7 +324,7 @@ impl Adversary {
                     summary.partitions[index] = random_digest(rng);
                 } else {
                     let limit = tessera_types::limits::MAX_FRAME_BYTES;
-                    let Ok((clock_ms, mut clients)) =
+                    let Ok((clock_ms, mut clients, epochs)) =
                         tessera_types::decode::<ClientSnapshot>(&summary.clients, limit)
                     else {
                         return None;
@@ -332,7 +335,7 @@ impl Adversary {
                         .max_by_key(|(_, (_, entry))| entry.seq)
                         .map(|(index, _)| index)?;
                     clients.remove(newest);
-                    summary.clients = tessera_types::encoding::encode(&(clock_ms, clients));
+                    summary.clients = tessera_types::encoding::encode(&(clock_ms, clients, epochs));
                 }
             }
             ReplicaMessage::PartitionReply(reply) => {

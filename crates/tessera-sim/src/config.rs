@@ -150,7 +150,7 @@ impl Default for SimConfig {
             corrupt_replies: false,
             crash_per_mille: 250,
             crash_stop_per_mille: 400,
-            amnesia_per_mille: 400,
+            amnesia_per_mille: 700,
             rogue_client: true,
             transfer_strategy_from_seed: true,
             #[cfg(feature = "planted-bugs")]

@@ -182,8 +182,20 @@ fn print_report(report: &Report, trace: bool) {
         faults.mutation_rounds,
         faults.network_rounds,
         faults.crash,
-        if faults.crash_stop { " for good" } else { "" }
+        if faults.crash_stop {
+            " for good"
+        } else if faults.amnesia {
+            " without its log (new USIG epoch)"
+        } else {
+            ""
+        }
     );
+    if let Some((node, at_ms)) = faults.byzantine_epoch {
+        println!(
+            "  node {node} (Byzantine) starts a new USIG epoch at {at_ms} ms ({} started)",
+            stats.byzantine_epochs
+        );
+    }
     println!("  state transfer: {}", report.transfer_strategy);
     println!("  adversary: {:?}", report.adversary);
     for (index, node) in report.replicas.iter().enumerate() {

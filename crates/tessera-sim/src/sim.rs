@@ -16,8 +16,8 @@ use crate::adversary::{draw_round, round_of, Adversary, AdversaryStats, Round, S
 use crate::check::{Checker, Violation};
 use crate::config::SimConfig;
 use crate::rng::{
-    SimRng, STREAM_ADVERSARY, STREAM_AMNESIA, STREAM_CLOCK, STREAM_CRASH_STOP, STREAM_FAULTS, STREAM_NETWORK,
-    STREAM_ROGUE, STREAM_WORKLOAD,
+    SimRng, STREAM_ADVERSARY, STREAM_AMNESIA, STREAM_CLOCK, STREAM_CRASH_STOP, STREAM_FAULTS,
+    STREAM_NETWORK, STREAM_ROGUE, STREAM_WORKLOAD,
 };
 use crate::workload::{random_command, Client, Operation, CLIENT_CREDENTIAL};
 
@@ -66,6 +66,7 @@ fn message_kind(message: &ReplicaMessage) -> &'static str {
         ReplicaMessage::PartitionRequest(_) => "PARTITION-REQUEST",
         ReplicaMessage::PartitionReply(_) => "PARTITION-REPLY",
         ReplicaMessage::FetchNewView { .. } => "FETCH-NEW-VIEW",
+        ReplicaMessage::EpochStart(_) => "EPOCH-START",
     }
 }
 
@@ -181,6 +182,9 @@ enum Event {
     Crash { node: usize },
     /// A crashed node restarts with its durable state.
     Restart { node: usize },
+    /// A Byzantine node moves its USIG to a new epoch and asks the group to install it, while
+    /// the adversary keeps the old epoch's messages to replay.
+    ByzantineEpoch { node: usize },
     /// The rogue client does something malformed.
     Rogue,
     /// Faults stop: the network becomes reliable and the adversary behaves.
@@ -242,6 +246,8 @@ pub struct Stats {
     pub snapshot_restores: u64,
     /// Restarts without the log: empty, in a new USIG epoch.
     pub amnesia_restarts: u64,
+    /// New USIG epochs started by Byzantine nodes.
+    pub byzantine_epochs: u64,
     /// Malformed, forged or duplicate requests the rogue client sent.
     pub rogue_requests: u64,
     /// Client retransmissions.
@@ -273,6 +279,8 @@ pub struct FaultPlan {
     pub crash_stop: bool,
     /// The crashed node restarts without its log (only a correct one).
     pub amnesia: bool,
+    /// When a Byzantine node starts a new USIG epoch (grid settings only).
+    pub byzantine_epoch: Option<(usize, u64)>,
 }
 
 /// One node as it stood at the end of a run.
@@ -388,9 +396,30 @@ impl Simulation {
         faults.crash_stop = faults.crash.is_some()
             && faults.byzantine.is_empty()
             && SimRng::new(seed, STREAM_CRASH_STOP).chance(config.crash_stop_per_mille);
-        faults.amnesia = faults.crash.is_some_and(|(node, _, _)| {
-            !faults.crash_stop && !faults.byzantine.contains(&(node as u32))
-        }) && SimRng::new(seed, STREAM_AMNESIA).chance(config.amnesia_per_mille);
+        // A replica restarting without its log is out of view changes until the checkpoint
+        // after its INSTALL: the group stays live only if the other faulty replicas leave a
+        // quorum of correct, settled ones (n ≥ 2f + 2k + 1 with k = 1, docs/PROTOCOL.md §2, §8).
+        // Drawn from their own stream, so that adding them changed no other draw.
+        let mut amnesia_rng = SimRng::new(seed, STREAM_AMNESIA);
+        let within_budget = faults.byzantine.len() < config.protocol.f as usize;
+        if within_budget && amnesia_rng.chance(config.amnesia_per_mille) {
+            if faults.crash.is_none() {
+                let node = amnesia_rng.below(u64::from(n)) as usize;
+                let latest_restart_ms = config.fault_phase_ms.saturating_sub(1).max(2);
+                let crash_ms = amnesia_rng.between(1, latest_restart_ms * 7 / 10 + 1);
+                let restart_ms = (crash_ms + amnesia_rng.between(200, 1_500))
+                    .min(latest_restart_ms)
+                    .max(crash_ms + 1);
+                faults.crash = Some((node, crash_ms, restart_ms));
+            }
+            faults.amnesia = !faults.crash_stop;
+        }
+        if let Some(&byzantine) = faults.byzantine.first() {
+            if amnesia_rng.chance(config.amnesia_per_mille) {
+                let at_ms = amnesia_rng.between(1, config.fault_phase_ms.max(2));
+                faults.byzantine_epoch = Some((byzantine as usize, at_ms));
+            }
+        }
 
         let usig_keys = usig_keys(n);
         let mut shared_usigs = BTreeMap::new();
@@ -493,6 +522,9 @@ impl Simulation {
         if simulation.config.random_network_faults {
             let first_change = simulation.partition_change_delay();
             simulation.schedule(first_change, Event::NetworkChange);
+        }
+        if let Some((node, at_ms)) = simulation.faults.byzantine_epoch {
+            simulation.schedule(at_ms, Event::ByzantineEpoch { node });
         }
         if let Some((node, crash_ms, restart_ms)) = simulation.faults.crash {
             simulation.schedule(crash_ms, Event::Crash { node });
@@ -702,6 +734,17 @@ impl Simulation {
                 self.nodes[node].crashed = true;
             }
             Event::Restart { node } => self.restart(node),
+            Event::ByzantineEpoch { node } => {
+                let wall_ms = self.wall_ms(node);
+                if self.nodes[node]
+                    .replica
+                    .start_epoch(self.now_ms, wall_ms)
+                    .is_ok()
+                {
+                    self.stats.byzantine_epochs += 1;
+                }
+                self.after_replica_step(node);
+            }
             Event::Rogue => self.rogue_act(),
             Event::Heal => {
                 self.healed = true;
@@ -774,6 +817,9 @@ impl Simulation {
             Event::Rogue => {
                 hash.u64(12);
             }
+            Event::ByzantineEpoch { node } => {
+                hash.u64(13).u64(*node as u64);
+            }
         }
     }
 
@@ -815,6 +861,9 @@ impl Simulation {
             Event::LinkHeal { a, b } => format!("swizzle: link r{a}-r{b} healed"),
             Event::Crash { node } => format!("{} crashes", self.node_name(*node)),
             Event::Restart { node } => format!("{} restarts", self.node_name(*node)),
+            Event::ByzantineEpoch { node } => {
+                format!("{} starts a new USIG epoch", self.node_name(*node))
+            }
             Event::Rogue => "rogue client acts".to_string(),
             Event::Heal => "heal: network reliable, adversary quiet from now on".to_string(),
         };
@@ -1534,6 +1583,7 @@ fn draw_faults(config: &SimConfig, rng: &mut SimRng) -> FaultPlan {
         crash,
         crash_stop: false,
         amnesia: false,
+        byzantine_epoch: None,
     }
 }
 

@@ -258,6 +258,7 @@ fn authentic_attacks(rng: &mut StdRng, sender: &PeerSender, captured: &Captured,
         let fetch = Fetch {
             replica: FAULTY,
             stream: ReplicaId(stream),
+            epoch: 0,
             from_counter,
             to_counter,
         };
@@ -283,10 +284,12 @@ fn authentic_attacks(rng: &mut StdRng, sender: &PeerSender, captured: &Captured,
         &ReplicaMessage::Heartbeat(Heartbeat {
             replica: FAULTY,
             view: View(0),
+            epoch: 0,
             head_counter: 1 << 40,
             last_executed: SeqNum(1 << 40),
             stable_checkpoint: SeqNum(1 << 40),
             processed: Vec::new(),
+            epochs: Vec::new(),
         }),
     );
 }

@@ -195,8 +195,7 @@ impl ClientTable {
         table.clock_ms = clock_ms;
         let mut previous: Option<ReplicaId> = None;
         for install in epochs {
-            if previous.is_some_and(|previous| previous >= install.replica) || install.epoch == 0
-            {
+            if previous.is_some_and(|previous| previous >= install.replica) || install.epoch == 0 {
                 return Err("epoch entries are not strictly ordered, or name epoch 0".into());
             }
             previous = Some(install.replica);

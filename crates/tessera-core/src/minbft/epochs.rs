@@ -10,8 +10,7 @@
 //! epoch could have made a correct replica accept lies below that.
 
 use tessera_types::{
-    epoch_start_certified_digest, EpochStart, LogEntry, ReplicaId, ReplicaMessage, Request,
-    SeqNum,
+    epoch_start_certified_digest, EpochStart, LogEntry, ReplicaId, ReplicaMessage, Request, SeqNum,
 };
 use tessera_usig::{Usig, UsigError};
 
@@ -30,7 +29,8 @@ pub fn install_entry(request: &Request, n: u32, usig: &dyn Usig) -> Option<Epoch
     if replica.0 >= n || !request.macs.is_empty() || request.signature != [0u8; 64] {
         return None;
     }
-    let start: EpochStart = tessera_types::decode(&request.operation, EPOCH_START_BYTES_MAX).ok()?;
+    let start: EpochStart =
+        tessera_types::decode(&request.operation, EPOCH_START_BYTES_MAX).ok()?;
     let canonical = tessera_types::encode(&start) == request.operation;
     let valid = canonical
         && start.replica == replica
@@ -238,5 +238,10 @@ impl<S: StateMachine> Replica<S> {
     /// This replica's current USIG epoch.
     pub fn epoch(&self) -> u64 {
         self.usig.identity().epoch
+    }
+
+    /// `replica`'s epoch as this replica's epoch table (replicated state) records it.
+    pub fn installed_epoch(&self, replica: ReplicaId) -> tessera_types::EpochInstall {
+        self.clients.epoch_of(replica)
     }
 }

@@ -51,9 +51,8 @@ use tessera_types::{
     batch_digest, checkpoint_certified_digest, commit_certified_digest, new_view_certified_digest,
     prepare_certified_digest, view_change_certified_digest, Checkpoint, CheckpointCertificate,
     ClientId, Commit, ConfigError, EpochInstall, EpochStart, Fetch, Heartbeat, LogEntry, NewView,
-    Prepare, PrepareHeader,
-    ProtocolConfig, ReplicaId, ReplicaMessage, Reply, ReqViewChange, Request, SeqNum, StateMachine,
-    Ui, View, ViewChange,
+    Prepare, PrepareHeader, ProtocolConfig, ReplicaId, ReplicaMessage, Reply, ReqViewChange,
+    Request, SeqNum, StateMachine, Ui, View, ViewChange,
 };
 use tessera_usig::Usig;
 
@@ -721,11 +720,15 @@ impl<S: StateMachine> Replica<S> {
             .usig
             .create_ui(digest)
             .expect("the USIG must be able to certify messages (see docs/OPERATIONS.md)");
+        let last = self
+            .own_log
+            .back()
+            .map_or((ui.epoch, 0), |entry| (entry.ui().epoch, entry.ui().counter));
         assert!(
-            ui.counter > self.head_counter(),
-            "a USIG never returns a counter value twice"
+            (ui.epoch, ui.counter) > last,
+            "a USIG never returns an (epoch, counter) twice"
         );
-        if ui.counter != self.head_counter() + 1 {
+        if (ui.epoch, ui.counter) != (last.0, last.1 + 1) {
             // Something else used this replica's USIG since its last message: only possible if
             // the host is compromised (the simulator's Twins and adversary do exactly that) or
             // after a restart with a durable counter. Peers see a gap in this stream that no one
@@ -736,7 +739,10 @@ impl<S: StateMachine> Replica<S> {
     }
 
     fn append_own(&mut self, entry: LogEntry, message: ReplicaMessage) {
-        debug_assert!(entry.ui().counter > self.head_counter());
+        debug_assert!(
+            entry.ui().epoch > self.own_log.back().map_or(0, |last| last.ui().epoch)
+                || entry.ui().counter > self.head_counter()
+        );
         let entry_counter = entry.ui().counter;
         self.own_log.push_back(entry);
         self.retransmit.insert(entry_counter, message);
@@ -783,6 +789,7 @@ impl<S: StateMachine> Replica<S> {
             genesis_digest: self.genesis_digest,
             batch_requests_max: self.config.batch_requests_max,
             log_size: self.config.log_size,
+            checkpoint_interval: self.config.checkpoint_interval,
             anchors: self,
             #[cfg(feature = "planted-bugs")]
             planted: self.planted,
@@ -1594,6 +1601,14 @@ impl<S: StateMachine> Replica<S> {
             self.reject("checkpoint-out-of-order");
             return;
         }
+        if checkpoint.view < stream.view {
+            // (rule) A correct replica's views only grow, and its CHECKPOINT carries its current
+            // one. A CHECKPOINT claiming an older view would, as a state transfer's resume
+            // point, make a peer take the sender's COMMITs for a view it has left (review
+            // 2026-11-27).
+            self.reject("checkpoint-view-regressed");
+            return;
+        }
         stream.last_checkpoint = checkpoint.seq;
         stream.view = stream.view.max(checkpoint.view);
         stream.latest_checkpoint_message = Some(checkpoint.clone());
@@ -1955,16 +1970,41 @@ impl<S: StateMachine> Replica<S> {
         if pool.len() < view_changes_needed || !pool.contains_key(&self.id) {
             return;
         }
+        let pool = pool.clone();
         // Own VIEW-CHANGE plus the lowest-numbered others: deterministic and always includes
-        // this replica's own history.
-        let mut chosen: Vec<Arc<ViewChange>> = vec![pool[&self.id].clone()];
-        chosen.extend(
-            pool.iter()
-                .filter(|(sender, _)| **sender != self.id)
-                .map(|(_, view_change)| view_change.clone())
-                .take(view_changes_needed - 1),
-        );
-        chosen.sort_by_key(|view_change| view_change.replica);
+        // this replica's own history. A VIEW-CHANGE that does not fit the epoch table the new
+        // view would start from is left out, and the choice made again without it
+        // (docs/PROTOCOL.md §8).
+        let mut excluded: BTreeSet<ReplicaId> = BTreeSet::new();
+        let chosen = loop {
+            let mut chosen: Vec<Arc<ViewChange>> = vec![pool[&self.id].clone()];
+            chosen.extend(
+                pool.iter()
+                    .filter(|(sender, _)| **sender != self.id && !excluded.contains(sender))
+                    .map(|(_, view_change)| view_change.clone())
+                    .take(view_changes_needed - 1),
+            );
+            if chosen.len() < view_changes_needed {
+                return;
+            }
+            chosen.sort_by_key(|view_change| view_change.replica);
+            let refs: Vec<&ViewChange> = chosen.iter().map(|vc| vc.as_ref()).collect();
+            let verifier = self.verifier();
+            let plan = verifier.compute_plan(&refs);
+            let misfits = verifier.epoch_misfits(&plan, &refs);
+            if misfits.is_empty() {
+                break chosen;
+            }
+            if misfits.iter().any(|(sender, _)| *sender == self.id) {
+                // This replica cannot lead this view: its own history does not count yet.
+                self.reject("own-view-change-epoch-misfit");
+                return;
+            }
+            for (_, reason) in &misfits {
+                self.reject(reason);
+            }
+            excluded.extend(misfits.iter().map(|(sender, _)| *sender));
+        };
         let payload = tessera_types::new_view_payload_digest(&chosen);
         let ui = self.certify(&new_view_certified_digest(self.id, self.view, &payload));
         let new_view = Arc::new(NewView {
@@ -2465,9 +2505,10 @@ impl<S: StateMachine> AnchorOracle for Replica<S> {
         }
         if epoch < stream.epoch {
             // An older epoch of the sender, quoted in an old NEW-VIEW. Whatever an older epoch
-            // could make a correct replica accept lies below the INSTALL plus L
-            // (docs/PROTOCOL.md §8), so past that the anchor is forgotten in the sense of §5.
-            if self.stable.seq.0 >= stream.epoch_installed_at.0 + self.config.log_size {
+            // could make a correct replica accept lies at or below the first checkpoint after
+            // its INSTALL (docs/PROTOCOL.md §8), so past that the anchor is forgotten (§5).
+            let cp = self.cp();
+            if self.stable.seq.0 >= stream.epoch_installed_at.0.div_ceil(cp) * cp {
                 return AnchorCheck::Forgotten;
             }
             return match &stream.retired {

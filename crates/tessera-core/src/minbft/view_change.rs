@@ -90,10 +90,10 @@ pub type Reject = &'static str;
 /// quotes a quorum of VIEW-CHANGEs, each quoting the earlier NEW-VIEWs again). The UIs cover no
 /// justification, so stripping leaves every signature intact.
 pub fn justification_pool(new_views: impl IntoIterator<Item = Arc<NewView>>) -> Vec<Arc<NewView>> {
-    let mut pool: BTreeMap<(View, u64), Arc<NewView>> = BTreeMap::new();
+    let mut pool: BTreeMap<(View, u64, u64), Arc<NewView>> = BTreeMap::new();
     let mut pending: Vec<Arc<NewView>> = new_views.into_iter().collect();
     while let Some(new_view) = pending.pop() {
-        let key = (new_view.view, new_view.ui.counter);
+        let key = (new_view.view, new_view.ui.epoch, new_view.ui.counter);
         if pool.contains_key(&key) {
             continue;
         }
@@ -170,6 +170,9 @@ pub struct Verifier<'a> {
     pub batch_requests_max: usize,
     /// The log size `L`: how far past its stable checkpoint a correct replica ever speaks.
     pub log_size: u64,
+    /// The checkpoint interval: a correct replica agrees on nothing beyond the next multiple of
+    /// it after what it executed (the barrier, docs/PROTOCOL.md §5).
+    pub checkpoint_interval: u64,
     /// This replica's knowledge of anchors.
     pub anchors: &'a dyn AnchorOracle,
     /// Bugs planted in this replica (tests of the simulator's checkers only).
@@ -180,7 +183,7 @@ pub struct Verifier<'a> {
 /// Memoized NEW-VIEW checks within one top-level check (a NEW-VIEW may justify many entries).
 #[derive(Default)]
 pub struct Memo {
-    new_views: HashMap<(View, u64, Digest), Result<Arc<NewViewPlan>, Reject>>,
+    new_views: HashMap<(View, u64, u64, Digest), Result<Arc<NewViewPlan>, Reject>>,
 }
 
 /// A PREPARE candidate for a sequence number, from some replica's log.
@@ -303,7 +306,6 @@ impl<'a> Verifier<'a> {
         self.verify_ui(sender, &certified, &view_change.ui)
             .map_err(|_| "view-change-ui")?;
         self.check_checkpoint_certificate(&view_change.checkpoint)?;
-        self.check_epoch_settled(view_change)?;
         self.check_log_shape(view_change)?;
         // The justifications this log draws on: its own and the quoting message's.
         let combined: Vec<Arc<NewView>>;
@@ -443,6 +445,7 @@ impl<'a> Verifier<'a> {
     ) -> Result<Arc<NewViewPlan>, Reject> {
         let key = (
             new_view.view,
+            new_view.ui.epoch,
             new_view.ui.counter,
             new_view.payload_digest(),
         );
@@ -450,7 +453,7 @@ impl<'a> Verifier<'a> {
             return result.clone();
         }
         let result = self
-            .check_new_view_uncached(new_view, &key.2, pool, memo)
+            .check_new_view_uncached(new_view, &key.3, pool, memo)
             .map(Arc::new);
         memo.new_views.insert(key, result.clone());
         result
@@ -490,7 +493,78 @@ impl<'a> Verifier<'a> {
         }
         let view_changes: Vec<&ViewChange> =
             new_view.view_changes.iter().map(|vc| vc.as_ref()).collect();
-        Ok(self.compute_plan(&view_changes))
+        let plan = self.compute_plan(&view_changes);
+        let misfits = self.epoch_misfits(&plan, &view_changes);
+        if let Some((_, reason)) = misfits.first() {
+            return Err(*reason);
+        }
+        Ok(plan)
+    }
+
+    /// The epoch table the new view starts from: the certificate's table, then every INSTALL
+    /// entry of the plan in sequence order.
+    pub fn plan_epochs(&self, plan: &NewViewPlan) -> BTreeMap<ReplicaId, EpochInstall> {
+        let mut table: BTreeMap<ReplicaId, EpochInstall> = plan
+            .checkpoint
+            .checkpoints
+            .first()
+            .map(|checkpoint| checkpoint.epochs.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|install| (install.replica, *install))
+            .collect();
+        for entry in &plan.entries {
+            for request in entry.batch.iter() {
+                let Some(start) = super::install_entry(request, self.n, self.usig) else {
+                    continue;
+                };
+                let current = table.get(&start.replica).map_or(0, |install| install.epoch);
+                if start.epoch > current {
+                    table.insert(
+                        start.replica,
+                        EpochInstall {
+                            replica: start.replica,
+                            epoch: start.epoch,
+                            installed_at: entry.seq,
+                        },
+                    );
+                }
+            }
+        }
+        table
+    }
+
+    /// (rule) The VIEW-CHANGEs of a NEW-VIEW that do not fit the epoch table the new view
+    /// starts from ([`Verifier::plan_epochs`]), with the reason: each must be in its sender's
+    /// epoch there, and a later epoch counts only once the plan's checkpoint reaches the first
+    /// checkpoint at or after its INSTALL. Whatever a sender's older epoch made a correct
+    /// replica accept lies at or below that checkpoint (the barrier), so a log that cannot show
+    /// those messages hides nothing; and a VIEW-CHANGE certified in an epoch the group has
+    /// since left cannot speak for its sender (docs/PROTOCOL.md §8).
+    pub fn epoch_misfits(
+        &self,
+        plan: &NewViewPlan,
+        view_changes: &[&ViewChange],
+    ) -> Vec<(ReplicaId, Reject)> {
+        let table = self.plan_epochs(plan);
+        let cp = self.checkpoint_interval.max(1);
+        view_changes
+            .iter()
+            .filter_map(|view_change| {
+                let (epoch, installed_at) = table
+                    .get(&view_change.replica)
+                    .map_or((0, SeqNum(0)), |install| (install.epoch, install.installed_at));
+                let settled_at = installed_at.0.div_ceil(cp).saturating_mul(cp);
+                let reason = if view_change.ui.epoch != epoch {
+                    "new-view-epoch-mismatch"
+                } else if epoch > 0 && plan.checkpoint.seq.0 < settled_at {
+                    "new-view-epoch-too-recent"
+                } else {
+                    return None;
+                };
+                Some((view_change.replica, reason))
+            })
+            .collect()
     }
 
     /// Computes `S` from a quorum of already-checked VIEW-CHANGE messages: start from the most
@@ -606,32 +680,4 @@ impl<'a> Verifier<'a> {
         Ok(())
     }
 
-    /// (rule) A VIEW-CHANGE counts only in the epoch its own certificate's table holds for its
-    /// sender, and for a later epoch only once that certificate is `L` past the epoch's
-    /// INSTALL: by then everything the sender's older epochs could have made a correct replica
-    /// accept lies inside every checkpoint a NEW-VIEW can start from, so a log that cannot show
-    /// those messages hides nothing (docs/PROTOCOL.md §8).
-    fn check_epoch_settled(&self, view_change: &ViewChange) -> Result<(), Reject> {
-        let installed = view_change
-            .checkpoint
-            .checkpoints
-            .first()
-            .and_then(|checkpoint| {
-                checkpoint
-                    .epochs
-                    .iter()
-                    .find(|install| install.replica == view_change.replica)
-            })
-            .map(|install| (install.epoch, install.installed_at))
-            .unwrap_or((0, SeqNum(0)));
-        if view_change.ui.epoch != installed.0 {
-            return Err("view-change-epoch-not-installed");
-        }
-        let settled = installed.0 == 0
-            || view_change.checkpoint.seq.0 >= installed.1 .0.saturating_add(self.log_size);
-        if !settled {
-            return Err("view-change-epoch-too-recent");
-        }
-        Ok(())
-    }
 }

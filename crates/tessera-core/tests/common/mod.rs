@@ -296,6 +296,43 @@ impl Cluster {
         self.crashed[index as usize] = true;
     }
 
+    /// Replica `index` restarts without its log: a new, empty core whose USIG moves on to the
+    /// next epoch (docs/PROTOCOL.md §8). Returns the new epoch.
+    pub fn restart_without_log(&mut self, index: u32) -> u64 {
+        let i = index as usize;
+        let n = self.config.n;
+        let keys: Vec<[u8; 32]> = (0..n).map(|index| [index as u8 + 1; 32]).collect();
+        let usig = HmacUsig::new(
+            UsigIdentity {
+                replica: ReplicaId(index),
+                epoch: self.replicas[i].epoch(),
+            },
+            keys,
+        );
+        let authenticator = TestAuthenticator {
+            key: client_key().verifying_key(),
+        };
+        self.replicas[i] = Replica::new(
+            ReplicaId(index),
+            self.config.clone(),
+            Box::new(usig),
+            Box::new(authenticator),
+            KvStore::default(),
+        )
+        .expect("valid config");
+        self.crashed[i] = false;
+        self.timers[i].clear();
+        self.history[i].clear();
+        let wall_ms = self.wall_ms(i);
+        self.replicas[i].start(self.now_ms, wall_ms);
+        self.collect(i);
+        let epoch = self.replicas[i]
+            .start_epoch(self.now_ms, wall_ms)
+            .expect("the in-process USIG starts epochs");
+        self.collect(i);
+        epoch
+    }
+
     pub fn live(&self) -> impl Iterator<Item = &Replica<KvStore>> {
         self.replicas
             .iter()
