@@ -56,6 +56,9 @@ impl Usig for SharedUsig {
     fn create_ui(&mut self, message: &Digest) -> Result<Ui, UsigError> {
         self.lock().create_ui(message)
     }
+    fn start_epoch(&mut self) -> Result<u64, UsigError> {
+        self.lock().start_epoch()
+    }
     fn verify_ui(&self, signer: ReplicaId, message: &Digest, ui: &Ui) -> Result<(), UsigError> {
         self.lock().verify_ui(signer, message, ui)
     }
