@@ -438,6 +438,17 @@ impl Usig for MeteredUsig {
         result
     }
 
+    fn start_epoch(&mut self) -> Result<u64, UsigError> {
+        let result = self.inner.start_epoch();
+        if result.is_err() {
+            self.metrics
+                .usig_failures
+                .get_or_create(&[("operation", "start_epoch")])
+                .inc();
+        }
+        result
+    }
+
     fn verify_ui(&self, signer: ReplicaId, message: &Digest, ui: &Ui) -> Result<(), UsigError> {
         let started = Instant::now();
         let result = self.inner.verify_ui(signer, message, ui);

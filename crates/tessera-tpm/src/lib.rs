@@ -6,9 +6,11 @@
 //! wrappers) and avoid a connection per command: about 1 ms per `create_ui` on swtpm
 //! (shared/notes/tpm-usig.md).
 //!
-//! Known limitation: the TPM counter can jump (a retried, interrupted audit chain; an orderly
-//! counter after an unclean stop on a real chip). The protocol core does not yet accept such
-//! gaps, nor restarted replicas; both are the core's to handle.
+//! The TPM counter can jump (a retried, interrupted audit chain; swtpm killed -9; an orderly
+//! counter after an unclean stop on a real chip). [`TpmUsig::pending_gap`] reports such a jump
+//! before it shows up as skipped UI counters, and `start_epoch` moves to a new epoch that counts
+//! from 1 again (module [`usig`] argues why that never certifies one (epoch, counter) twice).
+//! Which epoch a peer accepts from whom is the protocol core's to decide.
 
 #![forbid(unsafe_code)]
 

@@ -8,6 +8,34 @@
 //! Each failed attempt has already advanced the TPM counter, so the next UI's counter jumps:
 //! a gap the protocol must accept (see the crate docs).
 //!
+//! Epochs: UI `(epoch, counter)` is raw NV counter value `counter_base + epoch + counter`
+//! ([`tessera_usig::tpm::raw_counter`]). [`Usig::start_epoch`] does one `NV_Increment` (so the
+//! new epoch is strictly greater even if no UI was issued since the last switch), reads the
+//! counter `R`, and sets `epoch = R - counter_base`: the new epoch's UI `k` is raw `R + k`.
+//! Why this is safe:
+//! - No (epoch, counter) pair can get two valid certificates. A valid certificate for
+//!   `(e, k)` proves an exclusive audit chain `[NV_Increment, NV_Read → counter_base + e + k]`,
+//!   and the TPM's counter produces each raw value by exactly one increment, whose exclusive
+//!   chain is signed at most once with exclusiveSession = YES. So each raw value backs at most
+//!   one certificate, and two certificates for one pair would need the same raw value. This
+//!   holds whatever the host does: it is the TPM's guarantee, not this code's.
+//! - Epochs strictly increase. `R` comes after an increment, so `R` is above every raw value
+//!   the TPM ever produced for this index, including every UI of every earlier epoch (of this
+//!   instance or of an earlier process of this replica); hence `R - counter_base` is above
+//!   every earlier epoch `e` (whose UIs had raw values `> counter_base + e`). The TPM counter
+//!   only goes forward, including the jump an swtpm kill -9 can cause, which only makes `R`
+//!   larger.
+//! - Every UI of the new epoch has a raw value above `R`, so none of them can be confused with
+//!   one made before the switch. What the TPM cannot stop is a compromised host certifying a
+//!   *later* raw value under an older epoch's qualifying data: that gives a pair of the old
+//!   epoch with a counter far beyond anything issued in it (never a repeated pair). Closing old
+//!   epochs at an agreed point is therefore the protocol core's job; this code never does it.
+//!
+//! When the TPM counter has moved past this instance's expected value (swtpm was killed -9 and
+//! its counter jumped, or the replica restarted while its TPM kept counting), the next UI of the
+//! current epoch would skip counter values. [`TpmUsig::pending_gap`] reports that, and
+//! [`Usig::start_epoch`] is the way out: the new epoch counts from 1 again.
+//!
 //! Verification is [`tessera_usig::TpmVerifier`], pure and outside the TPM.
 
 use crate::command::{rc, TpmError, TpmTarget};
@@ -94,6 +122,15 @@ impl TpmUsig {
     ) -> Result<TpmUsig, UsigError> {
         let verifier = TpmVerifier::new(identity, enrollments.clone())?;
         let own = enrollments[identity.replica.0 as usize];
+        // UI (epoch, k) is raw `counter_base + epoch + k`: before the first UI of the epoch the
+        // instance stands at `counter_base + epoch`.
+        let last_raw =
+            tessera_usig::tpm::raw_counter(&own, identity.epoch, 0).ok_or_else(|| {
+                UsigError::Unavailable(format!(
+                    "epoch {} is beyond the TPM counter's range for base {}",
+                    identity.epoch, own.counter_base
+                ))
+            })?;
         Ok(TpmUsig {
             identity,
             location,
@@ -101,7 +138,7 @@ impl TpmUsig {
             verifier,
             tpm: None,
             session: None,
-            last_raw: own.counter_base,
+            last_raw,
             interference: 0,
         })
     }
@@ -220,11 +257,44 @@ impl TpmUsig {
             ))));
         }
         self.last_raw = raw;
-        let counter = raw - self.own.counter_base;
+        let counter = self.counter_of(raw);
         Ok(Ui {
             epoch: self.identity.epoch,
             counter,
             certificate: encode_certificate(&signed.attest, &signed.r, &signed.s),
+        })
+    }
+
+    /// The UI counter of raw value `raw` in the current epoch. Callers only pass values at or
+    /// above `last_raw`, which starts at `counter_base + epoch`, so this never underflows.
+    fn counter_of(&self, raw: u64) -> u64 {
+        raw - self.own.counter_base - self.identity.epoch
+    }
+
+    /// How many counter values the next UI of the current epoch would skip: the TPM counter's
+    /// distance past this instance's last UI (0 when they agree). Non-zero after swtpm was
+    /// killed -9 (its counter can jump) or when a restarted replica's TPM kept counting; call
+    /// [`Usig::start_epoch`] to continue from counter 1 in a new epoch instead of leaving a
+    /// gap. Reads the counter outside the audit session.
+    pub fn pending_gap(&mut self) -> Result<u64, UsigError> {
+        self.ensure_session()?;
+        let index = self.own.nv_index;
+        let Some(tpm) = self.tpm.as_mut() else {
+            return Err(self.unavailable("not connected"));
+        };
+        let read = tpm.nv_read_counter(index, None);
+        let raw = match read {
+            Ok(raw) => raw,
+            Err(error) => {
+                self.drop_connection_on_io(&error);
+                return Err(self.unavailable(error));
+            }
+        };
+        raw.checked_sub(self.last_raw).ok_or_else(|| {
+            self.unavailable(format!(
+                "counter reads {raw}, below this instance's last value {} (wrong TPM or index?)",
+                self.last_raw
+            ))
         })
     }
 
@@ -245,7 +315,7 @@ impl TpmUsig {
             .map_err(|error| UsigError::Unavailable(error.to_string()))?;
         Ok(Ui {
             epoch: self.identity.epoch,
-            counter: self.last_raw - self.own.counter_base,
+            counter: self.counter_of(self.last_raw),
             certificate: encode_certificate(&signed.attest, &signed.r, &signed.s),
         })
     }
@@ -264,7 +334,7 @@ impl TpmUsig {
             .map_err(|error| UsigError::Unavailable(error.to_string()))?;
         Ok(Ui {
             epoch: self.identity.epoch,
-            counter: self.last_raw - self.own.counter_base,
+            counter: self.counter_of(self.last_raw),
             certificate: encode_certificate(&signed.attest, &signed.r, &signed.s),
         })
     }
@@ -276,7 +346,8 @@ impl TpmUsig {
         self.interference = attempts;
     }
 
-    /// The raw TPM counter value of the last UI (the enrolled base before the first).
+    /// The raw TPM counter value this instance last used: its last UI's, or the value read by
+    /// the last `start_epoch`, or `counter_base + epoch` before either.
     pub fn last_raw_counter(&self) -> u64 {
         self.last_raw
     }
@@ -320,6 +391,47 @@ impl Usig for TpmUsig {
              {last_reason}); find the process using this TPM and stop it, or give the USIG a \
              TPM of its own"
         )))
+    }
+
+    /// See the module docs for why the epoch this returns is above every earlier one and why
+    /// no (epoch, counter) pair can be certified twice.
+    fn start_epoch(&mut self) -> Result<u64, UsigError> {
+        self.ensure_session()?;
+        let index = self.own.nv_index;
+        let Some(tpm) = self.tpm.as_mut() else {
+            return Err(self.unavailable("not connected"));
+        };
+        // Not audited: nothing is certified here. The increment burns a value so that the new
+        // epoch is above the current one even if no UI was issued in it.
+        let outcome = tpm
+            .nv_increment(index, None)
+            .and_then(|()| tpm.nv_read_counter(index, None));
+        let raw = match outcome {
+            Ok(raw) => raw,
+            Err(error) => {
+                self.drop_connection_on_io(&error);
+                return Err(self.unavailable(error));
+            }
+        };
+        if raw <= self.last_raw {
+            return Err(self.unavailable(format!(
+                "counter read {raw} after an increment, not above the last value {} (wrong TPM \
+                 or index?)",
+                self.last_raw
+            )));
+        }
+        // raw > last_raw >= counter_base + epoch, so this is above the current epoch.
+        let epoch = raw - self.own.counter_base;
+        debug_assert!(epoch > self.identity.epoch, "epochs only increase");
+        tracing::info!(
+            epoch,
+            raw,
+            replica = self.identity.replica.0,
+            "TPM USIG started a new epoch"
+        );
+        self.identity.epoch = epoch;
+        self.last_raw = raw;
+        Ok(epoch)
     }
 
     fn verify_ui(&self, signer: ReplicaId, message: &Digest, ui: &Ui) -> Result<(), UsigError> {

@@ -1,6 +1,6 @@
 //! The TPM backend against swtpm processes started here: the shared conformance suite, the
 //! two ways to get a second valid UI for one counter value (both must fail to verify), and
-//! the counter across a graceful swtpm restart.
+//! the counter across a graceful swtpm restart, and epochs across an swtpm kill -9.
 //!
 //! Needs `swtpm` and `swtpm_ioctl` on PATH (.ci/run installs them).
 
@@ -105,6 +105,15 @@ impl Usig for Fresh {
         registry.highest_raw[replica] =
             registry.highest_raw[replica].max(self.usig.last_raw_counter());
         Ok(ui)
+    }
+
+    fn start_epoch(&mut self) -> Result<u64, UsigError> {
+        let epoch = self.usig.start_epoch()?;
+        let replica = self.usig.identity().replica.0 as usize;
+        let mut registry = self.registry.lock().expect("lock");
+        registry.highest_raw[replica] =
+            registry.highest_raw[replica].max(self.usig.last_raw_counter());
+        Ok(epoch)
     }
 
     fn verify_ui(&self, signer: ReplicaId, message: &Digest, ui: &Ui) -> Result<(), UsigError> {
@@ -301,4 +310,89 @@ fn interrupted_chains_are_retried_a_bounded_number_of_times() {
         after.counter,
         ui.counter + u64::from(tessera_tpm::usig::ATTEMPTS_MAX) + 1
     );
+}
+
+/// The raw NV counter value a UI proves, recomputed from the enrolment (the verifier checks the
+/// session digest against exactly this value).
+fn raw(enrollment: &TpmEnrollment, ui: &Ui) -> u64 {
+    tessera_usig::tpm::raw_counter(enrollment, ui.epoch, ui.counter).expect("in range")
+}
+
+#[test]
+fn start_epoch_after_swtpm_kill_9_counts_from_1_above_every_earlier_raw_value() {
+    let (directory, swtpm, enrollment) = one_replica();
+    let port = swtpm.port();
+    let mut usig = solo(&swtpm, enrollment);
+    let mut earlier = Vec::new();
+    for index in 0..10u8 {
+        let message = Digest([index; 32]);
+        earlier.push((message, usig.create_ui(&message).expect("create")));
+    }
+    // An epoch switch before the kill too: epoch 0 to e1, a few UIs in e1.
+    let first_epoch = usig.start_epoch().expect("start epoch");
+    assert!(first_epoch > 0);
+    for index in 10..13u8 {
+        let message = Digest([index; 32]);
+        let ui = usig.create_ui(&message).expect("create");
+        assert_eq!(ui.epoch, first_epoch);
+        earlier.push((message, ui));
+    }
+    usig.disconnect();
+    drop(usig);
+    drop(swtpm); // SIGKILL
+    let swtpm = Swtpm::start(&directory.path().join("tpm"), port).expect("restart");
+    // The replica restarts too: a new instance in the last epoch it knows of.
+    let location = TpmLocation {
+        target: swtpm.target(),
+        ak_handle: DEFAULT_AK_HANDLE,
+    };
+    let restarted = UsigIdentity {
+        replica: ReplicaId(0),
+        epoch: first_epoch,
+    };
+    let mut usig = TpmUsig::new(restarted, location, vec![enrollment]).expect("enrolment");
+    usig.connect().expect("same TPM");
+    let gap = usig.pending_gap().expect("read the counter");
+    assert!(
+        gap >= 3,
+        "the TPM kept counting past the new instance's start ({gap})"
+    );
+    let epoch = usig.start_epoch().expect("start epoch after the kill");
+    assert!(
+        epoch > first_epoch,
+        "epoch went from {first_epoch} to {epoch}"
+    );
+    assert_eq!(usig.identity().epoch, epoch);
+    assert_eq!(usig.pending_gap().expect("read"), 0);
+    let highest_earlier = earlier
+        .iter()
+        .map(|(_, ui)| raw(&enrollment, ui))
+        .max()
+        .expect("some UIs");
+    let verifier = TpmVerifier::new(identity(1), vec![enrollment, enrollment]).expect("verifier");
+    let mut raws: std::collections::HashSet<u64> =
+        earlier.iter().map(|(_, ui)| raw(&enrollment, ui)).collect();
+    for (index, expected) in (20..25u8).zip(1u64..) {
+        let message = Digest([index; 32]);
+        let ui = usig.create_ui(&message).expect("create in the new epoch");
+        assert_eq!((ui.epoch, ui.counter), (epoch, expected));
+        let value = raw(&enrollment, &ui);
+        assert!(
+            value > highest_earlier,
+            "raw {value} not above {highest_earlier}"
+        );
+        assert!(raws.insert(value), "raw value {value} used twice");
+        assert_eq!(verifier.verify_ui(ReplicaId(0), &message, &ui), Ok(()));
+        // Moved back to the old epoch, the same certificate does not verify.
+        let moved = Ui {
+            epoch: first_epoch,
+            ..ui.clone()
+        };
+        assert!(verifier.verify_ui(ReplicaId(0), &message, &moved).is_err());
+    }
+    // The old epochs' UIs still verify as what they are.
+    for (message, ui) in &earlier {
+        assert_eq!(verifier.verify_ui(ReplicaId(0), message, ui), Ok(()));
+    }
+    drop(swtpm);
 }

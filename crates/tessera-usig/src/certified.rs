@@ -20,63 +20,28 @@ pub(crate) fn fields(identity: UsigIdentity, counter: u64, message: &Digest) -> 
     encoded
 }
 
-/// Expected epoch per signer, as the verifier currently believes it.
-///
-/// Starts at 0 for every peer and at the instance's own epoch for itself. Epochs only move
-/// forward: going back would make UIs from a retired USIG instance verify again.
-#[derive(Clone, Debug)]
-pub(crate) struct PeerEpochs {
-    epochs: Vec<u64>,
-}
-
-impl PeerEpochs {
-    pub(crate) fn new(replica_count: usize, own: UsigIdentity) -> PeerEpochs {
-        let mut epochs = vec![0; replica_count];
-        epochs[own.replica.0 as usize] = own.epoch;
-        PeerEpochs { epochs }
-    }
-
-    pub(crate) fn get(&self, replica: tessera_types::ReplicaId) -> Option<u64> {
-        self.epochs.get(replica.0 as usize).copied()
-    }
-
-    pub(crate) fn set(
-        &mut self,
-        replica: tessera_types::ReplicaId,
-        epoch: u64,
-    ) -> Result<(), crate::UsigError> {
-        let slot = self
-            .epochs
-            .get_mut(replica.0 as usize)
-            .ok_or(crate::UsigError::UnknownSigner(replica))?;
-        if epoch < *slot {
-            return Err(crate::UsigError::Invalid {
-                replica,
-                counter: 0,
-                reason: "peer epoch may not decrease (that would revive a retired USIG)",
-            });
-        }
-        *slot = epoch;
-        Ok(())
-    }
-}
-
 /// The next counter value after `last`, or `Exhausted`.
 pub(crate) fn next_counter(last: u64) -> Result<u64, crate::UsigError> {
     last.checked_add(1).ok_or(crate::UsigError::Exhausted)
 }
 
-/// Checks that need no cryptography, in the order a verifier must apply them; returns the
-/// epoch the signer's certificate must have been made in.
+/// The epoch after `epoch`, or `Exhausted`.
+pub(crate) fn next_epoch(epoch: u64) -> Result<u64, crate::UsigError> {
+    epoch.checked_add(1).ok_or(crate::UsigError::Exhausted)
+}
+
+/// Checks that need no cryptography, in the order a verifier must apply them. Any epoch is
+/// checked as what it claims to be: whether the signer may still speak in it is the protocol
+/// core's policy, not the USIG's.
 pub(crate) fn precheck(
-    epochs: &PeerEpochs,
+    replica_count: usize,
     signer: tessera_types::ReplicaId,
     ui: &tessera_types::Ui,
     certificate_len: usize,
-) -> Result<u64, crate::UsigError> {
-    let epoch = epochs
-        .get(signer)
-        .ok_or(crate::UsigError::UnknownSigner(signer))?;
+) -> Result<(), crate::UsigError> {
+    if signer.0 as usize >= replica_count {
+        return Err(crate::UsigError::UnknownSigner(signer));
+    }
     let invalid = |reason| crate::UsigError::Invalid {
         replica: signer,
         counter: ui.counter,
@@ -90,5 +55,5 @@ pub(crate) fn precheck(
             "certificate has the wrong length for this USIG backend",
         ));
     }
-    Ok(epoch)
+    Ok(())
 }

@@ -6,6 +6,10 @@
 //! factory share verification material. The wrong-key check also needs a *foreign* factory:
 //! the same cluster shape with different key material.
 //!
+//! The epoch checks call [`Usig::start_epoch`] on a factory's instance; a backend whose factory
+//! shares a counter between instances (a TPM) must give each call its own store or TPM, so one
+//! check's epoch switch does not leak into the next one.
+//!
 //! Each check is a function returning the first violation it finds; [`run_all`] runs them all
 //! and [`assert_conforms`] panics with every violation listed. A backend that panics instead of
 //! returning an error on bad input fails the check that fed it that input.
@@ -58,6 +62,16 @@ pub fn message(label: &str, index: u64) -> Digest {
     builder.finish()
 }
 
+fn start_epoch(check: &'static str, usig: &mut dyn Usig) -> Result<u64, ConformanceError> {
+    usig.start_epoch().map_err(|error| ConformanceError {
+        check,
+        detail: format!(
+            "start_epoch by {:?} failed: {error}",
+            usig.identity().replica
+        ),
+    })
+}
+
 fn create(
     check: &'static str,
     usig: &mut dyn Usig,
@@ -81,8 +95,10 @@ fn verify(
         ConformanceError {
             check,
             detail: format!(
-                "verify_ui panicked at {:?} (signer {signer:?}, counter {}, certificate {} bytes)",
+                "verify_ui panicked at {:?} (signer {signer:?}, epoch {}, counter {}, \
+                 certificate {} bytes)",
                 verifier.identity().replica,
+                ui.epoch,
                 ui.counter,
                 ui.certificate.len()
             ),
@@ -102,8 +118,9 @@ fn expect_accept(
         Err(error) => fail(
             check,
             format!(
-                "{:?} rejected a genuine UI from {signer:?} (counter {}): {error}",
+                "{:?} rejected a genuine UI from {signer:?} (epoch {}, counter {}): {error}",
                 verifier.identity().replica,
+                ui.epoch,
                 ui.counter
             ),
         ),
@@ -123,8 +140,9 @@ fn expect_reject(
         Ok(()) => fail(
             check,
             format!(
-                "{:?} accepted {what} (claimed signer {signer:?}, counter {})",
+                "{:?} accepted {what} (claimed signer {signer:?}, epoch {}, counter {})",
                 verifier.identity().replica,
+                ui.epoch,
                 ui.counter
             ),
         ),
@@ -368,6 +386,135 @@ pub fn check_rejects_malformed_certificate(factory: Factory) -> Outcome {
     expect_accept(CHECK, verifier.as_ref(), ReplicaId(0), &content, &ui)
 }
 
+/// The same certificate with its epoch changed (± 1, 0 after a switch, u64::MAX) does not
+/// verify: the certificate binds the epoch, so a UI cannot be moved to another epoch.
+pub fn check_rejects_wrong_epoch(factory: Factory) -> Outcome {
+    const CHECK: &str = "rejects wrong epoch";
+    let verifier = factory(ReplicaId(1));
+    let mut signer = factory(ReplicaId(0));
+    let content = message(CHECK, 0);
+    let first = create(CHECK, signer.as_mut(), &content)?;
+    start_epoch(CHECK, signer.as_mut())?;
+    let second = create(CHECK, signer.as_mut(), &content)?;
+    for ui in [&first, &second] {
+        expect_accept(CHECK, verifier.as_ref(), ReplicaId(0), &content, ui)?;
+        let mut epochs = vec![ui.epoch.wrapping_add(1), u64::MAX, 0];
+        if ui.epoch > 0 {
+            epochs.push(ui.epoch - 1);
+        }
+        for epoch in epochs.into_iter().filter(|epoch| *epoch != ui.epoch) {
+            let moved = Ui {
+                epoch,
+                counter: ui.counter,
+                certificate: ui.certificate.clone(),
+            };
+            expect_reject(
+                CHECK,
+                "a certificate moved to another epoch",
+                verifier.as_ref(),
+                ReplicaId(0),
+                &content,
+                &moved,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// After `start_epoch` the instance reports the new, greater epoch and issues UIs only in it,
+/// from counter 1 on; they verify everywhere, the old epoch's UIs still verify as what they
+/// are, and no (epoch, counter) pair is issued twice across the switch.
+pub fn check_start_epoch(factory: Factory) -> Outcome {
+    const CHECK: &str = "start epoch";
+    let mut signer = factory(ReplicaId(2));
+    let cluster: Vec<Box<dyn Usig>> = replicas().map(factory).collect();
+    let old_epoch = signer.identity().epoch;
+    let mut issued = Vec::new();
+    for index in 0..5u64 {
+        let content = message(CHECK, index);
+        let ui = create(CHECK, signer.as_mut(), &content)?;
+        issued.push((content, ui));
+    }
+    let new_epoch = start_epoch(CHECK, signer.as_mut())?;
+    if new_epoch <= old_epoch || signer.identity().epoch != new_epoch {
+        return fail(
+            CHECK,
+            format!(
+                "start_epoch from {old_epoch} returned {new_epoch}, identity reports {:?}",
+                signer.identity()
+            ),
+        );
+    }
+    for index in 0..5u64 {
+        let content = message(CHECK, 100 + index);
+        let ui = create(CHECK, signer.as_mut(), &content)?;
+        if ui.epoch != new_epoch || ui.counter != index + 1 {
+            return fail(
+                CHECK,
+                format!(
+                    "call {index} after switching to epoch {new_epoch} returned epoch {} \
+                     counter {}",
+                    ui.epoch, ui.counter
+                ),
+            );
+        }
+        issued.push((content, ui));
+    }
+    let mut seen = HashSet::new();
+    for (content, ui) in &issued {
+        if !seen.insert((ui.epoch, ui.counter)) {
+            return fail(
+                CHECK,
+                format!("(epoch {}, counter {}) issued twice", ui.epoch, ui.counter),
+            );
+        }
+        for verifier in &cluster {
+            expect_accept(CHECK, verifier.as_ref(), ReplicaId(2), content, ui)?;
+        }
+        expect_accept(CHECK, signer.as_ref(), ReplicaId(2), content, ui)?;
+    }
+    Ok(())
+}
+
+/// Repeated `start_epoch` calls, with and without UIs in between, return strictly increasing
+/// epochs, and each epoch's first UI has counter 1 and verifies.
+pub fn check_epochs_increase(factory: Factory) -> Outcome {
+    const CHECK: &str = "epochs increase";
+    let mut signer = factory(ReplicaId(0));
+    let verifier = factory(ReplicaId(1));
+    let mut previous = signer.identity().epoch;
+    for round in 0..6u64 {
+        let epoch = start_epoch(CHECK, signer.as_mut())?;
+        if epoch <= previous || signer.identity().epoch != epoch {
+            return fail(
+                CHECK,
+                format!(
+                    "round {round}: start_epoch after {previous} returned {epoch}, identity \
+                     reports epoch {}",
+                    signer.identity().epoch
+                ),
+            );
+        }
+        previous = epoch;
+        // Every other round leaves the epoch unused: an empty epoch must still be left behind.
+        if round % 2 == 1 {
+            let content = message(CHECK, round);
+            let ui = create(CHECK, signer.as_mut(), &content)?;
+            if ui.epoch != epoch || ui.counter != 1 {
+                return fail(
+                    CHECK,
+                    format!(
+                        "round {round}: first UI of epoch {epoch} is epoch {} counter {}",
+                        ui.epoch, ui.counter
+                    ),
+                );
+            }
+            expect_accept(CHECK, verifier.as_ref(), ReplicaId(0), &content, &ui)?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs every check; returns all violations found.
 pub fn run_all(factory: Factory, foreign: Factory) -> Result<(), Vec<ConformanceError>> {
     let outcomes = [
@@ -380,6 +527,9 @@ pub fn run_all(factory: Factory, foreign: Factory) -> Result<(), Vec<Conformance
         check_rejects_wrong_identity(factory),
         check_rejects_wrong_key(factory, foreign),
         check_rejects_malformed_certificate(factory),
+        check_rejects_wrong_epoch(factory),
+        check_start_epoch(factory),
+        check_epochs_increase(factory),
     ];
     let failures: Vec<ConformanceError> = outcomes.into_iter().filter_map(Result::err).collect();
     if failures.is_empty() {

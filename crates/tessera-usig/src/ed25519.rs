@@ -4,9 +4,11 @@
 //! transferable and unforgeable by other replicas; but the key and the counter live in the
 //! replica's own memory, so a compromised replica process can still equivocate. That is the
 //! paper's non-isolated ("NS") version: real deployments put the key in `usigd` or a TPM. The
-//! counter is not persisted: a restarted replica must come back as a new epoch.
+//! counter and the epoch live in memory only: [`Usig::start_epoch`] moves to epoch + 1 with the
+//! counter back at 0, and the caller must persist the epochs it used so that a restarted
+//! replica never speaks again in one of them (usigd does exactly that around this type).
 
-use crate::certified::{self, PeerEpochs};
+use crate::certified;
 use crate::{Usig, UsigError, UsigIdentity};
 use tessera_crypto::{DigestBuilder, SigningKey, VerifyingKey, SIGNATURE_LEN};
 use tessera_types::{Digest, ReplicaId, Ui};
@@ -22,7 +24,6 @@ pub struct Ed25519Usig {
     identity: UsigIdentity,
     signing_key: SigningKey,
     public_keys: Vec<VerifyingKey>,
-    peer_epochs: PeerEpochs,
     last_counter: u64,
 }
 
@@ -56,18 +57,17 @@ impl Ed25519Usig {
                  check that the secrets file belongs to this replica"
             )));
         }
-        let peer_epochs = PeerEpochs::new(parsed.len(), identity);
         Ok(Ed25519Usig {
             identity,
             signing_key,
             public_keys: parsed,
-            peer_epochs,
             last_counter: 0,
         })
     }
 
     /// Like [`Ed25519Usig::new`], but continuing after `last_counter` values were already
-    /// issued: for a holder that persists the counter (usigd), so a restart never reissues one.
+    /// issued in `identity.epoch`: for a holder that persists the epoch and the counter (usigd),
+    /// so a restart never reissues one.
     pub fn resume(
         identity: UsigIdentity,
         seed: [u8; 32],
@@ -79,18 +79,7 @@ impl Ed25519Usig {
         Ok(usig)
     }
 
-    /// Sets the epoch whose UIs this instance accepts from `replica` (0 until set). Epochs may
-    /// only increase.
-    pub fn set_peer_epoch(&mut self, replica: ReplicaId, epoch: u64) -> Result<(), UsigError> {
-        self.peer_epochs.set(replica, epoch)
-    }
-
-    /// The epoch this instance expects from `replica`, or `None` for an unknown replica.
-    pub fn peer_epoch(&self, replica: ReplicaId) -> Option<u64> {
-        self.peer_epochs.get(replica)
-    }
-
-    /// The last counter value issued (0 before the first `create_ui`).
+    /// The last counter value issued in the current epoch (0 before its first `create_ui`).
     pub fn last_counter(&self) -> u64 {
         self.last_counter
     }
@@ -137,8 +126,15 @@ impl Usig for Ed25519Usig {
         })
     }
 
+    fn start_epoch(&mut self) -> Result<u64, UsigError> {
+        let epoch = certified::next_epoch(self.identity.epoch)?;
+        self.identity.epoch = epoch;
+        self.last_counter = 0;
+        Ok(epoch)
+    }
+
     fn verify_ui(&self, signer: ReplicaId, message: &Digest, ui: &Ui) -> Result<(), UsigError> {
-        verify_with(&self.public_keys, &self.peer_epochs, signer, message, ui)
+        verify_with(&self.public_keys, signer, message, ui)
     }
 }
 
@@ -147,12 +143,11 @@ impl Usig for Ed25519Usig {
 #[derive(Clone, Debug)]
 pub struct Ed25519Verifier {
     public_keys: Vec<VerifyingKey>,
-    peer_epochs: PeerEpochs,
 }
 
 impl Ed25519Verifier {
     /// A verifier for the cluster whose USIG public keys are `public_keys` (index = replica),
-    /// held by `identity` (whose own epoch it expects from itself).
+    /// held by `identity` (which must be one of the cluster's replicas).
     pub fn new(
         identity: UsigIdentity,
         public_keys: Vec<[u8; 32]>,
@@ -167,35 +162,27 @@ impl Ed25519Verifier {
             })?;
             parsed.push(key);
         }
-        let peer_epochs = PeerEpochs::new(parsed.len(), identity);
         Ok(Ed25519Verifier {
             public_keys: parsed,
-            peer_epochs,
         })
     }
 
-    /// Sets the epoch whose UIs this verifier accepts from `replica`. Epochs may only increase.
-    pub fn set_peer_epoch(&mut self, replica: ReplicaId, epoch: u64) -> Result<(), UsigError> {
-        self.peer_epochs.set(replica, epoch)
-    }
-
-    /// Checks that `ui` was created by `signer`'s USIG for `message`.
+    /// Checks that `ui` was created by `signer`'s USIG for `message`, in `ui.epoch`.
     pub fn verify_ui(&self, signer: ReplicaId, message: &Digest, ui: &Ui) -> Result<(), UsigError> {
-        verify_with(&self.public_keys, &self.peer_epochs, signer, message, ui)
+        verify_with(&self.public_keys, signer, message, ui)
     }
 }
 
 fn verify_with(
     public_keys: &[VerifyingKey],
-    peer_epochs: &PeerEpochs,
     signer: ReplicaId,
     message: &Digest,
     ui: &Ui,
 ) -> Result<(), UsigError> {
-    let epoch = certified::precheck(peer_epochs, signer, ui, ED25519_CERTIFICATE_LEN)?;
+    certified::precheck(public_keys.len(), signer, ui, ED25519_CERTIFICATE_LEN)?;
     let claimed = UsigIdentity {
         replica: signer,
-        epoch,
+        epoch: ui.epoch,
     };
     let digest = Ed25519Usig::signed_digest(claimed, ui.counter, message);
     if public_keys[signer.0 as usize].verify(&digest, &ui.certificate) {
@@ -283,12 +270,29 @@ mod tests {
     #[test]
     fn epoch_is_certified() {
         let ui = usig(0, 1).create_ui(&message()).expect("fresh counter");
-        let mut peer = usig(2, 0);
-        assert!(peer.verify_ui(ReplicaId(0), &message(), &ui).is_err());
-        peer.set_peer_epoch(ReplicaId(0), 1).expect("known replica");
-        assert_eq!(peer.peer_epoch(ReplicaId(0)), Some(1));
+        let peer = usig(2, 0);
         assert_eq!(peer.verify_ui(ReplicaId(0), &message(), &ui), Ok(()));
-        assert!(peer.set_peer_epoch(ReplicaId(0), 0).is_err());
+        let moved = Ui {
+            epoch: 0,
+            ..ui.clone()
+        };
+        assert!(peer.verify_ui(ReplicaId(0), &message(), &moved).is_err());
+        let verifier = Ed25519Verifier::new(peer.identity(), public_keys()).expect("keys");
+        assert_eq!(verifier.verify_ui(ReplicaId(0), &message(), &ui), Ok(()));
+        assert!(verifier
+            .verify_ui(ReplicaId(0), &message(), &moved)
+            .is_err());
+    }
+
+    #[test]
+    fn start_epoch_restarts_the_counter_and_stops_at_the_last_epoch() {
+        let mut usig = usig(0, 0).with_last_counter(41);
+        assert_eq!(usig.start_epoch(), Ok(1));
+        let ui = usig.create_ui(&message()).expect("new epoch");
+        assert_eq!((ui.epoch, ui.counter), (1, 1));
+        let mut last = self::usig(1, u64::MAX);
+        assert_eq!(last.start_epoch(), Err(UsigError::Exhausted));
+        assert_eq!(last.identity().epoch, u64::MAX);
     }
 
     #[test]

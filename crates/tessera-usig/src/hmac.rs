@@ -3,10 +3,12 @@
 //! Every replica holds every replica's key (paper 004's non-isolated HMAC version), so any
 //! replica — or anyone who reads its memory — can forge any other replica's UIs. This backend
 //! therefore gives **no** Byzantine safety; it exists to test the protocol logic and to measure
-//! it without the cost of isolation or public-key signatures. The counter lives in memory: a
-//! restarted replica must come back as a new epoch, never reuse this instance's values.
+//! it without the cost of isolation or public-key signatures. The counter and the epoch live in
+//! memory only: [`Usig::start_epoch`] moves to epoch + 1 with the counter back at 0, and it is
+//! the caller's job to persist the epochs it used, so that a restarted replica never comes back
+//! in an epoch it already spoke in (this is a test and measurement backend, not a durable one).
 
-use crate::certified::{self, PeerEpochs};
+use crate::certified;
 use crate::{Usig, UsigError, UsigIdentity};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -25,7 +27,6 @@ type HmacSha256 = Hmac<Sha256>;
 pub struct HmacUsig {
     identity: UsigIdentity,
     keys: Vec<[u8; 32]>,
-    peer_epochs: PeerEpochs,
     last_counter: u64,
 }
 
@@ -47,11 +48,9 @@ impl HmacUsig {
         if identity.replica.0 as usize >= keys.len() {
             return Err(UsigError::UnknownSigner(identity.replica));
         }
-        let peer_epochs = PeerEpochs::new(keys.len(), identity);
         Ok(HmacUsig {
             identity,
             keys,
-            peer_epochs,
             last_counter: 0,
         })
     }
@@ -69,18 +68,7 @@ impl HmacUsig {
         Ok(usig)
     }
 
-    /// Sets the epoch whose UIs this instance accepts from `replica` (0 until set). Epochs may
-    /// only increase.
-    pub fn set_peer_epoch(&mut self, replica: ReplicaId, epoch: u64) -> Result<(), UsigError> {
-        self.peer_epochs.set(replica, epoch)
-    }
-
-    /// The epoch this instance expects from `replica`, or `None` for an unknown replica.
-    pub fn peer_epoch(&self, replica: ReplicaId) -> Option<u64> {
-        self.peer_epochs.get(replica)
-    }
-
-    /// The last counter value issued (0 before the first `create_ui`).
+    /// The last counter value issued in the current epoch (0 before its first `create_ui`).
     pub fn last_counter(&self) -> u64 {
         self.last_counter
     }
@@ -135,12 +123,19 @@ impl Usig for HmacUsig {
         })
     }
 
+    fn start_epoch(&mut self) -> Result<u64, UsigError> {
+        let epoch = certified::next_epoch(self.identity.epoch)?;
+        self.identity.epoch = epoch;
+        self.last_counter = 0;
+        Ok(epoch)
+    }
+
     fn verify_ui(&self, signer: ReplicaId, message: &Digest, ui: &Ui) -> Result<(), UsigError> {
-        let epoch = certified::precheck(&self.peer_epochs, signer, ui, HMAC_CERTIFICATE_LEN)?;
+        certified::precheck(self.keys.len(), signer, ui, HMAC_CERTIFICATE_LEN)?;
         let key = &self.keys[signer.0 as usize];
         let claimed = UsigIdentity {
             replica: signer,
-            epoch,
+            epoch: ui.epoch,
         };
         // `verify_slice` compares in constant time.
         HmacUsig::tag(key, claimed, ui.counter, message)
@@ -211,33 +206,43 @@ mod tests {
     fn epoch_is_certified() {
         let mut restarted = usig(0, 1);
         let ui = restarted.create_ui(&message()).expect("fresh counter");
-        let mut peer = usig(1, 0);
-        assert!(matches!(
-            peer.verify_ui(ReplicaId(0), &message(), &ui),
-            Err(UsigError::Invalid { .. })
-        ));
-        peer.set_peer_epoch(ReplicaId(0), 1).expect("known replica");
+        assert_eq!((ui.epoch, ui.counter), (1, 1));
+        let peer = usig(1, 0);
         assert_eq!(peer.verify_ui(ReplicaId(0), &message(), &ui), Ok(()));
-        // The restarted instance verifies its own UIs at its own epoch.
-        assert_eq!(restarted.verify_ui(ReplicaId(0), &message(), &ui), Ok(()));
+        for epoch in [0, 2, u64::MAX] {
+            let moved = Ui {
+                epoch,
+                ..ui.clone()
+            };
+            assert!(matches!(
+                peer.verify_ui(ReplicaId(0), &message(), &moved),
+                Err(UsigError::Invalid { .. })
+            ));
+        }
     }
 
     #[test]
-    fn old_epoch_rejected_after_advance() {
-        let ui = usig(0, 0).create_ui(&message()).expect("fresh counter");
-        let mut peer = usig(1, 0);
-        assert_eq!(peer.verify_ui(ReplicaId(0), &message(), &ui), Ok(()));
-        peer.set_peer_epoch(ReplicaId(0), 1).expect("known replica");
-        assert!(peer.verify_ui(ReplicaId(0), &message(), &ui).is_err());
-        assert!(
-            peer.set_peer_epoch(ReplicaId(0), 0).is_err(),
-            "epochs never go back"
-        );
-        assert_eq!(peer.peer_epoch(ReplicaId(0)), Some(1));
-        assert_eq!(
-            peer.set_peer_epoch(ReplicaId(9), 1),
-            Err(UsigError::UnknownSigner(ReplicaId(9)))
-        );
+    fn start_epoch_restarts_the_counter_in_a_greater_epoch() {
+        let mut usig = usig(0, 0);
+        let old = usig.create_ui(&message()).expect("fresh counter");
+        usig.create_ui(&message()).expect("second");
+        assert_eq!(usig.start_epoch(), Ok(1));
+        assert_eq!(usig.identity().epoch, 1);
+        assert_eq!(usig.last_counter(), 0);
+        let new = usig.create_ui(&message()).expect("new epoch");
+        assert_eq!((new.epoch, new.counter), (1, 1));
+        let peer = usig_at(2);
+        assert_eq!(peer.verify_ui(ReplicaId(0), &message(), &old), Ok(()));
+        assert_eq!(peer.verify_ui(ReplicaId(0), &message(), &new), Ok(()));
+    }
+
+    #[test]
+    fn the_last_epoch_cannot_be_left() {
+        let mut usig = usig(0, u64::MAX);
+        usig.create_ui(&message()).expect("fresh counter");
+        assert_eq!(usig.start_epoch(), Err(UsigError::Exhausted));
+        assert_eq!(usig.identity().epoch, u64::MAX);
+        assert_eq!(usig.last_counter(), 1, "a refused switch changes nothing");
     }
 
     #[test]

@@ -3,6 +3,13 @@
 //! `verify_ui` checks such a binding. A correct USIG never binds one counter value to two
 //! messages, so a faulty replica cannot tell different stories to different peers.
 //!
+//! Epochs: a replica that cannot continue its counter (its log is lost, a crash burned a value
+//! it may have shown to some peers, a TPM counter jumped) calls [`Usig::start_epoch`] and
+//! speaks in a new epoch, counting from 1 again. A UI names its epoch and the certificate binds
+//! it, so `(replica, epoch, counter)` names at most one message. This crate only proves what a
+//! UI says; which epoch is acceptable from which replica, and from when, is the protocol core's
+//! decision (DESIGN §3, §6).
+//!
 //! This crate holds the trait, the in-process backends (HMAC and Ed25519: for tests and for
 //! measuring the protocol without isolation cost, paper 004's "NS" versions), the pure
 //! verification of TPM 2.0 UIs ([`tpm`]; the TPM commands live in `tessera-tpm`) and the
@@ -23,12 +30,12 @@ pub use tpm::{TpmEnrollment, TpmVerifier};
 use tessera_types::{Digest, ReplicaId, Ui};
 use thiserror::Error;
 
-/// Who a USIG instance speaks for. A replica that restarts with a fresh USIG gets a new `epoch`.
+/// Who a USIG instance speaks for, and in which epoch it issues UIs now.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct UsigIdentity {
     /// The replica the instance belongs to.
     pub replica: ReplicaId,
-    /// The instance number of that replica's USIG.
+    /// The epoch of the UIs this instance issues now (see [`Usig::start_epoch`]).
     pub epoch: u64,
 }
 
@@ -49,8 +56,8 @@ pub enum UsigError {
     /// The signer is not a replica this USIG knows.
     #[error("unknown USIG signer {0:?}")]
     UnknownSigner(ReplicaId),
-    /// The counter cannot advance any more.
-    #[error("USIG counter exhausted")]
+    /// The counter (or the epoch number) cannot advance any more.
+    #[error("USIG counter or epoch exhausted")]
     Exhausted,
     /// The backend is unavailable (daemon down, TPM busy past the retry budget).
     #[error("USIG backend unavailable: {0}")]
@@ -62,10 +69,20 @@ pub trait Usig: Send {
     /// Who this instance speaks for.
     fn identity(&self) -> UsigIdentity;
 
-    /// Binds the next counter value to `message` (a digest of the certified content). Counter
-    /// values start at 1 and increase by exactly one per call; no value is ever returned twice.
+    /// Binds the next counter value of the current epoch to `message` (a digest of the certified
+    /// content). Within an epoch counter values start at 1 and increase by one per call (a
+    /// backend whose counter can skip, the TPM, says so); no (epoch, counter) pair is ever
+    /// returned twice.
     fn create_ui(&mut self, message: &Digest) -> Result<Ui, UsigError>;
 
-    /// Checks that `ui` was created by `signer`'s USIG for `message`.
+    /// Starts the next epoch, strictly greater than the current one, and returns it. Afterwards
+    /// this instance issues UIs only in the new epoch, counting from 1, and never again in an
+    /// older one; [`Usig::identity`] reports the new epoch. UIs of older epochs keep verifying
+    /// as what they are. `Exhausted` if no greater epoch exists.
+    fn start_epoch(&mut self) -> Result<u64, UsigError>;
+
+    /// Checks that `ui` was created by `signer`'s USIG for `message`, in the epoch and with the
+    /// counter `ui` names. Any epoch is accepted if the certificate proves it: epoch policy is
+    /// the caller's.
     fn verify_ui(&self, signer: ReplicaId, message: &Digest, ui: &Ui) -> Result<(), UsigError>;
 }

@@ -11,20 +11,25 @@
 //! 3. the attestation is a TPMS_ATTEST with magic `TPM_GENERATED` and type
 //!    `TPM_ST_ATTEST_SESSION_AUDIT` (an `NV_Certify` attestation has another type: it only
 //!    *reads* the counter, so the host could certify one value for two messages);
-//! 4. `extraData` equals [`qualifying_data`] of (signer, epoch, message);
+//! 4. `extraData` equals [`qualifying_data`] of (signer, `ui.epoch`, message);
 //! 5. `exclusiveSession` is YES (re-signing the same chain yields NO);
 //! 6. `sessionDigest` equals the digest of exactly `[NV_Increment, NV_Read → c]` on the
 //!    enrolled index, recomputed here from the index's Name, which the verifier derives from
 //!    the enrolled index and attributes (so it also proves the index is a counter).
 //!
-//! The raw TPM counter `c` is `counter_base + ui.counter`: a TPM counter never resets (a new
-//! index starts at the highest value any counter on that TPM ever had), so each replica
-//! enrols the value its counter had when provisioned, and UIs count from 1 above it.
+//! The raw TPM counter `c` is `counter_base + ui.epoch + ui.counter` ([`raw_counter`]): a TPM
+//! counter never resets (a new index starts at the highest value any counter on that TPM ever
+//! had), so each replica enrols the value its counter had when provisioned, and UIs count from
+//! 1 above it. Epoch 0 is the enrolled sequence itself (`counter_base + counter`).
 //!
-//! Epochs: the epoch is bound through the qualifying data; a new epoch also needs a new
-//! enrolment (counter base), which proactive recovery will hand out.
+//! Epochs: the qualifying data binds the epoch, and the raw value binds epoch + counter. The
+//! signing side (`tessera-tpm`) starts epoch `e` only at a raw value `counter_base + e` the TPM
+//! counter has already passed, so every UI of epoch `e` uses a raw value above that point and
+//! every raw value is certified at most once (one increment, one exclusive audit chain). So no
+//! (epoch, counter) pair can carry two valid certificates: both would need the same raw value.
+//! The verifier accepts any epoch the certificate proves; which epochs are acceptable from
+//! whom is the protocol core's policy.
 
-use crate::certified::PeerEpochs;
 use crate::{UsigError, UsigIdentity};
 use p256::elliptic_curve::ops::Reduce;
 use p256::elliptic_curve::point::AffineCoordinates;
@@ -89,7 +94,8 @@ pub struct TpmEnrollment {
     pub nv_index: u32,
     /// TPMA_NV attributes of the index as defined (WRITTEN is implied).
     pub nv_attributes: u32,
-    /// Raw counter value at enrolment; UI counter `k` is raw value `counter_base + k`.
+    /// Raw counter value at enrolment; UI `(epoch, counter)` is raw value
+    /// `counter_base + epoch + counter`.
     pub counter_base: u64,
 }
 
@@ -246,6 +252,15 @@ pub fn expected_session_digest(name: &[u8; 34], raw_counter: u64) -> [u8; 32] {
     hash(&[&after_increment, &command_read, &response_read])
 }
 
+/// The raw TPM counter value of UI `(epoch, counter)` under `enrollment`, or `None` past the
+/// counter's range.
+pub fn raw_counter(enrollment: &TpmEnrollment, epoch: u64, counter: u64) -> Option<u64> {
+    enrollment
+        .counter_base
+        .checked_add(epoch)?
+        .checked_add(counter)
+}
+
 /// The qualifying data a UI of `identity` over `message` must carry.
 pub fn qualifying_data(identity: UsigIdentity, message: &Digest) -> [u8; 32] {
     let mut hasher = Sha256::new();
@@ -340,7 +355,6 @@ pub fn parse_session_audit(attestation: &[u8]) -> Result<SessionAudit, &'static 
 pub struct TpmVerifier {
     keys: Vec<AffinePoint>,
     enrollments: Vec<TpmEnrollment>,
-    peer_epochs: PeerEpochs,
 }
 
 impl TpmVerifier {
@@ -358,12 +372,7 @@ impl TpmVerifier {
             .enumerate()
             .map(|(replica, enrollment)| check_enrollment(replica, enrollment))
             .collect::<Result<Vec<_>, _>>()?;
-        let peer_epochs = PeerEpochs::new(enrollments.len(), identity);
-        Ok(TpmVerifier {
-            keys,
-            enrollments,
-            peer_epochs,
-        })
+        Ok(TpmVerifier { keys, enrollments })
     }
 
     /// The enrolment of `replica`.
@@ -371,17 +380,11 @@ impl TpmVerifier {
         self.enrollments.get(replica.0 as usize)
     }
 
-    /// Sets the epoch whose UIs this verifier accepts from `replica`. Epochs may only increase.
-    pub fn set_peer_epoch(&mut self, replica: ReplicaId, epoch: u64) -> Result<(), UsigError> {
-        self.peer_epochs.set(replica, epoch)
-    }
-
-    /// Checks that `ui` was created by `signer`'s TPM USIG for `message`.
+    /// Checks that `ui` was created by `signer`'s TPM USIG for `message`, in `ui.epoch`.
     pub fn verify_ui(&self, signer: ReplicaId, message: &Digest, ui: &Ui) -> Result<(), UsigError> {
-        let epoch = self
-            .peer_epochs
-            .get(signer)
-            .ok_or(UsigError::UnknownSigner(signer))?;
+        if signer.0 as usize >= self.enrollments.len() {
+            return Err(UsigError::UnknownSigner(signer));
+        }
         let invalid = |reason| UsigError::Invalid {
             replica: signer,
             counter: ui.counter,
@@ -415,7 +418,7 @@ impl TpmVerifier {
         let audit = parse_session_audit(attestation).map_err(invalid)?;
         let claimed = UsigIdentity {
             replica: signer,
-            epoch,
+            epoch: ui.epoch,
         };
         if audit.extra_data != qualifying_data(claimed, message) {
             return Err(invalid(
@@ -428,12 +431,10 @@ impl TpmVerifier {
             ));
         }
         let enrollment = &self.enrollments[index];
-        let raw_counter = enrollment
-            .counter_base
-            .checked_add(ui.counter)
-            .ok_or_else(|| invalid("counter beyond the TPM counter's range"))?;
+        let raw = raw_counter(enrollment, ui.epoch, ui.counter)
+            .ok_or_else(|| invalid("epoch and counter beyond the TPM counter's range"))?;
         let name = nv_name(enrollment.nv_index, enrollment.nv_attributes);
-        if audit.session_digest != expected_session_digest(&name, raw_counter) {
+        if audit.session_digest != expected_session_digest(&name, raw) {
             return Err(invalid(
                 "session digest is not [NV_Increment, NV_Read] of this counter value on the enrolled index",
             ));
@@ -500,20 +501,51 @@ mod tests {
     }
 
     fn genuine(replica: u32, counter: u64, message: &Digest) -> Ui {
+        genuine_in(replica, 0, counter, message)
+    }
+
+    fn genuine_in(replica: u32, epoch: u64, counter: u64, message: &Digest) -> Ui {
         let enrolled = enrollment(replica);
         let name = nv_name(enrolled.nv_index, enrolled.nv_attributes);
-        let digest = expected_session_digest(&name, enrolled.counter_base + counter);
+        let digest = expected_session_digest(&name, enrolled.counter_base + epoch + counter);
+        let signer = UsigIdentity {
+            replica: ReplicaId(replica),
+            epoch,
+        };
         let attest = attestation(
             ST_ATTEST_SESSION_AUDIT,
-            &qualifying_data(identity(replica), message),
+            &qualifying_data(signer, message),
             1,
             &digest,
         );
         Ui {
-            epoch: 0,
+            epoch,
             counter,
             certificate: sign(replica, &attest),
         }
+    }
+
+    #[test]
+    fn the_epoch_is_bound_by_the_qualifying_data_and_the_raw_counter() {
+        let message = Digest([6; 32]);
+        let verifier = verifier();
+        let ui = genuine_in(0, 5, 2, &message);
+        assert_eq!(verifier.verify_ui(ReplicaId(0), &message, &ui), Ok(()));
+        // Same raw value (base + 7) under another (epoch, counter) split: the qualifying data
+        // names epoch 5, so the split cannot be moved.
+        for (epoch, counter) in [(4, 3), (6, 1), (0, 7), (u64::MAX, 2)] {
+            let moved = Ui {
+                epoch,
+                counter,
+                ..ui.clone()
+            };
+            assert!(
+                verifier.verify_ui(ReplicaId(0), &message, &moved).is_err(),
+                "epoch {epoch} counter {counter} accepted"
+            );
+        }
+        assert_eq!(raw_counter(&enrollment(0), u64::MAX, 1), None);
+        assert_eq!(raw_counter(&enrollment(0), 5, 2), Some(1007));
     }
 
     fn verifier() -> TpmVerifier {

@@ -75,6 +75,10 @@ impl Usig for Broken {
         })
     }
 
+    fn start_epoch(&mut self) -> Result<u64, tessera_usig::UsigError> {
+        Ok(0)
+    }
+
     fn verify_ui(
         &self,
         _signer: ReplicaId,
@@ -99,6 +103,9 @@ fn suite_catches_a_broken_backend() {
         "rejects wrong identity",
         "rejects wrong key",
         "rejects malformed certificate",
+        "rejects wrong epoch",
+        "start epoch",
+        "epochs increase",
     ] {
         assert!(
             checks.contains(&expected),

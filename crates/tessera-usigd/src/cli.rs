@@ -16,13 +16,16 @@ pub struct UsigdOptions {
     /// Hex Ed25519 seed of this replica's USIG (mode 0600, owned by the daemon's user).
     #[arg(long)]
     pub key_file: PathBuf,
-    /// Durable counter file (created at 0 if missing; keep it with the key).
+    /// Durable epoch and counter file (created in epoch `--epoch` at counter 0 if missing; keep
+    /// it with the key).
     #[arg(long)]
     pub counter_file: PathBuf,
     /// Replica id served.
     #[arg(long)]
     pub replica: u32,
-    /// USIG epoch served.
+    /// Lowest USIG epoch served: a new counter file starts in it, and a file in a lower epoch
+    /// is moved up to it at start (counter 1 next). A file already in a higher epoch (reached
+    /// through StartEpoch) keeps its own, since an epoch never goes back.
     #[arg(long, default_value_t = 0)]
     pub epoch: u64,
     /// Hex Ed25519 USIG public key of each replica, in replica order (from cluster.toml's

@@ -1,6 +1,11 @@
 //! The replica's side: a [`Usig`] whose `create_ui` asks usigd and whose `verify_ui` runs the
 //! pure Ed25519 check locally (verification needs only public keys, and doing it here saves a
 //! round trip per message and keeps verifying when the daemon is down).
+//!
+//! The client follows the daemon's epoch: it takes the daemon's current epoch at connect time
+//! (refusing a daemon in an epoch below the one asked for), moves to the epoch the daemon names
+//! after `start_epoch`, and refuses any UI or reconnection that names another epoch than the
+//! one it is in, so [`Usig::identity`] always reports the epoch its UIs carry.
 
 use crate::wire::{self, ErrorCode, Request, Response, CERTIFICATE_LEN_MAX};
 use std::os::unix::net::UnixStream;
@@ -37,8 +42,10 @@ fn unavailable(socket_path: &Path, what: impl std::fmt::Display) -> UsigError {
 }
 
 impl UsigdClient {
-    /// Connects to the daemon at `socket_path` and checks that it serves `identity` with the
-    /// key `public_keys[identity.replica]`.
+    /// Connects to the daemon at `socket_path` and checks that it serves `identity.replica`
+    /// with the key `public_keys[identity.replica]`, in `identity.epoch` or a later epoch (a
+    /// daemon keeps the epoch it reached across restarts). The client then speaks in the
+    /// daemon's epoch, which [`Usig::identity`] reports.
     pub fn connect(
         socket_path: &Path,
         identity: UsigIdentity,
@@ -55,7 +62,7 @@ impl UsigdClient {
             stream: None,
             verifier,
         };
-        client.ensure_connected()?;
+        client.ensure_connected(EpochCheck::AtLeast)?;
         Ok(client)
     }
 
@@ -92,7 +99,7 @@ impl UsigdClient {
         }
     }
 
-    fn ensure_connected(&mut self) -> Result<(), UsigError> {
+    fn ensure_connected(&mut self, epoch_check: EpochCheck) -> Result<(), UsigError> {
         if self.stream.is_some() {
             return Ok(());
         }
@@ -110,24 +117,40 @@ impl UsigdClient {
                 public_key,
                 ..
             } => {
-                if replica != self.identity.replica.0
-                    || epoch != self.identity.epoch
-                    || public_key != self.own_public_key
-                {
+                if replica != self.identity.replica.0 || public_key != self.own_public_key {
                     self.stream = None;
                     return Err(unavailable(
                         &self.socket_path,
                         format!(
-                            "serves replica {replica} epoch {epoch} with key {}, but this is \
-                             replica {} epoch {} with key {} in cluster.toml; point the replica \
-                             at its own usigd",
+                            "serves replica {replica} with key {}, but this is replica {} with \
+                             key {} in cluster.toml; point the replica at its own usigd",
                             hex::encode(public_key),
                             self.identity.replica.0,
-                            self.identity.epoch,
                             hex::encode(self.own_public_key)
                         ),
                     ));
                 }
+                let acceptable = match epoch_check {
+                    EpochCheck::AtLeast => epoch >= self.identity.epoch,
+                    EpochCheck::Exactly => epoch == self.identity.epoch,
+                };
+                if !acceptable {
+                    self.stream = None;
+                    return Err(unavailable(
+                        &self.socket_path,
+                        format!(
+                            "serves USIG epoch {epoch}, but this client is in epoch {} ({}); \
+                             if a start_epoch answer was lost, call start_epoch again, \
+                             otherwise check that this is the replica's own counter file",
+                            self.identity.epoch,
+                            match epoch_check {
+                                EpochCheck::AtLeast => "and never goes back",
+                                EpochCheck::Exactly => "and does not follow silent changes",
+                            }
+                        ),
+                    ));
+                }
+                self.identity.epoch = epoch;
                 Ok(())
             }
             other => {
@@ -181,12 +204,21 @@ impl Usig for UsigdClient {
     }
 
     fn create_ui(&mut self, message: &Digest) -> Result<Ui, UsigError> {
-        self.ensure_connected()?;
+        self.ensure_connected(EpochCheck::Exactly)?;
         match self.call(&Request::CreateUi { message: *message })? {
             Response::Ui(ui) => {
                 // A daemon bug or a swapped daemon must not slip a UI past its own replica.
                 if ui.certificate.len() != ED25519_CERTIFICATE_LEN {
                     return Err(unavailable(&self.socket_path, "returned a malformed UI"));
+                }
+                if ui.epoch != self.identity.epoch {
+                    return Err(unavailable(
+                        &self.socket_path,
+                        format!(
+                            "returned a UI of epoch {} while this client is in epoch {}",
+                            ui.epoch, self.identity.epoch
+                        ),
+                    ));
                 }
                 self.verifier
                     .verify_ui(self.identity.replica, message, &ui)
@@ -197,7 +229,43 @@ impl Usig for UsigdClient {
         }
     }
 
+    fn start_epoch(&mut self) -> Result<u64, UsigError> {
+        // At least, not exactly: if an earlier StartEpoch was persisted but its answer lost,
+        // the daemon is already ahead, and asking again moves it further, never back.
+        self.ensure_connected(EpochCheck::AtLeast)?;
+        match self.call(&Request::StartEpoch)? {
+            Response::EpochStarted { epoch } if epoch > self.identity.epoch => {
+                self.identity.epoch = epoch;
+                Ok(epoch)
+            }
+            Response::EpochStarted { epoch } => {
+                // Never follow a daemon backwards; reconnecting re-reads where it really is.
+                self.stream = None;
+                Err(unavailable(
+                    &self.socket_path,
+                    format!(
+                        "answered start_epoch with epoch {epoch}, not above this client's epoch \
+                         {}",
+                        self.identity.epoch
+                    ),
+                ))
+            }
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
     fn verify_ui(&self, signer: ReplicaId, message: &Digest, ui: &Ui) -> Result<(), UsigError> {
         self.verifier.verify_ui(signer, message, ui)
     }
+}
+
+/// What epoch a (re)connection accepts from the daemon.
+#[derive(Clone, Copy, Debug)]
+enum EpochCheck {
+    /// The client's epoch or a later one, which the client adopts: at connect time, and before
+    /// starting a new epoch.
+    AtLeast,
+    /// Exactly the client's epoch: before issuing a UI, so the caller's view of its epoch is
+    /// never changed behind its back.
+    Exactly,
 }

@@ -1,8 +1,10 @@
 //! The daemon: owns the Ed25519 signing seed and the counter, serves one allowed uid.
 //!
 //! Each connection gets a thread (at most [`CONNECTIONS_MAX`] at once); the signing state sits
-//! behind one mutex, so `create_ui` calls are serialised and each one persists its counter value
-//! (write + fdatasync) before signing. Certificates use the in-process Ed25519 backend's format,
+//! behind one mutex, so `create_ui` and `start_epoch` calls are serialised; each `create_ui`
+//! persists its counter value (write + fdatasync) before signing, and each `start_epoch`
+//! persists the new epoch before answering, so a kill -9 at any moment never lets an old
+//! epoch's UI be signed again nor an (epoch, counter) pair be reused. Certificates use the in-process Ed25519 backend's format,
 //! so peers verify them with the same pure code.
 //!
 //! Access control is the peer's uid from SO_PEERCRED, which the kernel fills in and the peer
@@ -36,9 +38,11 @@ pub struct DaemonConfig {
     pub socket_path: PathBuf,
     /// Hex Ed25519 seed of this replica's USIG; must not be readable by group or others.
     pub key_file: PathBuf,
-    /// The durable counter (created at 0 if missing).
+    /// The durable epoch and counter (created at `identity.epoch`, counter 0, if missing).
     pub counter_file: PathBuf,
-    /// Replica and epoch served.
+    /// The replica served, and the lowest epoch served: a new counter file starts in
+    /// `identity.epoch`, a file in a lower epoch is moved up to it (durably, counter 0) at
+    /// start, and a file already in a higher epoch keeps its own.
     pub identity: UsigIdentity,
     /// Ed25519 USIG public keys of every replica (index = replica id), for VerifyUi.
     pub public_keys: Vec<[u8; 32]>,
@@ -131,7 +135,29 @@ impl Signer {
         );
         let ui = self.usig.create_ui(message)?;
         assert_eq!(ui.counter, next, "signer and store disagree on the counter");
+        assert_eq!(
+            ui.epoch,
+            self.store.epoch(),
+            "signer and store disagree on the epoch"
+        );
         Ok(ui)
+    }
+
+    fn start_epoch(&mut self) -> Result<u64, UsigError> {
+        let epoch = self
+            .store
+            .epoch()
+            .checked_add(1)
+            .ok_or(UsigError::Exhausted)?;
+        // Persist first: once the new epoch is on disk the old one is closed for good, even if
+        // we crash before answering (the client then finds the new epoch on reconnect).
+        self.store
+            .start_epoch(epoch)
+            .map_err(|error| UsigError::Unavailable(error.to_string()))?;
+        let started = self.usig.start_epoch()?;
+        assert_eq!(started, epoch, "signer and store disagree on the epoch");
+        tracing::info!(epoch, "usigd started a new USIG epoch");
+        Ok(epoch)
     }
 
     fn answer(&mut self, request: Request) -> Response {
@@ -147,6 +173,10 @@ impl Signer {
             }
             Request::CreateUi { message } => match self.create_ui(&message) {
                 Ok(ui) => Response::Ui(ui),
+                Err(error) => error_response(&error),
+            },
+            Request::StartEpoch => match self.start_epoch() {
+                Ok(epoch) => Response::EpochStarted { epoch },
                 Err(error) => error_response(&error),
             },
             Request::VerifyUi {
@@ -201,13 +231,24 @@ impl Daemon {
             ))));
         }
         let seed = read_key_file(&config.key_file)?;
-        let store = CounterStore::open(&config.counter_file, config.identity)?;
-        let usig = Ed25519Usig::resume(
-            config.identity,
-            seed,
-            config.public_keys.clone(),
-            store.last(),
+        let mut store = CounterStore::open(
+            &config.counter_file,
+            config.identity.replica,
+            config.identity.epoch,
         )?;
+        if store.epoch() < config.identity.epoch {
+            tracing::info!(
+                from = store.epoch(),
+                to = config.identity.epoch,
+                "usigd moves the counter file up to the configured lowest epoch"
+            );
+            store.start_epoch(config.identity.epoch)?;
+        }
+        let served = UsigIdentity {
+            replica: config.identity.replica,
+            epoch: store.epoch(),
+        };
+        let usig = Ed25519Usig::resume(served, seed, config.public_keys.clone(), store.last())?;
         let public_key = config.public_keys[config.identity.replica.0 as usize];
         let socket_error = |source| DaemonError::Socket {
             path: config.socket_path.clone(),
@@ -232,7 +273,7 @@ impl Daemon {
         tracing::info!(
             socket = %config.socket_path.display(),
             replica = config.identity.replica.0,
-            epoch = config.identity.epoch,
+            epoch = store.epoch(),
             last_counter = store.last(),
             allowed_uid = config.allowed_uid,
             "usigd listening"

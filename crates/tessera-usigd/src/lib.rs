@@ -6,7 +6,8 @@
 //! file is out of the replica's reach too (docs/OPERATIONS.md).
 //!
 //! - [`wire`]: the versioned, length-bounded frame format; decoding untrusted bytes never panics.
-//! - [`store`]: the durable counter, persisted before each UI is signed.
+//! - [`store`]: the durable epoch and counter, persisted before each UI is signed and before
+//!   a new epoch is announced.
 //! - [`daemon`]: the server, with the SO_PEERCRED uid check.
 //! - [`client`]: [`UsigdClient`], the replica's [`tessera_usig::Usig`] over the socket.
 //!

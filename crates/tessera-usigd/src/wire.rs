@@ -15,7 +15,8 @@ use tessera_types::{Digest, Ui};
 use thiserror::Error;
 
 /// Wire format version; a peer speaking another version gets [`WireError::UnsupportedVersion`].
-pub const VERSION: u8 = 1;
+/// Version 2: UIs carry their epoch, and [`Request::StartEpoch`] exists.
+pub const VERSION: u8 = 2;
 
 /// Largest frame body either side accepts. The largest legitimate body (a VerifyUi request with
 /// a maximal certificate) is under 600 bytes.
@@ -30,9 +31,11 @@ pub const TEXT_LEN_MAX: usize = 256;
 const KIND_IDENTITY: u8 = 0x01;
 const KIND_CREATE_UI: u8 = 0x02;
 const KIND_VERIFY_UI: u8 = 0x03;
+const KIND_START_EPOCH: u8 = 0x04;
 const KIND_IDENTITY_REPLY: u8 = 0x81;
 const KIND_UI_REPLY: u8 = 0x82;
 const KIND_VERIFIED_REPLY: u8 = 0x83;
+const KIND_EPOCH_STARTED_REPLY: u8 = 0x84;
 const KIND_ERROR_REPLY: u8 = 0xFF;
 
 /// What a client asks.
@@ -54,6 +57,9 @@ pub enum Request {
         /// The UI to check.
         ui: Ui,
     },
+    /// Start the next epoch (one above the daemon's current epoch) with the counter at 0. The
+    /// daemon names the epoch itself, so a client cannot ask for an old or the current one.
+    StartEpoch,
 }
 
 /// Why a request failed, as sent on the wire.
@@ -105,6 +111,11 @@ pub enum Response {
     Ui(Ui),
     /// Answer to a [`Request::VerifyUi`] whose UI verifies.
     Verified,
+    /// Answer to [`Request::StartEpoch`]; the new epoch was persisted before this was sent.
+    EpochStarted {
+        /// The epoch now in force; every later UI carries it.
+        epoch: u64,
+    },
     /// The request failed.
     Error {
         /// Category.
@@ -333,6 +344,7 @@ impl Request {
                 push_ui(&mut body, ui);
                 body
             }
+            Request::StartEpoch => start(KIND_START_EPOCH),
         }
     }
 
@@ -349,6 +361,7 @@ impl Request {
                 message: Digest(reader.array("message")?),
                 ui: read_ui(&mut reader)?,
             },
+            KIND_START_EPOCH => Request::StartEpoch,
             other => return Err(WireError::UnknownKind(other)),
         };
         reader.finish()?;
@@ -391,6 +404,11 @@ impl Response {
                 body
             }
             Response::Verified => start(KIND_VERIFIED_REPLY),
+            Response::EpochStarted { epoch } => {
+                let mut body = start(KIND_EPOCH_STARTED_REPLY);
+                body.extend_from_slice(&epoch.to_be_bytes());
+                body
+            }
             Response::Error { code, text } => {
                 let mut body = start(KIND_ERROR_REPLY);
                 body.push(*code as u8);
@@ -412,6 +430,9 @@ impl Response {
             },
             KIND_UI_REPLY => Response::Ui(read_ui(&mut reader)?),
             KIND_VERIFIED_REPLY => Response::Verified,
+            KIND_EPOCH_STARTED_REPLY => Response::EpochStarted {
+                epoch: reader.u64("epoch")?,
+            },
             KIND_ERROR_REPLY => {
                 let code = ErrorCode::from_byte(reader.u8("error code")?)?;
                 let text = reader.bounded("error text", TEXT_LEN_MAX)?;
@@ -447,6 +468,7 @@ mod tests {
                 message: Digest([4; 32]),
                 ui: ui.clone(),
             },
+            Request::StartEpoch,
         ];
         let responses = vec![
             Response::Identity {
@@ -457,6 +479,7 @@ mod tests {
             },
             Response::Ui(ui),
             Response::Verified,
+            Response::EpochStarted { epoch: 9 },
             Response::error(ErrorCode::Exhausted, "counter exhausted"),
         ];
         (requests, responses)
@@ -504,8 +527,8 @@ mod tests {
     #[test]
     fn refuses_bad_version_kind_lengths_and_text() {
         assert_eq!(
-            Request::decode(&[2, KIND_IDENTITY]),
-            Err(WireError::UnsupportedVersion(2))
+            Request::decode(&[1, KIND_IDENTITY]),
+            Err(WireError::UnsupportedVersion(1))
         );
         assert_eq!(
             Request::decode(&[VERSION, 0x7f]),

@@ -74,6 +74,9 @@ impl Usig for Hosted {
     fn create_ui(&mut self, message: &Digest) -> Result<Ui, UsigError> {
         self.client.create_ui(message)
     }
+    fn start_epoch(&mut self) -> Result<u64, UsigError> {
+        self.client.start_epoch()
+    }
     fn verify_ui(&self, signer: ReplicaId, message: &Digest, ui: &Ui) -> Result<(), UsigError> {
         self.client.verify_ui(signer, message, ui)
     }
@@ -232,8 +235,24 @@ fn hostile_bytes_get_typed_errors_and_the_daemon_keeps_serving() {
         )
     };
     assert!(bad_request(raw_call(&socket, &framed(&[9, 1]))), "version");
-    assert!(bad_request(raw_call(&socket, &framed(&[1, 0x55]))), "kind");
-    assert!(bad_request(raw_call(&socket, &framed(&[1, 2, 0]))), "short");
+    assert!(
+        bad_request(raw_call(&socket, &framed(&[1, 1]))),
+        "version 1 (UIs without an epoch)"
+    );
+    assert!(
+        bad_request(raw_call(&socket, &framed(&[wire::VERSION, 0x55]))),
+        "kind"
+    );
+    assert!(
+        bad_request(raw_call(&socket, &framed(&[wire::VERSION, 2, 0]))),
+        "short"
+    );
+    let mut start_with_payload = Request::StartEpoch.encode();
+    start_with_payload.push(0);
+    assert!(
+        bad_request(raw_call(&socket, &framed(&start_with_payload))),
+        "StartEpoch with trailing bytes must not start an epoch"
+    );
     assert!(
         bad_request(raw_call(&socket, &[0x7f, 0xff, 0xff, 0xff])),
         "oversized frame"
@@ -287,4 +306,75 @@ fn a_key_that_does_not_match_the_public_key_is_refused() {
         DaemonHandle::spawn(&config),
         Err(DaemonError::Usig(UsigError::Unavailable(_)))
     ));
+}
+
+#[test]
+fn a_started_epoch_survives_a_restart_and_the_client_follows_it() {
+    let directory = tempfile::tempdir().expect("temp dir");
+    let config = config(directory.path(), 1, 0, my_uid());
+    let message = Digest([7; 32]);
+    let daemon = DaemonHandle::spawn(&config).expect("daemon starts");
+    let mut client = UsigdClient::connect(&config.socket_path, config.identity, public_keys(1))
+        .expect("connects");
+    let old = client.create_ui(&message).expect("create");
+    assert_eq!((old.epoch, old.counter), (0, 1));
+    assert_eq!(client.start_epoch(), Ok(1));
+    assert_eq!(client.identity().epoch, 1);
+    let new = client.create_ui(&message).expect("create");
+    assert_eq!((new.epoch, new.counter), (1, 1));
+    drop(client);
+    drop(daemon);
+
+    // Configured with the fresh-store epoch 0, the daemon keeps the epoch it reached.
+    let daemon = DaemonHandle::spawn(&config).expect("daemon restarts");
+    let mut client = UsigdClient::connect(&config.socket_path, identity(0), public_keys(1))
+        .expect("a client asking for epoch 0 or later connects");
+    assert_eq!(client.identity().epoch, 1);
+    assert_eq!(client.last_counter().expect("identity"), 1);
+    let next = client.create_ui(&message).expect("create");
+    assert_eq!((next.epoch, next.counter), (1, 2));
+    assert_eq!(client.verify_ui(ReplicaId(0), &message, &old), Ok(()));
+    // A client that needs a later epoch than the daemon's is refused.
+    let later = UsigIdentity {
+        replica: ReplicaId(0),
+        epoch: 2,
+    };
+    let error = UsigdClient::connect(&config.socket_path, later, public_keys(1))
+        .expect_err("daemon is behind");
+    assert!(matches!(&error, UsigError::Unavailable(text) if text.contains("epoch 1")));
+    drop(client);
+    drop(daemon);
+
+    // A configured lowest epoch above the stored one moves the store up, counter at 0.
+    let mut raised = config.clone();
+    raised.identity.epoch = 5;
+    let _daemon = DaemonHandle::spawn(&raised).expect("daemon restarts");
+    let mut client =
+        UsigdClient::connect(&raised.socket_path, identity(0), public_keys(1)).expect("connects");
+    assert_eq!(client.identity().epoch, 5);
+    let first = client.create_ui(&message).expect("create");
+    assert_eq!((first.epoch, first.counter), (5, 1));
+}
+
+/// A client never issues in an epoch other than the one it reports: when another client moved
+/// the daemon on, its next create_ui is refused until it starts an epoch itself.
+#[test]
+fn a_client_does_not_follow_an_epoch_change_behind_its_back() {
+    let directory = tempfile::tempdir().expect("temp dir");
+    let config = config(directory.path(), 1, 0, my_uid());
+    let _daemon = DaemonHandle::spawn(&config).expect("daemon starts");
+    let message = Digest([8; 32]);
+    let mut stale = UsigdClient::connect(&config.socket_path, config.identity, public_keys(1))
+        .expect("connects");
+    let mut other = UsigdClient::connect(&config.socket_path, config.identity, public_keys(1))
+        .expect("connects");
+    stale.create_ui(&message).expect("create");
+    assert_eq!(other.start_epoch(), Ok(1));
+    let error = stale.create_ui(&message).expect_err("epoch moved");
+    assert!(matches!(&error, UsigError::Unavailable(text) if text.contains("epoch 1")));
+    assert_eq!(stale.identity().epoch, 0);
+    // Starting an epoch moves strictly past the daemon's epoch, whatever the client knew.
+    assert_eq!(stale.start_epoch(), Ok(2));
+    let ui = stale.create_ui(&message).expect("create");
+    assert_eq!((ui.epoch, ui.counter), (2, 1));
 }
