@@ -104,7 +104,10 @@ fn a_view_change_waits_for_the_checkpoint_after_the_install() {
     // form view 1 (n = 2f + 1 with one replica down and one restarting: over the bound).
     cluster.crash(0);
     let stalled = cluster.invoke(client(2), 1, &set("x", "1"), 3_000);
-    assert_eq!(stalled, None, "no view can start without replica 2's history");
+    assert_eq!(
+        stalled, None,
+        "no view can start without replica 2's history"
+    );
     assert!(
         cluster.rejections(1, "new-view-epoch-too-recent") > 0,
         "the new primary left replica 2's VIEW-CHANGE out"

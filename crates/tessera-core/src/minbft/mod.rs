@@ -720,10 +720,9 @@ impl<S: StateMachine> Replica<S> {
             .usig
             .create_ui(digest)
             .expect("the USIG must be able to certify messages (see docs/OPERATIONS.md)");
-        let last = self
-            .own_log
-            .back()
-            .map_or((ui.epoch, 0), |entry| (entry.ui().epoch, entry.ui().counter));
+        let last = self.own_log.back().map_or((ui.epoch, 0), |entry| {
+            (entry.ui().epoch, entry.ui().counter)
+        });
         assert!(
             (ui.epoch, ui.counter) > last,
             "a USIG never returns an (epoch, counter) twice"

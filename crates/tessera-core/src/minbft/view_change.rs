@@ -180,10 +180,13 @@ pub struct Verifier<'a> {
     pub(crate) planted: PlantedBugs,
 }
 
+/// A NEW-VIEW as the memo knows it: its view, its primary's (epoch, counter) and its payload.
+type NewViewKey = (View, u64, u64, Digest);
+
 /// Memoized NEW-VIEW checks within one top-level check (a NEW-VIEW may justify many entries).
 #[derive(Default)]
 pub struct Memo {
-    new_views: HashMap<(View, u64, u64, Digest), Result<Arc<NewViewPlan>, Reject>>,
+    new_views: HashMap<NewViewKey, Result<Arc<NewViewPlan>, Reject>>,
 }
 
 /// A PREPARE candidate for a sequence number, from some replica's log.
@@ -553,7 +556,9 @@ impl<'a> Verifier<'a> {
             .filter_map(|view_change| {
                 let (epoch, installed_at) = table
                     .get(&view_change.replica)
-                    .map_or((0, SeqNum(0)), |install| (install.epoch, install.installed_at));
+                    .map_or((0, SeqNum(0)), |install| {
+                        (install.epoch, install.installed_at)
+                    });
                 let settled_at = installed_at.0.div_ceil(cp).saturating_mul(cp);
                 let reason = if view_change.ui.epoch != epoch {
                     "new-view-epoch-mismatch"
@@ -679,5 +684,4 @@ impl<'a> Verifier<'a> {
         }
         Ok(())
     }
-
 }
