@@ -22,9 +22,7 @@ const CAUGHT_WITHIN: &[(PlantedBug, u64)] = &[
     (PlantedBug::IgnoreClientTable, 30),    // seed 0
     (PlantedBug::SkipRequestSignature, 30), // seed 0
     (PlantedBug::SkipFifoOrder, 30),        // seed 0
-    // Seed 18 until Byzantine nodes began to start new USIG epochs (which changed that
-    // schedule); now seed 128.
-    (PlantedBug::AcceptOldViewPrepare, 200),
+    (PlantedBug::AcceptOldViewPrepare, 60), // seed 18
     (PlantedBug::StableCheckpointOnF, 150), // seed 39
     // First caught at seed 96 until replicas fetched, at every heartbeat, what a peer reports
     // having processed (PROTOCOL.md §5): gaps now close before a view change, so a NEW-VIEW

@@ -90,6 +90,10 @@ pub struct SimConfig {
     /// empty in a new USIG epoch, which the group must install before it counts
     /// (docs/PROTOCOL.md §8), and fetches the state.
     pub amnesia_per_mille: u32,
+    /// Chance that a Byzantine replica starts a new USIG epoch during the fault phase (grid
+    /// settings), per mille: the group must install it while the adversary replays the old
+    /// epoch's messages.
+    pub byzantine_epoch_per_mille: u32,
     /// A rogue client session sends malformed, forged and duplicate requests during the fault
     /// phase.
     pub rogue_client: bool,
@@ -150,7 +154,8 @@ impl Default for SimConfig {
             corrupt_replies: false,
             crash_per_mille: 250,
             crash_stop_per_mille: 400,
-            amnesia_per_mille: 700,
+            amnesia_per_mille: 500,
+            byzantine_epoch_per_mille: 200,
             rogue_client: true,
             transfer_strategy_from_seed: true,
             #[cfg(feature = "planted-bugs")]
@@ -292,7 +297,8 @@ impl SimConfig {
                     && self.slow_per_mille <= 1000
                     && self.crash_per_mille <= 1000
                     && self.crash_stop_per_mille <= 1000
-                    && self.amnesia_per_mille <= 1000,
+                    && self.amnesia_per_mille <= 1000
+                    && self.byzantine_epoch_per_mille <= 1000,
                 "per-mille chances must be at most 1000",
             ),
             (

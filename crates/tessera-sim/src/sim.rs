@@ -248,6 +248,8 @@ pub struct Stats {
     pub amnesia_restarts: u64,
     /// New USIG epochs started by Byzantine nodes.
     pub byzantine_epochs: u64,
+    /// INSTALL entries (new USIG epochs) executed by correct nodes.
+    pub installs_executed: u64,
     /// Malformed, forged or duplicate requests the rogue client sent.
     pub rogue_requests: u64,
     /// Client retransmissions.
@@ -415,7 +417,7 @@ impl Simulation {
             faults.amnesia = !faults.crash_stop;
         }
         if let Some(&byzantine) = faults.byzantine.first() {
-            if amnesia_rng.chance(config.amnesia_per_mille) {
+            if amnesia_rng.chance(config.byzantine_epoch_per_mille) {
                 let at_ms = amnesia_rng.between(1, config.fault_phase_ms.max(2));
                 faults.byzantine_epoch = Some((byzantine as usize, at_ms));
             }
@@ -939,6 +941,10 @@ impl Simulation {
                     executed,
                 } => {
                     if role == Role::Correct {
+                        self.stats.installs_executed += batch
+                            .iter()
+                            .filter(|request| request.install_replica().is_some())
+                            .count() as u64;
                         self.checker
                             .observe_executed(id, seq.0, batch_digest, &batch, &executed);
                     }

@@ -331,7 +331,11 @@ fn byzantine_state_servers_are_detected_and_routed_around() {
 /// reports `ReplayDiverged` if they differ. Both ways must keep happening.
 #[test]
 fn crashed_replicas_come_back_from_snapshots_and_logs_unchanged() {
-    let config = SimConfig::default();
+    // Restarts without a log replay nothing; they have their own test.
+    let config = SimConfig {
+        amnesia_per_mille: 0,
+        ..SimConfig::default()
+    };
     let (mut from_snapshots, mut from_logs) = (0, 0);
     for seed in 0..200 {
         let report = run_seed(&config, seed);
@@ -347,4 +351,26 @@ fn crashed_replicas_come_back_from_snapshots_and_logs_unchanged() {
         "{from_snapshots} restores from snapshots"
     );
     assert!(from_logs >= 5, "{from_logs} restores from whole logs");
+}
+
+/// USIG epochs (docs/PROTOCOL.md §8): correct replicas that restart without their log come back
+/// empty in a new epoch, and Byzantine nodes start new epochs in the middle of grid runs while
+/// the adversary replays their old-epoch messages. The group must order every INSTALL, the
+/// restarted replicas must catch up, and every checker must still pass; both kinds of epoch
+/// change must keep happening.
+#[test]
+fn replicas_that_change_usig_epochs_keep_every_property() {
+    let (mut restarts, mut byzantine, mut installs) = (0, 0, 0);
+    for seed in 0..300 {
+        let config = Setting::for_seed(seed).apply(&SimConfig::default());
+        let report = run_seed(&config, seed);
+        assert!(report.passed(), "seed {seed}: {:?}", report.violations);
+        restarts += report.stats.amnesia_restarts;
+        byzantine += report.stats.byzantine_epochs;
+        installs += report.stats.installs_executed;
+    }
+    println!("restarts without a log: {restarts}, Byzantine epochs: {byzantine}, installs executed: {installs}");
+    assert!(restarts >= 5, "{restarts} restarts without a log");
+    assert!(byzantine >= 20, "{byzantine} Byzantine epochs");
+    assert!(installs >= restarts, "{installs} INSTALL executions");
 }

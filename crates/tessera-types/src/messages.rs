@@ -232,7 +232,7 @@ impl Checkpoint {
 
 /// A replica's USIG epoch as the replicated state records it: the epoch and the sequence
 /// number whose INSTALL entry switched to it (docs/PROTOCOL.md §8).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Debug)]
 pub struct EpochInstall {
     /// Whose epoch.
     pub replica: ReplicaId,

@@ -60,9 +60,12 @@ impl<S: StateMachine> Replica<S> {
     pub fn start_epoch(&mut self, now_ms: u64, wall_ms: u64) -> Result<u64, UsigError> {
         self.advance_clock(now_ms, wall_ms);
         let epoch = self.usig.start_epoch()?;
+        // Past this point the USIG speaks only in the new epoch: a replica that could not
+        // announce it would be mute for good, like one whose USIG cannot certify at all.
         let ui = self
             .usig
-            .create_ui(&epoch_start_certified_digest(self.id, epoch))?;
+            .create_ui(&epoch_start_certified_digest(self.id, epoch))
+            .expect("the USIG must certify the first message of its new epoch");
         assert!(
             ui.epoch == epoch && ui.counter == 1,
             "a new USIG epoch starts at counter 1 of that epoch"
@@ -184,6 +187,9 @@ impl<S: StateMachine> Replica<S> {
                 && install.epoch > self.streams[install.replica.0 as usize].epoch
             {
                 self.switch_stream(install.replica, install.epoch, install.installed_at);
+                if install.replica == self.view.primary(self.config.n) && self.view_active {
+                    self.suspect_primary();
+                }
             }
         }
     }

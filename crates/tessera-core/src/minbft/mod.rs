@@ -311,8 +311,9 @@ pub struct Replica<S: StateMachine> {
     new_views: BTreeMap<View, Arc<NewView>>,
     /// The plan of the current view's NEW-VIEW: PREPAREs up to its end must re-propose it.
     view_plan: Option<Arc<NewViewPlan>>,
-    /// Counter of the current view's NEW-VIEW (0 in view 0).
-    view_start_counter: u64,
+    /// The (epoch, counter) of the current view's NEW-VIEW ((0, 0) in view 0): the view's
+    /// PREPAREs follow it in the primary's stream, in the same epoch.
+    view_start: (u64, u64),
     /// When this replica last asked a primary for a NEW-VIEW it missed (at most once per
     /// heartbeat interval: the reply can be large).
     last_fetch_new_view_ms: Option<u64>,
@@ -452,7 +453,7 @@ impl<S: StateMachine> Replica<S> {
             view_change_pool: BTreeMap::new(),
             new_views: BTreeMap::new(),
             view_plan: None,
-            view_start_counter: 0,
+            view_start: (0, 0),
             last_fetch_new_view_ms: None,
             next_prepare_seq: SeqNum(1),
             primary_faulty: false,
@@ -860,6 +861,20 @@ impl<S: StateMachine> Replica<S> {
             self.reject("request-signature");
             return;
         }
+        if request.install_replica().is_some() {
+            // Only the highest epoch announced per replica waits: a faulty replica announcing
+            // epoch after epoch must not fill the queue clients share.
+            let client = request.client;
+            if self
+                .pending_keys
+                .iter()
+                .any(|(other, number)| *other == client && *number > request.request_number)
+            {
+                return;
+            }
+            self.pending.retain(|pending| pending.client != client);
+            self.pending_keys.retain(|(other, _)| *other != client);
+        }
         if self.is_primary() && self.view_active {
             if self.pending.len() >= self.config.pending_requests_max {
                 self.reject("request-overload");
@@ -1206,8 +1221,9 @@ impl<S: StateMachine> Replica<S> {
             if sender == self.id || sender.0 >= self.config.n {
                 continue;
             }
-            let next = self.streams[sender.0 as usize].next_counter;
-            if next <= view_change.ui.counter {
+            let stream = &self.streams[sender.0 as usize];
+            let next = stream.next_counter;
+            if view_change.ui.epoch == stream.epoch && next <= view_change.ui.counter {
                 self.fetch(sender, next, view_change.ui.counter);
             }
         }
@@ -1241,16 +1257,18 @@ impl<S: StateMachine> Replica<S> {
         }
         let view_matches = header.view == self.view;
         // PREPAREs of the view must follow its NEW-VIEW in the primary's stream.
-        let counter_floor = self.view_start_counter;
+        let view_start = self.view_start;
         #[cfg(feature = "planted-bugs")]
         // PLANTED BUG (accept-old-view-prepare): the replaced primary's PREPARE passes as one of
         // the current view (the NEW-VIEW counter bound is the new primary's, so it is skipped).
-        let (view_matches, counter_floor) =
+        let (view_matches, view_start) =
             if self.planted(PlantedBug::AcceptOldViewPrepare) && header.view < self.view {
-                (true, 0)
+                (true, (header.ui.epoch, 0))
             } else {
-                (view_matches, counter_floor)
+                (view_matches, view_start)
             };
+        // Within one epoch, after the NEW-VIEW: counters of two epochs are not one order.
+        let after_view_start = header.ui.epoch == view_start.0 && header.ui.counter > view_start.1;
         let awaiting_new_view = (header.view > self.view
             || (header.view == self.view && !self.view_active))
             && self.streams[header.primary.0 as usize].last_new_view < header.view;
@@ -1267,13 +1285,13 @@ impl<S: StateMachine> Replica<S> {
         }
         if header.seq < self.next_prepare_seq
             && header.seq <= self.last_executed
-            && header.ui.counter > counter_floor
+            && after_view_start
         {
             // Already covered by state this replica installed by state transfer: nothing to do,
             // and no sign of a faulty primary.
             return Outcome::Done;
         }
-        if header.seq != self.next_prepare_seq || header.ui.counter <= counter_floor {
+        if header.seq != self.next_prepare_seq || !after_view_start {
             self.reject("prepare-out-of-sequence");
             self.suspect_primary();
             return Outcome::Done;
@@ -1418,6 +1436,7 @@ impl<S: StateMachine> Replica<S> {
         let primary_stream = &self.streams[header.primary.0 as usize];
         if header.view == self.view
             && header.primary != self.id
+            && header.ui.epoch == primary_stream.epoch
             && primary_stream.next_counter <= header.ui.counter
         {
             let from = primary_stream.next_counter;
@@ -1600,17 +1619,31 @@ impl<S: StateMachine> Replica<S> {
             self.reject("checkpoint-out-of-order");
             return;
         }
-        if checkpoint.view < stream.view {
-            // (rule) A correct replica's views only grow, and its CHECKPOINT carries its current
-            // one. A CHECKPOINT claiming an older view would, as a state transfer's resume
-            // point, make a peer take the sender's COMMITs for a view it has left (review
-            // 2026-11-27).
-            self.reject("checkpoint-view-regressed");
+        if checkpoint.epochs.len() > self.config.n as usize
+            || self
+                .verifier()
+                .check_epoch_table(&checkpoint.epochs, checkpoint.seq)
+                .is_err()
+        {
+            self.reject("checkpoint-epoch-table-malformed");
             return;
         }
+        let stream = &mut self.streams[checkpoint.replica.0 as usize];
         stream.last_checkpoint = checkpoint.seq;
-        stream.view = stream.view.max(checkpoint.view);
-        stream.latest_checkpoint_message = Some(checkpoint.clone());
+        let regressed = checkpoint.view < stream.view;
+        if !regressed {
+            stream.view = checkpoint.view;
+            stream.latest_checkpoint_message = Some(checkpoint.clone());
+        }
+        if regressed {
+            // (rule) A CHECKPOINT claiming a view older than its sender has shown is never
+            // offered as a state transfer's resume point: there it would make a peer take the
+            // sender's COMMITs for a view it has left (review 2026-11-27). It still anchors the
+            // sender's own log (a restarted replica announces its state before it learns the
+            // view).
+            self.reject("checkpoint-view-regressed");
+        }
+        let stream = &mut self.streams[checkpoint.replica.0 as usize];
         if checkpoint.seq >= stream.max_seq_spoken {
             stream.valid_anchors.insert(checkpoint.ui.counter);
             while stream.valid_anchors.len() > ANCHORS_KEPT {
@@ -1645,10 +1678,13 @@ impl<S: StateMachine> Replica<S> {
         let Some(votes) = self.checkpoint_votes.get(&seq) else {
             return;
         };
-        let mut by_digest: BTreeMap<Digest, Vec<Checkpoint>> = BTreeMap::new();
+        // Matching means the same digest and the same epoch table: a certificate of CHECKPOINTs
+        // that differ in their tables is invalid everywhere (a faulty replica could otherwise
+        // spoil every certificate it joins; review 2026-11-27).
+        let mut by_digest: BTreeMap<(Digest, Vec<EpochInstall>), Vec<Checkpoint>> = BTreeMap::new();
         for checkpoint in votes.values() {
             by_digest
-                .entry(checkpoint.state_digest)
+                .entry((checkpoint.state_digest, checkpoint.epochs.clone()))
                 .or_default()
                 .push(checkpoint.clone());
         }
@@ -1661,7 +1697,7 @@ impl<S: StateMachine> Replica<S> {
         } else {
             weak
         };
-        let Some((digest, matching)) = by_digest
+        let Some(((digest, _), matching)) = by_digest
             .into_iter()
             .find(|(_, matching)| matching.len() >= weak)
         else {
@@ -2133,7 +2169,7 @@ impl<S: StateMachine> Replica<S> {
         self.view_active = true;
         self.view_change_attempts = 0;
         self.primary_faulty = false;
-        self.view_start_counter = new_view.ui.counter;
+        self.view_start = (new_view.ui.epoch, new_view.ui.counter);
         self.new_views.insert(view, new_view);
         self.actions.push(Action::CancelTimer(Timer::ViewChange));
         self.slots.retain(|seq, _| *seq <= self.last_executed);
@@ -2428,7 +2464,13 @@ impl<S: StateMachine> Replica<S> {
         {
             self.retransmit.pop_first();
         }
-        let cap = 8 * self.config.log_size as usize + 1024;
+        let mut cap = 8 * self.config.log_size as usize + 1024;
+        if self.announced_epoch.is_some() {
+            // Before the group installs this replica's new epoch no peer acknowledges or stores
+            // any of it, so what is dropped here is lost everywhere and the new stream would stop
+            // at that gap for good: keep more (the barrier limits what an empty replica says).
+            cap *= 4;
+        }
         while self.retransmit.len() > cap {
             self.retransmit.pop_first();
         }

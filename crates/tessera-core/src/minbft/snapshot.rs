@@ -41,7 +41,7 @@ use crate::auth::RequestAuthenticator;
 /// Bytes per chunk when a partition is saved.
 const CHUNK_BYTES: usize = 1 << 20;
 /// Bumped when the layout changes.
-const SNAPSHOT_VERSION: u32 = 1;
+const SNAPSHOT_VERSION: u32 = 2;
 
 /// Why a snapshot could not be restored.
 #[derive(Debug, Error)]
@@ -175,7 +175,7 @@ struct Saved {
     view_change_pool: BTreeMap<View, BTreeMap<ReplicaId, Arc<ViewChange>>>,
     new_views: BTreeMap<View, Arc<NewView>>,
     view_plan: Option<Arc<NewViewPlan>>,
-    view_start_counter: u64,
+    view_start: (u64, u64),
     last_fetch_new_view_ms: Option<u64>,
     next_prepare_seq: SeqNum,
     primary_faulty: bool,
@@ -310,7 +310,7 @@ impl<S: StateMachine> Replica<S> {
             view_change_pool,
             new_views,
             view_plan,
-            view_start_counter,
+            view_start,
             last_fetch_new_view_ms,
             next_prepare_seq,
             primary_faulty,
@@ -365,7 +365,7 @@ impl<S: StateMachine> Replica<S> {
             view_change_pool: view_change_pool.clone(),
             new_views: new_views.clone(),
             view_plan: view_plan.clone(),
-            view_start_counter: *view_start_counter,
+            view_start: *view_start,
             last_fetch_new_view_ms: *last_fetch_new_view_ms,
             next_prepare_seq: *next_prepare_seq,
             primary_faulty: *primary_faulty,
@@ -440,7 +440,7 @@ impl<S: StateMachine> Replica<S> {
             view_change_pool,
             new_views,
             view_plan,
-            view_start_counter,
+            view_start,
             last_fetch_new_view_ms,
             next_prepare_seq,
             primary_faulty,
@@ -541,7 +541,7 @@ impl<S: StateMachine> Replica<S> {
             view_change_pool,
             new_views,
             view_plan,
-            view_start_counter,
+            view_start,
             last_fetch_new_view_ms,
             next_prepare_seq,
             primary_faulty,

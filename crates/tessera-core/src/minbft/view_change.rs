@@ -670,7 +670,11 @@ impl<'a> Verifier<'a> {
 
     /// An epoch table as a CHECKPOINT carries it: replicas in order, each known, at an epoch
     /// above 0 installed no later than the checkpoint.
-    fn check_epoch_table(&self, epochs: &[EpochInstall], seq: SeqNum) -> Result<(), Reject> {
+    pub(crate) fn check_epoch_table(
+        &self,
+        epochs: &[EpochInstall],
+        seq: SeqNum,
+    ) -> Result<(), Reject> {
         let mut previous: Option<ReplicaId> = None;
         for install in epochs {
             if install.replica.0 >= self.n
