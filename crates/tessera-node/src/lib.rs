@@ -171,14 +171,35 @@ pub async fn run_replica(
                 replica
             }
             None => {
-                let usig = metrics.metered_usig(build_usig(&cluster, &secrets, me)?);
-                Replica::new(
+                let (usig, spoke_before) = build_fresh_usig(&cluster, &secrets, me)?;
+                let mut replica = Replica::new(
                     me,
                     cluster.protocol.clone(),
-                    usig,
+                    metrics.metered_usig(usig),
                     authenticator,
                     Envelope::new(key_value_store(&cluster.store)),
-                )?
+                )?;
+                if spoke_before {
+                    // The USIG certified messages this empty core knows nothing of (the replica
+                    // ran before and kept no log): continuing its counter would leave peers
+                    // waiting on values nobody can show them. Speak in a new epoch instead; the
+                    // group orders its INSTALL and this replica fetches the state
+                    // (docs/PROTOCOL.md §8).
+                    let epoch =
+                        replica
+                            .start_epoch(0, driver::wall_clock_ms())
+                            .map_err(|error| {
+                                NodeError::Config(format!(
+                                "the USIG cannot start a new epoch ({error}); an empty replica \
+                                 whose USIG already spoke cannot rejoin without one"
+                            ))
+                            })?;
+                    info!(
+                        epoch,
+                        "the USIG spoke before this start: rejoining in a new epoch"
+                    );
+                }
+                replica
             }
         };
         let wal = recovery.map(|recovery| driver::WalStart {
@@ -475,6 +496,36 @@ pub fn build_usig(
     build_usig_at(cluster, secrets, me, 0)
 }
 
+/// The USIG for a replica that starts empty, and whether it already certified messages: a
+/// `usigd` daemon whose counter is past 0 in its epoch, or a TPM whose counter moved past its
+/// enrolment. The in-process USIGs cannot tell (a fresh instance of a key knows nothing of
+/// earlier ones), so for them this is always false: such a replica must start from its log.
+pub fn build_fresh_usig(
+    cluster: &ClusterConfig,
+    secrets: &ReplicaSecrets,
+    me: ReplicaId,
+) -> Result<(Box<dyn Usig>, bool), NodeError> {
+    match cluster.usig {
+        UsigKind::Usigd => {
+            let public_keys = usig_public_keys(cluster)?;
+            let socket = std::path::Path::new(&secrets.usig_endpoint);
+            let identity = UsigIdentity {
+                replica: me,
+                epoch: 0,
+            };
+            let mut client = tessera_usigd::UsigdClient::connect(socket, identity, public_keys)?;
+            let spoke = client.last_counter()? > 0;
+            Ok((Box::new(client), spoke))
+        }
+        UsigKind::Tpm => {
+            let mut usig = build_tpm_usig(cluster, secrets, me)?;
+            let spoke = usig.pending_gap()? > 0;
+            Ok((Box::new(usig), spoke))
+        }
+        UsigKind::Hmac | UsigKind::Ed25519 => Ok((build_usig(cluster, secrets, me)?, false)),
+    }
+}
+
 /// Like [`build_usig`], continuing after `last_counter` values (for a replica restored from a
 /// snapshot of itself). Only the in-process USIGs can be told where to continue; an external
 /// one continues from its own durable counter, so `last_counter` must then be 0.
@@ -485,8 +536,9 @@ pub fn build_usig_at(
     last_counter: u64,
 ) -> Result<Box<dyn Usig>, NodeError> {
     const FILE: &str = "replica secret file";
-    // Every instance starts at epoch 0; a fresh epoch per restart comes with proactive
-    // recovery, which hands replicas new USIG keys.
+    // Built at epoch 0: an in-process USIG is rebuilt to replay the log exactly; a usigd
+    // client takes its daemon's epoch; a replica whose external USIG already spoke moves to a
+    // new epoch once built (`build_fresh_usig`, docs/PROTOCOL.md §8).
     let identity = UsigIdentity {
         replica: me,
         epoch: 0,
@@ -531,32 +583,42 @@ pub fn build_usig_at(
                 public_keys,
             )?))
         }
-        UsigKind::Tpm => {
-            let enrollments = cluster
-                .replicas
-                .iter()
-                .enumerate()
-                .map(|(index, replica)| {
-                    tessera_usig::TpmEnrollment::parse_text(&replica.usig_public_key).map_err(
-                        |problem| {
-                            NodeError::Config(format!(
-                                "cluster.toml: replicas[{index}].usig_public_key is not a TPM \
-                                 enrolment ({problem}); run `tessera usig provision` on that \
-                                 replica's host and paste the line it prints"
-                            ))
-                        },
-                    )
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let location: tessera_tpm::TpmLocation =
-                secrets.usig_endpoint.parse().map_err(|problem| {
-                    NodeError::Config(format!("{FILE}: `usig_endpoint`: {problem}"))
-                })?;
-            let mut usig = tessera_tpm::TpmUsig::new(identity, location, enrollments)?;
-            usig.connect()?;
-            Ok(Box::new(usig))
-        }
+        UsigKind::Tpm => Ok(Box::new(build_tpm_usig(cluster, secrets, me)?)),
     }
+}
+
+/// The TPM USIG of replica `me`, connected.
+fn build_tpm_usig(
+    cluster: &ClusterConfig,
+    secrets: &ReplicaSecrets,
+    me: ReplicaId,
+) -> Result<tessera_tpm::TpmUsig, NodeError> {
+    const FILE: &str = "replica secret file";
+    let identity = UsigIdentity {
+        replica: me,
+        epoch: 0,
+    };
+    let enrollments = cluster
+        .replicas
+        .iter()
+        .enumerate()
+        .map(|(index, replica)| {
+            tessera_usig::TpmEnrollment::parse_text(&replica.usig_public_key).map_err(|problem| {
+                NodeError::Config(format!(
+                    "cluster.toml: replicas[{index}].usig_public_key is not a TPM enrolment \
+                     ({problem}); run `tessera usig provision` on that replica's host and paste \
+                     the line it prints"
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let location: tessera_tpm::TpmLocation = secrets
+        .usig_endpoint
+        .parse()
+        .map_err(|problem| NodeError::Config(format!("{FILE}: `usig_endpoint`: {problem}")))?;
+    let mut usig = tessera_tpm::TpmUsig::new(identity, location, enrollments)?;
+    usig.connect()?;
+    Ok(usig)
 }
 
 fn usig_public_keys(cluster: &ClusterConfig) -> Result<Vec<[u8; 32]>, NodeError> {

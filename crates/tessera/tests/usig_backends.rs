@@ -82,3 +82,105 @@ fn a_cluster_runs_over_usigd() {
 fn a_cluster_runs_over_swtpm() {
     cluster_serves("tpm", 22100);
 }
+
+/// Runs `tessera kv` until it succeeds or `timeout` passes (a request may need a view change or
+/// a replica's catch-up first); returns its output.
+fn kv_eventually(dir: &Path, arguments: &[&str], timeout: Duration) -> String {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let output = Command::new(BINARY)
+            .args(["kv", "--timeout", "5s", "--dir"])
+            .arg(dir)
+            .args(arguments)
+            .output()
+            .expect("run tessera kv");
+        if output.status.success() {
+            return String::from_utf8_lossy(&output.stdout).trim().to_string();
+        }
+        if std::time::Instant::now() > deadline {
+            print_logs(dir);
+            panic!(
+                "tessera kv {arguments:?} did not succeed within {timeout:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// A replica of an external-USIG cluster keeps no log, while its `usigd` daemon or swtpm keeps
+/// counting. Killed with -9 and restarted, it is empty but its USIG has spoken, so it rejoins
+/// in a new USIG epoch (docs/PROTOCOL.md §8): the group orders its INSTALL, it catches up, and
+/// its votes count again — shown by stopping another replica afterwards, so that the restarted
+/// one is needed for every quorum.
+fn restarted_replica_rejoins_in_a_new_epoch(usig: &str, base_port: u16) {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let dir = temp.path().join("cluster");
+    let port = base_port.to_string();
+    run_init(&dir, usig, &port);
+    let mut local = LocalCluster::start(&dir, Path::new(BINARY)).expect("start");
+    if let Err(error) = local.wait_ready(Duration::from_secs(30)) {
+        print_logs(&dir);
+        panic!("{usig} cluster not ready: {error:#}");
+    }
+    for number in 0..20 {
+        let key = format!("before-{number}");
+        assert_eq!(tessera_kv(&dir, &["set", &key, &number.to_string()]), "OK");
+    }
+    local.kill_replica(2).expect("kill -9 replica 2");
+    local.restart_replica(2).expect("restart replica 2");
+    for number in 0..10 {
+        let key = format!("during-{number}");
+        let set = ["set", key.as_str(), "x"];
+        assert_eq!(kv_eventually(&dir, &set, Duration::from_secs(60)), "OK");
+    }
+    let log = std::fs::read_to_string(local.log_path(2)).unwrap_or_default();
+    assert!(
+        log.contains("rejoining in a new epoch"),
+        "replica 2 did not start a new epoch:\n{log}"
+    );
+    // Replica 1 goes: every quorum now needs replica 2, in its new epoch.
+    local.kill_replica(1).expect("kill replica 1");
+    for number in 0..10 {
+        let key = format!("after-{number}");
+        let set = ["set", key.as_str(), "y"];
+        assert_eq!(kv_eventually(&dir, &set, Duration::from_secs(90)), "OK");
+    }
+    for number in 0..20 {
+        let key = format!("before-{number}");
+        let get = ["get", key.as_str()];
+        assert_eq!(
+            kv_eventually(&dir, &get, Duration::from_secs(30)),
+            format!("\"{number}\"")
+        );
+    }
+    let log = std::fs::read_to_string(local.log_path(0)).unwrap_or_default();
+    assert!(
+        log.contains("USIG epoch installed"),
+        "replica 0 never installed the epoch"
+    );
+    local.stop().expect("stop");
+}
+
+fn run_init(dir: &Path, usig: &str, port: &str) {
+    let written = Command::new(BINARY)
+        .args(["init", "--usig", usig, "--base-port", port, "--dir"])
+        .arg(dir)
+        .output()
+        .expect("run tessera init");
+    assert!(
+        written.status.success(),
+        "init failed: {}",
+        String::from_utf8_lossy(&written.stderr)
+    );
+}
+
+#[test]
+fn a_usigd_replica_restarted_without_a_log_rejoins_in_a_new_epoch() {
+    restarted_replica_rejoins_in_a_new_epoch("usigd", 27600);
+}
+
+#[test]
+fn a_tpm_replica_restarted_without_a_log_rejoins_in_a_new_epoch() {
+    restarted_replica_rejoins_in_a_new_epoch("tpm", 28000);
+}
