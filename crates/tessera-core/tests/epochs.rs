@@ -118,3 +118,64 @@ fn a_view_change_waits_for_the_checkpoint_after_the_install() {
     assert_eq!(done, Some(Response::Ok));
     cluster.assert_histories_agree();
 }
+
+/// A USIG that burns one counter value when told to, as a `usigd` daemon or a TPM may after
+/// its own restart (a durable counter can jump forward).
+struct SkippingUsig {
+    inner: tessera_usig::HmacUsig,
+    burn: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl tessera_usig::Usig for SkippingUsig {
+    fn identity(&self) -> tessera_usig::UsigIdentity {
+        self.inner.identity()
+    }
+    fn create_ui(
+        &mut self,
+        message: &tessera_types::Digest,
+    ) -> Result<tessera_types::Ui, tessera_usig::UsigError> {
+        if self.burn.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.inner.create_ui(message)?; // issued, never sent
+        }
+        self.inner.create_ui(message)
+    }
+    fn start_epoch(&mut self) -> Result<u64, tessera_usig::UsigError> {
+        self.inner.start_epoch()
+    }
+    fn verify_ui(
+        &self,
+        signer: ReplicaId,
+        message: &tessera_types::Digest,
+        ui: &tessera_types::Ui,
+    ) -> Result<(), tessera_usig::UsigError> {
+        self.inner.verify_ui(signer, message, ui)
+    }
+}
+
+#[test]
+fn a_usig_that_skips_values_moves_its_replica_to_a_new_epoch() {
+    let burn = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let usig = SkippingUsig {
+        inner: common::usig_of(2, 3),
+        burn: burn.clone(),
+    };
+    let mut cluster = Cluster::with_usig(config(3, 1), Some((2, Box::new(usig))));
+    write(&mut cluster, 1, 1, 10);
+    burn.store(true, std::sync::atomic::Ordering::SeqCst);
+    write(&mut cluster, 1, 11, 20);
+    cluster.run_for(2_000);
+    assert!(
+        cluster.rejections(2, "own-usig-counter-gap") > 0,
+        "the skip was seen"
+    );
+    assert_eq!(cluster.replicas[2].epoch(), 1, "replica 2 moved to epoch 1");
+    for replica in 0..3 {
+        let installed = cluster.replicas[replica].installed_epoch(ReplicaId(2));
+        assert_eq!(installed.epoch, 1, "replica {replica} installed it");
+    }
+    // Without a new epoch peers would wait for the burned value for ever; now replica 2's
+    // votes count: with replica 1 down, replicas 0 and 2 are a quorum.
+    cluster.crash(1);
+    write(&mut cluster, 1, 31, 10);
+    cluster.assert_histories_agree();
+}

@@ -448,11 +448,23 @@ impl Simulation {
                 Box::new(usig)
             };
             nodes.push(new_node(&config, &client_key, id, role, usig));
+            if byzantine {
+                nodes
+                    .last_mut()
+                    .expect("pushed")
+                    .replica
+                    .set_restart_on_usig_gap(false);
+            }
         }
         let mut clock_rng = SimRng::new(seed, STREAM_CLOCK);
         let twin = faults.twins.map(|id| {
             let usig = Box::new(shared_usigs[&id].clone());
             nodes.push(new_node(&config, &client_key, id, Role::Twin, usig));
+            nodes
+                .last_mut()
+                .expect("pushed")
+                .replica
+                .set_restart_on_usig_gap(false);
             let routing = (0..n).map(|_| fault_rng.below(2) as u8).collect();
             (nodes.len() - 1, routing)
         });

@@ -612,15 +612,11 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     tokio::pin!(shutdown);
     let mut ticker = tokio::time::interval(Duration::from_millis(250));
     let mut running = cluster.cluster().replicas.len();
-    // Only a replica with a write-ahead log can come back without contradicting itself.
-    let durable = matches!(cluster.cluster().usig, UsigKind::Hmac | UsigKind::Ed25519);
+    // A replica comes back without contradicting itself: from its write-ahead log (hmac,
+    // ed25519), or empty in a new USIG epoch when its daemon or TPM spoke before (usigd, tpm;
+    // docs/PROTOCOL.md §8).
     let disabled = if args.no_restart {
         Some(" (--no-restart)")
-    } else if !durable {
-        Some(
-            " (replicas of usigd and tpm clusters keep no log and cannot rejoin; \
-             see docs/OPERATIONS.md §5)",
-        )
     } else {
         None
     };

@@ -55,10 +55,18 @@ impl<S: StateMachine> Replica<S> {
     /// that cannot continue its counter (its log is gone, or its USIG burned a value that no
     /// log recorded). Returns the new epoch. The EPOCH-START is repeated every heartbeat until
     /// the group has executed its INSTALL; until then peers do not process this replica's new
-    /// messages, and its VIEW-CHANGEs count only once a stable checkpoint is `L` past the
-    /// INSTALL (docs/PROTOCOL.md §8).
+    /// messages, and its VIEW-CHANGEs count only once the checkpoint after the INSTALL is the
+    /// new view's (docs/PROTOCOL.md §8).
     pub fn start_epoch(&mut self, now_ms: u64, wall_ms: u64) -> Result<u64, UsigError> {
         self.advance_clock(now_ms, wall_ms);
+        let epoch = self.begin_epoch()?;
+        self.settle();
+        Ok(epoch)
+    }
+
+    /// [`Replica::start_epoch`] without the clock and the settling: also used in the middle of
+    /// certifying a message, when the USIG turned out to have skipped counter values.
+    pub(super) fn begin_epoch(&mut self) -> Result<u64, UsigError> {
         let epoch = self.usig.start_epoch()?;
         // Past this point the USIG speaks only in the new epoch: a replica that could not
         // announce it would be mute for good, like one whose USIG cannot certify at all.
@@ -110,7 +118,6 @@ impl<S: StateMachine> Replica<S> {
         if let Some((seq, digest, epochs)) = latest {
             self.send_checkpoint(seq, digest, epochs);
         }
-        self.settle();
         Ok(epoch)
     }
 
@@ -239,6 +246,14 @@ impl<S: StateMachine> Replica<S> {
                 self.announced_epoch = None;
             }
         }
+    }
+
+    /// Whether a USIG that skipped counter values (a `usigd` daemon or TPM that restarted)
+    /// moves this replica to a new epoch (default on). The simulator turns it off for the
+    /// replicas its adversary controls: they share their USIG with the adversary on purpose and
+    /// need not cooperate with recovery.
+    pub fn set_restart_on_usig_gap(&mut self, on: bool) {
+        self.restart_on_usig_gap = on;
     }
 
     /// This replica's current USIG epoch.

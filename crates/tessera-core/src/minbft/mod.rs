@@ -372,6 +372,9 @@ pub struct Replica<S: StateMachine> {
     /// The EPOCH-START of this replica's current USIG epoch, repeated every heartbeat until the
     /// group has installed it (`None` in epoch 0 and once installed).
     announced_epoch: Option<EpochStart>,
+    /// Whether a USIG that skipped counter values moves this replica to a new epoch (see
+    /// `certify_once`); a driver setting, not replicated state.
+    restart_on_usig_gap: bool,
 
     // --- peers ---
     streams: Vec<PeerStream>,
@@ -480,6 +483,7 @@ impl<S: StateMachine> Replica<S> {
             retransmit: BTreeMap::new(),
             own_max_seq: SeqNum(0),
             announced_epoch: None,
+            restart_on_usig_gap: true,
             streams,
             store: BTreeMap::new(),
             state_request_ms: None,
@@ -717,6 +721,12 @@ impl<S: StateMachine> Replica<S> {
     /// Creates a UI for `digest` and records the message in the own log. Panics only if the USIG
     /// itself fails, which leaves the replica unable to speak safely at all.
     fn certify(&mut self, digest: &Digest) -> Ui {
+        self.certify_once(digest, true)
+    }
+
+    /// [`Replica::certify`]; after a skip, `restart_on_gap` says whether to move to a new epoch
+    /// and certify there (once: a USIG that keeps skipping gets no endless epochs).
+    fn certify_once(&mut self, digest: &Digest, restart_on_gap: bool) -> Ui {
         let ui = self
             .usig
             .create_ui(digest)
@@ -729,11 +739,24 @@ impl<S: StateMachine> Replica<S> {
             "a USIG never returns an (epoch, counter) twice"
         );
         if (ui.epoch, ui.counter) != (last.0, last.1 + 1) {
-            // Something else used this replica's USIG since its last message: only possible if
-            // the host is compromised (the simulator's Twins and adversary do exactly that) or
-            // after a restart with a durable counter. Peers see a gap in this stream that no one
-            // can fill; the replica goes on, and they route around it if they must.
+            // The USIG skipped values since this replica's last message: a usigd daemon or a TPM
+            // that restarted (a durable counter may jump forward), or a compromised host using
+            // the USIG behind the core's back (the simulator's Twins and adversary). Peers would
+            // wait for ever on values nobody can show them, so the replica moves to a new epoch
+            // and certifies the message there; the skipped UI was never sent. A jump into a
+            // later epoch made elsewhere (Twins) is left as it is: that epoch is not this core's.
             self.reject("own-usig-counter-gap");
+            // Not while a new epoch is still being announced (its own CHECKPOINT is certified
+            // inside `begin_epoch`): one restart at a time.
+            if restart_on_gap
+                && self.restart_on_usig_gap
+                && self.announced_epoch.is_none()
+                && ui.epoch == last.0
+                && !self.own_log.is_empty()
+                && self.begin_epoch().is_ok()
+            {
+                return self.certify_once(digest, false);
+            }
         }
         ui
     }

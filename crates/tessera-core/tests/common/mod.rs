@@ -102,24 +102,38 @@ pub fn config(n: u32, f: u32) -> ProtocolConfig {
 
 impl Cluster {
     pub fn new(config: ProtocolConfig) -> Cluster {
+        Cluster::with_usig(config, None)
+    }
+
+    /// Like [`Cluster::new`], with replica `index` using `usig` instead of its plain HMAC USIG.
+    pub fn with_usig(
+        config: ProtocolConfig,
+        mut replaced: Option<(u32, Box<dyn tessera_usig::Usig>)>,
+    ) -> Cluster {
         let n = config.n;
         let keys: Vec<[u8; 32]> = (0..n).map(|index| [index as u8 + 1; 32]).collect();
         let replicas = (0..n)
             .map(|index| {
-                let usig = HmacUsig::new(
-                    UsigIdentity {
-                        replica: ReplicaId(index),
-                        epoch: 0,
-                    },
-                    keys.clone(),
-                );
+                let usig: Box<dyn tessera_usig::Usig> = match replaced.take() {
+                    Some((replaced_index, usig)) if replaced_index == index => usig,
+                    other => {
+                        replaced = other;
+                        Box::new(HmacUsig::new(
+                            UsigIdentity {
+                                replica: ReplicaId(index),
+                                epoch: 0,
+                            },
+                            keys.clone(),
+                        ))
+                    }
+                };
                 let authenticator = TestAuthenticator {
                     key: client_key().verifying_key(),
                 };
                 Replica::new(
                     ReplicaId(index),
                     config.clone(),
-                    Box::new(usig),
+                    usig,
                     Box::new(authenticator),
                     KvStore::default(),
                 )
