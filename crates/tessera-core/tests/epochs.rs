@@ -142,6 +142,9 @@ impl tessera_usig::Usig for SkippingUsig {
     fn start_epoch(&mut self) -> Result<u64, tessera_usig::UsigError> {
         self.inner.start_epoch()
     }
+    fn start_epoch_at_least(&mut self, at_least: u64) -> Result<u64, tessera_usig::UsigError> {
+        self.inner.start_epoch_at_least(at_least)
+    }
     fn verify_ui(
         &self,
         signer: ReplicaId,

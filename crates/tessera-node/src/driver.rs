@@ -144,6 +144,8 @@ pub struct WalStart {
     pub restored: Option<Restored>,
     /// See [`crate::Durability::snapshot_after_log_bytes`].
     pub snapshot_after_log_bytes: u64,
+    /// See [`crate::Durability::new_epoch`].
+    pub new_epoch: bool,
 }
 
 /// What the driver needs of the snapshot a replica was restored from.
@@ -630,8 +632,12 @@ impl<S: StateMachine> CoreLoop<S> {
     fn run(mut self, inbox: Receiver<CoreEvent>, wal: Option<WalStart>) -> Result<(), WalError> {
         info!("core thread started");
         let mut restored = false;
+        let mut new_epoch = false;
+        let mut log_path = None;
         let replayed = match wal {
             Some(start) => {
+                new_epoch = start.new_epoch;
+                log_path = Some(start.log.path().to_path_buf());
                 self.snapshots.after_log_bytes = start.snapshot_after_log_bytes;
                 if let Some(Restored {
                     generation,
@@ -661,11 +667,39 @@ impl<S: StateMachine> CoreLoop<S> {
             }
             None => 0,
         };
+        if new_epoch && (replayed > 0 || restored) {
+            return Err(WalError::Foreign {
+                path: log_path.unwrap_or_default(),
+                problem: "holds this replica's history, but --new-epoch says its log was lost"
+                    .into(),
+                fix: "start the replica without --new-epoch: it restarts from its log",
+            });
+        }
         if replayed == 0 && !restored {
             let now_ms = self.now_ms();
             let wall_ms = wall_clock_ms();
             self.log(|| RecordRef::Start { now_ms, wall_ms });
             self.replica.start(now_ms, wall_ms);
+            if new_epoch {
+                // An in-process USIG keeps no memory of its epochs: the wall clock in ms is above
+                // every epoch this replica can have used (each was chosen the same way, earlier),
+                // and the log keeps it so that replay reaches the same epoch.
+                let at_least = wall_ms;
+                self.log(|| RecordRef::StartEpoch {
+                    now_ms,
+                    wall_ms,
+                    at_least,
+                });
+                let epoch = self
+                    .replica
+                    .start_epoch_at_least(now_ms, wall_ms, at_least)
+                    .map_err(|error| WalError::Foreign {
+                        path: log_path.clone().unwrap_or_default(),
+                        problem: format!("cannot start a new USIG epoch: {error}"),
+                        fix: "re-key the cluster (`tessera init --force`)",
+                    })?;
+                info!(epoch, "started empty in a new USIG epoch (--new-epoch)");
+            }
         }
         self.execute_actions()?;
         let mut next_status = Instant::now();
@@ -752,6 +786,20 @@ impl<S: StateMachine> CoreLoop<S> {
                         });
                     };
                     self.replica.handle_timer(now_ms, wall_ms, timer);
+                }
+                Record::StartEpoch {
+                    now_ms,
+                    wall_ms,
+                    at_least,
+                } => {
+                    last_ms = now_ms;
+                    self.replica
+                        .start_epoch_at_least(now_ms, wall_ms, at_least)
+                        .map_err(|error| WalError::Corrupt {
+                            path: reader.path().to_path_buf(),
+                            offset: 0,
+                            problem: format!("the USIG cannot start the logged epoch: {error}"),
+                        })?;
                 }
                 Record::Installed { seq } => {
                     // Its snapshot never replaced the log, so nothing from here on left the

@@ -109,6 +109,9 @@ pub struct Durability {
     /// and at least as many as its last snapshot (so snapshots cost at most as much writing as
     /// the log they replace); 0 never.
     pub snapshot_after_log_bytes: u64,
+    /// The replica lost its log and starts empty in a new USIG epoch (docs/PROTOCOL.md §8).
+    /// Refused if the log is not empty: a replica with a log restarts from it.
+    pub new_epoch: bool,
 }
 
 /// Runs replica `secrets.replica` of `cluster` until `shutdown` completes.
@@ -153,7 +156,9 @@ pub async fn run_replica(
                 // The USIG continues exactly where the snapshot's replica stopped: everything it
                 // certified after that is in the log, and replay certifies it again.
                 let counter = tessera_core::minbft::saved_usig_counter(&snapshot.core)?;
-                let usig = metrics.metered_usig(build_usig_at(&cluster, &secrets, me, counter)?);
+                let epoch = tessera_core::minbft::saved_usig_epoch(&snapshot.core)?;
+                let usig =
+                    metrics.metered_usig(build_usig_at(&cluster, &secrets, me, epoch, counter)?);
                 let started = std::time::Instant::now();
                 let replica = Replica::restore(
                     me,
@@ -213,6 +218,9 @@ pub async fn run_replica(
             snapshot_after_log_bytes: durability
                 .as_ref()
                 .map_or(0, |durability| durability.snapshot_after_log_bytes),
+            new_epoch: durability
+                .as_ref()
+                .is_some_and(|durability| durability.new_epoch),
         });
         let endpoint = cluster.replica(me);
         let peer_listener = bind(&endpoint.replica_address, "replica traffic").await?;
@@ -493,7 +501,7 @@ pub fn build_usig(
     secrets: &ReplicaSecrets,
     me: ReplicaId,
 ) -> Result<Box<dyn Usig>, NodeError> {
-    build_usig_at(cluster, secrets, me, 0)
+    build_usig_at(cluster, secrets, me, 0, 0)
 }
 
 /// The USIG for a replica that starts empty, and whether it already certified messages: a
@@ -533,16 +541,14 @@ pub fn build_usig_at(
     cluster: &ClusterConfig,
     secrets: &ReplicaSecrets,
     me: ReplicaId,
+    epoch: u64,
     last_counter: u64,
 ) -> Result<Box<dyn Usig>, NodeError> {
     const FILE: &str = "replica secret file";
     // Built at epoch 0: an in-process USIG is rebuilt to replay the log exactly; a usigd
     // client takes its daemon's epoch; a replica whose external USIG already spoke moves to a
     // new epoch once built (`build_fresh_usig`, docs/PROTOCOL.md §8).
-    let identity = UsigIdentity {
-        replica: me,
-        epoch: 0,
-    };
+    let identity = UsigIdentity { replica: me, epoch };
     match cluster.usig {
         UsigKind::Hmac => {
             let secret = parse_key(FILE, "usig_secret", &secrets.usig_secret)?;
@@ -569,11 +575,13 @@ pub fn build_usig_at(
                 last_counter,
             )?))
         }
-        UsigKind::Usigd | UsigKind::Tpm if last_counter != 0 => Err(NodeError::Config(
-            "an external USIG continues from its own counter and cannot be resumed from a \
+        UsigKind::Usigd | UsigKind::Tpm if last_counter != 0 || epoch != 0 => {
+            Err(NodeError::Config(
+                "an external USIG continues from its own counter and cannot be resumed from a \
              snapshot"
-                .into(),
-        )),
+                    .into(),
+            ))
+        }
         UsigKind::Usigd => {
             let public_keys = usig_public_keys(cluster)?;
             let socket = std::path::Path::new(&secrets.usig_endpoint);

@@ -439,7 +439,11 @@ impl Usig for MeteredUsig {
     }
 
     fn start_epoch(&mut self) -> Result<u64, UsigError> {
-        let result = self.inner.start_epoch();
+        self.start_epoch_at_least(0)
+    }
+
+    fn start_epoch_at_least(&mut self, at_least: u64) -> Result<u64, UsigError> {
+        let result = self.inner.start_epoch_at_least(at_least);
         if result.is_err() {
             self.metrics
                 .usig_failures

@@ -113,6 +113,16 @@ pub enum Record {
         /// The checkpoint installed.
         seq: u64,
     },
+    /// The core moved its USIG to a new epoch, at least `at_least` (a replica that lost its log
+    /// and came back empty, docs/PROTOCOL.md §8): replay calls the same.
+    StartEpoch {
+        /// Time.
+        now_ms: u64,
+        /// Wall clock.
+        wall_ms: u64,
+        /// The lower bound the new epoch was chosen with.
+        at_least: u64,
+    },
 }
 
 /// The same layout as [`Record`], borrowing the payload, so logging a request or message does
@@ -161,6 +171,15 @@ pub enum RecordRef<'a> {
     Installed {
         /// The checkpoint installed.
         seq: u64,
+    },
+    /// See [`Record::StartEpoch`].
+    StartEpoch {
+        /// Time.
+        now_ms: u64,
+        /// Wall clock.
+        wall_ms: u64,
+        /// The lower bound the new epoch was chosen with.
+        at_least: u64,
     },
 }
 
@@ -229,7 +248,8 @@ pub enum WalError {
     #[error(
         "write-ahead log {path} is corrupt at byte {offset}: {problem}; the replica must not \
          restart from a log it cannot read in full (it could contradict messages it sent); \
-         restore the file from a backup, or retire the replica and add it back with a fresh USIG"
+         restore the file from a backup, or move it away and start the replica with \
+         `--new-epoch` (it comes back empty in a new USIG epoch and fetches the state)"
     )]
     Corrupt {
         /// The file.
@@ -1037,6 +1057,22 @@ mod tests {
                     now_ms: 8,
                     wall_ms: 1_700_000_000_008,
                 }),
+            ),
+            (
+                tessera_types::encode(&RecordRef::StartEpoch {
+                    now_ms: 9,
+                    wall_ms: 1_700_000_000_009,
+                    at_least: 1_700_000_000_009,
+                }),
+                tessera_types::encode(&Record::StartEpoch {
+                    now_ms: 9,
+                    wall_ms: 1_700_000_000_009,
+                    at_least: 1_700_000_000_009,
+                }),
+            ),
+            (
+                tessera_types::encode(&RecordRef::Installed { seq: 16 }),
+                tessera_types::encode(&Record::Installed { seq: 16 }),
             ),
         ];
         for (borrowed, owned) in pairs {

@@ -59,6 +59,9 @@ impl Usig for SharedUsig {
     fn start_epoch(&mut self) -> Result<u64, UsigError> {
         self.lock().start_epoch()
     }
+    fn start_epoch_at_least(&mut self, at_least: u64) -> Result<u64, UsigError> {
+        self.lock().start_epoch_at_least(at_least)
+    }
     fn verify_ui(&self, signer: ReplicaId, message: &Digest, ui: &Ui) -> Result<(), UsigError> {
         self.lock().verify_ui(signer, message, ui)
     }

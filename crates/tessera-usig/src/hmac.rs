@@ -124,7 +124,11 @@ impl Usig for HmacUsig {
     }
 
     fn start_epoch(&mut self) -> Result<u64, UsigError> {
-        let epoch = certified::next_epoch(self.identity.epoch)?;
+        self.start_epoch_at_least(0)
+    }
+
+    fn start_epoch_at_least(&mut self, at_least: u64) -> Result<u64, UsigError> {
+        let epoch = certified::next_epoch(self.identity.epoch)?.max(at_least);
         self.identity.epoch = epoch;
         self.last_counter = 0;
         Ok(epoch)

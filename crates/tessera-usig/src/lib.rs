@@ -81,6 +81,16 @@ pub trait Usig: Send {
     /// as what they are. `Exhausted` if no greater epoch exists.
     fn start_epoch(&mut self) -> Result<u64, UsigError>;
 
+    /// Like [`Usig::start_epoch`], with the new epoch at least `at_least` where the caller must
+    /// choose it: an in-process USIG has no durable memory of its epochs, so a replica that lost
+    /// its log passes a value above every epoch it can have used (the node uses the wall clock in
+    /// milliseconds) and logs it, so that replay reaches the same epoch. A backend that keeps its
+    /// own epochs durably (`usigd`, TPM) chooses by itself and ignores `at_least`.
+    fn start_epoch_at_least(&mut self, at_least: u64) -> Result<u64, UsigError> {
+        let _ = at_least;
+        self.start_epoch()
+    }
+
     /// Checks that `ui` was created by `signer`'s USIG for `message`, in the epoch and with the
     /// counter `ui` names. Any epoch is accepted if the certificate proves it: epoch policy is
     /// the caller's.

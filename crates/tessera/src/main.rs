@@ -193,6 +193,12 @@ struct ReplicaArgs {
     /// local choice; the write-ahead log records it, so a restart must keep it.
     #[arg(long)]
     transfer_strategy: Option<tessera_types::TransferStrategy>,
+    /// The replica's log was lost (or must not be trusted and was moved away): start empty in a
+    /// new USIG epoch, which the group installs before it counts, and fetch the state
+    /// (docs/PROTOCOL.md §8). Refused if the log exists: a replica with a log restarts from it.
+    /// Only for hmac and ed25519 clusters; usigd and tpm replicas do this by themselves.
+    #[arg(long, conflicts_with = "no_wal")]
+    new_epoch: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -545,9 +551,16 @@ async fn run_replica(args: ReplicaArgs) -> anyhow::Result<()> {
         (None, UsigKind::Hmac | UsigKind::Ed25519) => Some(local::wal_path(&args.dir, args.id)),
         (None, UsigKind::Usigd | UsigKind::Tpm) => None,
     };
+    if args.new_epoch && wal.is_none() {
+        bail!(
+            "--new-epoch is for replicas with a write-ahead log (hmac and ed25519 clusters): a \
+             usigd or tpm replica starts a new epoch by itself when its USIG spoke before"
+        );
+    }
     let durability = wal.map(|log| tessera_node::Durability {
         log,
         snapshot_after_log_bytes: args.snapshot_after,
+        new_epoch: args.new_epoch,
     });
     tessera_node::run_replica(cluster, secrets, durability, shutdown_signal())
         .await

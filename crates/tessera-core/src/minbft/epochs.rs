@@ -58,16 +58,28 @@ impl<S: StateMachine> Replica<S> {
     /// messages, and its VIEW-CHANGEs count only once the checkpoint after the INSTALL is the
     /// new view's (docs/PROTOCOL.md §8).
     pub fn start_epoch(&mut self, now_ms: u64, wall_ms: u64) -> Result<u64, UsigError> {
+        self.start_epoch_at_least(now_ms, wall_ms, 0)
+    }
+
+    /// [`Replica::start_epoch`] with the new epoch at least `at_least` where the USIG lets the
+    /// caller choose (see `Usig::start_epoch_at_least`): a driver that logs `at_least` with the
+    /// input replays to the same epoch.
+    pub fn start_epoch_at_least(
+        &mut self,
+        now_ms: u64,
+        wall_ms: u64,
+        at_least: u64,
+    ) -> Result<u64, UsigError> {
         self.advance_clock(now_ms, wall_ms);
-        let epoch = self.begin_epoch()?;
+        let epoch = self.begin_epoch(at_least)?;
         self.settle();
         Ok(epoch)
     }
 
     /// [`Replica::start_epoch`] without the clock and the settling: also used in the middle of
     /// certifying a message, when the USIG turned out to have skipped counter values.
-    pub(super) fn begin_epoch(&mut self) -> Result<u64, UsigError> {
-        let epoch = self.usig.start_epoch()?;
+    pub(super) fn begin_epoch(&mut self, at_least: u64) -> Result<u64, UsigError> {
+        let epoch = self.usig.start_epoch_at_least(at_least)?;
         // Past this point the USIG speaks only in the new epoch: a replica that could not
         // announce it would be mute for good, like one whose USIG cannot certify at all.
         let ui = self

@@ -753,7 +753,7 @@ impl<S: StateMachine> Replica<S> {
                 && self.announced_epoch.is_none()
                 && ui.epoch == last.0
                 && !self.own_log.is_empty()
-                && self.begin_epoch().is_ok()
+                && self.begin_epoch(0).is_ok()
             {
                 return self.certify_once(digest, false);
             }
