@@ -832,8 +832,9 @@ async fn measure_validation(
     })
 }
 
-/// Wipes backup `id` (SIGKILL, its log deleted, restarted empty) and times the state transfer
-/// until its status shows the others' stable checkpoint and digest; checks what it received.
+/// Wipes backup `id` (SIGKILL, its log deleted, restarted empty with `--new-epoch`) and times
+/// the state transfer until its status shows the others' stable checkpoint and digest; checks
+/// what it received.
 async fn measure_transfer(
     local: &mut LocalCluster,
     cluster: &ClusterConfig,
@@ -853,11 +854,14 @@ async fn measure_transfer(
     })?;
     let started_wall = SystemTime::now();
     let started = Instant::now();
+    // Its log is gone, so it comes back in a new USIG epoch (docs/STATE.md §5): restarting it
+    // empty in its old epoch would certify counter values its peers have already seen.
     local.restart_replica_with(
         id,
         &[
             "--transfer-strategy".to_string(),
             strategy.name().to_string(),
+            "--new-epoch".to_string(),
         ],
     )?;
     let (seconds, status) = wait_caught_up(
