@@ -7,44 +7,9 @@
 mod support;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 use support::local::wal_path;
-use support::{tessera_kv, LocalCluster, BINARY};
-
-fn print_logs(dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(dir.join("logs")) {
-        for entry in entries.flatten() {
-            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-            let tail = &text[text.len().saturating_sub(3000)..];
-            eprintln!("--- {}\n{tail}", entry.path().display());
-        }
-    }
-}
-
-/// Runs `tessera kv` until it succeeds or `timeout` passes; returns its output.
-fn kv_eventually(dir: &Path, arguments: &[&str], timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let output = Command::new(BINARY)
-            .args(["kv", "--timeout", "5s", "--dir"])
-            .arg(dir)
-            .args(arguments)
-            .output()
-            .expect("run tessera kv");
-        if output.status.success() {
-            return String::from_utf8_lossy(&output.stdout).trim().to_string();
-        }
-        if Instant::now() > deadline {
-            print_logs(dir);
-            panic!(
-                "tessera kv {arguments:?} did not succeed within {timeout:?}: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
+use support::{init_cluster, kv_eventually, print_logs, tessera_kv, LocalCluster, BINARY};
 
 fn replica_log(local: &LocalCluster, id: u32) -> String {
     std::fs::read_to_string(local.log_path(id)).unwrap_or_default()
@@ -54,12 +19,7 @@ fn replica_log(local: &LocalCluster, id: u32) -> String {
 fn a_replica_whose_log_is_lost_rejoins_in_a_new_epoch() {
     let temp = tempfile::tempdir().expect("temp dir");
     let dir = temp.path().join("cluster");
-    let written = Command::new(BINARY)
-        .args(["init", "--usig", "hmac", "--base-port", "28400", "--dir"])
-        .arg(&dir)
-        .output()
-        .expect("run tessera init");
-    assert!(written.status.success(), "init failed");
+    init_cluster(&dir, "hmac", 28400);
     let mut local = LocalCluster::start(&dir, Path::new(BINARY)).expect("start");
     if let Err(error) = local.wait_ready(Duration::from_secs(30)) {
         print_logs(&dir);

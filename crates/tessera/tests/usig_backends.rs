@@ -9,7 +9,7 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-use support::{tessera_kv, LocalCluster, BINARY};
+use support::{init_cluster, kv_eventually, print_logs, tessera_kv, LocalCluster, BINARY};
 
 fn run(arguments: &[&str], dir: &Path) -> String {
     let output = Command::new(BINARY)
@@ -24,16 +24,6 @@ fn run(arguments: &[&str], dir: &Path) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).trim().to_string()
-}
-
-fn print_logs(dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(dir.join("logs")) {
-        for entry in entries.flatten() {
-            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-            let tail = &text[text.len().saturating_sub(3000)..];
-            eprintln!("--- {}\n{tail}", entry.path().display());
-        }
-    }
 }
 
 fn cluster_serves(usig: &str, base_port: u16) {
@@ -83,31 +73,6 @@ fn a_cluster_runs_over_swtpm() {
     cluster_serves("tpm", 22100);
 }
 
-/// Runs `tessera kv` until it succeeds or `timeout` passes (a request may need a view change or
-/// a replica's catch-up first); returns its output.
-fn kv_eventually(dir: &Path, arguments: &[&str], timeout: Duration) -> String {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let output = Command::new(BINARY)
-            .args(["kv", "--timeout", "5s", "--dir"])
-            .arg(dir)
-            .args(arguments)
-            .output()
-            .expect("run tessera kv");
-        if output.status.success() {
-            return String::from_utf8_lossy(&output.stdout).trim().to_string();
-        }
-        if std::time::Instant::now() > deadline {
-            print_logs(dir);
-            panic!(
-                "tessera kv {arguments:?} did not succeed within {timeout:?}: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
 /// A replica of an external-USIG cluster keeps no log, while its `usigd` daemon or swtpm keeps
 /// counting. Killed with -9 and restarted, it is empty but its USIG has spoken, so it rejoins
 /// in a new USIG epoch (docs/PROTOCOL.md §8): the group orders its INSTALL, it catches up, and
@@ -116,8 +81,7 @@ fn kv_eventually(dir: &Path, arguments: &[&str], timeout: Duration) -> String {
 fn restarted_replica_rejoins_in_a_new_epoch(usig: &str, base_port: u16) {
     let temp = tempfile::tempdir().expect("temp dir");
     let dir = temp.path().join("cluster");
-    let port = base_port.to_string();
-    run_init(&dir, usig, &port);
+    init_cluster(&dir, usig, base_port);
     let mut local = LocalCluster::start(&dir, Path::new(BINARY)).expect("start");
     if let Err(error) = local.wait_ready(Duration::from_secs(30)) {
         print_logs(&dir);
@@ -160,19 +124,6 @@ fn restarted_replica_rejoins_in_a_new_epoch(usig: &str, base_port: u16) {
         "replica 0 never installed the epoch"
     );
     local.stop().expect("stop");
-}
-
-fn run_init(dir: &Path, usig: &str, port: &str) {
-    let written = Command::new(BINARY)
-        .args(["init", "--usig", usig, "--base-port", port, "--dir"])
-        .arg(dir)
-        .output()
-        .expect("run tessera init");
-    assert!(
-        written.status.success(),
-        "init failed: {}",
-        String::from_utf8_lossy(&written.stderr)
-    );
 }
 
 #[test]

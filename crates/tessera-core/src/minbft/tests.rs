@@ -111,6 +111,19 @@ fn install(replica: u32, epoch: u64, installed_at: u64) -> EpochInstall {
     }
 }
 
+/// Replica 2's USIG moves to its next epoch and certifies the EPOCH-START of it.
+fn epoch_start(replica_2: &mut HmacUsig) -> EpochStart {
+    let epoch = replica_2.start_epoch().expect("next epoch");
+    let ui = replica_2
+        .create_ui(&epoch_start_certified_digest(ReplicaId(2), epoch))
+        .expect("certifies");
+    EpochStart {
+        replica: ReplicaId(2),
+        epoch,
+        ui,
+    }
+}
+
 fn misfits(plan: &NewViewPlan, view_changes: &[ViewChange]) -> Vec<(u32, &'static str)> {
     let usig = usig(0);
     let anchors = AllAnchorsValid;
@@ -151,15 +164,7 @@ fn an_install_in_the_plan_retires_a_kept_back_view_change() {
     // checkpoint), the kept-back VIEW-CHANGE no longer fits, and neither does one of the new
     // epoch (too recent).
     let mut replica_2 = usig(2);
-    let epoch = replica_2.start_epoch().expect("epoch 1");
-    let ui = replica_2
-        .create_ui(&epoch_start_certified_digest(ReplicaId(2), epoch))
-        .expect("certifies");
-    let start = EpochStart {
-        replica: ReplicaId(2),
-        epoch,
-        ui,
-    };
+    let start = epoch_start(&mut replica_2);
     let batch = Arc::new(vec![start.to_install_request()]);
     let entry = PlanEntry {
         seq: SeqNum(10),
@@ -181,15 +186,7 @@ fn an_install_in_the_plan_retires_a_kept_back_view_change() {
 #[test]
 fn an_install_entry_is_valid_only_as_its_epoch_start_certifies_it() {
     let mut replica_2 = usig(2);
-    let epoch = replica_2.start_epoch().expect("epoch 1");
-    let ui = replica_2
-        .create_ui(&epoch_start_certified_digest(ReplicaId(2), epoch))
-        .expect("certifies");
-    let start = EpochStart {
-        replica: ReplicaId(2),
-        epoch,
-        ui,
-    };
+    let start = epoch_start(&mut replica_2);
     let verifier = usig(0);
     let request = start.to_install_request();
     assert!(install_entry(&request, 3, &verifier).is_some());
@@ -205,7 +202,7 @@ fn an_install_entry_is_valid_only_as_its_epoch_start_certifies_it() {
     assert!(install_entry(&signed, 3, &verifier).is_none());
     // A UI that is not counter 1 of the epoch it names.
     let later = replica_2
-        .create_ui(&epoch_start_certified_digest(ReplicaId(2), epoch))
+        .create_ui(&epoch_start_certified_digest(ReplicaId(2), start.epoch))
         .expect("certifies");
     let not_first = EpochStart { ui: later, ..start };
     assert!(install_entry(&not_first.to_install_request(), 3, &verifier).is_none());

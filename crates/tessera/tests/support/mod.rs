@@ -816,6 +816,63 @@ pub fn run_bounded<F: std::future::Future<Output = ()>>(limit: Duration, body: F
 
 /// Runs `tessera kv --dir DIR ARGUMENTS...` and returns what it printed, trimmed; panics with
 /// its stderr if it failed.
+/// Prints the tail of every log under `dir/logs` (for a failing test's output).
+pub fn print_logs(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir.join("logs")) {
+        for entry in entries.flatten() {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let tail = &text[text.len().saturating_sub(3000)..];
+            eprintln!("--- {}\n{tail}", entry.path().display());
+        }
+    }
+}
+
+/// Writes a cluster with `tessera init --usig <usig> --base-port <port>` into `dir`.
+pub fn init_cluster(dir: &Path, usig: &str, port: u16) {
+    let written = std::process::Command::new(BINARY)
+        .args([
+            "init",
+            "--usig",
+            usig,
+            "--base-port",
+            &port.to_string(),
+            "--dir",
+        ])
+        .arg(dir)
+        .output()
+        .expect("run tessera init");
+    assert!(
+        written.status.success(),
+        "init failed: {}",
+        String::from_utf8_lossy(&written.stderr)
+    );
+}
+
+/// Runs `tessera kv` until it succeeds or `timeout` passes (a request may need a view change or
+/// a replica's catch-up first); returns its output, or prints every log and panics.
+pub fn kv_eventually(dir: &Path, arguments: &[&str], timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let output = std::process::Command::new(BINARY)
+            .args(["kv", "--timeout", "5s", "--dir"])
+            .arg(dir)
+            .args(arguments)
+            .output()
+            .expect("run tessera kv");
+        if output.status.success() {
+            return String::from_utf8_lossy(&output.stdout).trim().to_string();
+        }
+        if Instant::now() > deadline {
+            print_logs(dir);
+            panic!(
+                "tessera kv {arguments:?} did not succeed within {timeout:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 pub fn tessera_kv(dir: &Path, arguments: &[&str]) -> String {
     let output = std::process::Command::new(BINARY)
         .args(["kv", "--dir"])
