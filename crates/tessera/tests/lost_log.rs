@@ -6,10 +6,9 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 use support::local::wal_path;
-use support::{init_cluster, kv_eventually, print_logs, tessera_kv, LocalCluster, BINARY};
+use support::{init_cluster, kv_eventually, start_ready, tessera_kv, LocalCluster};
 
 fn replica_log(local: &LocalCluster, id: u32) -> String {
     std::fs::read_to_string(local.log_path(id)).unwrap_or_default()
@@ -20,11 +19,7 @@ fn a_replica_whose_log_is_lost_rejoins_in_a_new_epoch() {
     let temp = tempfile::tempdir().expect("temp dir");
     let dir = temp.path().join("cluster");
     init_cluster(&dir, "hmac", 28400);
-    let mut local = LocalCluster::start(&dir, Path::new(BINARY)).expect("start");
-    if let Err(error) = local.wait_ready(Duration::from_secs(30)) {
-        print_logs(&dir);
-        panic!("cluster not ready: {error:#}");
-    }
+    let mut local = start_ready(&dir);
     for number in 0..20 {
         let key = format!("before-{number}");
         assert_eq!(tessera_kv(&dir, &["set", &key, &number.to_string()]), "OK");

@@ -9,7 +9,7 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-use support::{init_cluster, kv_eventually, print_logs, tessera_kv, LocalCluster, BINARY};
+use support::{init_cluster, kv_eventually, start_ready, tessera_kv, BINARY};
 
 fn run(arguments: &[&str], dir: &Path) -> String {
     let output = Command::new(BINARY)
@@ -29,23 +29,9 @@ fn run(arguments: &[&str], dir: &Path) -> String {
 fn cluster_serves(usig: &str, base_port: u16) {
     let temp = tempfile::tempdir().expect("temp dir");
     let dir = temp.path().join("cluster");
-    let port = base_port.to_string();
-    let written = Command::new(BINARY)
-        .args(["init", "--usig", usig, "--base-port", &port, "--dir"])
-        .arg(&dir)
-        .output()
-        .expect("run tessera init");
-    assert!(
-        written.status.success(),
-        "init failed: {}",
-        String::from_utf8_lossy(&written.stderr)
-    );
+    init_cluster(&dir, usig, base_port);
     for round in 0..2 {
-        let mut local = LocalCluster::start(&dir, Path::new(BINARY)).expect("start");
-        if let Err(error) = local.wait_ready(Duration::from_secs(30)) {
-            print_logs(&dir);
-            panic!("{usig} cluster not ready in round {round}: {error:#}");
-        }
+        let mut local = start_ready(&dir);
         let key = format!("key-{round}");
         assert_eq!(tessera_kv(&dir, &["set", &key, usig]), "OK");
         assert_eq!(tessera_kv(&dir, &["get", &key]), format!("\"{usig}\""));
@@ -82,11 +68,7 @@ fn restarted_replica_rejoins_in_a_new_epoch(usig: &str, base_port: u16) {
     let temp = tempfile::tempdir().expect("temp dir");
     let dir = temp.path().join("cluster");
     init_cluster(&dir, usig, base_port);
-    let mut local = LocalCluster::start(&dir, Path::new(BINARY)).expect("start");
-    if let Err(error) = local.wait_ready(Duration::from_secs(30)) {
-        print_logs(&dir);
-        panic!("{usig} cluster not ready: {error:#}");
-    }
+    let mut local = start_ready(&dir);
     for number in 0..20 {
         let key = format!("before-{number}");
         assert_eq!(tessera_kv(&dir, &["set", &key, &number.to_string()]), "OK");

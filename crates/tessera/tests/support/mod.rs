@@ -827,6 +827,17 @@ pub fn print_logs(dir: &Path) {
     }
 }
 
+/// Starts the cluster in `dir` and waits until every replica serves; prints every log and
+/// panics if that takes more than 30 s.
+pub fn start_ready(dir: &Path) -> LocalCluster {
+    let mut local = LocalCluster::start(dir, Path::new(BINARY)).expect("start");
+    if let Err(error) = local.wait_ready(Duration::from_secs(30)) {
+        print_logs(dir);
+        panic!("cluster in {} not ready: {error:#}", dir.display());
+    }
+    local
+}
+
 /// Writes a cluster with `tessera init --usig <usig> --base-port <port>` into `dir`.
 pub fn init_cluster(dir: &Path, usig: &str, port: u16) {
     let written = std::process::Command::new(BINARY)
