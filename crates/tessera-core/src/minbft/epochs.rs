@@ -171,45 +171,42 @@ impl<S: StateMachine> Replica<S> {
             seq = seq.0,
             "USIG epoch installed"
         );
-        if start.replica == self.id {
-            if self
-                .announced_epoch
-                .as_ref()
-                .is_some_and(|announced| announced.epoch <= start.epoch)
-            {
-                self.announced_epoch = None;
-            }
-            return;
-        }
-        self.switch_stream(start.replica, start.epoch, seq);
-        if start.replica == self.view.primary(self.config.n) && self.view_active {
-            // The primary restarted: it cannot go on ordering this view (it may not even know
-            // it), and its PREPAREs of this view would straddle two epochs.
-            self.suspect_primary();
-        }
+        self.follow_install(start.replica, start.epoch, seq);
     }
 
     /// After a state transfer: the installed state's epoch table may be ahead of the streams.
     pub(super) fn apply_epoch_table(&mut self) {
         for install in self.clients.epochs() {
-            if install.replica == self.id {
-                if self
-                    .announced_epoch
-                    .as_ref()
-                    .is_some_and(|announced| announced.epoch <= install.epoch)
-                {
-                    self.announced_epoch = None;
-                }
-                continue;
+            let behind = install.replica == self.id
+                || self
+                    .streams
+                    .get(install.replica.0 as usize)
+                    .is_some_and(|stream| install.epoch > stream.epoch);
+            if behind {
+                self.follow_install(install.replica, install.epoch, install.installed_at);
             }
-            if install.replica.0 < self.config.n
-                && install.epoch > self.streams[install.replica.0 as usize].epoch
+        }
+    }
+
+    /// What this replica does once its epoch table holds `epoch` for `replica`, installed at
+    /// `seq` (by executing the INSTALL, or by installing a transferred state): its own
+    /// announcement is answered; a peer's stream moves to the new epoch, and a primary that
+    /// restarted is suspected, as it cannot go on ordering this view (it may not even know it)
+    /// and its PREPAREs of this view would straddle two epochs.
+    fn follow_install(&mut self, replica: ReplicaId, epoch: u64, seq: SeqNum) {
+        if replica == self.id {
+            if self
+                .announced_epoch
+                .as_ref()
+                .is_some_and(|announced| announced.epoch <= epoch)
             {
-                self.switch_stream(install.replica, install.epoch, install.installed_at);
-                if install.replica == self.view.primary(self.config.n) && self.view_active {
-                    self.suspect_primary();
-                }
+                self.announced_epoch = None;
             }
+            return;
+        }
+        self.switch_stream(replica, epoch, seq);
+        if replica == self.view.primary(self.config.n) && self.view_active {
+            self.suspect_primary();
         }
     }
 
