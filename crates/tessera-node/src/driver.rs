@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 use crate::counters::{DropReason, NodeCounters};
 use crate::metrics::{CoreObservation, CoreSnapshot, ReplicaMetrics};
 use crate::routes::{ReplyRoutes, StatusBoard};
+use crate::salvage::Damage;
 use crate::transport::PeerSender;
 use crate::wal::{
     frame_record, prepare_log, Mark, PreparedLog, Record, RecordRef, Snapshot, Wal, WalError,
@@ -136,28 +137,203 @@ pub struct CoreOutputs {
     pub metrics: Arc<ReplicaMetrics>,
 }
 
-/// What a durable replica's core thread starts from.
+/// What a durable replica's core thread starts from: a replica already rebuilt from its log
+/// ([`replay_log`]), and the log to go on with.
 pub struct WalStart {
-    /// The log to replay (positioned at its first record) and then append to.
+    /// The log, read to its end, to append to.
     pub log: WalReader,
     /// The snapshot the replica was restored from.
     pub restored: Option<Restored>,
+    /// The timers the restored and replayed replica has armed.
+    pub timers: BTreeMap<Timer, u64>,
+    /// What replay did.
+    pub replayed: Replayed,
     /// See [`crate::Durability::snapshot_after_log_bytes`].
     pub snapshot_after_log_bytes: u64,
     /// See [`crate::Durability::new_epoch`].
     pub new_epoch: bool,
+    /// See [`crate::Durability::keep_previous_log`].
+    pub keep_previous: bool,
 }
 
 /// What the driver needs of the snapshot a replica was restored from.
 pub struct Restored {
     /// Its number.
     pub generation: u64,
-    /// The core clock when it was taken.
-    pub clock_ms: u64,
-    /// The driver's armed timers then (code, deadline).
-    pub timers: Vec<(u8, u64)>,
     /// Its size.
     pub bytes: u64,
+}
+
+/// What [`replay_log`] did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Replayed {
+    /// Records fed to the core.
+    pub records: u64,
+    /// Marks checked.
+    pub marks: u64,
+    /// The core time of the last record (the snapshot's clock if none): the core's clock
+    /// continues from there, so it never goes back across a restart.
+    pub last_ms: u64,
+    /// The log ended with a state transfer whose snapshot was never written.
+    pub cut_at_install: bool,
+}
+
+/// Why a log could not be replayed.
+#[derive(Debug)]
+pub struct ReplayFailure {
+    /// What went wrong (boxed: the error is large and the happy path should not pay for it).
+    pub error: Box<WalError>,
+    /// Which part of the log is damaged; `None` when the log is not the problem (a read error
+    /// of the disk): nothing may be salvaged then.
+    pub damage: Option<Damage>,
+}
+
+/// Feeds the records of `reader` to `replica` (fresh, or restored from the snapshot the log
+/// starts with, whose clock is `clock_ms` and whose armed timers are in `timers`). What the
+/// replayed core asks for is dropped — its messages went out before the crash or never: peers
+/// fetch what they miss, clients retry — except its timers, which the core thread must keep.
+/// Every mark must match the replica's status after the records before it.
+pub fn replay_log<S: StateMachine>(
+    replica: &mut Replica<S>,
+    timers: &mut BTreeMap<Timer, u64>,
+    reader: &mut WalReader,
+    clock_ms: u64,
+) -> Result<Replayed, ReplayFailure> {
+    let started = Instant::now();
+    let mut replayed = Replayed {
+        last_ms: clock_ms,
+        ..Replayed::default()
+    };
+    // The record just read is bad: it and everything after it are unusable.
+    let bad_record = |reader: &WalReader, problem: String| ReplayFailure {
+        error: Box::new(WalError::Corrupt {
+            path: reader.path().to_path_buf(),
+            offset: reader.offset(),
+            problem,
+        }),
+        damage: Some(Damage::RecordsFrom(reader.records().saturating_sub(1))),
+    };
+    loop {
+        let record = match reader.next_record() {
+            Ok(Some(record)) => record,
+            Ok(None) => break,
+            Err(error) => {
+                let damage = matches!(error, WalError::Corrupt { .. })
+                    .then(|| Damage::RecordsFrom(reader.records()));
+                return Err(ReplayFailure {
+                    error: Box::new(error),
+                    damage,
+                });
+            }
+        };
+        match record {
+            Record::Start { now_ms, wall_ms } => {
+                replayed.last_ms = now_ms;
+                replica.start(now_ms, wall_ms);
+            }
+            Record::Request {
+                now_ms,
+                wall_ms,
+                request,
+            } => {
+                replayed.last_ms = now_ms;
+                replica.handle_request(now_ms, wall_ms, request);
+            }
+            Record::Message {
+                now_ms,
+                wall_ms,
+                from,
+                message,
+            } => {
+                replayed.last_ms = now_ms;
+                replica.handle_message(now_ms, wall_ms, from, message);
+            }
+            Record::Timer {
+                now_ms,
+                wall_ms,
+                timer,
+            } => {
+                replayed.last_ms = now_ms;
+                let Some(timer) = timer_of_code(timer) else {
+                    return Err(bad_record(reader, format!("unknown timer code {timer}")));
+                };
+                replica.handle_timer(now_ms, wall_ms, timer);
+            }
+            Record::StartEpoch {
+                now_ms,
+                wall_ms,
+                at_least,
+            } => {
+                replayed.last_ms = now_ms;
+                if let Err(error) = replica.start_epoch_at_least(now_ms, wall_ms, at_least) {
+                    return Err(bad_record(
+                        reader,
+                        format!("the USIG cannot start the logged epoch: {error}"),
+                    ));
+                }
+            }
+            Record::Installed { seq } => {
+                // Its snapshot never replaced the log, so nothing from here on left the
+                // replica: the log ends here, and the transfer starts again when peers are
+                // reached.
+                warn!(
+                    seq,
+                    "the log ends with a state transfer whose snapshot was never written; \
+                     restarting from before it"
+                );
+                reader.cut_before_last();
+                replayed.cut_at_install = true;
+                break;
+            }
+            Record::Mark(expected) => {
+                replayed.marks += 1;
+                let actual = Mark::of(&replica.status());
+                if actual != expected {
+                    return Err(ReplayFailure {
+                        error: Box::new(WalError::Diverged {
+                            path: reader.path().to_path_buf(),
+                            record: reader.records(),
+                            expected,
+                            actual,
+                        }),
+                        // The commit this mark ends is what did not replay.
+                        damage: Some(Damage::RecordsFrom(reader.records() - 1)),
+                    });
+                }
+            }
+        }
+        for action in replica.take_actions() {
+            match action {
+                Action::SetTimer { timer, deadline_ms } => {
+                    timers.insert(timer, deadline_ms);
+                }
+                Action::CancelTimer(timer) => {
+                    timers.remove(&timer);
+                }
+                _ => {}
+            }
+        }
+    }
+    replayed.records = reader.records();
+    if replayed.records > 0 {
+        info!(
+            records = replayed.records,
+            marks = replayed.marks,
+            last_executed = replica.last_executed().0,
+            view = replica.view().0,
+            seconds = started.elapsed().as_secs_f64(),
+            "replayed the write-ahead log"
+        );
+    }
+    Ok(replayed)
+}
+
+/// The driver's timers as a snapshot saved them (codes the log format fixes).
+pub fn timers_of_codes(saved: &[(u8, u64)]) -> BTreeMap<Timer, u64> {
+    saved
+        .iter()
+        .filter_map(|(code, deadline_ms)| Some((timer_of_code(*code)?, *deadline_ms)))
+        .collect()
 }
 
 /// Starts the core thread. It runs until it receives [`CoreEvent::Stop`] or every inbox
@@ -341,7 +517,8 @@ fn start_snapshot(wal: &Wal, pending: PendingSnapshot) -> Result<SnapshotInFligh
                 timers: pending.timers,
                 core,
             };
-            let prepared = prepare_log(&log_path, owner, &snapshot).map(|log| (log, bytes));
+            let prepared =
+                prepare_log(&log_path, owner, &snapshot, install).map(|log| (log, bytes));
             let _ = sender.send(prepared);
         })
         .map_err(|source| WalError::Io {
@@ -631,43 +808,23 @@ impl<S: StateMachine> CoreLoop<S> {
 
     fn run(mut self, inbox: Receiver<CoreEvent>, wal: Option<WalStart>) -> Result<(), WalError> {
         info!("core thread started");
-        let mut restored = false;
+        let mut started = false;
         let mut new_epoch = false;
         let mut log_path = None;
-        let replayed = match wal {
-            Some(start) => {
-                new_epoch = start.new_epoch;
-                log_path = Some(start.log.path().to_path_buf());
-                self.snapshots.after_log_bytes = start.snapshot_after_log_bytes;
-                if let Some(Restored {
-                    generation,
-                    clock_ms,
-                    timers,
-                    bytes,
-                }) = start.restored
-                {
-                    restored = true;
-                    self.snapshots
-                        .last_bytes
-                        .store(bytes, std::sync::atomic::Ordering::Relaxed);
-                    self.snapshots.generation = generation;
-                    self.clock_base_ms = clock_ms;
-                    for (code, deadline_ms) in timers {
-                        if let Some(timer) = timer_of_code(code) {
-                            self.timers.insert(timer, deadline_ms);
-                        }
-                    }
-                    info!(
-                        generation,
-                        last_executed = self.replica.last_executed().0,
-                        "restored from a snapshot"
-                    );
-                }
-                self.replay(start.log)?
+        if let Some(start) = wal {
+            new_epoch = start.new_epoch;
+            log_path = Some(start.log.path().to_path_buf());
+            started = start.replayed.records > 0 || start.restored.is_some();
+            self.snapshots.after_log_bytes = start.snapshot_after_log_bytes;
+            if let Some(restored) = &start.restored {
+                self.snapshots
+                    .last_bytes
+                    .store(restored.bytes, std::sync::atomic::Ordering::Relaxed);
+                self.snapshots.generation = restored.generation;
             }
-            None => 0,
-        };
-        if new_epoch && (replayed > 0 || restored) {
+            self.resume_log(start)?;
+        }
+        if new_epoch && started {
             return Err(WalError::Foreign {
                 path: log_path.unwrap_or_default(),
                 problem: "holds this replica's history, but --new-epoch says its log was lost"
@@ -675,7 +832,7 @@ impl<S: StateMachine> CoreLoop<S> {
                 fix: "start the replica without --new-epoch: it restarts from its log",
             });
         }
-        if replayed == 0 && !restored {
+        if !started {
             let now_ms = self.now_ms();
             let wall_ms = wall_clock_ms();
             self.log(|| RecordRef::Start { now_ms, wall_ms });
@@ -741,109 +898,22 @@ impl<S: StateMachine> CoreLoop<S> {
         Ok(())
     }
 
-    /// Feeds the log's records to the fresh core and returns how many there were. What the
-    /// replayed core asks for is dropped (its messages went out before the crash or never: peers
-    /// fetch what they miss, clients retry), except its timers, which the loop must keep.
-    fn replay(&mut self, mut reader: WalReader) -> Result<u64, WalError> {
-        let started = Instant::now();
-        let mut last_ms = self.clock_base_ms;
-        let mut marks = 0u64;
-        let mut cut_at_install = false;
-        while let Some(record) = reader.next_record()? {
-            match record {
-                Record::Start { now_ms, wall_ms } => {
-                    last_ms = now_ms;
-                    self.replica.start(now_ms, wall_ms);
-                }
-                Record::Request {
-                    now_ms,
-                    wall_ms,
-                    request,
-                } => {
-                    last_ms = now_ms;
-                    self.replica.handle_request(now_ms, wall_ms, request);
-                }
-                Record::Message {
-                    now_ms,
-                    wall_ms,
-                    from,
-                    message,
-                } => {
-                    last_ms = now_ms;
-                    self.replica.handle_message(now_ms, wall_ms, from, message);
-                }
-                Record::Timer {
-                    now_ms,
-                    wall_ms,
-                    timer,
-                } => {
-                    last_ms = now_ms;
-                    let Some(timer) = timer_of_code(timer) else {
-                        return Err(WalError::Corrupt {
-                            path: reader.path().to_path_buf(),
-                            offset: 0,
-                            problem: format!("unknown timer code {timer}"),
-                        });
-                    };
-                    self.replica.handle_timer(now_ms, wall_ms, timer);
-                }
-                Record::StartEpoch {
-                    now_ms,
-                    wall_ms,
-                    at_least,
-                } => {
-                    last_ms = now_ms;
-                    self.replica
-                        .start_epoch_at_least(now_ms, wall_ms, at_least)
-                        .map_err(|error| WalError::Corrupt {
-                            path: reader.path().to_path_buf(),
-                            offset: 0,
-                            problem: format!("the USIG cannot start the logged epoch: {error}"),
-                        })?;
-                }
-                Record::Installed { seq } => {
-                    // Its snapshot never replaced the log, so nothing from here on left the
-                    // replica: the log ends here, and the transfer starts again when peers are
-                    // reached.
-                    warn!(
-                        seq,
-                        "the log ends with a state transfer whose snapshot was never written; \
-                         restarting from before it"
-                    );
-                    reader.cut_before_last();
-                    cut_at_install = true;
-                    break;
-                }
-                Record::Mark(expected) => {
-                    marks += 1;
-                    let actual = Mark::of(&self.replica.status());
-                    if actual != expected {
-                        return Err(WalError::Diverged {
-                            path: reader.path().to_path_buf(),
-                            record: reader.records(),
-                            expected,
-                            actual,
-                        });
-                    }
-                }
-            }
-            for action in self.replica.take_actions() {
-                match action {
-                    Action::SetTimer { timer, deadline_ms } => {
-                        self.timers.insert(timer, deadline_ms);
-                    }
-                    Action::CancelTimer(timer) => {
-                        self.timers.remove(&timer);
-                    }
-                    _ => {}
-                }
-            }
-        }
-        let records = reader.records();
-        if let Some(offset) = reader.torn_at().filter(|_| !cut_at_install) {
+    /// Takes over the log the replica was rebuilt from ([`replay_log`]): cuts off a torn tail,
+    /// starts the writer thread on it, and continues the core's clock and timers from where
+    /// replay left them.
+    fn resume_log(&mut self, start: WalStart) -> Result<(), WalError> {
+        let WalStart {
+            log,
+            timers,
+            replayed,
+            keep_previous,
+            ..
+        } = start;
+        if let Some(offset) = log.torn_at().filter(|_| !replayed.cut_at_install) {
             warn!(offset, "the log's last write was torn by a crash; cut off");
         }
-        let wal = reader.into_wal()?;
+        let mut wal = log.into_wal()?;
+        wal.keep_previous(keep_previous);
         self.writer = Some(
             WalWriter::spawn(
                 wal,
@@ -859,19 +929,10 @@ impl<S: StateMachine> CoreLoop<S> {
         );
         self.pending = Some(Vec::new());
         self.installed_seen = self.replica.transfers_installed();
-        self.clock_base_ms = last_ms;
+        self.timers = timers;
+        self.clock_base_ms = replayed.last_ms;
         self.clock = Instant::now();
-        if records > 0 {
-            info!(
-                records,
-                marks,
-                last_executed = self.replica.last_executed().0,
-                view = self.replica.view().0,
-                seconds = started.elapsed().as_secs_f64(),
-                "replayed the write-ahead log"
-            );
-        }
-        Ok(records)
+        Ok(())
     }
 
     /// Replaces the log with a snapshot once it has grown past the policy's bound and past the

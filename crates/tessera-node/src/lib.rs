@@ -20,7 +20,9 @@ pub mod driver;
 pub mod frame;
 pub mod keys;
 pub mod metrics;
+mod restore;
 pub mod routes;
+pub mod salvage;
 pub mod setup;
 pub mod transport;
 pub mod unreplicated;
@@ -30,7 +32,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tessera_core::Envelope;
-use tessera_core::Replica;
 use tessera_kv::{KvLimits, KvStore};
 use tessera_types::cluster::{
     parse_key, ClusterConfig, ClusterFileError, ReplicaSecrets, StoreConfig, UsigKind,
@@ -112,6 +113,13 @@ pub struct Durability {
     /// The replica lost its log and starts empty in a new USIG epoch (docs/PROTOCOL.md §8).
     /// Refused if the log is not empty: a replica with a log restarts from it.
     pub new_epoch: bool,
+    /// A snapshot keeps the log it replaces beside the new one (`<log>.prev`): the older
+    /// checkpoint a restart falls back to when the new snapshot is damaged. Costs the disk a
+    /// second copy of the state.
+    pub keep_previous_log: bool,
+    /// A damaged log is salvaged at start ([`salvage`]): the replica keeps what is valid and
+    /// rejoins in a new USIG epoch. Off, it refuses to start instead.
+    pub salvage: bool,
 }
 
 /// Runs replica `secrets.replica` of `cluster` until `shutdown` completes.
@@ -143,85 +151,21 @@ pub async fn run_replica(
         let clients = Arc::new(ClientKeys::load(&cluster, &secrets)?);
         let cache = Arc::new(VerifiedCache::new(auth::VERIFIED_CACHE_ENTRIES_DEFAULT));
         let metrics = Arc::new(metrics::ReplicaMetrics::new(me, counters.clone()));
-        let recovery = match &durability {
-            Some(durability) => Some(open_wal(&durability.log, &cluster, &secrets, me)?),
-            None => None,
+        // Rebuilding from the log can take a while (replay re-verifies every message): off
+        // the runtime's threads.
+        let builder = restore::Builder {
+            cluster: cluster.clone(),
+            secrets: secrets.clone(),
+            me,
+            metrics: metrics.clone(),
+            clients: clients.clone(),
+            cache: cache.clone(),
         };
-        let authenticator = Box::new(NodeAuthenticator::new(me, clients.clone(), cache.clone()));
-        let snapshot = recovery
-            .as_ref()
-            .and_then(|recovery| recovery.snapshot.as_ref());
-        let replica = match snapshot {
-            Some(snapshot) => {
-                // The USIG continues exactly where the snapshot's replica stopped: everything it
-                // certified after that is in the log, and replay certifies it again.
-                let counter = tessera_core::minbft::saved_usig_counter(&snapshot.core)?;
-                let epoch = tessera_core::minbft::saved_usig_epoch(&snapshot.core)?;
-                let usig =
-                    metrics.metered_usig(build_usig_at(&cluster, &secrets, me, epoch, counter)?);
-                let started = std::time::Instant::now();
-                let replica = Replica::restore(
-                    me,
-                    cluster.protocol.clone(),
-                    usig,
-                    authenticator,
-                    Envelope::new(key_value_store(&cluster.store)),
-                    &snapshot.core,
-                )?;
-                info!(
-                    bytes = snapshot.core.len(),
-                    seconds = started.elapsed().as_secs_f64(),
-                    "decoded the snapshot"
-                );
-                replica
-            }
-            None => {
-                let (usig, spoke_before) = build_fresh_usig(&cluster, &secrets, me)?;
-                let mut replica = Replica::new(
-                    me,
-                    cluster.protocol.clone(),
-                    metrics.metered_usig(usig),
-                    authenticator,
-                    Envelope::new(key_value_store(&cluster.store)),
-                )?;
-                if spoke_before {
-                    // The USIG certified messages this empty core knows nothing of (the replica
-                    // ran before and kept no log): continuing its counter would leave peers
-                    // waiting on values nobody can show them. Speak in a new epoch instead; the
-                    // group orders its INSTALL and this replica fetches the state
-                    // (docs/PROTOCOL.md §8).
-                    let epoch =
-                        replica
-                            .start_epoch(0, driver::wall_clock_ms())
-                            .map_err(|error| {
-                                NodeError::Config(format!(
-                                "the USIG cannot start a new epoch ({error}); an empty replica \
-                                 whose USIG already spoke cannot rejoin without one"
-                            ))
-                            })?;
-                    info!(
-                        epoch,
-                        "the USIG spoke before this start: rejoining in a new epoch"
-                    );
-                }
-                replica
-            }
-        };
-        let wal = recovery.map(|recovery| driver::WalStart {
-            restored: recovery.snapshot.map(|snapshot| driver::Restored {
-                generation: snapshot.generation,
-                clock_ms: snapshot.clock_ms,
-                bytes: snapshot.core.len() as u64,
-                timers: snapshot.timers,
-            }),
-            log: recovery.log,
-            snapshot_after_log_bytes: durability
-                .as_ref()
-                .map_or(0, |durability| durability.snapshot_after_log_bytes),
-            new_epoch: durability
-                .as_ref()
-                .is_some_and(|durability| durability.new_epoch),
-        });
+        let build_for = durability.clone();
+        let (replica, wal) = tokio::task::spawn_blocking(move || builder.build(build_for.as_ref()))
+            .in_current_span()
+            .await
+            .map_err(|_| NodeError::ExecutorPanicked)??;
         let endpoint = cluster.replica(me);
         let peer_listener = bind(&endpoint.replica_address, "replica traffic").await?;
         let client_listener = bind(&endpoint.client_address, "clients").await?;
@@ -397,12 +341,13 @@ pub async fn run_unreplicated(
 /// Waits for `shutdown` (or the executor thread's unexpected end), then stops the servers and
 /// the executor thread.
 /// Opens replica `me`'s log, refusing one it cannot replay.
-fn open_wal(
+/// Who may use the log at `path`: this replica, under this cluster's keys and parameters.
+fn wal_owner(
     path: &std::path::Path,
     cluster: &ClusterConfig,
     secrets: &ReplicaSecrets,
     me: ReplicaId,
-) -> Result<wal::Recovery, NodeError> {
+) -> Result<wal::WalOwner, NodeError> {
     if !matches!(cluster.usig, UsigKind::Hmac | UsigKind::Ed25519) {
         // Replay re-creates every USIG certificate the replica made, which only an in-process
         // USIG whose counter restarts with the replica can do. A usigd or TPM counter never
@@ -435,13 +380,10 @@ fn open_wal(
     for client in &secrets.client_keys {
         fingerprint.bytes(client.key.as_bytes());
     }
-    Ok(wal::recover(
-        path,
-        wal::WalOwner {
-            replica: me,
-            fingerprint: fingerprint.finish(),
-        },
-    )?)
+    Ok(wal::WalOwner {
+        replica: me,
+        fingerprint: fingerprint.finish(),
+    })
 }
 
 /// Serves until `shutdown` or until the executor thread ends; `outcome` turns what the thread

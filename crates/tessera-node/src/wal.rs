@@ -53,9 +53,9 @@ const MAGIC: &[u8; 12] = b"TESSERA-WAL\0";
 /// Version 5: every UI in a logged message carries its USIG epoch.
 const FORMAT_VERSION: u32 = 5;
 /// Magic, version, replica id, fingerprint, generation, snapshot length.
-const HEADER_LEN: usize = 12 + 4 + 4 + 32 + 8 + 8;
+pub(crate) const HEADER_LEN: usize = 12 + 4 + 4 + 32 + 8 + 8;
 /// The digest in front of a snapshot.
-const SNAPSHOT_DIGEST_LEN: usize = 32;
+pub(crate) const SNAPSHOT_DIGEST_LEN: usize = 32;
 /// Length and check of a record.
 const RECORD_PREFIX_LEN: usize = 4 + 8;
 /// The largest record: a replica message of the largest frame plus the record's own fields.
@@ -248,8 +248,9 @@ pub enum WalError {
     #[error(
         "write-ahead log {path} is corrupt at byte {offset}: {problem}; the replica must not \
          restart from a log it cannot read in full (it could contradict messages it sent); \
-         restore the file from a backup, or move it away and start the replica with \
-         `--new-epoch` (it comes back empty in a new USIG epoch and fetches the state)"
+         a replica salvages such a log by default (it keeps what is valid and rejoins in a new \
+         USIG epoch); with `--no-salvage`, restore the file from a backup, or move it away and \
+         start the replica with `--new-epoch`"
     )]
     Corrupt {
         /// The file.
@@ -289,6 +290,8 @@ pub struct Wal {
     buffer: Vec<u8>,
     /// Bytes in the file (committed).
     committed_bytes: u64,
+    /// See [`Wal::keep_previous`].
+    keep_previous: bool,
 }
 
 /// A log being read back at start; [`WalReader::into_wal`] turns it into the log to append to.
@@ -334,12 +337,27 @@ pub struct Snapshot {
 
 /// Where a log's replacement is written before it is renamed into place.
 pub fn temporary_path(path: &Path) -> PathBuf {
+    suffixed(path, ".new")
+}
+
+/// Where the log a snapshot replaced is kept (see [`Wal::keep_previous`]): the older checkpoint
+/// a restart falls back to when the current log's snapshot is damaged
+/// ([`crate::salvage`]).
+pub fn previous_path(path: &Path) -> PathBuf {
+    suffixed(path, ".prev")
+}
+
+/// `path` with `suffix` appended to its file name.
+pub(crate) fn suffixed(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
-    name.push(".new");
+    name.push(suffix);
     PathBuf::from(name)
 }
 
-fn io_error(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) -> WalError {
+pub(crate) fn io_error(
+    path: &Path,
+    action: &'static str,
+) -> impl FnOnce(std::io::Error) -> WalError {
     let path = path.to_path_buf();
     move |source| WalError::Io {
         path,
@@ -348,7 +366,7 @@ fn io_error(path: &Path, action: &'static str) -> impl FnOnce(std::io::Error) ->
     }
 }
 
-fn sync_directory_of(path: &Path) -> Result<(), WalError> {
+pub(crate) fn sync_directory_of(path: &Path) -> Result<(), WalError> {
     let directory = path
         .parent()
         .filter(|parent| !parent.as_os_str().is_empty())
@@ -383,12 +401,24 @@ pub struct PreparedLog {
 }
 
 /// Writes the start of a replacement log for the log at `log_path`: header and `snapshot`,
-/// synced. Runs on any thread.
+/// synced. Runs on any thread. With `drop_previous`, the previous log kept beside it goes
+/// first: a snapshot after a state transfer must fit on a disk that holds the old state once,
+/// not twice (issue 4's bound), and the log it replaces becomes the previous one anyway.
 pub fn prepare_log(
     log_path: &Path,
     owner: WalOwner,
     snapshot: &Snapshot,
+    drop_previous: bool,
 ) -> Result<PreparedLog, WalError> {
+    if drop_previous {
+        let previous = previous_path(log_path);
+        match std::fs::remove_file(&previous) {
+            Err(error) if error.kind() != ErrorKind::NotFound => {
+                return Err(io_error(&previous, "remove")(error))
+            }
+            _ => {}
+        }
+    }
     let path = temporary_path(log_path);
     // The payload is `encode(snapshot)`, written in two parts so the core's bytes (nearly all
     // of it, up to the whole state) are neither copied into a second buffer nor read twice:
@@ -445,7 +475,7 @@ fn snapshot_head(snapshot: &Snapshot) -> Vec<u8> {
 }
 
 /// Opens the log at `path` for `owner` (it must exist; see [`recover`]).
-fn open(path: &Path, owner: WalOwner) -> Result<Recovery, WalError> {
+pub(crate) fn open(path: &Path, owner: WalOwner) -> Result<Recovery, WalError> {
     let io = |action: &'static str| {
         let path = path.to_path_buf();
         move |source| WalError::Io {
@@ -567,7 +597,7 @@ fn create(path: &Path, owner: WalOwner) -> Result<(), WalError> {
 }
 
 /// Creates `path` with a log header; returns the file and the header's length.
-fn write_header(
+pub(crate) fn write_header(
     path: &Path,
     owner: WalOwner,
     generation: u64,
@@ -656,6 +686,11 @@ impl WalReader {
         self.generation
     }
 
+    /// Where the next record starts (the end of the records read so far).
+    pub(crate) fn offset(&self) -> u64 {
+        self.offset
+    }
+
     /// Records read so far.
     pub fn records(&self) -> u64 {
         self.records
@@ -701,6 +736,7 @@ impl WalReader {
             #[cfg(test)]
             buffer: Vec::new(),
             committed_bytes: end,
+            keep_previous: false,
         })
     }
 
@@ -854,6 +890,13 @@ impl Wal {
         self.generation
     }
 
+    /// Whether a rotation keeps the log it replaces at [`previous_path`] (one generation: the
+    /// one before is dropped). It costs the disk a second copy of the state, and buys a restart
+    /// an older checkpoint when the snapshot at the head of the log is damaged.
+    pub fn keep_previous(&mut self, keep: bool) {
+        self.keep_previous = keep;
+    }
+
     /// The log's path and owner, for [`prepare_log`] on another thread.
     pub fn target(&self) -> (PathBuf, WalOwner) {
         (self.path.clone(), self.owner)
@@ -892,6 +935,17 @@ impl Wal {
             .file
             .sync_all()
             .map_err(io_error(&prepared.path, "sync"))?;
+        if self.keep_previous {
+            // A second name for the old log, made before the rename takes the first: at no
+            // moment is there no log at `self.path`, and the old one is never copied.
+            let previous = previous_path(&self.path);
+            let linking = suffixed(&previous, ".new");
+            let _ = std::fs::remove_file(&linking);
+            std::fs::hard_link(&self.path, &linking)
+                .map_err(io_error(&linking, "link the previous log"))?;
+            std::fs::rename(&linking, &previous)
+                .map_err(io_error(&previous, "rename into place"))?;
+        }
         std::fs::rename(&prepared.path, &self.path)
             .map_err(io_error(&self.path, "rename into place"))?;
         sync_directory_of(&self.path)?;
@@ -905,7 +959,7 @@ impl Wal {
     /// logged so far (the synchronous form of [`prepare_log`] and [`Wal::finish_rotation`]).
     #[cfg(test)]
     pub fn rotate(&mut self, snapshot: &Snapshot) -> Result<(), WalError> {
-        let prepared = prepare_log(&self.path, self.owner, snapshot)?;
+        let prepared = prepare_log(&self.path, self.owner, snapshot, false)?;
         let cut = self.committed_bytes;
         self.finish_rotation(prepared, cut)
     }
@@ -1316,7 +1370,7 @@ mod tests {
         let mut wal = recover(&path, owner()).unwrap().log.into_wal().unwrap();
         // The snapshot covers the log up to here...
         let cut = wal.committed_bytes();
-        let prepared = prepare_log(&path, owner(), &snapshot(1)).unwrap();
+        let prepared = prepare_log(&path, owner(), &snapshot(1), false).unwrap();
         // ...and these records arrive while it is being written.
         wal.append(&RecordRef::Timer {
             now_ms: 500,

@@ -37,6 +37,14 @@ pub fn encode_with_capacity<T: Serialize>(value: &T, capacity: usize) -> Vec<u8>
         .expect("encoding into a Vec cannot fail for Tessera's types")
 }
 
+/// Decodes a value from the start of `bytes`, ignoring what follows it: for reading a leading
+/// field (a format version) before deciding how to read the rest.
+pub fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    postcard::take_from_bytes(bytes)
+        .map(|(value, _)| value)
+        .map_err(|error| DecodeError::Malformed(error.to_string()))
+}
+
 /// Decodes a value, refusing inputs longer than `limit` and any trailing bytes.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, DecodeError> {
     if bytes.len() > limit {

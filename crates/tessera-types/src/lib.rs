@@ -17,7 +17,7 @@ pub mod state_machine;
 pub mod wire;
 
 pub use config::{ConfigError, ProtocolConfig, TransferStrategy};
-pub use encoding::{decode, encode, encode_with_capacity, DecodeError};
+pub use encoding::{decode, decode_prefix, encode, encode_with_capacity, DecodeError};
 pub use ids::{ClientId, ReplicaId, SeqNum, View};
 pub use messages::*;
 pub use state_machine::{Chunk, FrozenState, RestoreError, StagedPartition, StateMachine};

@@ -199,6 +199,17 @@ struct ReplicaArgs {
     /// Only for hmac and ed25519 clusters; usigd and tpm replicas do this by themselves.
     #[arg(long, conflicts_with = "no_wal")]
     new_epoch: bool,
+    /// Keep only the current log: a snapshot deletes the log it replaces instead of keeping it
+    /// as <WAL>.prev, the older checkpoint a restart falls back to when the newest snapshot is
+    /// damaged. Halves the disk the replica's state takes.
+    #[arg(long, conflicts_with = "no_wal")]
+    no_previous_log: bool,
+    /// Refuse to start from a damaged log instead of salvaging it. By default the replica keeps
+    /// what is valid (the log up to the damage, the previous log, or nothing), keeps the damaged
+    /// file as <WAL>.damaged-<ms>, and rejoins in a new USIG epoch, fetching what it lacks
+    /// (docs/STATE.md §5).
+    #[arg(long, conflicts_with = "no_wal")]
+    no_salvage: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -561,6 +572,8 @@ async fn run_replica(args: ReplicaArgs) -> anyhow::Result<()> {
         log,
         snapshot_after_log_bytes: args.snapshot_after,
         new_epoch: args.new_epoch,
+        keep_previous_log: !args.no_previous_log,
+        salvage: !args.no_salvage,
     });
     tessera_node::run_replica(cluster, secrets, durability, shutdown_signal())
         .await

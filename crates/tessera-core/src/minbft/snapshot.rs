@@ -49,6 +49,15 @@ pub enum SnapshotError {
     /// The bytes are not a snapshot this code wrote.
     #[error("the snapshot does not decode: {0}")]
     Malformed(String),
+    /// The snapshot was written by code of another snapshot version (not damage: run the
+    /// executable that wrote it).
+    #[error("the snapshot has version {found}; this code reads version {reads}")]
+    Version {
+        /// The snapshot's version.
+        found: u32,
+        /// The version this code reads.
+        reads: u32,
+    },
     /// The snapshot is of another replica or another protocol configuration.
     #[error("the snapshot is of {what}, not of this replica")]
     Mismatch {
@@ -584,15 +593,17 @@ impl<S: StateMachine> Replica<S> {
 }
 
 fn decode_saved(bytes: &[u8]) -> Result<Saved, SnapshotError> {
-    let saved: Saved = tessera_types::decode(bytes, usize::MAX)
+    // The version leads, so a snapshot of another layout is told apart from a damaged one.
+    let version: u32 = tessera_types::decode_prefix(bytes)
         .map_err(|error| SnapshotError::Malformed(error.to_string()))?;
-    if saved.version != SNAPSHOT_VERSION {
-        return Err(SnapshotError::Malformed(format!(
-            "version {} (this code reads {SNAPSHOT_VERSION})",
-            saved.version
-        )));
+    if version != SNAPSHOT_VERSION {
+        return Err(SnapshotError::Version {
+            found: version,
+            reads: SNAPSHOT_VERSION,
+        });
     }
-    Ok(saved)
+    tessera_types::decode(bytes, usize::MAX)
+        .map_err(|error| SnapshotError::Malformed(error.to_string()))
 }
 
 /// The USIG counter a snapshot was taken at: the driver resumes the USIG after it.
