@@ -50,6 +50,58 @@ fn a_replica_that_lost_its_log_rejoins_in_a_new_epoch_and_counts_again() {
     cluster.assert_histories_agree();
 }
 
+/// A replica restarted from an older snapshot of itself (a salvaged log) lacks what it had
+/// acknowledged before: its peers dropped those messages of their own streams on its
+/// acknowledgement. The primary must still be able to give it its stream since the checkpoint
+/// before the stable one, or, with the third replica down, the group could never finish a
+/// request again: the restarted replica's COMMITs are needed, and it cannot process the
+/// primary's stream past the gap.
+#[test]
+fn a_replica_restarted_from_an_older_snapshot_catches_up_from_the_primary_alone() {
+    let mut cluster = Cluster::new(config(3, 1));
+    write(&mut cluster, 1, 1, 4);
+    cluster.run_for(500);
+    assert!(cluster.replicas[2].can_snapshot());
+    let older = cluster.replicas[2].snapshot();
+    let executed_then = cluster.replicas[2].last_executed();
+    // Everything after it is processed and acknowledged by every replica.
+    write(&mut cluster, 1, 5, 8);
+    cluster.run_for(1_000);
+    assert!(cluster.replicas[0].stable_checkpoint().seq > executed_then);
+    // Replica 1 will not help replica 2 catch up (its store holds the primary's messages too):
+    // only the primary can.
+    cluster.filter = Some(Box::new(|from, to, message| {
+        let helps = from == ReplicaId(1)
+            && to == ReplicaId(2)
+            && !matches!(
+                message,
+                tessera_types::ReplicaMessage::Heartbeat(_)
+                    | tessera_types::ReplicaMessage::EpochStart(_)
+            );
+        if helps {
+            common::Fate::Drop
+        } else {
+            common::Fate::Deliver
+        }
+    }));
+    let epoch = cluster.restart_from_snapshot_in_new_epoch(2, &older);
+    assert!(epoch >= 1);
+    // The group orders the INSTALL (replicas 0 and 1), then replica 1 goes down.
+    cluster.run_for(1_000);
+    for replica in 0..2 {
+        assert_eq!(
+            cluster.replicas[replica]
+                .installed_epoch(ReplicaId(2))
+                .epoch,
+            epoch,
+            "replica {replica} installed the new epoch"
+        );
+    }
+    cluster.crash(1);
+    write(&mut cluster, 1, 13, 6);
+    cluster.assert_histories_agree();
+}
+
 #[test]
 fn an_old_epoch_message_is_not_processed_after_the_install() {
     let mut cluster = Cluster::new(config(3, 1));

@@ -1790,14 +1790,7 @@ impl<S: StateMachine> Replica<S> {
             .collect();
         self.store.retain(|(sender, counter), message| {
             *counter >= unprocessed_from[sender.0 as usize]
-                || match message {
-                    ReplicaMessage::Prepare(prepare) => prepare.header.seq.0 > keep_after,
-                    ReplicaMessage::Commit(commit) => commit.prepare.seq.0 > keep_after,
-                    ReplicaMessage::Checkpoint(checkpoint) => checkpoint.seq.0 >= keep_after,
-                    ReplicaMessage::ViewChange(view_change) => view_change.to_view >= view,
-                    ReplicaMessage::NewView(new_view) => new_view.view >= view,
-                    _ => false,
-                }
+                || kept_for_catch_up(message, keep_after, view)
         });
         let cap = STORE_PER_STREAM_MAX;
         for stream in 0..self.config.n {
@@ -2472,18 +2465,35 @@ impl<S: StateMachine> Replica<S> {
             .collect()
     }
 
-    /// Drops own messages every peer has processed, and the oldest beyond the cap (a dead or
-    /// faulty peer must not pin memory; it catches up by state transfer instead).
+    /// Drops own messages every peer has processed, except those a peer catching up would need
+    /// (see [`kept_for_catch_up`]), and the oldest beyond the cap (a dead or faulty peer must
+    /// not pin memory; it catches up by state transfer instead).
+    ///
+    /// Why keep what every peer acknowledged: a peer can forget what it acknowledged — a replica
+    /// that restarts from an older state of itself (a salvaged log, docs/STATE.md §5) — and
+    /// then only copies of this replica's messages can fill its gap in this stream. Peers keep
+    /// such copies in their stores for one interval before the stable checkpoint
+    /// (`collect_garbage`), but a peer may be down; without its own copies the group could not
+    /// finish a request again with n = 2f + 1 (`tests/epochs.rs` shows exactly that). The
+    /// suffix kept is unbroken, since a FETCH is answered only with an unbroken run.
     fn trim_retransmit(&mut self) {
         let acknowledged = (0..self.config.n)
             .filter(|index| *index != self.id.0)
             .map(|index| self.peer_acknowledged[index as usize])
             .min()
             .unwrap_or(u64::MAX);
+        let keep_after = self.stable.seq.0.saturating_sub(self.cp());
+        let view = self.view;
+        let needed_from = self
+            .retransmit
+            .iter()
+            .find(|(_, message)| kept_for_catch_up(message, keep_after, view))
+            .map_or(u64::MAX, |(counter, _)| *counter);
+        let keep_from = acknowledged.min(needed_from);
         while self
             .retransmit
             .first_key_value()
-            .is_some_and(|(counter, _)| *counter < acknowledged)
+            .is_some_and(|(counter, _)| *counter < keep_from)
         {
             self.retransmit.pop_first();
         }
@@ -2612,6 +2622,21 @@ impl<S: StateMachine> AnchorOracle for Replica<S> {
         } else {
             AnchorCheck::Invalid
         }
+    }
+}
+
+/// Whether a message (of any stream) is kept for a peer that is a little behind, or that
+/// restarted from an older state of itself: the agreement messages after the checkpoint interval
+/// before the stable checkpoint (`keep_after`), the CHECKPOINTs from there on, and the view-change
+/// messages of the current view. A peer further behind catches up by state transfer.
+fn kept_for_catch_up(message: &ReplicaMessage, keep_after: u64, view: View) -> bool {
+    match message {
+        ReplicaMessage::Prepare(prepare) => prepare.header.seq.0 > keep_after,
+        ReplicaMessage::Commit(commit) => commit.prepare.seq.0 > keep_after,
+        ReplicaMessage::Checkpoint(checkpoint) => checkpoint.seq.0 >= keep_after,
+        ReplicaMessage::ViewChange(view_change) => view_change.to_view >= view,
+        ReplicaMessage::NewView(new_view) => new_view.view >= view,
+        _ => false,
     }
 }
 

@@ -347,6 +347,43 @@ impl Cluster {
         epoch
     }
 
+    /// Replica `index` restarts from `snapshot`, an earlier snapshot of itself (what a node
+    /// keeps when it salvages a damaged log: an older checkpoint, or the log up to the damage),
+    /// and moves its USIG to a new epoch, since it forgot what it certified after the snapshot
+    /// (docs/STATE.md §5). Returns the new epoch.
+    pub fn restart_from_snapshot_in_new_epoch(&mut self, index: u32, snapshot: &[u8]) -> u64 {
+        let i = index as usize;
+        let n = self.config.n;
+        let keys: Vec<[u8; 32]> = (0..n).map(|index| [index as u8 + 1; 32]).collect();
+        let identity = UsigIdentity {
+            replica: ReplicaId(index),
+            epoch: tessera_core::minbft::saved_usig_epoch(snapshot).expect("a snapshot"),
+        };
+        let counter = tessera_core::minbft::saved_usig_counter(snapshot).expect("a snapshot");
+        let usig = HmacUsig::resume(identity, keys, counter).expect("a known replica");
+        let authenticator = TestAuthenticator {
+            key: client_key().verifying_key(),
+        };
+        self.replicas[i] = Replica::restore(
+            ReplicaId(index),
+            self.config.clone(),
+            Box::new(usig),
+            Box::new(authenticator),
+            KvStore::default(),
+            snapshot,
+        )
+        .expect("the snapshot restores");
+        self.crashed[i] = false;
+        self.timers[i].clear();
+        let wall_ms = self.wall_ms(i);
+        let above = self.replicas[i].epoch() + 1;
+        let epoch = self.replicas[i]
+            .start_epoch_at_least(self.now_ms, wall_ms, above)
+            .expect("the in-process USIG starts epochs");
+        self.collect(i);
+        epoch
+    }
+
     pub fn live(&self) -> impl Iterator<Item = &Replica<KvStore>> {
         self.replicas
             .iter()
