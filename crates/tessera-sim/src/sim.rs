@@ -98,9 +98,6 @@ struct Node {
     /// The node's latest snapshot (taken only of the node the seed will crash): how many of
     /// `inputs` it covers, and its bytes.
     snapshot: Option<(usize, Vec<u8>)>,
-    /// The USIG epoch the core that `inputs` rebuilds starts in (a replay of a `StartEpoch`
-    /// input moves it on from there).
-    log_epoch: u64,
     /// How far this node's wall clock is from the simulation's (`WALL_BASE_MS + now_ms`):
     /// drawn from the seed within ±`clock_skew_max_ms / 2`, so any two correct clocks differ
     /// by at most the bound the protocol is configured with.
@@ -127,9 +124,9 @@ impl LoggedInput {
             LoggedInput::Timer(now_ms, wall_ms, timer) => {
                 replica.handle_timer(*now_ms, *wall_ms, *timer)
             }
-            LoggedInput::StartEpoch(now_ms, wall_ms) => {
+            LoggedInput::StartEpoch(now_ms, wall_ms, at_least) => {
                 replica
-                    .start_epoch(*now_ms, *wall_ms)
+                    .start_epoch_at_least(*now_ms, *wall_ms, *at_least)
                     .expect("the simulator's USIG starts epochs");
             }
         }
@@ -142,8 +139,10 @@ impl LoggedInput {
 #[derive(Debug)]
 enum LoggedInput {
     Start(u64, u64),
-    /// The replica moved to a new USIG epoch (after a restart without its log).
-    StartEpoch(u64, u64),
+    /// The replica moved to a new USIG epoch of at least the third value (after a restart
+    /// without its log). The bound is logged because the USIG, rebuilt at epoch 0 by a replay,
+    /// remembers no epoch of its own: replay reaches the same epoch only by passing it again.
+    StartEpoch(u64, u64, u64),
     Request(u64, u64, Request),
     Message(u64, u64, u32, ReplicaMessage),
     Timer(u64, u64, Timer),
@@ -427,13 +426,7 @@ impl Simulation {
         let mut shared_usigs = BTreeMap::new();
         let mut nodes = Vec::new();
         for id in 0..n {
-            let usig = HmacUsig::new(
-                UsigIdentity {
-                    replica: ReplicaId(id),
-                    epoch: 0,
-                },
-                usig_keys.clone(),
-            );
+            let usig = HmacUsig::new(first_identity(id), usig_keys.clone());
             let byzantine = faults.byzantine.contains(&id);
             let role = if byzantine {
                 Role::Byzantine
@@ -1019,12 +1012,13 @@ impl Simulation {
     /// held against it, its executions after must agree with everyone's).
     fn restart_without_log(&mut self, node: usize) {
         let id = self.nodes[node].id;
-        let epoch = self.nodes[node].replica.epoch();
-        let identity = UsigIdentity {
-            replica: ReplicaId(id),
-            epoch,
-        };
-        let usig = Box::new(HmacUsig::new(identity, usig_keys(self.config.protocol.n)));
+        // Above every epoch this replica spoke in, as the node's wall clock is: the fresh USIG
+        // remembers none of them.
+        let at_least = self.nodes[node].replica.epoch() + 1;
+        let usig = Box::new(HmacUsig::new(
+            first_identity(id),
+            usig_keys(self.config.protocol.n),
+        ));
         let mut fresh = new_node(&self.config, &self.client_key, id, Role::Correct, usig);
         #[cfg(feature = "planted-bugs")]
         if let Some(bug) = self.config.planted_bug {
@@ -1032,7 +1026,6 @@ impl Simulation {
         }
         fresh.wall_skew_ms = self.nodes[node].wall_skew_ms;
         fresh.timer_generations = self.nodes[node].timer_generations;
-        fresh.log_epoch = epoch;
         self.stats.amnesia_restarts += 1;
         self.checker.forget_replica(id);
         self.nodes[node] = fresh;
@@ -1045,20 +1038,17 @@ impl Simulation {
         self.after_replica_step(node);
         self.nodes[node]
             .inputs
-            .push(LoggedInput::StartEpoch(now_ms, wall_ms));
+            .push(LoggedInput::StartEpoch(now_ms, wall_ms, at_least));
         self.nodes[node]
             .replica
-            .start_epoch(now_ms, wall_ms)
+            .start_epoch_at_least(now_ms, wall_ms, at_least)
             .expect("the simulator's USIG starts epochs");
         self.after_replica_step(node);
     }
 
     fn rebuild_from_log(&mut self, node: usize) {
         let id = self.nodes[node].id;
-        let identity = UsigIdentity {
-            replica: ReplicaId(id),
-            epoch: self.nodes[node].log_epoch,
-        };
+        let identity = first_identity(id);
         let keys = usig_keys(self.config.protocol.n);
         // Odd seeds restart from the latest snapshot plus the inputs after it, even seeds from
         // the whole log: both ways a real replica can come back.
@@ -1512,6 +1502,15 @@ impl Simulation {
 }
 
 /// The replicas' USIG keys (the simulator's HMAC USIG shares one key set).
+/// The USIG identity every log of replica `id` starts in: a replay builds the USIG there, as the
+/// node does, and a logged `StartEpoch` moves it on.
+fn first_identity(id: u32) -> UsigIdentity {
+    UsigIdentity {
+        replica: ReplicaId(id),
+        epoch: 0,
+    }
+}
+
 fn usig_keys(n: u32) -> Vec<[u8; 32]> {
     (0..n).map(|index| [index as u8 + 1; 32]).collect()
 }
@@ -1557,7 +1556,6 @@ fn new_node(
         missed_timers: [false; TIMER_KINDS],
         inputs: Vec::new(),
         snapshot: None,
-        log_epoch: 0,
         wall_skew_ms: 0,
     }
 }
