@@ -27,6 +27,9 @@ const CLIENT_KEY_SEED: [u8; 32] = [7u8; 32];
 const TIMER_KINDS: usize = 3;
 const TIMERS: [Timer; TIMER_KINDS] = [Timer::Request, Timer::ViewChange, Timer::Heartbeat];
 
+/// A driver's timer table: per timer kind, the deadline of the armed timer (`None`: not armed).
+type TimerTable = [Option<u64>; TIMER_KINDS];
+
 /// Verifies client signatures against the single simulated credential.
 struct SimAuthenticator {
     key: VerifyingKey,
@@ -47,6 +50,15 @@ fn timer_index(timer: Timer) -> usize {
         Timer::Request => 0,
         Timer::ViewChange => 1,
         Timer::Heartbeat => 2,
+    }
+}
+
+/// Updates a driver's timer table with one of its core's actions.
+fn follow_timer(timers: &mut TimerTable, action: &Action) {
+    match action {
+        Action::SetTimer { timer, deadline_ms } => timers[timer_index(*timer)] = Some(*deadline_ms),
+        Action::CancelTimer(timer) => timers[timer_index(*timer)] = None,
+        _ => {}
     }
 }
 
@@ -92,16 +104,34 @@ struct Node {
     timer_generations: [u64; TIMER_KINDS],
     /// Per timer kind, a firing that came while the node was down (it fires on restart).
     missed_timers: [bool; TIMER_KINDS],
+    /// The timers the core has armed and that have not fired, as the driver's table holds them
+    /// (a restart from a log keeps what the replayed core armed, `tessera_node::driver`).
+    timers: TimerTable,
     /// A correct node's write-ahead log: every input its core handled, in order. A restart
     /// rebuilds the core from it, as the real driver does (`tessera_node::wal`).
     inputs: Vec<LoggedInput>,
-    /// The node's latest snapshot (taken only of the node the seed will crash): how many of
-    /// `inputs` it covers, and its bytes.
-    snapshot: Option<(usize, Vec<u8>)>,
+    /// The node's latest snapshot (taken only of the node the seed will crash).
+    snapshot: Option<Snapshot>,
     /// How far this node's wall clock is from the simulation's (`WALL_BASE_MS + now_ms`):
     /// drawn from the seed within ±`clock_skew_max_ms / 2`, so any two correct clocks differ
     /// by at most the bound the protocol is configured with.
     wall_skew_ms: i64,
+}
+
+/// A node's snapshot, with what the node's snapshot file keeps beside the core's bytes.
+struct Snapshot {
+    /// How many of the node's logged inputs it covers.
+    covered: usize,
+    bytes: Vec<u8>,
+    /// The driver's timer table when it was taken.
+    timers: TimerTable,
+}
+
+/// A core rebuilt from a prefix of its node's log.
+struct Rebuilt {
+    replica: Replica<KvStore>,
+    /// The timers the replay left armed.
+    timers: TimerTable,
 }
 
 /// A node that will crash takes a snapshot of itself every this many inputs.
@@ -111,8 +141,10 @@ const SNAPSHOT_EVERY_INPUTS: usize = 50;
 pub const WALL_BASE_MS: u64 = 1_700_000_000_000;
 
 impl LoggedInput {
-    /// Feeds the input to `replica` and drops what it says (a replay).
-    fn replay_into(&self, replica: &mut Replica<KvStore>) {
+    /// Feeds the input to `replica` as a replay does: what the core says is dropped, except
+    /// the timers it arms and cancels, which `timers` follows (a timer input is the armed
+    /// timer firing, so it is no longer armed unless the core arms it again).
+    fn replay_into(&self, replica: &mut Replica<KvStore>, timers: &mut TimerTable) {
         match self {
             LoggedInput::Start(now_ms, wall_ms) => replica.start(*now_ms, *wall_ms),
             LoggedInput::Request(now_ms, wall_ms, request) => {
@@ -122,6 +154,7 @@ impl LoggedInput {
                 replica.handle_message(*now_ms, *wall_ms, ReplicaId(*from), message.clone())
             }
             LoggedInput::Timer(now_ms, wall_ms, timer) => {
+                timers[timer_index(*timer)] = None;
                 replica.handle_timer(*now_ms, *wall_ms, *timer)
             }
             LoggedInput::StartEpoch(now_ms, wall_ms, at_least) => {
@@ -130,7 +163,9 @@ impl LoggedInput {
                     .expect("the simulator's USIG starts epochs");
             }
         }
-        replica.take_actions();
+        for action in replica.take_actions() {
+            follow_timer(timers, &action);
+        }
     }
 }
 
@@ -884,6 +919,9 @@ impl Simulation {
         let role = self.nodes[node].role;
         let id = self.nodes[node].id;
         let actions = self.nodes[node].replica.take_actions();
+        for action in &actions {
+            follow_timer(&mut self.nodes[node].timers, action);
+        }
         let crashes_later = self.faults.crash.is_some_and(|(crash, _, _)| crash == node);
         let logged = self.nodes[node].inputs.len();
         if role == Role::Correct
@@ -893,7 +931,11 @@ impl Simulation {
             && self.nodes[node].replica.can_snapshot()
         {
             let bytes = self.nodes[node].replica.snapshot();
-            self.nodes[node].snapshot = Some((logged, bytes));
+            self.nodes[node].snapshot = Some(Snapshot {
+                covered: logged,
+                bytes,
+                timers: self.nodes[node].timers,
+            });
         }
         if role == Role::Correct {
             let replica = &self.nodes[node].replica;
@@ -971,6 +1013,7 @@ impl Simulation {
 
     fn handle_timer(&mut self, node: usize, now_ms: u64, timer: Timer) {
         let wall_ms = self.wall_ms(node);
+        self.nodes[node].timers[timer_index(timer)] = None;
         if self.nodes[node].role == Role::Correct {
             self.nodes[node]
                 .inputs
@@ -1048,73 +1091,19 @@ impl Simulation {
 
     fn rebuild_from_log(&mut self, node: usize) {
         let id = self.nodes[node].id;
-        let identity = first_identity(id);
-        let keys = usig_keys(self.config.protocol.n);
-        // Odd seeds restart from the latest snapshot plus the inputs after it, even seeds from
-        // the whole log: both ways a real replica can come back.
-        let snapshot = self.nodes[node]
-            .snapshot
-            .as_ref()
-            .filter(|_| self.seed % 2 == 1);
-        let (mut fresh, replay_from) = match snapshot {
-            Some((covered, bytes)) => {
-                let counter = tessera_core::minbft::saved_usig_counter(bytes)
-                    .expect("the simulator's own snapshot decodes");
-                let identity = UsigIdentity {
-                    epoch: tessera_core::minbft::saved_usig_epoch(bytes)
-                        .expect("the simulator's own snapshot decodes"),
-                    ..identity
-                };
-                let usig = HmacUsig::resume(identity, keys, counter).expect("known replica");
-                let authenticator = SimAuthenticator {
-                    key: self.client_key.verifying_key(),
-                };
-                let replica = Replica::restore(
-                    ReplicaId(id),
-                    self.config.protocol.clone(),
-                    Box::new(usig),
-                    Box::new(authenticator),
-                    KvStore::default(),
-                    bytes,
-                )
-                .expect("the simulator's own snapshot restores");
-                self.stats.snapshot_restores += 1;
-                let mut node = new_node(
-                    &self.config,
-                    &self.client_key,
-                    id,
-                    Role::Correct,
-                    Box::new(HmacUsig::new(identity, usig_keys(self.config.protocol.n))),
-                );
-                node.replica = replica;
-                (node, *covered)
-            }
-            None => {
-                let usig = Box::new(HmacUsig::new(identity, keys));
-                (
-                    new_node(&self.config, &self.client_key, id, Role::Correct, usig),
-                    0,
-                )
-            }
-        };
-        #[cfg(feature = "planted-bugs")]
-        if let Some(bug) = self.config.planted_bug {
-            fresh.replica.plant_bug(bug);
-        }
-        for input in &self.nodes[node].inputs[replay_from..] {
-            // What the replayed core says went out before the crash (or is fetched again).
-            input.replay_into(&mut fresh.replica);
-        }
-        let mut crashed = replica_fingerprint(&self.nodes[node].replica);
-        let mut replayed = replica_fingerprint(&fresh.replica);
+        let logged = self.nodes[node].inputs.len();
+        let mut rebuilt = self.rebuild(node, logged);
+        let crashed_node = &mut self.nodes[node];
+        let mut crashed = node_fingerprint(&crashed_node.replica, &crashed_node.timers);
+        let mut replayed = node_fingerprint(&rebuilt.replica, &rebuilt.timers);
         // Stronger where possible: the two must also save to the same bytes (every message
         // they sent, every vote, every buffered message).
         if crashed == replayed
-            && self.nodes[node].replica.can_snapshot()
-            && fresh.replica.can_snapshot()
+            && crashed_node.replica.can_snapshot()
+            && rebuilt.replica.can_snapshot()
         {
-            let crashed_bytes = self.nodes[node].replica.snapshot();
-            let replayed_bytes = fresh.replica.snapshot();
+            let crashed_bytes = crashed_node.replica.snapshot();
+            let replayed_bytes = rebuilt.replica.snapshot();
             if crashed_bytes != replayed_bytes {
                 crashed = format!("{crashed} (snapshot {} bytes)", crashed_bytes.len());
                 replayed = format!(
@@ -1130,10 +1119,64 @@ impl Simulation {
                 replayed,
             });
         }
-        self.stats.replayed_inputs += (self.nodes[node].inputs.len() - replay_from) as u64;
         // Timers armed before the crash keep their generations: the rebuilt core armed the
         // same ones.
-        self.nodes[node].replica = fresh.replica;
+        self.nodes[node].replica = rebuilt.replica;
+    }
+
+    /// A core rebuilt from the first `kept` inputs of `node`'s log the way the node's driver
+    /// rebuilds one: odd seeds from the latest snapshot within them plus the inputs after it,
+    /// even seeds from the inputs alone (both ways a real replica can come back). What the
+    /// replayed core says went out before the crash (or is fetched again), so it is dropped,
+    /// except its timers.
+    fn rebuild(&mut self, node: usize, kept: usize) -> Rebuilt {
+        let id = self.nodes[node].id;
+        let keys = usig_keys(self.config.protocol.n);
+        let snapshot = self.nodes[node]
+            .snapshot
+            .as_ref()
+            .filter(|snapshot| self.seed % 2 == 1 && snapshot.covered <= kept);
+        let (mut replica, mut timers, replay_from) = match snapshot {
+            Some(snapshot) => {
+                let bytes = &snapshot.bytes;
+                let counter = tessera_core::minbft::saved_usig_counter(bytes)
+                    .expect("the simulator's own snapshot decodes");
+                let identity = UsigIdentity {
+                    epoch: tessera_core::minbft::saved_usig_epoch(bytes)
+                        .expect("the simulator's own snapshot decodes"),
+                    ..first_identity(id)
+                };
+                let usig = HmacUsig::resume(identity, keys, counter).expect("known replica");
+                let authenticator = SimAuthenticator {
+                    key: self.client_key.verifying_key(),
+                };
+                let replica = Replica::restore(
+                    ReplicaId(id),
+                    self.config.protocol.clone(),
+                    Box::new(usig),
+                    Box::new(authenticator),
+                    KvStore::default(),
+                    bytes,
+                )
+                .expect("the simulator's own snapshot restores");
+                self.stats.snapshot_restores += 1;
+                (replica, snapshot.timers, snapshot.covered)
+            }
+            None => {
+                let usig = Box::new(HmacUsig::new(first_identity(id), keys));
+                let replica = new_replica(&self.config, &self.client_key, id, usig);
+                (replica, [None; TIMER_KINDS], 0)
+            }
+        };
+        #[cfg(feature = "planted-bugs")]
+        if let Some(bug) = self.config.planted_bug {
+            replica.plant_bug(bug);
+        }
+        for input in &self.nodes[node].inputs[replay_from..kept] {
+            input.replay_into(&mut replica, &mut timers);
+        }
+        self.stats.replayed_inputs += (kept - replay_from) as u64;
+        Rebuilt { replica, timers }
     }
 
     // ------------------------------------------------------------------ network
@@ -1529,6 +1572,30 @@ fn replica_fingerprint(replica: &Replica<KvStore>) -> String {
     )
 }
 
+/// [`replica_fingerprint`] and the timers its driver holds armed for it.
+fn node_fingerprint(replica: &Replica<KvStore>, timers: &TimerTable) -> String {
+    format!("{} timers {timers:?}", replica_fingerprint(replica))
+}
+
+fn new_replica(
+    config: &SimConfig,
+    client_key: &SigningKey,
+    id: u32,
+    usig: Box<dyn tessera_usig::Usig>,
+) -> Replica<KvStore> {
+    let authenticator = SimAuthenticator {
+        key: client_key.verifying_key(),
+    };
+    Replica::new(
+        ReplicaId(id),
+        config.protocol.clone(),
+        usig,
+        Box::new(authenticator),
+        KvStore::default(),
+    )
+    .expect("config validated above")
+}
+
 fn new_node(
     config: &SimConfig,
     client_key: &SigningKey,
@@ -1536,17 +1603,7 @@ fn new_node(
     role: Role,
     usig: Box<dyn tessera_usig::Usig>,
 ) -> Node {
-    let authenticator = SimAuthenticator {
-        key: client_key.verifying_key(),
-    };
-    let replica = Replica::new(
-        ReplicaId(id),
-        config.protocol.clone(),
-        usig,
-        Box::new(authenticator),
-        KvStore::default(),
-    )
-    .expect("config validated above");
+    let replica = new_replica(config, client_key, id, usig);
     Node {
         replica,
         id,
@@ -1554,6 +1611,7 @@ fn new_node(
         crashed: false,
         timer_generations: [0; TIMER_KINDS],
         missed_timers: [false; TIMER_KINDS],
+        timers: [None; TIMER_KINDS],
         inputs: Vec::new(),
         snapshot: None,
         wall_skew_ms: 0,
@@ -1746,8 +1804,9 @@ mod tests {
                     &bytes,
                 )
                 .unwrap();
+                let mut timers = [None; TIMER_KINDS];
                 for input in &simulation.nodes[node].inputs[taken_at..] {
-                    input.replay_into(&mut restored);
+                    input.replay_into(&mut restored, &mut timers);
                 }
                 let original = &mut simulation.nodes[node].replica;
                 if original.can_snapshot() && restored.can_snapshot() {
