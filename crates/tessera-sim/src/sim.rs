@@ -16,8 +16,8 @@ use crate::adversary::{draw_round, round_of, Adversary, AdversaryStats, Round, S
 use crate::check::{Checker, Violation};
 use crate::config::SimConfig;
 use crate::rng::{
-    SimRng, STREAM_ADVERSARY, STREAM_AMNESIA, STREAM_CLOCK, STREAM_CRASH_STOP, STREAM_FAULTS,
-    STREAM_NETWORK, STREAM_ROGUE, STREAM_WORKLOAD,
+    SimRng, STREAM_ADVERSARY, STREAM_AMNESIA, STREAM_CLOCK, STREAM_CRASH_STOP, STREAM_DAMAGED_LOG,
+    STREAM_FAULTS, STREAM_NETWORK, STREAM_ROGUE, STREAM_WORKLOAD,
 };
 use crate::workload::{random_command, Client, Operation, CLIENT_CREDENTIAL};
 
@@ -280,6 +280,14 @@ pub struct Stats {
     pub snapshot_restores: u64,
     /// Restarts without the log: empty, in a new USIG epoch.
     pub amnesia_restarts: u64,
+    /// Restarts from a damaged log: from the inputs before the damage, in a new USIG epoch.
+    pub damaged_log_restarts: u64,
+    /// Inputs those restarts kept (summed over them).
+    pub damaged_log_inputs_kept: u64,
+    /// Inputs those restarts lost (summed over them).
+    pub damaged_log_inputs_lost: u64,
+    /// The sequence numbers the kept inputs had executed up to (summed over those restarts).
+    pub damaged_log_executed_kept: u64,
     /// New USIG epochs started by Byzantine nodes.
     pub byzantine_epochs: u64,
     /// INSTALL entries (new USIG epochs) executed by correct nodes.
@@ -315,6 +323,9 @@ pub struct FaultPlan {
     pub crash_stop: bool,
     /// The crashed node restarts without its log (only a correct one).
     pub amnesia: bool,
+    /// That restart keeps the part of its log before a damage instead (a prefix drawn at the
+    /// restart, from none of the log to all of it).
+    pub damaged_log: bool,
     /// When a Byzantine node starts a new USIG epoch (grid settings only).
     pub byzantine_epoch: Option<(usize, u64)>,
 }
@@ -392,6 +403,8 @@ pub struct Simulation {
     workload_rng: SimRng,
     adversary_rng: SimRng,
     rogue_rng: SimRng,
+    /// Where a damaged log is cut (drawn at the restart, when the log's length is known).
+    damaged_log_rng: SimRng,
     client_key: SigningKey,
     /// Partition group of each replica id; replicas in different groups cannot talk.
     groups: Vec<u8>,
@@ -450,6 +463,11 @@ impl Simulation {
             }
             faults.amnesia = !faults.crash_stop;
         }
+        // Half of those restarts (by default) keep a prefix of a damaged log instead, which
+        // the same budget covers: the replica is out of view changes until the checkpoint after
+        // its INSTALL either way. Its own stream, so that adding it changed no other draw.
+        let mut damaged_log_rng = SimRng::new(seed, STREAM_DAMAGED_LOG);
+        faults.damaged_log = faults.amnesia && damaged_log_rng.chance(config.damaged_log_per_mille);
         if let Some(&byzantine) = faults.byzantine.first() {
             if amnesia_rng.chance(config.byzantine_epoch_per_mille) {
                 let at_ms = amnesia_rng.between(1, config.fault_phase_ms.max(2));
@@ -525,6 +543,7 @@ impl Simulation {
             workload_rng: SimRng::new(seed, STREAM_WORKLOAD),
             adversary_rng: SimRng::new(seed, STREAM_ADVERSARY),
             rogue_rng: SimRng::new(seed, STREAM_ROGUE),
+            damaged_log_rng,
             client_key,
             groups: vec![0; n as usize],
             cut_links: BTreeSet::new(),
@@ -961,21 +980,10 @@ impl Simulation {
                 }
                 Action::Reply(reply) => self.send_reply(node, reply),
                 Action::SetTimer { timer, deadline_ms } => {
-                    let generation = self.bump_timer(node, timer);
                     if deadline_ms <= self.now_ms {
                         self.stats.past_deadline_timers += 1;
                     }
-                    // A deadline at or before now fires one logical millisecond later, as a real
-                    // driver serves it on its next turn.
-                    let delay_ms = deadline_ms.saturating_sub(self.now_ms).max(1);
-                    self.schedule(
-                        delay_ms,
-                        Event::ReplicaTimer {
-                            node,
-                            timer,
-                            generation,
-                        },
-                    );
+                    self.schedule_timer(node, timer, deadline_ms);
                 }
                 Action::CancelTimer(timer) => {
                     self.bump_timer(node, timer);
@@ -998,6 +1006,22 @@ impl Simulation {
                 }
             }
         }
+    }
+
+    /// Schedules `node`'s `timer` to fire at `deadline_ms`; an earlier firing of it is stale.
+    fn schedule_timer(&mut self, node: usize, timer: Timer, deadline_ms: u64) {
+        let generation = self.bump_timer(node, timer);
+        // A deadline at or before now fires one logical millisecond later, as a real driver
+        // serves it on its next turn.
+        let delay_ms = deadline_ms.saturating_sub(self.now_ms).max(1);
+        self.schedule(
+            delay_ms,
+            Event::ReplicaTimer {
+                node,
+                timer,
+                generation,
+            },
+        );
     }
 
     fn bump_timer(&mut self, node: usize, timer: Timer) -> u64 {
@@ -1034,7 +1058,12 @@ impl Simulation {
     fn restart(&mut self, node: usize) {
         self.nodes[node].crashed = false;
         if self.nodes[node].role == Role::Correct && self.faults.amnesia {
-            self.restart_without_log(node);
+            if self.faults.damaged_log {
+                self.restart_from_damaged_log(node);
+            } else {
+                self.stats.amnesia_restarts += 1;
+                self.restart_in_new_epoch(node, 0);
+            }
             return;
         }
         if self.nodes[node].role == Role::Correct {
@@ -1049,36 +1078,76 @@ impl Simulation {
         }
     }
 
-    /// A correct replica whose log is lost: a new incarnation, empty, whose USIG moves to the
-    /// next epoch (docs/PROTOCOL.md §8). It fetches the state once the group has installed the
-    /// epoch; the checkers treat it as a new replica (its executions before the crash are not
-    /// held against it, its executions after must agree with everyone's).
-    fn restart_without_log(&mut self, node: usize) {
+    /// A correct replica whose log is damaged keeps its longest valid prefix, ending at a turn
+    /// boundary (the node's fallback keeps that, or its previous snapshot's log, or nothing).
+    /// Each simulated input is one turn, so the cut is any input index, drawn uniformly from
+    /// nothing kept to everything kept. The simulator keeps only the latest snapshot, so a cut
+    /// below it replays from the first input: the kept state is one the node passed through,
+    /// however its files held it.
+    fn restart_from_damaged_log(&mut self, node: usize) {
+        let logged = self.nodes[node].inputs.len();
+        let kept = self.damaged_log_rng.below(logged as u64 + 1) as usize;
+        let kept_seq = self.restart_in_new_epoch(node, kept);
+        self.stats.damaged_log_restarts += 1;
+        self.stats.damaged_log_inputs_kept += kept as u64;
+        self.stats.damaged_log_inputs_lost += (logged - kept) as u64;
+        self.stats.damaged_log_executed_kept += kept_seq;
+    }
+
+    /// A correct replica that comes back with only the first `kept` inputs of its log (none:
+    /// its log is lost). It may have said more than it now remembers, under USIG counter
+    /// values it would certify again, so its USIG moves to an epoch above every epoch it spoke
+    /// in (docs/PROTOCOL.md §8); the group installs it, and the replica fetches the state it
+    /// lacks. Its log becomes the kept inputs, then the `StartEpoch`, so that a later replay
+    /// rebuilds it. Returns the sequence number the kept inputs had executed up to.
+    fn restart_in_new_epoch(&mut self, node: usize, kept: usize) -> u64 {
         let id = self.nodes[node].id;
-        // Above every epoch this replica spoke in, as the node's wall clock is: the fresh USIG
-        // remembers none of them.
+        let logged = self.nodes[node].inputs.len();
+        // What the node takes the wall clock for: the rebuilt USIG remembers no epoch beyond
+        // the kept inputs, and the lost ones may have moved it on.
         let at_least = self.nodes[node].replica.epoch() + 1;
-        let usig = Box::new(HmacUsig::new(
-            first_identity(id),
-            usig_keys(self.config.protocol.n),
-        ));
-        let mut fresh = new_node(&self.config, &self.client_key, id, Role::Correct, usig);
-        #[cfg(feature = "planted-bugs")]
-        if let Some(bug) = self.config.planted_bug {
-            fresh.replica.plant_bug(bug);
+        let rebuilt = self.rebuild(node, kept);
+        let kept_seq = rebuilt.replica.last_executed().0;
+        // A new incarnation, still answering for what its kept state executed (see there).
+        self.checker.restart_replica(id, kept_seq);
+        let restarted = &mut self.nodes[node];
+        restarted.replica = rebuilt.replica;
+        restarted.inputs.truncate(kept);
+        if restarted
+            .snapshot
+            .as_ref()
+            .is_some_and(|snapshot| snapshot.covered > kept)
+        {
+            restarted.snapshot = None;
         }
-        fresh.wall_skew_ms = self.nodes[node].wall_skew_ms;
-        fresh.timer_generations = self.nodes[node].timer_generations;
-        self.stats.amnesia_restarts += 1;
-        self.checker.forget_replica(id);
-        self.nodes[node] = fresh;
+        // The crashed core's timers went with it: the driver arms what the replay left armed.
+        restarted.timers = rebuilt.timers;
+        restarted.missed_timers = [false; TIMER_KINDS];
+        for timer in TIMERS {
+            match rebuilt.timers[timer_index(timer)] {
+                Some(deadline_ms) => self.schedule_timer(node, timer, deadline_ms),
+                None => {
+                    self.bump_timer(node, timer);
+                }
+            }
+        }
+        if self.config.trace {
+            self.trace.push(format!(
+                "{:>8} ms  r{id} kept {kept} of {logged} logged inputs (executed up to seq \
+                 {kept_seq}); new USIG epoch of at least {at_least}",
+                self.now_ms
+            ));
+        }
         let now_ms = self.now_ms;
         let wall_ms = self.wall_ms(node);
-        self.nodes[node]
-            .inputs
-            .push(LoggedInput::Start(now_ms, wall_ms));
-        self.nodes[node].replica.start(now_ms, wall_ms);
-        self.after_replica_step(node);
+        if kept == 0 {
+            // A log that keeps nothing starts as a new one, as the node's driver starts it.
+            self.nodes[node]
+                .inputs
+                .push(LoggedInput::Start(now_ms, wall_ms));
+            self.nodes[node].replica.start(now_ms, wall_ms);
+            self.after_replica_step(node);
+        }
         self.nodes[node]
             .inputs
             .push(LoggedInput::StartEpoch(now_ms, wall_ms, at_least));
@@ -1087,6 +1156,7 @@ impl Simulation {
             .start_epoch_at_least(now_ms, wall_ms, at_least)
             .expect("the simulator's USIG starts epochs");
         self.after_replica_step(node);
+        kept_seq
     }
 
     fn rebuild_from_log(&mut self, node: usize) {
@@ -1657,6 +1727,7 @@ fn draw_faults(config: &SimConfig, rng: &mut SimRng) -> FaultPlan {
         crash,
         crash_stop: false,
         amnesia: false,
+        damaged_log: false,
         byzantine_epoch: None,
     }
 }
@@ -1825,6 +1896,88 @@ mod tests {
             }
         }
         assert!(compared >= 6, "only {compared} comparisons");
+    }
+
+    /// Crashes `node` and restarts it from its log twice: from its latest snapshot and the
+    /// inputs after it (on odd seeds), then from the whole log. Each rebuilt core is compared
+    /// with the one that crashed.
+    fn crash_and_rebuild_both_ways(simulation: &mut Simulation, node: usize) {
+        simulation.process(Event::Crash { node });
+        simulation.process(Event::Restart { node });
+        simulation.nodes[node].snapshot = None;
+        simulation.process(Event::Crash { node });
+        simulation.process(Event::Restart { node });
+    }
+
+    /// Crashes `node` and restarts it from the first `kept` inputs of its log.
+    fn crash_and_damage_log(simulation: &mut Simulation, node: usize, kept: usize) -> u64 {
+        simulation.process(Event::Crash { node });
+        simulation.nodes[node].crashed = false;
+        simulation.restart_in_new_epoch(node, kept)
+    }
+
+    /// A replica restarted from the first `kept` inputs of its log (a damaged one, or none)
+    /// moves to the epoch above the crashed core's; its new log is those inputs and the
+    /// `StartEpoch`, its snapshot is one of them, and later crashes rebuild it exactly, from
+    /// its snapshot and from its whole log, also after a second damage that cuts the log
+    /// before its first new epoch.
+    #[test]
+    fn a_replica_restarted_from_a_damaged_log_is_rebuilt_exactly_after_a_later_crash() {
+        // The latest snapshot is taken at input 400: a cut before it replays from the start.
+        for kept in [0, 1, 230, 410, 420] {
+            let config = SimConfig {
+                crash_per_mille: 0,
+                amnesia_per_mille: 0,
+                ..SimConfig::default()
+            };
+            // An odd seed: restarts begin from the latest snapshot they may use.
+            let mut simulation = Simulation::new(config, 7);
+            // Node 1 takes snapshots, as the node a seed will crash does.
+            simulation.faults.crash = Some((1, u64::MAX, u64::MAX));
+            run_until_inputs(&mut simulation, 1, 420);
+            let snapshot_usable = simulation.nodes[1]
+                .snapshot
+                .as_ref()
+                .is_some_and(|snapshot| snapshot.covered <= kept);
+            assert_eq!(snapshot_usable, kept >= 400, "kept {kept}");
+            let at_least = simulation.nodes[1].replica.epoch() + 1;
+            let kept_seq = crash_and_damage_log(&mut simulation, 1, kept);
+            let node = &simulation.nodes[1];
+            assert_eq!(node.replica.epoch(), at_least, "kept {kept}");
+            // Nothing kept: the new log starts with its own `Start`.
+            let epoch_input = kept.max(1);
+            assert_eq!(node.inputs.len(), epoch_input + 1, "kept {kept}");
+            assert!(
+                matches!(node.inputs[epoch_input], LoggedInput::StartEpoch(_, _, logged) if logged == at_least),
+                "kept {kept}: {:?}",
+                node.inputs[epoch_input]
+            );
+            assert!(node
+                .snapshot
+                .as_ref()
+                .is_none_or(|snapshot| snapshot.covered <= kept));
+            assert_eq!(
+                simulation.stats.snapshot_restores,
+                u64::from(snapshot_usable)
+            );
+            assert!(kept < 230 || kept_seq > 0, "kept {kept}: nothing executed");
+            run_until_inputs(&mut simulation, 1, epoch_input + 300);
+            crash_and_rebuild_both_ways(&mut simulation, 1);
+            assert_eq!(simulation.nodes[1].replica.epoch(), at_least);
+            // The kept inputs end in epoch 0, yet the replica must move above `at_least`, and
+            // replay must get there too.
+            crash_and_damage_log(&mut simulation, 1, kept / 2);
+            assert_eq!(simulation.nodes[1].replica.epoch(), at_least + 1);
+            let logged = simulation.nodes[1].inputs.len();
+            run_until_inputs(&mut simulation, 1, logged + 100);
+            crash_and_rebuild_both_ways(&mut simulation, 1);
+            assert!(
+                simulation.checker.violations.is_empty(),
+                "kept {kept}: {:?}",
+                simulation.checker.violations
+            );
+            assert_eq!(simulation.nodes[1].replica.epoch(), at_least + 1);
+        }
     }
 
     #[test]
