@@ -391,3 +391,32 @@ fn replicas_that_change_usig_epochs_keep_every_property() {
         "{installs} INSTALL executions"
     );
 }
+
+/// Open (docs/TESTING.md, "Open"): every crash of a chaos run restarting in a new USIG epoch,
+/// empty or from a damaged log. About one restart in a hundred breaks a property: the restarted
+/// replica executes a batch in a view its lost log had left (agreement), or it stays behind
+/// for good because peers dropped messages its lost log had acknowledged (convergence).
+#[test]
+#[ignore = "open: replicas restarted in a new USIG epoch (docs/TESTING.md)"]
+fn every_crash_restarting_in_a_new_usig_epoch_keeps_every_property() {
+    let mut failing = Vec::new();
+    for damaged_log_per_mille in [0, 1000] {
+        let base = SimConfig {
+            amnesia_per_mille: 1000,
+            damaged_log_per_mille,
+            ..SimConfig::default()
+        };
+        let config = Setting::Chaos.apply(&base);
+        for seed in 0..1000 {
+            let report = run_seed(&config, seed);
+            if !report.passed() {
+                println!("damaged_log_per_mille {damaged_log_per_mille}, seed {seed}:");
+                for violation in &report.violations {
+                    println!("  {violation}");
+                }
+                failing.push((damaged_log_per_mille, seed));
+            }
+        }
+    }
+    assert!(failing.is_empty(), "failing: {failing:?}");
+}
