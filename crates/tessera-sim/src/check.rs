@@ -205,8 +205,8 @@ pub struct Checker {
     issued: BTreeMap<(ClientId, u64), BTreeSet<Digest>>,
     /// seq -> the first (replica, batch digest) a correct replica executed there.
     batches: BTreeMap<u64, (u32, Digest)>,
-    /// Per correct replica, the requests it executed.
-    executed: BTreeMap<u32, BTreeSet<(ClientId, u64)>>,
+    /// Per correct replica, the requests its current state holds as executed, and where.
+    executed: BTreeMap<u32, BTreeMap<(ClientId, u64), u64>>,
     /// Linearizability checks that ran out of search budget (not violations).
     pub inconclusive_linearizability: u64,
     /// Everything found so far, in the order found.
@@ -248,11 +248,24 @@ impl Checker {
             .insert(replica, (last_executed, checkpoint.0));
     }
 
-    /// `replica` restarted without its log: a new incarnation. What the old one executed is not
-    /// held against it (exactly-once is per incarnation: the new one starts from a fetched
-    /// state); what it executes from now on must still agree with everyone.
-    pub fn forget_replica(&mut self, replica: u32) {
-        self.executed.remove(&replica);
+    /// `replica` restarted in a new USIG epoch from the state it had reached by executing up
+    /// to `kept_seq`: the kept part of a damaged log, or nothing (`kept_seq` 0, a lost log). A
+    /// new incarnation, whose executions from now on must agree with everyone's.
+    ///
+    /// Exactly-once holds per state, not per process. Forgetting everything the replica
+    /// executed, which is right for an empty restart, would be too lenient for a kept prefix:
+    /// the requests executed up to `kept_seq` are still in its state, and executing one again
+    /// would apply it twice there, so they stay on its record. Those executed after are not
+    /// in the kept state, and the new incarnation may execute them again (at the same sequence
+    /// numbers: batch agreement still checks that), so they are forgotten. This relies on a
+    /// replica executing in sequence order and on transfers only moving it forward, so that
+    /// everything above `kept_seq` was executed after the cut. Its progress went back to
+    /// `kept_seq`, so what was last seen of it is forgotten too: its next step compares its
+    /// kept state with everyone's there.
+    pub fn restart_replica(&mut self, replica: u32, kept_seq: u64) {
+        if let Some(executed) = self.executed.get_mut(&replica) {
+            executed.retain(|_, seq| *seq <= kept_seq);
+        }
         self.last_seen.remove(&replica);
     }
 
@@ -330,7 +343,7 @@ impl Checker {
         }
         let done = self.executed.entry(replica).or_default();
         for &(client, request_number) in executed {
-            if !done.insert((client, request_number)) {
+            if done.insert((client, request_number), seq).is_some() {
                 self.violations.push(Violation::ExecutedTwice {
                     replica,
                     client,
@@ -403,5 +416,40 @@ fn record(
         }
         Some(first) if first.1 != digest => Some((*first, (replica, digest))),
         Some(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn executed_at(checker: &mut Checker, replica: u32, seq: u64, request: (ClientId, u64)) {
+        let batch_digest = Digest::of("test batch", &seq.to_le_bytes());
+        checker.observe_executed(replica, seq, batch_digest, &[], &[request]);
+    }
+
+    #[test]
+    fn a_restarted_replica_answers_for_what_its_kept_state_executed() {
+        let client = ClientId::new(0, 0);
+        let mut checker = Checker::default();
+        executed_at(&mut checker, 1, 3, (client, 1));
+        executed_at(&mut checker, 1, 7, (client, 2));
+        // Kept up to seq 5: request 2 is not in its state any more, request 1 is.
+        checker.restart_replica(1, 5);
+        executed_at(&mut checker, 1, 7, (client, 2));
+        assert!(checker.violations.is_empty(), "{:?}", checker.violations);
+        executed_at(&mut checker, 1, 8, (client, 1));
+        assert_eq!(
+            checker.violations,
+            [Violation::ExecutedTwice {
+                replica: 1,
+                client,
+                request_number: 1
+            }]
+        );
+        // An empty restart keeps nothing.
+        checker.restart_replica(1, 0);
+        executed_at(&mut checker, 1, 3, (client, 1));
+        assert_eq!(checker.violations.len(), 1);
     }
 }

@@ -90,6 +90,10 @@ pub struct SimConfig {
     /// empty in a new USIG epoch, which the group must install before it counts
     /// (docs/PROTOCOL.md §8), and fetches the state.
     pub amnesia_per_mille: u32,
+    /// Chance that such a restart keeps the part of a damaged log before the damage instead,
+    /// per mille: a prefix of its inputs, cut anywhere from none to all, from which it moves
+    /// to a new USIG epoch all the same, as the node's fallback does.
+    pub damaged_log_per_mille: u32,
     /// Chance that a Byzantine replica starts a new USIG epoch during the fault phase (grid
     /// settings), per mille: the group must install it while the adversary replays the old
     /// epoch's messages.
@@ -155,6 +159,7 @@ impl Default for SimConfig {
             crash_per_mille: 250,
             crash_stop_per_mille: 400,
             amnesia_per_mille: 500,
+            damaged_log_per_mille: 500,
             byzantine_epoch_per_mille: 200,
             rogue_client: true,
             transfer_strategy_from_seed: true,
@@ -298,6 +303,7 @@ impl SimConfig {
                     && self.crash_per_mille <= 1000
                     && self.crash_stop_per_mille <= 1000
                     && self.amnesia_per_mille <= 1000
+                    && self.damaged_log_per_mille <= 1000
                     && self.byzantine_epoch_per_mille <= 1000,
                 "per-mille chances must be at most 1000",
             ),

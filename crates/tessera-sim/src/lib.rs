@@ -39,7 +39,9 @@
 //!   back by 40–90% of the request timeout), sometimes it runs as **Twins**: two cores with one
 //!   identity sharing one USIG, each peer talking to one of them.
 //! - **Crashes**: a replica (any) stops for a while and restarts with its durable state; messages
-//!   to it meanwhile are lost, timers that expired fire on restart.
+//!   to it meanwhile are lost, timers that expired fire on restart. Within the fault budget a
+//!   correct replica may instead come back without its log, or with the part of a damaged log
+//!   before the damage, in a new USIG epoch (docs/TESTING.md).
 //! - **A rogue client** sends requests forged in honest sessions' names, badly signed requests,
 //!   validly signed garbage, far-future request numbers and replays of its own requests.
 //!

@@ -46,6 +46,14 @@ struct Arguments {
     /// bandwidth-first-1, bandwidth-first-2) instead of the one the seed picks.
     #[arg(long)]
     transfer_strategy: Option<tessera_types::TransferStrategy>,
+    /// Chance, per mille, that a crashed correct replica restarts without its log, in a new
+    /// USIG epoch (drawn only while fewer than f replicas are Byzantine; default 500).
+    #[arg(long)]
+    amnesia_per_mille: Option<u32>,
+    /// Chance, per mille, that such a restart keeps the inputs before a damage in its log
+    /// instead of none (default 500).
+    #[arg(long)]
+    damaged_log_per_mille: Option<u32>,
     /// Plant this bug of the core's catalogue in every correct replica (builds with
     /// `--features planted-bugs` only).
     #[cfg(feature = "planted-bugs")]
@@ -68,6 +76,12 @@ fn main() -> ExitCode {
     config.settle_ms = arguments.settle_ms;
     if let Some(events_max) = arguments.events_max {
         config.events_max = events_max;
+    }
+    if let Some(per_mille) = arguments.amnesia_per_mille {
+        config.amnesia_per_mille = per_mille;
+    }
+    if let Some(per_mille) = arguments.damaged_log_per_mille {
+        config.damaged_log_per_mille = per_mille;
     }
     if let Some(strategy) = arguments.transfer_strategy {
         config.protocol.state_transfer = strategy;
@@ -116,9 +130,11 @@ fn main() -> ExitCode {
 fn campaign(config: &SimConfig, setting: Option<Setting>, first_seed: u64, count: u64) -> ExitCode {
     let started = Instant::now();
     let mut failing = Vec::new();
+    let mut epochs = EpochChanges::default();
     for seed in first_seed..first_seed.saturating_add(count) {
         let setting = setting.unwrap_or(Setting::for_seed(seed));
         let report = run_seed(&setting.apply(config), seed);
+        epochs.add(&report);
         if !report.passed() {
             println!("seed {seed} ({setting}) FAILED:");
             for violation in &report.violations {
@@ -138,7 +154,40 @@ fn campaign(config: &SimConfig, setting: Option<Setting>, first_seed: u64, count
             format!(": {failing:?}")
         }
     );
+    println!(
+        "USIG epochs: {} restarts without a log; {} from a damaged log ({} of them kept \
+         executed requests); {} started by Byzantine nodes; {} INSTALL executions",
+        epochs.without_log,
+        epochs.from_damaged_log,
+        epochs.damaged_kept_executed,
+        epochs.byzantine,
+        epochs.installs
+    );
     exit_code(failing.is_empty())
+}
+
+/// A campaign's count of the ways replicas moved to new USIG epochs, so that a campaign shows
+/// that they happened.
+#[derive(Default)]
+struct EpochChanges {
+    without_log: u64,
+    from_damaged_log: u64,
+    /// Restarts from a damaged log whose kept part had executed something (a run has at most
+    /// one restart, so its stats tell).
+    damaged_kept_executed: u64,
+    byzantine: u64,
+    installs: u64,
+}
+
+impl EpochChanges {
+    fn add(&mut self, report: &Report) {
+        let stats = &report.stats;
+        self.without_log += stats.amnesia_restarts;
+        self.from_damaged_log += stats.damaged_log_restarts;
+        self.damaged_kept_executed += u64::from(stats.damaged_log_executed_kept > 0);
+        self.byzantine += stats.byzantine_epochs;
+        self.installs += stats.installs_executed;
+    }
 }
 
 fn print_report(report: &Report, trace: bool) {
@@ -173,22 +222,31 @@ fn print_report(report: &Report, trace: bool) {
         stats.rogue_requests
     );
     let faults = &report.faults;
+    // What the restart was (a Byzantine node restarts with its state whatever the plan says).
+    let restart = if faults.crash_stop {
+        " for good".to_string()
+    } else if stats.damaged_log_restarts > 0 {
+        format!(
+            " from a damaged log: kept {} inputs, lost {}, executed up to seq {} (new USIG \
+             epoch)",
+            stats.damaged_log_inputs_kept,
+            stats.damaged_log_inputs_lost,
+            stats.damaged_log_executed_kept
+        )
+    } else if stats.amnesia_restarts > 0 {
+        " without its log (new USIG epoch)".to_string()
+    } else {
+        String::new()
+    };
     println!(
         "  faults: byzantine {:?}, twins {:?}, slow {:?}, mutation rounds {:?}, network rounds \
-         {:?}, crash {:?}{}",
+         {:?}, crash {:?}{restart}",
         faults.byzantine,
         faults.twins,
         faults.slow,
         faults.mutation_rounds,
         faults.network_rounds,
         faults.crash,
-        if faults.crash_stop {
-            " for good"
-        } else if faults.amnesia {
-            " without its log (new USIG epoch)"
-        } else {
-            ""
-        }
     );
     if let Some((node, at_ms)) = faults.byzantine_epoch {
         println!(

@@ -23,6 +23,9 @@ pub const STREAM_CLOCK: u64 = 7;
 /// Whether the planned crash loses the replica's log (its own stream, so adding it changed no
 /// other draw).
 pub const STREAM_AMNESIA: u64 = 8;
+/// Whether a restart without the log keeps a prefix of a damaged one, and where the log is cut
+/// (its own stream, so adding it changed no other draw).
+pub const STREAM_DAMAGED_LOG: u64 = 9;
 
 /// A seeded random stream with the few draws the simulator needs.
 #[derive(Clone, Debug)]

@@ -16,8 +16,8 @@ use crate::adversary::{draw_round, round_of, Adversary, AdversaryStats, Round, S
 use crate::check::{Checker, Violation};
 use crate::config::SimConfig;
 use crate::rng::{
-    SimRng, STREAM_ADVERSARY, STREAM_AMNESIA, STREAM_CLOCK, STREAM_CRASH_STOP, STREAM_FAULTS,
-    STREAM_NETWORK, STREAM_ROGUE, STREAM_WORKLOAD,
+    SimRng, STREAM_ADVERSARY, STREAM_AMNESIA, STREAM_CLOCK, STREAM_CRASH_STOP, STREAM_DAMAGED_LOG,
+    STREAM_FAULTS, STREAM_NETWORK, STREAM_ROGUE, STREAM_WORKLOAD,
 };
 use crate::workload::{random_command, Client, Operation, CLIENT_CREDENTIAL};
 
@@ -26,6 +26,9 @@ const CLIENT_KEY_SEED: [u8; 32] = [7u8; 32];
 /// Timer kinds, for per-kind generation counters.
 const TIMER_KINDS: usize = 3;
 const TIMERS: [Timer; TIMER_KINDS] = [Timer::Request, Timer::ViewChange, Timer::Heartbeat];
+
+/// A driver's timer table: per timer kind, the deadline of the armed timer (`None`: not armed).
+type TimerTable = [Option<u64>; TIMER_KINDS];
 
 /// Verifies client signatures against the single simulated credential.
 struct SimAuthenticator {
@@ -47,6 +50,15 @@ fn timer_index(timer: Timer) -> usize {
         Timer::Request => 0,
         Timer::ViewChange => 1,
         Timer::Heartbeat => 2,
+    }
+}
+
+/// Updates a driver's timer table with one of its core's actions.
+fn follow_timer(timers: &mut TimerTable, action: &Action) {
+    match action {
+        Action::SetTimer { timer, deadline_ms } => timers[timer_index(*timer)] = Some(*deadline_ms),
+        Action::CancelTimer(timer) => timers[timer_index(*timer)] = None,
+        _ => {}
     }
 }
 
@@ -92,19 +104,34 @@ struct Node {
     timer_generations: [u64; TIMER_KINDS],
     /// Per timer kind, a firing that came while the node was down (it fires on restart).
     missed_timers: [bool; TIMER_KINDS],
+    /// The timers the core has armed and that have not fired, as the driver's table holds them
+    /// (a restart from a log keeps what the replayed core armed, `tessera_node::driver`).
+    timers: TimerTable,
     /// A correct node's write-ahead log: every input its core handled, in order. A restart
     /// rebuilds the core from it, as the real driver does (`tessera_node::wal`).
     inputs: Vec<LoggedInput>,
-    /// The node's latest snapshot (taken only of the node the seed will crash): how many of
-    /// `inputs` it covers, and its bytes.
-    snapshot: Option<(usize, Vec<u8>)>,
-    /// The USIG epoch the core that `inputs` rebuilds starts in (a replay of a `StartEpoch`
-    /// input moves it on from there).
-    log_epoch: u64,
+    /// The node's latest snapshot (taken only of the node the seed will crash).
+    snapshot: Option<Snapshot>,
     /// How far this node's wall clock is from the simulation's (`WALL_BASE_MS + now_ms`):
     /// drawn from the seed within ±`clock_skew_max_ms / 2`, so any two correct clocks differ
     /// by at most the bound the protocol is configured with.
     wall_skew_ms: i64,
+}
+
+/// A node's snapshot, with what the node's snapshot file keeps beside the core's bytes.
+struct Snapshot {
+    /// How many of the node's logged inputs it covers.
+    covered: usize,
+    bytes: Vec<u8>,
+    /// The driver's timer table when it was taken.
+    timers: TimerTable,
+}
+
+/// A core rebuilt from a prefix of its node's log.
+struct Rebuilt {
+    replica: Replica<KvStore>,
+    /// The timers the replay left armed.
+    timers: TimerTable,
 }
 
 /// A node that will crash takes a snapshot of itself every this many inputs.
@@ -114,8 +141,10 @@ const SNAPSHOT_EVERY_INPUTS: usize = 50;
 pub const WALL_BASE_MS: u64 = 1_700_000_000_000;
 
 impl LoggedInput {
-    /// Feeds the input to `replica` and drops what it says (a replay).
-    fn replay_into(&self, replica: &mut Replica<KvStore>) {
+    /// Feeds the input to `replica` as a replay does: what the core says is dropped, except
+    /// the timers it arms and cancels, which `timers` follows (a timer input is the armed
+    /// timer firing, so it is no longer armed unless the core arms it again).
+    fn replay_into(&self, replica: &mut Replica<KvStore>, timers: &mut TimerTable) {
         match self {
             LoggedInput::Start(now_ms, wall_ms) => replica.start(*now_ms, *wall_ms),
             LoggedInput::Request(now_ms, wall_ms, request) => {
@@ -125,15 +154,18 @@ impl LoggedInput {
                 replica.handle_message(*now_ms, *wall_ms, ReplicaId(*from), message.clone())
             }
             LoggedInput::Timer(now_ms, wall_ms, timer) => {
+                timers[timer_index(*timer)] = None;
                 replica.handle_timer(*now_ms, *wall_ms, *timer)
             }
-            LoggedInput::StartEpoch(now_ms, wall_ms) => {
+            LoggedInput::StartEpoch(now_ms, wall_ms, at_least) => {
                 replica
-                    .start_epoch(*now_ms, *wall_ms)
+                    .start_epoch_at_least(*now_ms, *wall_ms, *at_least)
                     .expect("the simulator's USIG starts epochs");
             }
         }
-        replica.take_actions();
+        for action in replica.take_actions() {
+            follow_timer(timers, &action);
+        }
     }
 }
 
@@ -142,8 +174,10 @@ impl LoggedInput {
 #[derive(Debug)]
 enum LoggedInput {
     Start(u64, u64),
-    /// The replica moved to a new USIG epoch (after a restart without its log).
-    StartEpoch(u64, u64),
+    /// The replica moved to a new USIG epoch of at least the third value (after a restart
+    /// without its log). The bound is logged because the USIG, rebuilt at epoch 0 by a replay,
+    /// remembers no epoch of its own: replay reaches the same epoch only by passing it again.
+    StartEpoch(u64, u64, u64),
     Request(u64, u64, Request),
     Message(u64, u64, u32, ReplicaMessage),
     Timer(u64, u64, Timer),
@@ -246,6 +280,14 @@ pub struct Stats {
     pub snapshot_restores: u64,
     /// Restarts without the log: empty, in a new USIG epoch.
     pub amnesia_restarts: u64,
+    /// Restarts from a damaged log: from the inputs before the damage, in a new USIG epoch.
+    pub damaged_log_restarts: u64,
+    /// Inputs those restarts kept (summed over them).
+    pub damaged_log_inputs_kept: u64,
+    /// Inputs those restarts lost (summed over them).
+    pub damaged_log_inputs_lost: u64,
+    /// The sequence numbers the kept inputs had executed up to (summed over those restarts).
+    pub damaged_log_executed_kept: u64,
     /// New USIG epochs started by Byzantine nodes.
     pub byzantine_epochs: u64,
     /// INSTALL entries (new USIG epochs) executed by correct nodes.
@@ -281,6 +323,9 @@ pub struct FaultPlan {
     pub crash_stop: bool,
     /// The crashed node restarts without its log (only a correct one).
     pub amnesia: bool,
+    /// That restart keeps the part of its log before a damage instead (a prefix drawn at the
+    /// restart, from none of the log to all of it).
+    pub damaged_log: bool,
     /// When a Byzantine node starts a new USIG epoch (grid settings only).
     pub byzantine_epoch: Option<(usize, u64)>,
 }
@@ -358,6 +403,8 @@ pub struct Simulation {
     workload_rng: SimRng,
     adversary_rng: SimRng,
     rogue_rng: SimRng,
+    /// Where a damaged log is cut (drawn at the restart, when the log's length is known).
+    damaged_log_rng: SimRng,
     client_key: SigningKey,
     /// Partition group of each replica id; replicas in different groups cannot talk.
     groups: Vec<u8>,
@@ -416,6 +463,11 @@ impl Simulation {
             }
             faults.amnesia = !faults.crash_stop;
         }
+        // Half of those restarts (by default) keep a prefix of a damaged log instead, which
+        // the same budget covers: the replica is out of view changes until the checkpoint after
+        // its INSTALL either way. Its own stream, so that adding it changed no other draw.
+        let mut damaged_log_rng = SimRng::new(seed, STREAM_DAMAGED_LOG);
+        faults.damaged_log = faults.amnesia && damaged_log_rng.chance(config.damaged_log_per_mille);
         if let Some(&byzantine) = faults.byzantine.first() {
             if amnesia_rng.chance(config.byzantine_epoch_per_mille) {
                 let at_ms = amnesia_rng.between(1, config.fault_phase_ms.max(2));
@@ -427,13 +479,7 @@ impl Simulation {
         let mut shared_usigs = BTreeMap::new();
         let mut nodes = Vec::new();
         for id in 0..n {
-            let usig = HmacUsig::new(
-                UsigIdentity {
-                    replica: ReplicaId(id),
-                    epoch: 0,
-                },
-                usig_keys.clone(),
-            );
+            let usig = HmacUsig::new(first_identity(id), usig_keys.clone());
             let byzantine = faults.byzantine.contains(&id);
             let role = if byzantine {
                 Role::Byzantine
@@ -497,6 +543,7 @@ impl Simulation {
             workload_rng: SimRng::new(seed, STREAM_WORKLOAD),
             adversary_rng: SimRng::new(seed, STREAM_ADVERSARY),
             rogue_rng: SimRng::new(seed, STREAM_ROGUE),
+            damaged_log_rng,
             client_key,
             groups: vec![0; n as usize],
             cut_links: BTreeSet::new(),
@@ -891,6 +938,9 @@ impl Simulation {
         let role = self.nodes[node].role;
         let id = self.nodes[node].id;
         let actions = self.nodes[node].replica.take_actions();
+        for action in &actions {
+            follow_timer(&mut self.nodes[node].timers, action);
+        }
         let crashes_later = self.faults.crash.is_some_and(|(crash, _, _)| crash == node);
         let logged = self.nodes[node].inputs.len();
         if role == Role::Correct
@@ -900,7 +950,11 @@ impl Simulation {
             && self.nodes[node].replica.can_snapshot()
         {
             let bytes = self.nodes[node].replica.snapshot();
-            self.nodes[node].snapshot = Some((logged, bytes));
+            self.nodes[node].snapshot = Some(Snapshot {
+                covered: logged,
+                bytes,
+                timers: self.nodes[node].timers,
+            });
         }
         if role == Role::Correct {
             let replica = &self.nodes[node].replica;
@@ -926,21 +980,10 @@ impl Simulation {
                 }
                 Action::Reply(reply) => self.send_reply(node, reply),
                 Action::SetTimer { timer, deadline_ms } => {
-                    let generation = self.bump_timer(node, timer);
                     if deadline_ms <= self.now_ms {
                         self.stats.past_deadline_timers += 1;
                     }
-                    // A deadline at or before now fires one logical millisecond later, as a real
-                    // driver serves it on its next turn.
-                    let delay_ms = deadline_ms.saturating_sub(self.now_ms).max(1);
-                    self.schedule(
-                        delay_ms,
-                        Event::ReplicaTimer {
-                            node,
-                            timer,
-                            generation,
-                        },
-                    );
+                    self.schedule_timer(node, timer, deadline_ms);
                 }
                 Action::CancelTimer(timer) => {
                     self.bump_timer(node, timer);
@@ -965,6 +1008,22 @@ impl Simulation {
         }
     }
 
+    /// Schedules `node`'s `timer` to fire at `deadline_ms`; an earlier firing of it is stale.
+    fn schedule_timer(&mut self, node: usize, timer: Timer, deadline_ms: u64) {
+        let generation = self.bump_timer(node, timer);
+        // A deadline at or before now fires one logical millisecond later, as a real driver
+        // serves it on its next turn.
+        let delay_ms = deadline_ms.saturating_sub(self.now_ms).max(1);
+        self.schedule(
+            delay_ms,
+            Event::ReplicaTimer {
+                node,
+                timer,
+                generation,
+            },
+        );
+    }
+
     fn bump_timer(&mut self, node: usize, timer: Timer) -> u64 {
         let generation = &mut self.nodes[node].timer_generations[timer_index(timer)];
         *generation += 1;
@@ -978,6 +1037,7 @@ impl Simulation {
 
     fn handle_timer(&mut self, node: usize, now_ms: u64, timer: Timer) {
         let wall_ms = self.wall_ms(node);
+        self.nodes[node].timers[timer_index(timer)] = None;
         if self.nodes[node].role == Role::Correct {
             self.nodes[node]
                 .inputs
@@ -998,7 +1058,12 @@ impl Simulation {
     fn restart(&mut self, node: usize) {
         self.nodes[node].crashed = false;
         if self.nodes[node].role == Role::Correct && self.faults.amnesia {
-            self.restart_without_log(node);
+            if self.faults.damaged_log {
+                self.restart_from_damaged_log(node);
+            } else {
+                self.stats.amnesia_restarts += 1;
+                self.restart_in_new_epoch(node, 0);
+            }
             return;
         }
         if self.nodes[node].role == Role::Correct {
@@ -1013,118 +1078,102 @@ impl Simulation {
         }
     }
 
-    /// A correct replica whose log is lost: a new incarnation, empty, whose USIG moves to the
-    /// next epoch (docs/PROTOCOL.md §8). It fetches the state once the group has installed the
-    /// epoch; the checkers treat it as a new replica (its executions before the crash are not
-    /// held against it, its executions after must agree with everyone's).
-    fn restart_without_log(&mut self, node: usize) {
+    /// A correct replica whose log is damaged keeps its longest valid prefix, ending at a turn
+    /// boundary (the node's fallback keeps that, or its previous snapshot's log, or nothing).
+    /// Each simulated input is one turn, so the cut is any input index, drawn uniformly from
+    /// nothing kept to everything kept. The simulator keeps only the latest snapshot, so a cut
+    /// below it replays from the first input: the kept state is one the node passed through,
+    /// however its files held it.
+    fn restart_from_damaged_log(&mut self, node: usize) {
+        let logged = self.nodes[node].inputs.len();
+        let kept = self.damaged_log_rng.below(logged as u64 + 1) as usize;
+        let kept_seq = self.restart_in_new_epoch(node, kept);
+        self.stats.damaged_log_restarts += 1;
+        self.stats.damaged_log_inputs_kept += kept as u64;
+        self.stats.damaged_log_inputs_lost += (logged - kept) as u64;
+        self.stats.damaged_log_executed_kept += kept_seq;
+    }
+
+    /// A correct replica that comes back with only the first `kept` inputs of its log (none:
+    /// its log is lost). It may have said more than it now remembers, under USIG counter
+    /// values it would certify again, so its USIG moves to an epoch above every epoch it spoke
+    /// in (docs/PROTOCOL.md §8); the group installs it, and the replica fetches the state it
+    /// lacks. Its log becomes the kept inputs, then the `StartEpoch`, so that a later replay
+    /// rebuilds it. Returns the sequence number the kept inputs had executed up to.
+    fn restart_in_new_epoch(&mut self, node: usize, kept: usize) -> u64 {
         let id = self.nodes[node].id;
-        let epoch = self.nodes[node].replica.epoch();
-        let identity = UsigIdentity {
-            replica: ReplicaId(id),
-            epoch,
-        };
-        let usig = Box::new(HmacUsig::new(identity, usig_keys(self.config.protocol.n)));
-        let mut fresh = new_node(&self.config, &self.client_key, id, Role::Correct, usig);
-        #[cfg(feature = "planted-bugs")]
-        if let Some(bug) = self.config.planted_bug {
-            fresh.replica.plant_bug(bug);
+        let logged = self.nodes[node].inputs.len();
+        // What the node takes the wall clock for: the rebuilt USIG remembers no epoch beyond
+        // the kept inputs, and the lost ones may have moved it on.
+        let at_least = self.nodes[node].replica.epoch() + 1;
+        let rebuilt = self.rebuild(node, kept);
+        let kept_seq = rebuilt.replica.last_executed().0;
+        // A new incarnation, still answering for what its kept state executed (see there).
+        self.checker.restart_replica(id, kept_seq);
+        let restarted = &mut self.nodes[node];
+        restarted.replica = rebuilt.replica;
+        restarted.inputs.truncate(kept);
+        if restarted
+            .snapshot
+            .as_ref()
+            .is_some_and(|snapshot| snapshot.covered > kept)
+        {
+            restarted.snapshot = None;
         }
-        fresh.wall_skew_ms = self.nodes[node].wall_skew_ms;
-        fresh.timer_generations = self.nodes[node].timer_generations;
-        fresh.log_epoch = epoch;
-        self.stats.amnesia_restarts += 1;
-        self.checker.forget_replica(id);
-        self.nodes[node] = fresh;
+        // The crashed core's timers went with it: the driver arms what the replay left armed.
+        restarted.timers = rebuilt.timers;
+        restarted.missed_timers = [false; TIMER_KINDS];
+        for timer in TIMERS {
+            match rebuilt.timers[timer_index(timer)] {
+                Some(deadline_ms) => self.schedule_timer(node, timer, deadline_ms),
+                None => {
+                    self.bump_timer(node, timer);
+                }
+            }
+        }
+        if self.config.trace {
+            self.trace.push(format!(
+                "{:>8} ms  r{id} kept {kept} of {logged} logged inputs (executed up to seq \
+                 {kept_seq}); new USIG epoch of at least {at_least}",
+                self.now_ms
+            ));
+        }
         let now_ms = self.now_ms;
         let wall_ms = self.wall_ms(node);
+        if kept == 0 {
+            // A log that keeps nothing starts as a new one, as the node's driver starts it.
+            self.nodes[node]
+                .inputs
+                .push(LoggedInput::Start(now_ms, wall_ms));
+            self.nodes[node].replica.start(now_ms, wall_ms);
+            self.after_replica_step(node);
+        }
         self.nodes[node]
             .inputs
-            .push(LoggedInput::Start(now_ms, wall_ms));
-        self.nodes[node].replica.start(now_ms, wall_ms);
-        self.after_replica_step(node);
-        self.nodes[node]
-            .inputs
-            .push(LoggedInput::StartEpoch(now_ms, wall_ms));
+            .push(LoggedInput::StartEpoch(now_ms, wall_ms, at_least));
         self.nodes[node]
             .replica
-            .start_epoch(now_ms, wall_ms)
+            .start_epoch_at_least(now_ms, wall_ms, at_least)
             .expect("the simulator's USIG starts epochs");
         self.after_replica_step(node);
+        kept_seq
     }
 
     fn rebuild_from_log(&mut self, node: usize) {
         let id = self.nodes[node].id;
-        let identity = UsigIdentity {
-            replica: ReplicaId(id),
-            epoch: self.nodes[node].log_epoch,
-        };
-        let keys = usig_keys(self.config.protocol.n);
-        // Odd seeds restart from the latest snapshot plus the inputs after it, even seeds from
-        // the whole log: both ways a real replica can come back.
-        let snapshot = self.nodes[node]
-            .snapshot
-            .as_ref()
-            .filter(|_| self.seed % 2 == 1);
-        let (mut fresh, replay_from) = match snapshot {
-            Some((covered, bytes)) => {
-                let counter = tessera_core::minbft::saved_usig_counter(bytes)
-                    .expect("the simulator's own snapshot decodes");
-                let identity = UsigIdentity {
-                    epoch: tessera_core::minbft::saved_usig_epoch(bytes)
-                        .expect("the simulator's own snapshot decodes"),
-                    ..identity
-                };
-                let usig = HmacUsig::resume(identity, keys, counter).expect("known replica");
-                let authenticator = SimAuthenticator {
-                    key: self.client_key.verifying_key(),
-                };
-                let replica = Replica::restore(
-                    ReplicaId(id),
-                    self.config.protocol.clone(),
-                    Box::new(usig),
-                    Box::new(authenticator),
-                    KvStore::default(),
-                    bytes,
-                )
-                .expect("the simulator's own snapshot restores");
-                self.stats.snapshot_restores += 1;
-                let mut node = new_node(
-                    &self.config,
-                    &self.client_key,
-                    id,
-                    Role::Correct,
-                    Box::new(HmacUsig::new(identity, usig_keys(self.config.protocol.n))),
-                );
-                node.replica = replica;
-                (node, *covered)
-            }
-            None => {
-                let usig = Box::new(HmacUsig::new(identity, keys));
-                (
-                    new_node(&self.config, &self.client_key, id, Role::Correct, usig),
-                    0,
-                )
-            }
-        };
-        #[cfg(feature = "planted-bugs")]
-        if let Some(bug) = self.config.planted_bug {
-            fresh.replica.plant_bug(bug);
-        }
-        for input in &self.nodes[node].inputs[replay_from..] {
-            // What the replayed core says went out before the crash (or is fetched again).
-            input.replay_into(&mut fresh.replica);
-        }
-        let mut crashed = replica_fingerprint(&self.nodes[node].replica);
-        let mut replayed = replica_fingerprint(&fresh.replica);
+        let logged = self.nodes[node].inputs.len();
+        let mut rebuilt = self.rebuild(node, logged);
+        let crashed_node = &mut self.nodes[node];
+        let mut crashed = node_fingerprint(&crashed_node.replica, &crashed_node.timers);
+        let mut replayed = node_fingerprint(&rebuilt.replica, &rebuilt.timers);
         // Stronger where possible: the two must also save to the same bytes (every message
         // they sent, every vote, every buffered message).
         if crashed == replayed
-            && self.nodes[node].replica.can_snapshot()
-            && fresh.replica.can_snapshot()
+            && crashed_node.replica.can_snapshot()
+            && rebuilt.replica.can_snapshot()
         {
-            let crashed_bytes = self.nodes[node].replica.snapshot();
-            let replayed_bytes = fresh.replica.snapshot();
+            let crashed_bytes = crashed_node.replica.snapshot();
+            let replayed_bytes = rebuilt.replica.snapshot();
             if crashed_bytes != replayed_bytes {
                 crashed = format!("{crashed} (snapshot {} bytes)", crashed_bytes.len());
                 replayed = format!(
@@ -1140,10 +1189,64 @@ impl Simulation {
                 replayed,
             });
         }
-        self.stats.replayed_inputs += (self.nodes[node].inputs.len() - replay_from) as u64;
         // Timers armed before the crash keep their generations: the rebuilt core armed the
         // same ones.
-        self.nodes[node].replica = fresh.replica;
+        self.nodes[node].replica = rebuilt.replica;
+    }
+
+    /// A core rebuilt from the first `kept` inputs of `node`'s log the way the node's driver
+    /// rebuilds one: odd seeds from the latest snapshot within them plus the inputs after it,
+    /// even seeds from the inputs alone (both ways a real replica can come back). What the
+    /// replayed core says went out before the crash (or is fetched again), so it is dropped,
+    /// except its timers.
+    fn rebuild(&mut self, node: usize, kept: usize) -> Rebuilt {
+        let id = self.nodes[node].id;
+        let keys = usig_keys(self.config.protocol.n);
+        let snapshot = self.nodes[node]
+            .snapshot
+            .as_ref()
+            .filter(|snapshot| self.seed % 2 == 1 && snapshot.covered <= kept);
+        let (mut replica, mut timers, replay_from) = match snapshot {
+            Some(snapshot) => {
+                let bytes = &snapshot.bytes;
+                let counter = tessera_core::minbft::saved_usig_counter(bytes)
+                    .expect("the simulator's own snapshot decodes");
+                let identity = UsigIdentity {
+                    epoch: tessera_core::minbft::saved_usig_epoch(bytes)
+                        .expect("the simulator's own snapshot decodes"),
+                    ..first_identity(id)
+                };
+                let usig = HmacUsig::resume(identity, keys, counter).expect("known replica");
+                let authenticator = SimAuthenticator {
+                    key: self.client_key.verifying_key(),
+                };
+                let replica = Replica::restore(
+                    ReplicaId(id),
+                    self.config.protocol.clone(),
+                    Box::new(usig),
+                    Box::new(authenticator),
+                    KvStore::default(),
+                    bytes,
+                )
+                .expect("the simulator's own snapshot restores");
+                self.stats.snapshot_restores += 1;
+                (replica, snapshot.timers, snapshot.covered)
+            }
+            None => {
+                let usig = Box::new(HmacUsig::new(first_identity(id), keys));
+                let replica = new_replica(&self.config, &self.client_key, id, usig);
+                (replica, [None; TIMER_KINDS], 0)
+            }
+        };
+        #[cfg(feature = "planted-bugs")]
+        if let Some(bug) = self.config.planted_bug {
+            replica.plant_bug(bug);
+        }
+        for input in &self.nodes[node].inputs[replay_from..kept] {
+            input.replay_into(&mut replica, &mut timers);
+        }
+        self.stats.replayed_inputs += (kept - replay_from) as u64;
+        Rebuilt { replica, timers }
     }
 
     // ------------------------------------------------------------------ network
@@ -1512,6 +1615,15 @@ impl Simulation {
 }
 
 /// The replicas' USIG keys (the simulator's HMAC USIG shares one key set).
+/// The USIG identity every log of replica `id` starts in: a replay builds the USIG there, as the
+/// node does, and a logged `StartEpoch` moves it on.
+fn first_identity(id: u32) -> UsigIdentity {
+    UsigIdentity {
+        replica: ReplicaId(id),
+        epoch: 0,
+    }
+}
+
 fn usig_keys(n: u32) -> Vec<[u8; 32]> {
     (0..n).map(|index| [index as u8 + 1; 32]).collect()
 }
@@ -1530,6 +1642,30 @@ fn replica_fingerprint(replica: &Replica<KvStore>) -> String {
     )
 }
 
+/// [`replica_fingerprint`] and the timers its driver holds armed for it.
+fn node_fingerprint(replica: &Replica<KvStore>, timers: &TimerTable) -> String {
+    format!("{} timers {timers:?}", replica_fingerprint(replica))
+}
+
+fn new_replica(
+    config: &SimConfig,
+    client_key: &SigningKey,
+    id: u32,
+    usig: Box<dyn tessera_usig::Usig>,
+) -> Replica<KvStore> {
+    let authenticator = SimAuthenticator {
+        key: client_key.verifying_key(),
+    };
+    Replica::new(
+        ReplicaId(id),
+        config.protocol.clone(),
+        usig,
+        Box::new(authenticator),
+        KvStore::default(),
+    )
+    .expect("config validated above")
+}
+
 fn new_node(
     config: &SimConfig,
     client_key: &SigningKey,
@@ -1537,17 +1673,7 @@ fn new_node(
     role: Role,
     usig: Box<dyn tessera_usig::Usig>,
 ) -> Node {
-    let authenticator = SimAuthenticator {
-        key: client_key.verifying_key(),
-    };
-    let replica = Replica::new(
-        ReplicaId(id),
-        config.protocol.clone(),
-        usig,
-        Box::new(authenticator),
-        KvStore::default(),
-    )
-    .expect("config validated above");
+    let replica = new_replica(config, client_key, id, usig);
     Node {
         replica,
         id,
@@ -1555,9 +1681,9 @@ fn new_node(
         crashed: false,
         timer_generations: [0; TIMER_KINDS],
         missed_timers: [false; TIMER_KINDS],
+        timers: [None; TIMER_KINDS],
         inputs: Vec::new(),
         snapshot: None,
-        log_epoch: 0,
         wall_skew_ms: 0,
     }
 }
@@ -1601,6 +1727,7 @@ fn draw_faults(config: &SimConfig, rng: &mut SimRng) -> FaultPlan {
         crash,
         crash_stop: false,
         amnesia: false,
+        damaged_log: false,
         byzantine_epoch: None,
     }
 }
@@ -1748,8 +1875,9 @@ mod tests {
                     &bytes,
                 )
                 .unwrap();
+                let mut timers = [None; TIMER_KINDS];
                 for input in &simulation.nodes[node].inputs[taken_at..] {
-                    input.replay_into(&mut restored);
+                    input.replay_into(&mut restored, &mut timers);
                 }
                 let original = &mut simulation.nodes[node].replica;
                 if original.can_snapshot() && restored.can_snapshot() {
@@ -1768,6 +1896,88 @@ mod tests {
             }
         }
         assert!(compared >= 6, "only {compared} comparisons");
+    }
+
+    /// Crashes `node` and restarts it from its log twice: from its latest snapshot and the
+    /// inputs after it (on odd seeds), then from the whole log. Each rebuilt core is compared
+    /// with the one that crashed.
+    fn crash_and_rebuild_both_ways(simulation: &mut Simulation, node: usize) {
+        simulation.process(Event::Crash { node });
+        simulation.process(Event::Restart { node });
+        simulation.nodes[node].snapshot = None;
+        simulation.process(Event::Crash { node });
+        simulation.process(Event::Restart { node });
+    }
+
+    /// Crashes `node` and restarts it from the first `kept` inputs of its log.
+    fn crash_and_damage_log(simulation: &mut Simulation, node: usize, kept: usize) -> u64 {
+        simulation.process(Event::Crash { node });
+        simulation.nodes[node].crashed = false;
+        simulation.restart_in_new_epoch(node, kept)
+    }
+
+    /// A replica restarted from the first `kept` inputs of its log (a damaged one, or none)
+    /// moves to the epoch above the crashed core's; its new log is those inputs and the
+    /// `StartEpoch`, its snapshot is one of them, and later crashes rebuild it exactly, from
+    /// its snapshot and from its whole log, also after a second damage that cuts the log
+    /// before its first new epoch.
+    #[test]
+    fn a_replica_restarted_from_a_damaged_log_is_rebuilt_exactly_after_a_later_crash() {
+        // The latest snapshot is taken at input 400: a cut before it replays from the start.
+        for kept in [0, 1, 230, 410, 420] {
+            let config = SimConfig {
+                crash_per_mille: 0,
+                amnesia_per_mille: 0,
+                ..SimConfig::default()
+            };
+            // An odd seed: restarts begin from the latest snapshot they may use.
+            let mut simulation = Simulation::new(config, 7);
+            // Node 1 takes snapshots, as the node a seed will crash does.
+            simulation.faults.crash = Some((1, u64::MAX, u64::MAX));
+            run_until_inputs(&mut simulation, 1, 420);
+            let snapshot_usable = simulation.nodes[1]
+                .snapshot
+                .as_ref()
+                .is_some_and(|snapshot| snapshot.covered <= kept);
+            assert_eq!(snapshot_usable, kept >= 400, "kept {kept}");
+            let at_least = simulation.nodes[1].replica.epoch() + 1;
+            let kept_seq = crash_and_damage_log(&mut simulation, 1, kept);
+            let node = &simulation.nodes[1];
+            assert_eq!(node.replica.epoch(), at_least, "kept {kept}");
+            // Nothing kept: the new log starts with its own `Start`.
+            let epoch_input = kept.max(1);
+            assert_eq!(node.inputs.len(), epoch_input + 1, "kept {kept}");
+            assert!(
+                matches!(node.inputs[epoch_input], LoggedInput::StartEpoch(_, _, logged) if logged == at_least),
+                "kept {kept}: {:?}",
+                node.inputs[epoch_input]
+            );
+            assert!(node
+                .snapshot
+                .as_ref()
+                .is_none_or(|snapshot| snapshot.covered <= kept));
+            assert_eq!(
+                simulation.stats.snapshot_restores,
+                u64::from(snapshot_usable)
+            );
+            assert!(kept < 230 || kept_seq > 0, "kept {kept}: nothing executed");
+            run_until_inputs(&mut simulation, 1, epoch_input + 300);
+            crash_and_rebuild_both_ways(&mut simulation, 1);
+            assert_eq!(simulation.nodes[1].replica.epoch(), at_least);
+            // The kept inputs end in epoch 0, yet the replica must move above `at_least`, and
+            // replay must get there too.
+            crash_and_damage_log(&mut simulation, 1, kept / 2);
+            assert_eq!(simulation.nodes[1].replica.epoch(), at_least + 1);
+            let logged = simulation.nodes[1].inputs.len();
+            run_until_inputs(&mut simulation, 1, logged + 100);
+            crash_and_rebuild_both_ways(&mut simulation, 1);
+            assert!(
+                simulation.checker.violations.is_empty(),
+                "kept {kept}: {:?}",
+                simulation.checker.violations
+            );
+            assert_eq!(simulation.nodes[1].replica.epoch(), at_least + 1);
+        }
     }
 
     #[test]
