@@ -392,12 +392,14 @@ fn replicas_that_change_usig_epochs_keep_every_property() {
     );
 }
 
-/// Open (docs/TESTING.md, "Open"): every crash of a chaos run restarting in a new USIG epoch,
-/// empty or from a damaged log. About one restart in a hundred breaks a property: the restarted
-/// replica executes a batch in a view its lost log had left (agreement), or it stays behind
-/// for good because peers dropped messages its lost log had acknowledged (convergence).
+/// Every crash of a chaos run restarts in a new USIG epoch, empty or from a damaged log. This
+/// found two core bugs (docs/TESTING.md): a restarted replica executed a batch of a view its
+/// lost log had left, counting its own COMMIT in an epoch not yet installed (agreement); and a
+/// restarted replica stayed behind for good because the messages it had acknowledged before
+/// were gone everywhere (convergence). 1,000 seeds of each kind pass in release
+/// (`tessera-sim --setting chaos --amnesia-per-mille 1000 --damaged-log-per-mille 1000`, and
+/// `0`); the suite runs the first 250 of each.
 #[test]
-#[ignore = "open: replicas restarted in a new USIG epoch (docs/TESTING.md)"]
 fn every_crash_restarting_in_a_new_usig_epoch_keeps_every_property() {
     let mut failing = Vec::new();
     for damaged_log_per_mille in [0, 1000] {
@@ -407,7 +409,7 @@ fn every_crash_restarting_in_a_new_usig_epoch_keeps_every_property() {
             ..SimConfig::default()
         };
         let config = Setting::Chaos.apply(&base);
-        for seed in 0..1000 {
+        for seed in 0..250 {
             let report = run_seed(&config, seed);
             if !report.passed() {
                 println!("damaged_log_per_mille {damaged_log_per_mille}, seed {seed}:");

@@ -1479,13 +1479,22 @@ impl<S: StateMachine> Replica<S> {
         } else {
             votes_needed
         };
+        // (rule) A vote counts only in the epoch the epoch table holds for its voter — this
+        // replica's own too (PROTOCOL.md §8, rule 4). A replica that restarted in a new epoch
+        // the group has not installed yet must not count its own PREPARE or COMMIT: it may have
+        // forgotten a VIEW-CHANGE its old incarnation sent, after which the next view fixed
+        // another batch at this sequence number, and no peer counts that vote either. Until
+        // its INSTALL executes it executes only what f + 1 others voted for (the simulator
+        // found such a replica executing a left view's batch with its own COMMIT).
+        let own_vote_counts = self.epoch() <= self.clients.epoch_of(self.id).epoch;
         let mut progressed = false;
         loop {
             let seq = self.last_executed.next();
             let Some(slot) = self.slots.get(&seq) else {
                 break;
             };
-            if slot.voters.len() < votes_needed {
+            let uncounted = usize::from(!own_vote_counts && slot.voters.contains(&self.id));
+            if slot.voters.len() - uncounted < votes_needed {
                 break;
             }
             let batch = slot.batch.clone();
@@ -2353,6 +2362,17 @@ impl<S: StateMachine> Replica<S> {
             && self.now_ms > self.last_progress_ms + 2 * self.config.heartbeat_interval_ms
         {
             self.request_state(self.stable.seq);
+        } else if group_checkpoint > self.last_executed
+            && self.now_ms
+                > self.last_progress_ms + STUCK_HEARTBEATS * self.config.heartbeat_interval_ms
+        {
+            // Behind a checkpoint the group has, by less than an interval, and stuck: what this
+            // replica lacks may be gone everywhere — a replica restarted from an older state of
+            // itself forgot messages it had acknowledged, and peers keep only the unbroken run
+            // of the last interval (`kept_for_catch_up`). Waiting for retransmission would wait
+            // for ever once the workload stops (the simulator found such runs); the state at
+            // the group's checkpoint and the anchors there get it going again.
+            self.request_state(group_checkpoint);
         }
     }
 
@@ -2624,6 +2644,11 @@ impl<S: StateMachine> AnchorOracle for Replica<S> {
         }
     }
 }
+
+/// Heartbeats without executing anything after which a replica behind the group's checkpoint
+/// fetches the state instead of waiting for retransmission (generous: a transfer costs more than
+/// a FETCH, and a replica merely slow is normally served by retransmission within a few).
+const STUCK_HEARTBEATS: u64 = 8;
 
 /// Whether a message (of any stream) is kept for a peer that is a little behind, or that
 /// restarted from an older state of itself: the agreement messages after the checkpoint interval
