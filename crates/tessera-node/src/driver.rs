@@ -183,8 +183,9 @@ pub struct Replayed {
 pub struct ReplayFailure {
     /// What went wrong (boxed: the error is large and the happy path should not pay for it).
     pub error: Box<WalError>,
-    /// Which part of the log is damaged; `None` when the log is not the problem (a read error
-    /// of the disk): nothing may be salvaged then.
+    /// Which part of the log is damaged — a record that fails its checksum —; `None` when the
+    /// failure is not damage (a read error of the disk, a record that passed its check but does
+    /// not replay): nothing may be salvaged then.
     pub damage: Option<Damage>,
 }
 
@@ -204,14 +205,14 @@ pub fn replay_log<S: StateMachine>(
         last_ms: clock_ms,
         ..Replayed::default()
     };
-    // The record just read is bad: it and everything after it are unusable.
+    // The record just read passed its check but cannot be carried out: not damage.
     let bad_record = |reader: &WalReader, problem: String| ReplayFailure {
-        error: Box::new(WalError::Corrupt {
+        error: Box::new(WalError::Unreadable {
             path: reader.path().to_path_buf(),
             offset: reader.offset(),
             problem,
         }),
-        damage: Some(Damage::RecordsFrom(reader.records().saturating_sub(1))),
+        damage: None,
     };
     loop {
         let record = match reader.next_record() {
@@ -296,8 +297,11 @@ pub fn replay_log<S: StateMachine>(
                             expected,
                             actual,
                         }),
-                        // The commit this mark ends is what did not replay.
-                        damage: Some(Damage::RecordsFrom(reader.records() - 1)),
+                        // Every record passed its check: the disk gave back what was written,
+                        // so this is non-determinism, a bug, or a changed configuration, and a
+                        // salvage would throw away acknowledged history on every replica
+                        // running this executable. The replica stops and says so.
+                        damage: None,
                     });
                 }
             }
@@ -337,8 +341,9 @@ pub fn timers_of_codes(saved: &[(u8, u64)]) -> BTreeMap<Timer, u64> {
 }
 
 /// Starts the core thread. It runs until it receives [`CoreEvent::Stop`] or every inbox
-/// sender is gone; with a log (`wal`), it first replays it. It stops with an error if the log
-/// cannot be replayed or written: without a durable log it must not say anything more.
+/// sender is gone; with a log (`wal`, already replayed: [`replay_log`]), it first takes it
+/// over. It stops with an error if the log cannot be written: without a durable log it must not
+/// say anything more.
 pub fn spawn_core_thread<S: StateMachine>(
     replica: Replica<S>,
     inbox: Receiver<CoreEvent>,

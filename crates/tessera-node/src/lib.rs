@@ -151,8 +151,17 @@ pub async fn run_replica(
         let clients = Arc::new(ClientKeys::load(&cluster, &secrets)?);
         let cache = Arc::new(VerifiedCache::new(auth::VERIFIED_CACHE_ENTRIES_DEFAULT));
         let metrics = Arc::new(metrics::ReplicaMetrics::new(me, counters.clone()));
+        let endpoint = cluster.replica(me);
+        let peer_listener = bind(&endpoint.replica_address, "replica traffic").await?;
+        let client_listener = bind(&endpoint.client_address, "clients").await?;
+        let metrics_listener = if endpoint.metrics_address.is_empty() {
+            None
+        } else {
+            Some(bind(&endpoint.metrics_address, "Prometheus metrics").await?)
+        };
         // Rebuilding from the log can take a while (replay re-verifies every message): off
-        // the runtime's threads.
+        // the runtime's threads, after the ports are bound (so `tessera up` sees them open;
+        // connections wait in the backlog until the replica is rebuilt and serves them).
         let builder = restore::Builder {
             cluster: cluster.clone(),
             secrets: secrets.clone(),
@@ -162,18 +171,14 @@ pub async fn run_replica(
             cache: cache.clone(),
         };
         let build_for = durability.clone();
-        let (replica, wal) = tokio::task::spawn_blocking(move || builder.build(build_for.as_ref()))
-            .in_current_span()
-            .await
-            .map_err(|_| NodeError::ExecutorPanicked)??;
-        let endpoint = cluster.replica(me);
-        let peer_listener = bind(&endpoint.replica_address, "replica traffic").await?;
-        let client_listener = bind(&endpoint.client_address, "clients").await?;
-        let metrics_listener = if endpoint.metrics_address.is_empty() {
-            None
-        } else {
-            Some(bind(&endpoint.metrics_address, "Prometheus metrics").await?)
-        };
+        // The closure runs on another thread: it enters the replica's span itself, so the
+        // replay's and a salvage's log lines name the replica.
+        let span = tracing::Span::current();
+        let (replica, wal) = tokio::task::spawn_blocking(move || {
+            span.in_scope(|| builder.build(build_for.as_ref()))
+        })
+        .await
+        .map_err(|_| NodeError::ExecutorPanicked)??;
 
         let (inbox, inbox_receiver) =
             core_inbox(driver::CORE_INBOX_EVENTS_DEFAULT, counters.clone());
@@ -338,9 +343,6 @@ pub async fn run_unreplicated(
     .await
 }
 
-/// Waits for `shutdown` (or the executor thread's unexpected end), then stops the servers and
-/// the executor thread.
-/// Opens replica `me`'s log, refusing one it cannot replay.
 /// Who may use the log at `path`: this replica, under this cluster's keys and parameters.
 fn wal_owner(
     path: &std::path::Path,

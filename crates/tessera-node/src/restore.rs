@@ -1,8 +1,9 @@
 //! Building the replica a node runs: empty, or rebuilt from its write-ahead log — and, when the
 //! log is damaged, from what [`crate::salvage`] keeps of it.
 //!
-//! All of it happens before the replica binds a port: a replica whose log cannot be read says
-//! nothing, and one rebuilt from a salvaged log says its first words in its new USIG epoch.
+//! All of it happens before the replica serves anything (its ports are bound, so connections
+//! wait in the backlog): a replica whose log cannot be read says nothing, and one rebuilt from a
+//! salvaged log says its first words in its new USIG epoch.
 
 use crate::driver::{self, replay_log, timers_of_codes, Restored, WalStart};
 use crate::metrics::ReplicaMetrics;
@@ -23,9 +24,10 @@ use tracing::{info, warn};
 /// The replica a node runs.
 pub(crate) type NodeReplica = Replica<Envelope<KvStore>>;
 
-/// How many salvages one start makes before it gives up. Each keeps less than the one before,
-/// and the last keeps nothing (a `Start` and a `StartEpoch`), which replays on any executable
-/// that reads the log format; so a fourth failure is not the log's.
+/// How many salvages one start makes before it gives up. A salvage that fails to replay again
+/// (the previous log damaged too) is followed by one that keeps less, and the last keeps
+/// nothing (a `Start` and a `StartEpoch`), which replays on any executable that reads the log
+/// format; so a fourth failure is not the log's.
 const SALVAGES_MAX: usize = 3;
 
 /// Everything a replica is built from.
@@ -61,6 +63,57 @@ impl From<WalError> for Rebuild {
     }
 }
 
+/// Refuses the two starts that would certify counter values this replica may have used: a log
+/// that is missing although files beside it show the replica ran before (its previous log, a
+/// damaged copy) — it would start empty in its old epoch — unless `--new-epoch` says the log
+/// was lost; and `--new-epoch` while the log holds anything (checked here too, before a salvage
+/// could change the files).
+fn check_log_presence(durability: &Durability) -> Result<(), NodeError> {
+    let log = &durability.log;
+    let length = std::fs::metadata(log).map(|metadata| metadata.len()).ok();
+    if durability.new_epoch {
+        if length.is_some_and(|length| length > wal::HEADER_LEN as u64) {
+            return Err(NodeError::Config(format!(
+                "the write-ahead log {} holds this replica's history, but --new-epoch says its \
+                 log was lost; start the replica without --new-epoch: it restarts from its log",
+                log.display()
+            )));
+        }
+        return Ok(());
+    }
+    if length.is_none() {
+        let previous = wal::previous_path(log);
+        let evidence = if previous.exists() {
+            Some(previous)
+        } else {
+            salvage::damaged_copies(log).into_iter().next()
+        };
+        if let Some(evidence) = evidence {
+            return Err(NodeError::Config(format!(
+                "the write-ahead log {} is missing, but {} shows this replica ran before: \
+                 started empty it would reuse USIG counter values; if the log is lost, start the \
+                 replica with --new-epoch",
+                log.display(),
+                evidence.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn remove_if_present(path: &std::path::Path) -> Result<(), NodeError> {
+    match std::fs::remove_file(path) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+            Err(NodeError::Wal(WalError::Io {
+                path: path.to_path_buf(),
+                action: "remove (--no-previous-log)",
+                error,
+            }))
+        }
+        _ => Ok(()),
+    }
+}
+
 impl Builder {
     /// The replica, and, with `durability`, the log it goes on with (see the module's doc).
     pub(crate) fn build(
@@ -71,6 +124,10 @@ impl Builder {
             return Ok((self.fresh()?, None));
         };
         let owner = crate::wal_owner(&durability.log, &self.cluster, &self.secrets, self.me)?;
+        check_log_presence(durability)?;
+        if !durability.keep_previous_log {
+            remove_if_present(&wal::previous_path(&durability.log))?;
+        }
         for salvages in 0..=SALVAGES_MAX {
             let (error, damage) = match self.rebuild(durability, owner) {
                 Ok((replica, start)) => return Ok((replica, Some(start))),
@@ -118,16 +175,9 @@ impl Builder {
         };
         let (mut replica, restored, mut timers, clock_ms) = match &recovery.snapshot {
             Some(snapshot) => {
-                let replica = self.restored_from(snapshot).map_err(|error| match error {
-                    NodeError::Snapshot(
-                        tessera_core::minbft::SnapshotError::Malformed(_)
-                        | tessera_core::minbft::SnapshotError::State(_),
-                    ) => Rebuild::Damaged {
-                        error: Box::new(error),
-                        damage: Damage::Snapshot,
-                    },
-                    error => error.into(),
-                })?;
+                // The snapshot matched its digest, so whatever fails to restore it is not damage
+                // (a changed `[store]` limit, another executable, a bug): fatal, never salvaged.
+                let replica = self.restored_from(snapshot)?;
                 info!(
                     generation = snapshot.generation,
                     last_executed = replica.last_executed().0,
@@ -337,38 +387,98 @@ mod tests {
         assert_eq!(std::fs::read_dir(directory.path()).unwrap().count(), 1);
     }
 
+    fn wall_now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    }
+
     #[test]
-    fn a_replay_that_diverges_is_salvaged_to_the_commits_before_and_a_new_epoch() {
+    fn a_record_that_fails_its_check_is_salvaged_to_the_commits_before_and_a_new_epoch() {
         let directory = tempfile::tempdir().unwrap();
         let builder = builder();
         let durability = durability(directory.path().join("replica-1.wal"));
-        // The second commit's mark says a request was executed: replay cannot reach that.
-        write_log(&builder, &durability, 1);
-        let before = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64;
+        write_log(&builder, &durability, 0);
+        // A byte inside the timer record (the third record), which the last mark follows.
+        let owner = crate::wal_owner(
+            &durability.log,
+            &builder.cluster,
+            &builder.secrets,
+            builder.me,
+        )
+        .unwrap();
+        let mut reader = wal::recover(&durability.log, owner).unwrap().log;
+        reader.next_record().unwrap();
+        reader.next_record().unwrap();
+        let timer_at = reader.offset();
+        drop(reader);
+        let mut bytes = std::fs::read(&durability.log).unwrap();
+        bytes[timer_at as usize + 14] ^= 0x10;
+        std::fs::write(&durability.log, &bytes).unwrap();
+
+        let before = wall_now();
         let (replica, start) = builder.build(Some(&durability)).unwrap();
-        let start = start.unwrap();
         // Kept: the start and its mark; then the salvage's StartEpoch, replayed.
-        assert_eq!(start.replayed.records, 3);
+        assert_eq!(start.unwrap().replayed.records, 3);
         assert!(replica.epoch() >= before, "epoch {}", replica.epoch());
         let kept = records(&builder, &durability);
         assert!(matches!(kept[0], Record::Start { now_ms: 0, .. }));
         assert!(matches!(kept[1], Record::Mark(_)));
         assert!(matches!(kept[2], Record::StartEpoch { at_least, .. } if at_least >= before));
+        assert_eq!(salvage::damaged_copies(&durability.log).len(), 1);
 
-        // With salvage off, the same log is refused and left alone.
+        // With salvage off, the same damage is refused and left alone.
         let refusing = Durability {
             salvage: false,
             ..self::durability(directory.path().join("other.wal"))
         };
-        write_log(&builder, &refusing, 1);
+        std::fs::write(&refusing.log, &bytes).unwrap();
         let error = builder.build(Some(&refusing)).err().expect("refused");
+        assert!(error.to_string().contains("is corrupt"), "{error}");
+        assert_eq!(std::fs::read(&refusing.log).unwrap(), bytes);
+    }
+
+    #[test]
+    fn a_replay_that_diverges_is_refused_not_salvaged() {
+        let directory = tempfile::tempdir().unwrap();
+        let builder = builder();
+        let durability = durability(directory.path().join("replica-1.wal"));
+        // The second commit's mark says a request was executed: replay cannot reach that. Every
+        // record passed its check, so this is not damage but non-determinism or a bug: a
+        // salvage would throw away acknowledged history on every replica.
+        write_log(&builder, &durability, 1);
+        let before = std::fs::read(&durability.log).unwrap();
+        let error = builder.build(Some(&durability)).err().expect("refused");
         assert!(
             error.to_string().contains("replaying write-ahead log"),
             "{error}"
         );
-        assert_eq!(records(&builder, &refusing).len(), 4);
+        assert_eq!(std::fs::read(&durability.log).unwrap(), before);
+        assert!(salvage::damaged_copies(&durability.log).is_empty());
+    }
+
+    #[test]
+    fn a_missing_log_beside_traces_of_an_earlier_one_is_refused() {
+        let directory = tempfile::tempdir().unwrap();
+        let builder = builder();
+        let durability = durability(directory.path().join("replica-1.wal"));
+        std::fs::write(wal::previous_path(&durability.log), b"an older log").unwrap();
+        let error = builder.build(Some(&durability)).err().expect("refused");
+        assert!(error.to_string().contains("--new-epoch"), "{error}");
+        assert!(!durability.log.exists());
+        // With --new-epoch it starts (empty; the driver moves it to a new epoch).
+        let lost = Durability {
+            new_epoch: true,
+            ..durability.clone()
+        };
+        assert!(builder.build(Some(&lost)).is_ok());
+        // --new-epoch is refused, before any salvage, once the log holds something.
+        write_log(&builder, &durability, 0);
+        let error = builder.build(Some(&lost)).err().expect("refused");
+        assert!(
+            error.to_string().contains("holds this replica's history"),
+            "{error}"
+        );
     }
 }

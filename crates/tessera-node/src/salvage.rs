@@ -136,12 +136,51 @@ pub fn salvage(
         }
         None => (None, Kept::Nothing),
     };
-    let damaged_copy = write_salvaged(path, owner, usable.as_ref(), wall_ms)?;
+    // Above every epoch an earlier salvage chose (each is in its damaged copy's name), even if
+    // the clock was set back since: a salvage may keep a log from before that one (`.prev`),
+    // whose replay reaches only an older epoch.
+    let epoch_at_least = damaged_copies(path)
+        .iter()
+        .filter_map(|copy| salvage_time(path, copy))
+        .map(|earlier| earlier.saturating_add(1))
+        .fold(wall_ms, u64::max);
+    let damaged_copy = write_salvaged(path, owner, usable.as_ref(), wall_ms, epoch_at_least)?;
     Ok(Salvaged {
         kept,
         damaged_copy,
-        epoch_at_least: wall_ms,
+        epoch_at_least,
     })
+}
+
+/// The damaged copies earlier salvages left beside the log at `path`.
+pub fn damaged_copies(path: &Path) -> Vec<PathBuf> {
+    let Some(directory) = path.parent() else {
+        return Vec::new();
+    };
+    let directory = if directory.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        directory
+    };
+    let Ok(entries) = std::fs::read_dir(directory) else {
+        return Vec::new();
+    };
+    let mut copies: Vec<PathBuf> = entries
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|candidate| salvage_time(path, candidate).is_some())
+        .collect();
+    copies.sort();
+    copies
+}
+
+/// The epoch bound of the salvage that made `copy` (`<log>.damaged-<ms>` or
+/// `<log>.damaged-<ms>-<k>`), if it is one of the log at `path`.
+fn salvage_time(path: &Path, copy: &Path) -> Option<u64> {
+    let prefix = format!("{}.damaged-", path.file_name()?.to_string_lossy());
+    let name = copy.file_name()?.to_string_lossy().into_owned();
+    let rest = name.strip_prefix(&prefix)?;
+    rest.split('-').next()?.parse().ok()
 }
 
 fn refuse_foreign(path: &Path, owner: WalOwner) -> Result<(), WalError> {
@@ -211,6 +250,7 @@ fn write_salvaged(
     owner: WalOwner,
     usable: Option<&Usable>,
     wall_ms: u64,
+    at_least: u64,
 ) -> Result<PathBuf, WalError> {
     let temporary = wal::temporary_path(path);
     let (generation, snapshot_len) = usable
@@ -248,7 +288,7 @@ fn write_salvaged(
         &RecordRef::StartEpoch {
             now_ms,
             wall_ms,
-            at_least: wall_ms,
+            at_least,
         },
     );
     file.write_all(&tail)
@@ -257,11 +297,12 @@ fn write_salvaged(
     drop(file);
     // A second name for the damaged log before the rename takes the first: there is a log at
     // `path` at every moment.
-    let mut damaged_copy = suffixed(path, &format!(".damaged-{wall_ms}"));
+    // Named after the epoch bound, which the next salvage reads back (`salvage_time`).
+    let mut damaged_copy = suffixed(path, &format!(".damaged-{at_least}"));
     let mut attempt = 1;
     while damaged_copy.exists() {
         attempt += 1;
-        damaged_copy = suffixed(path, &format!(".damaged-{wall_ms}-{attempt}"));
+        damaged_copy = suffixed(path, &format!(".damaged-{at_least}-{attempt}"));
     }
     std::fs::hard_link(path, &damaged_copy)
         .map_err(io_error(&damaged_copy, "keep the damaged log"))?;
@@ -435,12 +476,12 @@ mod tests {
     }
 
     #[test]
-    fn a_replay_that_diverged_keeps_the_commits_before_the_mark_that_failed() {
+    fn a_damaged_mark_drops_the_commit_it_ends() {
         let directory = tempfile::tempdir().unwrap();
         let path = directory.path().join("replica-1.wal");
         drop(write_log(&path, 4));
-        // Replay found the mark at index 6 (the third commit's) wrong: records from 6 on are
-        // unusable, and so is the request before it, which belongs to the same commit.
+        // The mark at index 6 (the third commit's) is damaged: records from 6 on are unusable,
+        // and so is the request before it, which belongs to the same commit.
         let salvaged = salvage(&path, owner(), Damage::RecordsFrom(6), 1_800_000_000_000).unwrap();
         assert_eq!(
             salvaged.kept,
@@ -503,9 +544,15 @@ mod tests {
             &path,
             (wal::HEADER_LEN + wal::SNAPSHOT_DIGEST_LEN + 100) as u64,
         );
-        for damage in [Damage::Snapshot, Damage::Everything] {
+        // Both salvages at the same wall clock (or the clock set back): the second epoch is still
+        // above the first, read back from the first's damaged copy.
+        for (damage, at_least) in [
+            (Damage::Snapshot, 1_800_000_000_000),
+            (Damage::Everything, 1_800_000_000_001),
+        ] {
             let salvaged = salvage(&path, owner(), damage, 1_800_000_000_000).unwrap();
             assert_eq!(salvaged.kept, Kept::Nothing);
+            assert_eq!(salvaged.epoch_at_least, at_least);
             let recovery = recover(&path, owner()).unwrap();
             assert!(recovery.snapshot.is_none());
             assert_eq!(recovery.log.generation(), 0);
@@ -518,8 +565,16 @@ mod tests {
                     wall_ms: 1_800_000_000_000
                 }
             ));
-            assert_ends_with_new_epoch(&kept, 1_800_000_000_000, 0);
+            match kept.last() {
+                Some(Record::StartEpoch {
+                    now_ms: 0,
+                    wall_ms: 1_800_000_000_000,
+                    at_least: logged,
+                }) => assert_eq!(*logged, at_least),
+                other => panic!("the salvaged log must end with a StartEpoch, not {other:?}"),
+            }
         }
+        assert_eq!(damaged_copies(&path).len(), 2);
         // Each salvage kept what it replaced, under its own name.
         let copies = std::fs::read_dir(directory.path())
             .unwrap()

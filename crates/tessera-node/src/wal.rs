@@ -18,8 +18,8 @@
 //!
 //! After each commit the log records a [`Mark`] (view, last executed, stable checkpoint, USIG
 //! counter). Replay checks every mark, so a log that does not rebuild the replica it was written
-//! by (corruption a checksum missed, an executable that is not deterministic, another cluster's
-//! USIG) stops the replica with an error instead of letting it speak from a different history.
+//! by (an executable that is not deterministic, a bug, corruption a checksum missed) stops the
+//! replica with an error instead of letting it speak from a different history.
 //!
 //! # Format
 //!
@@ -28,7 +28,9 @@
 //! BLAKE3(length ‖ payload) and the payload is the canonical encoding of a [`Record`]. A crash
 //! can leave the last write torn: a record cut short, or zero-filled, at the end of the file is
 //! discarded (its commit never returned, so nothing it led to was sent). A bad record anywhere
-//! else is corruption and the log is refused.
+//! else is corruption ([`WalError::Corrupt`]): the log cannot be replayed as it is, and
+//! [`crate::salvage`] decides what of it the replica keeps. Bytes that pass their check but do
+//! not decode are not damage ([`WalError::Unreadable`]) and are never salvaged.
 //!
 //! # Why a plain file and not redb
 //!
@@ -258,6 +260,23 @@ pub enum WalError {
         /// Where the bad record starts.
         offset: u64,
         /// What is wrong with it.
+        problem: String,
+    },
+    /// Bytes that passed their checksum or digest do not make sense to this executable: not
+    /// damage (the disk gave back what was written) but a bug, or another executable's format.
+    /// Never salvaged ([`crate::salvage`]): salvaging would throw away acknowledged history on
+    /// every replica that runs this executable.
+    #[error(
+        "write-ahead log {path}: the bytes at {offset} passed their check but {problem}; they \
+         were written as they are, so this executable cannot read what another wrote (or a \
+         bug); run the executable that wrote the log"
+    )]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// Where the bytes start.
+        offset: u64,
+        /// What is wrong with them.
         problem: String,
     },
     /// Replay did not rebuild the replica that wrote the log.
@@ -554,10 +573,15 @@ pub(crate) fn open(path: &Path, owner: WalOwner) -> Result<Recovery, WalError> {
         if blake3::hash(&payload).as_bytes() != &digest {
             return Err(corrupt("the snapshot does not match its digest".into()));
         }
+        let unreadable = |problem: String| WalError::Unreadable {
+            path: path.to_path_buf(),
+            offset: HEADER_LEN as u64,
+            problem,
+        };
         let snapshot = tessera_types::decode::<Snapshot>(&payload, usize::MAX)
-            .map_err(|error| corrupt(format!("undecodable snapshot: {error}")))?;
+            .map_err(|error| unreadable(format!("the snapshot does not decode: {error}")))?;
         if snapshot.generation != generation {
-            return Err(corrupt(format!(
+            return Err(unreadable(format!(
                 "the log is number {generation} but its snapshot number {}",
                 snapshot.generation
             )));
@@ -662,10 +686,10 @@ impl WalReader {
         // decode is not a torn write.
         let record =
             tessera_types::decode::<Record>(&payload, RECORD_BYTES_MAX).map_err(|error| {
-                WalError::Corrupt {
+                WalError::Unreadable {
                     path: self.path.clone(),
                     offset: start,
-                    problem: format!("undecodable record: {error}"),
+                    problem: format!("the record does not decode: {error}"),
                 }
             })?;
         self.offset = end;
@@ -937,14 +961,22 @@ impl Wal {
             .map_err(io_error(&prepared.path, "sync"))?;
         if self.keep_previous {
             // A second name for the old log, made before the rename takes the first: at no
-            // moment is there no log at `self.path`, and the old one is never copied.
+            // moment is there no log at `self.path`, and the old one is never copied. Keeping
+            // it is a fallback, not a duty: where it fails (a file system without hard links)
+            // the rotation goes on, and `.prev` stays what it was, an older state.
             let previous = previous_path(&self.path);
             let linking = suffixed(&previous, ".new");
             let _ = std::fs::remove_file(&linking);
-            std::fs::hard_link(&self.path, &linking)
-                .map_err(io_error(&linking, "link the previous log"))?;
-            std::fs::rename(&linking, &previous)
-                .map_err(io_error(&previous, "rename into place"))?;
+            let kept = std::fs::hard_link(&self.path, &linking)
+                .and_then(|()| std::fs::rename(&linking, &previous));
+            if let Err(error) = kept {
+                tracing::warn!(
+                    path = %previous.display(),
+                    %error,
+                    "could not keep the previous log; the rotation goes on without it"
+                );
+                let _ = std::fs::remove_file(&linking);
+            }
         }
         std::fs::rename(&prepared.path, &self.path)
             .map_err(io_error(&self.path, "rename into place"))?;
