@@ -919,6 +919,18 @@ impl<S: StateMachine> CoreLoop<S> {
         }
         let mut wal = log.into_wal()?;
         wal.keep_previous(keep_previous);
+        if replayed.records > 0 {
+            // A mark at once, so that the log never ends with a record a salvage wrote: a
+            // damaged last record counts as a torn write and is cut off, and a salvage's
+            // `StartEpoch` cut off would resume the old epoch. (The mark matches on replay: no
+            // input comes between.)
+            let mut frame = Vec::new();
+            frame_record(
+                &mut frame,
+                &RecordRef::Mark(Mark::of(&self.replica.status())),
+            );
+            wal.write_and_sync(&[&frame])?;
+        }
         self.writer = Some(
             WalWriter::spawn(
                 wal,
