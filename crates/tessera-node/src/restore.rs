@@ -316,6 +316,16 @@ mod tests {
         }
     }
 
+    fn owner_of(builder: &Builder, durability: &Durability) -> WalOwner {
+        crate::wal_owner(
+            &durability.log,
+            &builder.cluster,
+            &builder.secrets,
+            builder.me,
+        )
+        .unwrap()
+    }
+
     fn durability(log: std::path::PathBuf) -> Durability {
         Durability {
             log,
@@ -329,13 +339,7 @@ mod tests {
     /// Writes a log the way the driver does: a start and a timer firing, each committed with
     /// the mark the replica really reaches, except that the last mark claims `last_executed`.
     fn write_log(builder: &Builder, durability: &Durability, last_executed: u64) {
-        let owner = crate::wal_owner(
-            &durability.log,
-            &builder.cluster,
-            &builder.secrets,
-            builder.me,
-        )
-        .unwrap();
+        let owner = owner_of(builder, durability);
         let mut wal = wal::recover(&durability.log, owner)
             .unwrap()
             .log
@@ -360,13 +364,7 @@ mod tests {
     }
 
     fn records(builder: &Builder, durability: &Durability) -> Vec<Record> {
-        let owner = crate::wal_owner(
-            &durability.log,
-            &builder.cluster,
-            &builder.secrets,
-            builder.me,
-        )
-        .unwrap();
+        let owner = owner_of(builder, durability);
         let mut reader = wal::recover(&durability.log, owner).unwrap().log;
         let mut records = Vec::new();
         while let Some(record) = reader.next_record().unwrap() {
@@ -401,13 +399,7 @@ mod tests {
         let durability = durability(directory.path().join("replica-1.wal"));
         write_log(&builder, &durability, 0);
         // A byte inside the timer record (the third record), which the last mark follows.
-        let owner = crate::wal_owner(
-            &durability.log,
-            &builder.cluster,
-            &builder.secrets,
-            builder.me,
-        )
-        .unwrap();
+        let owner = owner_of(&builder, &durability);
         let mut reader = wal::recover(&durability.log, owner).unwrap().log;
         reader.next_record().unwrap();
         reader.next_record().unwrap();

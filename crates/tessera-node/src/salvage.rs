@@ -314,16 +314,9 @@ fn write_salvaged(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::testing::{owner, request};
     use crate::wal::{recover, Mark, Snapshot, WalReader};
     use tessera_crypto::Digest;
-    use tessera_types::{ClientId, ReplicaId, Request};
-
-    fn owner() -> WalOwner {
-        WalOwner {
-            replica: ReplicaId(1),
-            fingerprint: Digest([7; 32]),
-        }
-    }
 
     fn mark(commit: u64) -> Mark {
         Mark {
@@ -332,16 +325,6 @@ mod tests {
             last_executed: commit,
             stable_checkpoint: 0,
             usig_counter: commit,
-        }
-    }
-
-    fn request(number: u64) -> Request {
-        Request {
-            client: ClientId(3),
-            request_number: number,
-            operation: vec![1, 2, 3],
-            signature: vec![9; 64],
-            macs: vec![[5; tessera_types::REQUEST_MAC_LEN]; 3],
         }
     }
 

@@ -997,19 +997,22 @@ impl Wal {
     }
 }
 
+/// Helpers shared by the tests of the log and of the salvage.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
-    use tessera_types::{ClientId, Heartbeat, SeqNum, View};
+    use tessera_types::ClientId;
 
-    fn owner() -> WalOwner {
+    /// The owner of every test log.
+    pub(crate) fn owner() -> WalOwner {
         WalOwner {
             replica: ReplicaId(1),
             fingerprint: Digest([7; 32]),
         }
     }
 
-    fn request(number: u64) -> Request {
+    /// A request of client 3 numbered `number`.
+    pub(crate) fn request(number: u64) -> Request {
         Request {
             client: ClientId(3),
             request_number: number,
@@ -1018,6 +1021,13 @@ mod tests {
             macs: vec![[5; tessera_types::REQUEST_MAC_LEN]; 3],
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{owner, request};
+    use super::*;
+    use tessera_types::{Heartbeat, SeqNum, View};
 
     fn mark(last_executed: u64) -> Mark {
         Mark {
