@@ -241,9 +241,19 @@ mod tests {
             "{error}"
         );
         drop(listener);
-        refuse_port_in_use(&address, "the test server")
-            .await
-            .expect("free once the listener is gone");
+        // Accepted once free. Twice in clean-clone CI runs (of some twenty) the first bind after
+        // the drop still found the port in use, with nothing listening there afterwards; what
+        // held it for that moment is outside the test, so it may take a few tries — the claim
+        // is only that a free port is accepted.
+        let mut last = None;
+        for _ in 0..50 {
+            match refuse_port_in_use(&address, "the test server").await {
+                Ok(()) => return,
+                Err(error) => last = Some(error),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("still refused 5 s after the listener is gone: {last:?}");
     }
 
     #[test]
