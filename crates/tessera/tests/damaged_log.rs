@@ -2,7 +2,8 @@
 //! (docs/STATE.md §5, `tessera_node::salvage`): a byte flipped in the middle of its records, it
 //! keeps the log up to the damage; a byte flipped in its snapshot, it falls back to the previous
 //! log. Each time it keeps the damaged file, rejoins in a new USIG epoch, and is then needed
-//! for every quorum; no write acknowledged before is lost. Ports 28700–28852.
+//! for every quorum; no write acknowledged before is lost. With `--no-salvage` a damaged log is
+//! refused and left untouched; `--no-previous-log` deletes the previous log. Ports 28700–28852.
 
 mod support;
 
@@ -194,10 +195,50 @@ fn a_replica_salvages_a_damaged_log_and_rejoins_in_a_new_epoch() {
     assert_eq!(damaged_copies(&log), 2);
     writes_need_replica_2(&mut local, &dir, "after-snapshot", &mut written);
 
+    // With --no-salvage a damaged log is refused and left as it is; --no-previous-log deletes
+    // the previous log at start.
+    local.kill_replica(2).expect("kill -9 replica 2");
+    let start = records_start(&log);
+    let length = std::fs::metadata(&log).unwrap().len();
+    flip_byte(&log, start + (length - start) / 2);
+    let damaged = std::fs::read(&log).unwrap();
+    let mut refusing = snapshot_often();
+    refusing.push("--no-salvage".into());
+    local
+        .restart_replica_with(2, &refusing)
+        .expect("start replica 2 with --no-salvage");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let refused = loop {
+        if let Some((_, status)) = local.poll_exits().into_iter().find(|(id, _)| *id == 2) {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica 2 did not refuse its damaged log"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!refused.success());
+    assert!(replica_log(&local, 2).contains("is corrupt at byte"));
+    assert_eq!(
+        std::fs::read(&log).unwrap(),
+        damaged,
+        "the refused log was changed"
+    );
+    assert_eq!(damaged_copies(&log), 2);
+    let mut without_previous = snapshot_often();
+    without_previous.push("--no-previous-log".into());
+    local
+        .restart_replica_with(2, &without_previous)
+        .expect("restart replica 2 with --no-previous-log");
+    wait_for_salvage(&local, 3, "kept=Prefix");
+    assert!(!previous_log(&log).exists(), "--no-previous-log kept .prev");
+    writes_need_replica_2(&mut local, &dir, "after-refusal", &mut written);
+
     let text = replica_log(&local, 2);
     assert!(
-        text.matches("started a new USIG epoch").count() >= 2,
-        "replica 2 did not start two epochs:\n{text}"
+        text.matches("started a new USIG epoch").count() >= 3,
+        "replica 2 did not start three epochs:\n{text}"
     );
     // Nothing acknowledged was lost.
     for key in &written {
