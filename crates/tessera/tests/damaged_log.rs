@@ -10,7 +10,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use support::local::wal_path;
-use support::{init_cluster, kv_eventually, start_ready, LocalCluster};
+use support::{init_cluster, kv_eventually, start_ready, wait_for_exit, LocalCluster};
 
 /// Replica 2 snapshots often, so that its log starts with a snapshot and keeps a previous log.
 fn snapshot_often() -> Vec<String> {
@@ -207,17 +207,7 @@ fn a_replica_salvages_a_damaged_log_and_rejoins_in_a_new_epoch() {
     local
         .restart_replica_with(2, &refusing)
         .expect("start replica 2 with --no-salvage");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let refused = loop {
-        if let Some((_, status)) = local.poll_exits().into_iter().find(|(id, _)| *id == 2) {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "replica 2 did not refuse its damaged log"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let refused = wait_for_exit(&mut local, 2, "its damaged log");
     assert!(!refused.success());
     assert!(replica_log(&local, 2).contains("is corrupt at byte"));
     assert_eq!(

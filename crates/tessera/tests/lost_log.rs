@@ -6,9 +6,9 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use support::local::wal_path;
-use support::{init_cluster, kv_eventually, start_ready, tessera_kv, LocalCluster};
+use support::{init_cluster, kv_eventually, start_ready, tessera_kv, wait_for_exit, LocalCluster};
 
 fn replica_log(local: &LocalCluster, id: u32) -> String {
     std::fs::read_to_string(local.log_path(id)).unwrap_or_default()
@@ -54,17 +54,7 @@ fn a_replica_whose_log_is_lost_rejoins_in_a_new_epoch() {
     local
         .restart_replica_with(2, &["--new-epoch".to_string()])
         .expect("start replica 2 with --new-epoch again");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let refused = loop {
-        if let Some((_, status)) = local.poll_exits().into_iter().find(|(id, _)| *id == 2) {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "replica 2 did not refuse --new-epoch"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let refused = wait_for_exit(&mut local, 2, "--new-epoch");
     assert!(!refused.success(), "--new-epoch with a log must fail");
     assert!(
         replica_log(&local, 2).contains("--new-epoch says its log was lost"),

@@ -838,6 +838,26 @@ pub fn start_ready(dir: &Path) -> LocalCluster {
     local
 }
 
+/// Waits up to 30 s for replica `id` to exit (a start it must refuse); returns its status, or
+/// panics saying that it did not `refuse`.
+pub fn wait_for_exit(local: &mut LocalCluster, id: u32, refuse: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((_, status)) = local
+            .poll_exits()
+            .into_iter()
+            .find(|(exited, _)| *exited == id)
+        {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replica {id} did not refuse {refuse}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Writes a cluster with `tessera init --usig <usig> --base-port <port>` into `dir`.
 pub fn init_cluster(dir: &Path, usig: &str, port: u16) {
     let written = std::process::Command::new(BINARY)
