@@ -107,7 +107,7 @@ pub fn salvage(
         Damage::RecordsFrom(records) => usable_part(path, owner, records)?,
         Damage::Snapshot | Damage::Everything => {
             // Still read the header: a log of another replica or cluster is never salvaged.
-            refuse_foreign(path, owner)?;
+            wal::check_owner(path, owner)?;
             None
         }
     };
@@ -181,13 +181,6 @@ fn salvage_time(path: &Path, copy: &Path) -> Option<u64> {
     let name = copy.file_name()?.to_string_lossy().into_owned();
     let rest = name.strip_prefix(&prefix)?;
     rest.split('-').next()?.parse().ok()
-}
-
-fn refuse_foreign(path: &Path, owner: WalOwner) -> Result<(), WalError> {
-    match wal::open(path, owner) {
-        Ok(_) | Err(WalError::Corrupt { .. }) => Ok(()),
-        Err(error) => Err(error),
-    }
 }
 
 /// The part of the log at `path` that can be used, reading at most `records_max` records:
@@ -314,7 +307,7 @@ fn write_salvaged(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wal::testing::{owner, request};
+    use crate::wal::testing::{owner, read_all, request};
     use crate::wal::{recover, Mark, Snapshot, WalReader};
     use tessera_crypto::Digest;
 
@@ -418,10 +411,7 @@ mod tests {
             flip(&path, record_offset(&path, 7) + 20);
             std::fs::read(&path).unwrap()
         };
-        assert!(matches!(
-            records_until_error(&path),
-            Err(WalError::Corrupt { .. })
-        ));
+        assert!(matches!(read_all(&path), Err(WalError::Corrupt { .. })));
 
         let salvaged = salvage(&path, owner(), Damage::RecordsFrom(7), 1_800_000_000_000).unwrap();
         assert_eq!(
@@ -447,15 +437,6 @@ mod tests {
         drop(wal);
         let reread = records(recover(&path, owner()).unwrap().log);
         assert_eq!(request_numbers(&reread), vec![0, 1, 2, 3]);
-    }
-
-    fn records_until_error(path: &Path) -> Result<Vec<Record>, WalError> {
-        let mut reader = recover(path, owner())?.log;
-        let mut records = Vec::new();
-        while let Some(record) = reader.next_record()? {
-            records.push(record);
-        }
-        Ok(records)
     }
 
     #[test]

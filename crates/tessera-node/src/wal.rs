@@ -493,22 +493,22 @@ fn snapshot_head(snapshot: &Snapshot) -> Vec<u8> {
     head
 }
 
-/// Opens the log at `path` for `owner` (it must exist; see [`recover`]).
-pub(crate) fn open(path: &Path, owner: WalOwner) -> Result<Recovery, WalError> {
-    let io = |action: &'static str| {
-        let path = path.to_path_buf();
-        move |source| WalError::Io {
-            path,
-            action,
-            error: source,
-        }
-    };
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(io("open"))?;
-    let file_len = file.metadata().map_err(io("stat"))?.len();
+/// Refuses the log at `path` unless its header is `owner`'s and of this format; reads only
+/// the header (for a salvage, which must never touch another owner's log).
+pub(crate) fn check_owner(path: &Path, owner: WalOwner) -> Result<(), WalError> {
+    let mut file = File::open(path).map_err(io_error(path, "open"))?;
+    let file_len = file.metadata().map_err(io_error(path, "stat"))?.len();
+    read_header(&mut file, path, owner, file_len).map(|_| ())
+}
+
+/// Reads and checks a log's header from the start of `file`; returns the generation and the
+/// snapshot's length it records.
+fn read_header(
+    file: &mut File,
+    path: &Path,
+    owner: WalOwner,
+    file_len: u64,
+) -> Result<(u64, u64), WalError> {
     let mut header = [0u8; HEADER_LEN];
     let foreign = |problem: String, fix: &'static str| WalError::Foreign {
         path: path.to_path_buf(),
@@ -550,6 +550,26 @@ pub(crate) fn open(path: &Path, owner: WalOwner) -> Result<Recovery, WalError> {
     }
     let generation = u64::from_le_bytes(header[52..60].try_into().expect("8 bytes"));
     let snapshot_len = u64::from_le_bytes(header[60..68].try_into().expect("8 bytes"));
+    Ok((generation, snapshot_len))
+}
+
+/// Opens the log at `path` for `owner` (it must exist; see [`recover`]).
+pub(crate) fn open(path: &Path, owner: WalOwner) -> Result<Recovery, WalError> {
+    let io = |action: &'static str| {
+        let path = path.to_path_buf();
+        move |source| WalError::Io {
+            path,
+            action,
+            error: source,
+        }
+    };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io("open"))?;
+    let file_len = file.metadata().map_err(io("stat"))?.len();
+    let (generation, snapshot_len) = read_header(&mut file, path, owner, file_len)?;
     let corrupt = |problem: String| WalError::Corrupt {
         path: path.to_path_buf(),
         offset: HEADER_LEN as u64,
@@ -1011,6 +1031,16 @@ pub(crate) mod testing {
         }
     }
 
+    /// Every record of the log at `path` (of [`owner`]), or the first error reading it.
+    pub(crate) fn read_all(path: &Path) -> Result<Vec<Record>, WalError> {
+        let mut reader = recover(path, owner())?.log;
+        let mut records = Vec::new();
+        while let Some(record) = reader.next_record()? {
+            records.push(record);
+        }
+        Ok(records)
+    }
+
     /// A request of client 3 numbered `number`.
     pub(crate) fn request(number: u64) -> Request {
         Request {
@@ -1025,7 +1055,7 @@ pub(crate) mod testing {
 
 #[cfg(test)]
 mod tests {
-    use super::testing::{owner, request};
+    use super::testing::{owner, read_all, request};
     use super::*;
     use tessera_types::{Heartbeat, SeqNum, View};
 
@@ -1058,15 +1088,6 @@ mod tests {
             wal.commit(mark(group)).unwrap();
         }
         path
-    }
-
-    fn read_all(path: &Path) -> Result<Vec<Record>, WalError> {
-        let mut reader = recover(path, owner())?.log;
-        let mut records = Vec::new();
-        while let Some(record) = reader.next_record()? {
-            records.push(record);
-        }
-        Ok(records)
     }
 
     #[test]
